@@ -1,0 +1,16 @@
+"""pydlx: fused GPU kernels (Triton and C++/CUDA) for PyTorch's classic CNN, LSTM and MLP hot paths.
+
+    import pydlx
+    pydlx.backends()                  # what can run here, and why not
+    y = pydlx.ops.linear(x, w, b, activation="relu")
+    layer = pydlx.nn.Linear(784, 400, activation="relu")
+    with pydlx.use_backend("reference"): ...
+"""
+from . import nn, ops, reference
+from ._backend import BackendUnavailableError, backends, current_backend, use_backend
+from .optimize import explain, optimize
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "backends", "use_backend", "current_backend", "BackendUnavailableError", "optimize",
+           "explain", "nn", "ops", "reference"]

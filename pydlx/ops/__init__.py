@@ -1,0 +1,4 @@
+"""Functional pydlx ops. Each is a torch.library op with a fake impl and autograd (pydlx/ops/<family>.py)."""
+from .linear import linear
+
+__all__ = ["linear"]

@@ -1,0 +1,181 @@
+"""``pydlx.ops.linear``: act(input @ weight.T + bias) as torch.library ops with autograd.
+
+Ops (schemas defined once, here):
+  pydlx::linear_fwd(input, weight, bias, activation, save_preact) -> (y, z)
+      y = act(input @ weight.T + bias), any leading dims; z = the pre-activation when ``save_preact``, else an
+      empty tensor. z is non-differentiable: it exists only to be saved for backward.
+  pydlx::linear_bwd(grad, input, weight, saved, activation, has_bias, need_dx, need_dw) -> (dx, dw, db)
+      empty tensors stand for gradients that are not needed.
+
+Saved for backward: input, weight and one M×N tensor: y for relu/tanh/sigmoid (their derivative is a function
+of y), z for gelu/gelu_tanh/silu (it is not; recomputing z would cost a second forward GEMM). With no
+activation nothing but input and weight is saved.
+
+Each call picks its backend (pydlx/_backend.py) when it runs: torch.compile sees one opaque op and no graph break.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference.linear import ACTIVATIONS, SAVES_PREACT, activation_backward, linear_forward
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _act_name(activation: str) -> Optional[str]:
+    return None if activation == "none" else activation
+
+
+def _choose(x: Tensor) -> str:
+    dtype_ok = lambda: None if x.dtype in _KERNEL_DTYPES else (  # noqa: E731
+        f"dtype {x.dtype} is not supported (supported: float16, bfloat16, float32)")
+    return _backend.choose("linear", x, lambda t: ("triton", "cuda"),
+                           extra_check={"triton": dtype_ok, "cuda": dtype_ok})
+
+
+@torch.library.custom_op("pydlx::linear_fwd", mutates_args=())
+def linear_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+               save_preact: bool) -> Tuple[Tensor, Tensor]:
+    act = _act_name(activation)
+    lead = input.shape[:-1]
+    x2d = input.reshape(-1, input.shape[-1])
+    backend = _choose(input)
+    if backend == "triton":
+        from ..triton import linear as tri
+        y, z = tri.linear_fwd(x2d, weight, bias, act, save_preact)
+    elif backend == "cuda":
+        z = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
+        y = torch.ops.pydlx.act_fwd_cuda(z, activation) if act is not None else z
+        z = z if save_preact else z.new_empty(0)
+    else:
+        y, z = linear_forward(x2d, weight, bias, act, save_preact)
+    y = y.reshape(*lead, weight.shape[0])
+    return y, (z.reshape(*lead, weight.shape[0]) if save_preact else z)
+
+
+@linear_fwd.register_fake
+def _(input, weight, bias, activation, save_preact):
+    y = input.new_empty((*input.shape[:-1], weight.shape[0]))
+    return y, (torch.empty_like(y) if save_preact else input.new_empty(0))
+
+
+@torch.library.custom_op("pydlx::linear_bwd", mutates_args=())
+def linear_bwd(grad: Tensor, input: Tensor, weight: Tensor, saved: Tensor, activation: str, has_bias: bool,
+               need_dx: bool, need_dw: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    act = _act_name(activation)
+    N, K = weight.shape
+    g2d = grad.reshape(-1, N)
+    x2d = input.reshape(-1, K)
+    s2d = saved.reshape(-1, N) if act is not None else saved
+    backend = _choose(input)
+    if backend == "triton":
+        from ..triton import linear as tri
+        dx, dw, db = tri.linear_bwd(g2d.contiguous(), x2d, weight, s2d, act, has_bias, need_dx, need_dw)
+    else:
+        if backend == "cuda":
+            dz = torch.ops.pydlx.act_bwd_cuda(g2d.contiguous(), s2d, activation) if act is not None else g2d
+        else:
+            dz = activation_backward(g2d, s2d, act)
+        dx = dz @ weight if need_dx else None
+        dw = dz.t() @ x2d if need_dw else None
+        db = dz.sum(0) if has_bias else None
+    empty = input.new_empty(0)
+    return (dx.reshape(input.shape) if dx is not None else empty,
+            dw if dw is not None else empty,
+            db if db is not None else empty)
+
+
+@linear_bwd.register_fake
+def _(grad, input, weight, saved, activation, has_bias, need_dx, need_dw):
+    empty = input.new_empty(0)
+    return (torch.empty_like(input) if need_dx else empty,
+            torch.empty_like(weight) if need_dw else empty,
+            weight.new_empty(weight.shape[0]) if has_bias else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, activation, save_preact = inputs
+    y, z = output
+    ctx.mark_non_differentiable(z)
+    ctx.set_materialize_grads(False)
+    act = _act_name(activation)
+    saved = (z if act in SAVES_PREACT else y) if act is not None else input.new_empty(0)
+    ctx.save_for_backward(input, weight, saved)
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y, grad_z):
+    input, weight, saved = ctx.saved_tensors
+    if grad_y is None:
+        return None, None, None, None, None
+    if _act_name(ctx.activation) in SAVES_PREACT and saved.numel() == 0 and grad_y.numel() != 0:
+        raise RuntimeError("pydlx.ops.linear: backward needs the pre-activation, but the forward ran with "
+                           "save_preact=False; call pydlx.ops.linear, which sets it when gradients are needed")
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx, dw, db = linear_bwd(grad_y, input, weight, saved, ctx.activation, ctx.has_bias and need_db,
+                            need_dx, need_dw)
+    return (dx if need_dx else None, dw if need_dw else None, db if (ctx.has_bias and need_db) else None,
+            None, None)
+
+
+torch.library.register_autograd("pydlx::linear_fwd", _backward, setup_context=_setup_context)
+
+
+def check_linear_args(input, weight, bias, activation) -> None:
+    """Raise a clear error naming the bad argument. Runs before any kernel."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"pydlx.ops.linear: input must be a Tensor, got {type(input).__name__}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        got = f"shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"pydlx.ops.linear: weight must be a 2-D tensor (out_features, in_features), got {got}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"pydlx.ops.linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if input.dim() == 0:
+        raise ValueError("pydlx.ops.linear: input must have at least 1 dimension, got a 0-D tensor")
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"pydlx.ops.linear: {name} must be a floating-point tensor "
+                            f"(float16, bfloat16, float32, float64), got {t.dtype}")
+    if input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"pydlx.ops.linear: input's last dimension ({input.shape[-1]}) must equal "
+                         f"in_features = weight.shape[1] ({weight.shape[1]}); input shape {tuple(input.shape)}, "
+                         f"weight shape {tuple(weight.shape)}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"pydlx.ops.linear: bias must be 1-D with out_features = {weight.shape[0]} "
+                             f"elements, got shape {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"pydlx.ops.linear: {name} is on {t.device} but input is on {input.device}; "
+                             "all tensors must be on one device")
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(f"pydlx.ops.linear: {name} has dtype {t.dtype} but input has {input.dtype}; "
+                            "they must match (or run under torch.autocast)")
+
+
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+           activation: Optional[str] = None) -> Tensor:
+    """act(input @ weight.T + bias), like ``act(F.linear(input, weight, bias))``, in one fused kernel.
+
+    input: (*, in_features); weight: (out_features, in_features); bias: (out_features,) or None.
+    activation: None, "relu", "gelu", "gelu_tanh", "silu", "tanh" or "sigmoid".
+    Under torch.autocast the three tensors are cast to the autocast dtype, as F.linear's are.
+    Backward saves y (relu, tanh, sigmoid) or the pre-activation z (gelu, gelu_tanh, silu); see module docs.
+    """
+    check_linear_args(input, weight, bias, activation)
+    dev = input.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        input, weight = input.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    needs_grad = torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    save_preact = needs_grad and activation in SAVES_PREACT
+    y, _ = linear_fwd(input, weight, bias, activation or "none", save_preact)
+    return y

@@ -1,0 +1,339 @@
+"""Triton kernels for Linear + activation: a GEMM with the bias and activation in its epilogue, and a
+backward GEMM with the activation's derivative in its prologue.
+
+Shapes (2-D; the op layer flattens leading dims):
+  forward   x[M, K] @ w[N, K]^T + b[N] -> z[M, N];  y = act(z)
+  backward  dz = dy * act'(saved)            (never written to memory: recomputed per tile)
+            dx[M, K] = dz[M, N] @ w[N, K]    (_linear_bwd_kernel, A = dz)
+            dw[N, K] = dz^T[N, M] @ x[M, K]  (_linear_bwd_kernel, A = dz^T, split over M, db = row sums of A)
+
+Fused: bias, activation and the cast to the output dtype in the forward epilogue; the activation's
+derivative in the backward prologue (dz is formed tile by tile from dy and the saved tensor, in both
+backward GEMMs), and db as a by-product of the dw GEMM.
+
+Stored for backward (chosen in pydlx/ops/linear.py, see SAVES_PREACT in pydlx/reference/linear.py): the
+output y for relu, tanh and sigmoid, whose derivatives are functions of y; the pre-activation z for gelu,
+gelu_tanh and silu, written by the forward epilogue as a second output. Recomputing z in backward would
+cost a second forward GEMM; storing it costs one M×N write and read, which is cheaper at every shape benched.
+
+Accumulation is fp32. fp32 inputs use tf32 tensor cores when torch.backends.cuda.matmul.allow_tf32 is set.
+Under TRITON_INTERPRET=1, bf16 tiles are upcast to fp32 before tl.dot (the interpreter's bf16 dot is wrong).
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpret
+
+# Activation codes, shared with csrc/dispatch.h.
+ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5, "sigmoid": 6}
+# Activations whose derivative needs z; for the others the saved tensor is y (pydlx/reference/linear.py).
+_PREACT_CODES = (2, 3, 4)
+
+
+@triton.jit
+def _act_fwd(z, ACT: tl.constexpr):
+    """act(z) in fp32. NaN propagates (relu keeps NaN like torch.relu)."""
+    if ACT == 1:
+        return tl.where(z < 0.0, 0.0, z)
+    elif ACT == 2:
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 3:
+        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        return z * tl.sigmoid(2.0 * inner)  # 0.5 z (1 + tanh(u)) == z sigmoid(2u)
+    elif ACT == 4:
+        return z * tl.sigmoid(z)
+    elif ACT == 5:
+        return 2.0 * tl.sigmoid(2.0 * z) - 1.0
+    elif ACT == 6:
+        return tl.sigmoid(z)
+    else:
+        return z
+
+
+@triton.jit
+def _act_bwd(g, s, ACT: tl.constexpr):
+    """dL/dz from g = dL/dy in fp32; s is z for gelu/gelu_tanh/silu, y for the others."""
+    if ACT == 1:
+        return tl.where(s > 0.0, g, 0.0)
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(s * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * s * s) * 0.3989422804014327
+        return g * (cdf + s * pdf)
+    elif ACT == 3:
+        t = 2.0 * tl.sigmoid(1.5957691216057308 * (s + 0.044715 * s * s * s)) - 1.0
+        dinner = 0.7978845608028654 * (1.0 + 0.134145 * s * s)
+        return g * (0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * dinner)
+    elif ACT == 4:
+        sg = tl.sigmoid(s)
+        return g * sg * (1.0 + s * (1.0 - sg))
+    elif ACT == 5:
+        return g * (1.0 - s * s)
+    elif ACT == 6:
+        return g * s * (1.0 - s)
+    else:
+        return g
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row-tiles share their column tiles while those are in L2."""
+    pid = tl.program_id(0).to(tl.int64)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_zm, stride_zn,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn  # w^T tile [BLOCK_K, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
+        b = tl.load(w_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < N), other=0.0)
+        acc = _dot(a, b, acc, PRECISION, UPCAST)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SAVE_PREACT:
+        tl.store(z_ptr + rm[:, None] * stride_zm + rn[None, :] * stride_zn,
+                 acc.to(z_ptr.dtype.element_ty), mask=mask)
+    y = _act_fwd(acc, ACT)
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_bwd_kernel(
+    g_ptr, s_ptr, b_ptr, c_ptr, db_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_gm, stride_gk, stride_sm, stride_sk, stride_bk, stride_bn,
+    stride_cs, stride_cm, stride_cn,
+    ACT: tl.constexpr, ROWSUM: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """c[split, M, N] = sum over this split's K range of dact(g, s)[M, K] @ b[K, N].
+
+    With ROWSUM, the programs of column tile 0 also write the row sums of dact(g, s) over their K range
+    to db[split, M] (db for the dw GEMM, whose A rows are output features).
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1).to(tl.int64)
+    k_lo = split * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = k_lo + tl.arange(0, BLOCK_K)
+    g_ptrs = g_ptr + rm[:, None] * stride_gm + rk[None, :] * stride_gk
+    s_ptrs = s_ptr + rm[:, None] * stride_sm + rk[None, :] * stride_sk
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
+        k_left = k_hi - k_lo - k * BLOCK_K
+        a_mask = (rm[:, None] < M) & (rk[None, :] - k_lo < k_left)
+        a = tl.load(g_ptrs, mask=a_mask, other=0.0)
+        if ACT != 0:
+            s = tl.load(s_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+            a = _act_bwd(a.to(tl.float32), s, ACT).to(g_ptr.dtype.element_ty)
+        if ROWSUM:
+            rowsum += tl.sum(a.to(tl.float32), axis=1)
+        b = tl.load(b_ptrs, mask=(rk[:, None] - k_lo < k_left) & (rn[None, :] < N), other=0.0)
+        acc = _dot(a, b, acc, PRECISION, UPCAST)
+        g_ptrs += BLOCK_K * stride_gk
+        s_ptrs += BLOCK_K * stride_sk
+        b_ptrs += BLOCK_K * stride_bk
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(c_ptr + split * stride_cs + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=mask)
+    if ROWSUM:
+        if pid_n == 0:
+            tl.store(db_ptr + split * M + rm, rowsum, mask=rm < M)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs. Shipped lists are module-level so tests compile every one of them for sm_80 and sm_90.
+# Not yet tuned on a GPU: these are the usual Hopper/Ampere GEMM tiles (128x128/128x256/256x128 with 64-wide K
+# for 16-bit inputs, 32-wide K for fp32), to be pruned by measurement (bench/NOTES.md).
+
+def _cfg(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+FWD_CONFIGS: List[triton.Config] = [
+    _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 32, 4, 4),
+    _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 32, 4, 4),
+]
+BWD_CONFIGS: List[triton.Config] = [
+    _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 64, 32, 4, 4),
+]
+# Small tiles for the interpreter: masks and strides are exercised with a few programs.
+INTERPRET_CONFIG = _cfg(32, 32, 32, 4, 1, group=2)
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one block may use, by arch
+
+
+def smem_bytes(cfg: triton.Config, elt_bytes: int, with_saved: bool = False) -> int:
+    """Shared-memory estimate of a config's software pipeline (A and B tiles, plus the saved tile)."""
+    kw = cfg.kwargs
+    a = kw["BLOCK_M"] * kw["BLOCK_K"] * (2 if with_saved else 1)
+    return (a + kw["BLOCK_K"] * kw["BLOCK_N"]) * elt_bytes * cfg.num_stages
+
+
+def configs_for(configs: List[triton.Config], elt_bytes: int, arch: int, with_saved: bool = False):
+    return [c for c in configs if smem_bytes(c, elt_bytes, with_saved) <= SMEM_LIMIT[arch]]
+
+
+def _arch() -> int:
+    major, _ = torch.cuda.get_device_capability()
+    return 90 if major >= 9 else 80
+
+
+def _prune_fwd(configs, named_args, **_):
+    return configs_for(configs, named_args["x_ptr"].element_size(), _arch()) or configs[-1:]
+
+
+def _prune_bwd(configs, named_args, **_):
+    return configs_for(configs, named_args["g_ptr"].element_size(), _arch(),
+                       with_saved=named_args["ACT"] != 0) or configs[-1:]
+
+
+_linear_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["M", "N", "K", "ACT", "SAVE_PREACT", "PRECISION"],
+                                    prune_configs_by={"early_config_prune": _prune_fwd})(_linear_fwd_kernel)
+_linear_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["M", "N", "K", "K_PER_SPLIT", "ACT", "ROWSUM", "PRECISION"],
+                                    prune_configs_by={"early_config_prune": _prune_bwd})(_linear_bwd_kernel)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored by tl.dot for fp16/bf16 operands
+
+
+def _launch(tuned, raw, grid, args, kwargs):
+    if triton_interpret():
+        cfg = INTERPRET_CONFIG
+        raw[grid(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
+    else:
+        tuned[grid](*args, **kwargs)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return triton_interpret() and dtype == torch.bfloat16
+
+
+def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], activation: Optional[str],
+               save_preact: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, z) = (act(x @ w^T + b), x @ w^T + b) for 2-D x; z is empty unless save_preact."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = x.new_empty((M, N))
+    z = x.new_empty((M, N)) if save_preact else x.new_empty(0)
+    if M == 0 or N == 0:
+        return y, z
+    zz = z if save_preact else y  # a valid pointer; never written without SAVE_PREACT
+    args = (x, w, b if b is not None else y, y, zz, M, N, K,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
+            zz.stride(0), zz.stride(-1))
+    kwargs = dict(ACT=ACT_CODES[activation], HAS_BIAS=b is not None, SAVE_PREACT=save_preact,
+                  PRECISION=_precision(x.dtype), UPCAST=_upcast(x.dtype))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _launch(_linear_fwd_tuned, _linear_fwd_kernel, grid, args, kwargs)
+    return y, z
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_rows(out_rows: int, out_cols: int, red: int, device: torch.device) -> int:
+    """Rows of the reduction each program of the dw GEMM takes, so that its few output tiles fill the GPU.
+
+    dw is N x K (small) reduced over M (large): at 65536x256x256 it has 4 tiles of 128x128 for 132 SMs.
+    Aim for about two waves of programs, and keep each split at least 512 rows long.
+    """
+    if device.type != "cuda":
+        want = 2 if red >= 128 else 1  # the interpreter: exercise the split path on small shapes
+    else:
+        tiles = triton.cdiv(out_rows, 128) * triton.cdiv(out_cols, 128)
+        want = max(1, min((2 * _sm_count(device.index or 0)) // tiles, red // 512, 64))
+    return triton.cdiv(triton.cdiv(red, want), 64) * 64  # rows per split, a multiple of every BLOCK_K
+
+
+def _gemm_dact(g, s, b, c, db, M, N, K, g_strides, s_strides, b_strides, c_strides, k_per_split, act_code):
+    args = (g, s, b, c, db if db is not None else c, M, N, K, k_per_split,
+            *g_strides, *s_strides, *b_strides, *c_strides)
+    kwargs = dict(ACT=act_code, ROWSUM=db is not None, PRECISION=_precision(g.dtype), UPCAST=_upcast(g.dtype))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
+                         triton.cdiv(K, k_per_split))
+    _launch(_linear_bwd_tuned, _linear_bwd_kernel, grid, args, kwargs)
+
+
+def linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor,
+               activation: Optional[str], has_bias: bool, need_dx: bool = True, need_dw: bool = True
+               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dx, dw, db) for 2-D x; ``saved`` is z or y as the module docstring says."""
+    M, K = x.shape
+    N = w.shape[0]
+    act = ACT_CODES[activation]
+    s = saved if act != 0 else dy
+    dx = dw = db = None
+    if need_dx:
+        dx = x.new_empty((M, K))
+        if M > 0 and K > 0:
+            _gemm_dact(dy, s, w, dx, None, M, K, N, (dy.stride(0), dy.stride(1)), (s.stride(0), s.stride(1)),
+                       (w.stride(0), w.stride(1)), (0, dx.stride(0), dx.stride(1)), max(N, 1), act)
+        elif M > 0:
+            dx.zero_()
+    if need_dw or has_bias:
+        if M == 0:
+            dw = w.new_zeros((N, K))
+            db = w.new_zeros((N,)) if has_bias else None
+        else:
+            rows = split_rows(N, K, M, x.device)
+            split = triton.cdiv(M, rows)
+            ws = torch.empty((split, N, K), device=x.device, dtype=torch.float32) if split > 1 else \
+                w.new_empty((1, N, K))
+            dbs = torch.empty((split, N), device=x.device, dtype=torch.float32) if has_bias else None
+            _gemm_dact(dy, s, x, ws, dbs, N, K, M, (dy.stride(1), dy.stride(0)), (s.stride(1), s.stride(0)),
+                       (x.stride(0), x.stride(1)), (ws.stride(0), ws.stride(1), ws.stride(2)), rows, act)
+            dw = ws[0] if split == 1 else ws.sum(0).to(w.dtype)
+            db = dbs.sum(0).to(w.dtype) if has_bias else None
+        if not need_dw:
+            dw = None
+    return dx, dw, db
