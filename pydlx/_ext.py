@@ -28,10 +28,10 @@ def sources() -> List[str]:
 
 
 # Flags shared with setup.py. sm_80 and sm_90 machine code, plus PTX for newer chips.
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+NVCC_FLAGS = ["-O3", "-lineinfo",
               "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
               "-gencode=arch=compute_90,code=compute_90"]
-CXX_FLAGS = ["-O3", "-std=c++17"]
+CXX_FLAGS = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
 
 
 def find_cuda_home() -> Optional[str]:

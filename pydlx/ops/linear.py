@@ -50,7 +50,7 @@ def linear_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation
         y, z = tri.linear_fwd(x2d, weight, bias, act, save_preact)
     elif backend == "cuda":
         z = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
-        y = torch.ops.pydlx.act_fwd_cuda(z, activation) if act is not None else z
+        y = torch.ops.pydlx.act_fwd_cuda(z, activation) if act is not None else (z.clone() if save_preact else z)
         z = z if save_preact else z.new_empty(0)
     else:
         y, z = linear_forward(x2d, weight, bias, act, save_preact)
@@ -84,18 +84,16 @@ def linear_bwd(grad: Tensor, input: Tensor, weight: Tensor, saved: Tensor, activ
         dx = dz @ weight if need_dx else None
         dw = dz.t() @ x2d if need_dw else None
         db = dz.sum(0) if has_bias else None
-    empty = input.new_empty(0)
-    return (dx.reshape(input.shape) if dx is not None else empty,
-            dw if dw is not None else empty,
-            db if db is not None else empty)
+    return (dx.reshape(input.shape) if dx is not None else input.new_empty(0),
+            dw if dw is not None else input.new_empty(0),
+            db if db is not None else input.new_empty(0))
 
 
 @linear_bwd.register_fake
 def _(grad, input, weight, saved, activation, has_bias, need_dx, need_dw):
-    empty = input.new_empty(0)
-    return (torch.empty_like(input) if need_dx else empty,
-            torch.empty_like(weight) if need_dw else empty,
-            weight.new_empty(weight.shape[0]) if has_bias else empty)
+    return (torch.empty_like(input) if need_dx else input.new_empty(0),
+            torch.empty_like(weight) if need_dw else input.new_empty(0),
+            weight.new_empty(weight.shape[0]) if has_bias else input.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

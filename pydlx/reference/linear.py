@@ -73,7 +73,9 @@ def linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """(y, z) for a 2-D input; z is an empty tensor unless ``save_preact``."""
     z = F.linear(x2d, weight, bias)
     y = activation_forward(z, activation)
-    return y, (z if save_preact else z.new_empty(0))
+    if not save_preact:
+        return y, z.new_empty(0)
+    return y, (z.clone() if y is z else z)  # two outputs of one op must not alias
 
 
 def linear_backward(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor,

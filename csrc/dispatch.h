@@ -1,0 +1,53 @@
+// pydlx: the one shared compile-time switch header for the C++/CUDA kernels.
+//  * PYDLX_DISPATCH_FLOAT(dtype, NAME, ...): runs the body with scalar_t = float, at::Half or at::BFloat16.
+//  * PYDLX_DISPATCH_ACT(act, ...): runs the body with `constexpr int ACT` for an activation name.
+// Activation codes match ACT_CODES in pydlx/triton/linear.py.
+#pragma once
+
+#include <string>
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+
+namespace pydlx {
+
+enum Act : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kTanh = 5, kSigmoid = 6 };
+
+inline int act_code(const std::string& name) {
+  if (name == "none") return kNone;
+  if (name == "relu") return kRelu;
+  if (name == "gelu") return kGelu;
+  if (name == "gelu_tanh") return kGeluTanh;
+  if (name == "silu") return kSilu;
+  if (name == "tanh") return kTanh;
+  if (name == "sigmoid") return kSigmoid;
+  TORCH_CHECK(false, "pydlx: activation must be one of none, relu, gelu, gelu_tanh, silu, tanh, sigmoid; got '",
+              name, "'");
+}
+
+}  // namespace pydlx
+
+#define PYDLX_DISPATCH_FLOAT(DTYPE, NAME, ...)                                                       \
+  [&] {                                                                                              \
+    switch (DTYPE) {                                                                                 \
+      case c10::ScalarType::Float: { using scalar_t = float; return __VA_ARGS__(); }                 \
+      case c10::ScalarType::Half: { using scalar_t = c10::Half; return __VA_ARGS__(); }              \
+      case c10::ScalarType::BFloat16: { using scalar_t = c10::BFloat16; return __VA_ARGS__(); }      \
+      default: TORCH_CHECK(false, NAME, ": dtype must be float32, float16 or bfloat16, got ", DTYPE); \
+    }                                                                                                \
+  }()
+
+#define PYDLX_ACT_CASE(CODE, ...) case CODE: { constexpr int ACT = CODE; return __VA_ARGS__(); }
+
+#define PYDLX_DISPATCH_ACT(CODE, ...)                                                               \
+  [&] {                                                                                              \
+    switch (CODE) {                                                                                  \
+      PYDLX_ACT_CASE(pydlx::kNone, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kRelu, __VA_ARGS__)           \
+      PYDLX_ACT_CASE(pydlx::kGelu, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kGeluTanh, __VA_ARGS__)       \
+      PYDLX_ACT_CASE(pydlx::kSilu, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kTanh, __VA_ARGS__)           \
+      PYDLX_ACT_CASE(pydlx::kSigmoid, __VA_ARGS__)                                                   \
+      default: TORCH_CHECK(false, "pydlx: unknown activation code ", CODE);                         \
+    }                                                                                                \
+  }()

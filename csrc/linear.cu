@@ -1,0 +1,139 @@
+// pydlx: CUDA activation kernels for the `cuda` backend of pydlx.ops.linear.
+//
+// The cuda backend computes z = x @ w^T + b with cuBLAS (torch.addmm, bias in cuBLAS's epilogue) and then
+// one of these kernels: act_fwd_cuda writes y = act(z) in one pass; act_bwd_cuda writes dz = dy * act'(s)
+// in one pass (s = y for relu/tanh/sigmoid, s = z for gelu/gelu_tanh/silu; see pydlx/reference/linear.py).
+// Math in fp32 whatever the storage dtype; vectorised 16-byte loads where the tensors are aligned.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "dispatch.h"
+
+namespace pydlx {
+namespace {
+
+template <int ACT>
+__device__ __forceinline__ float act_fwd(float z) {
+  if constexpr (ACT == kRelu) return z < 0.f ? 0.f : z;  // NaN stays NaN, like torch.relu
+  else if constexpr (ACT == kGelu) return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
+  else if constexpr (ACT == kGeluTanh) return 0.5f * z * (1.f + tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z)));
+  else if constexpr (ACT == kSilu) return z / (1.f + __expf(-z));
+  else if constexpr (ACT == kTanh) return tanhf(z);
+  else if constexpr (ACT == kSigmoid) return 1.f / (1.f + __expf(-z));
+  else return z;
+}
+
+template <int ACT>
+__device__ __forceinline__ float act_bwd(float g, float s) {
+  if constexpr (ACT == kRelu) return s > 0.f ? g : 0.f;
+  else if constexpr (ACT == kGelu) {
+    const float cdf = 0.5f * (1.f + erff(s * 0.70710678118654752f));
+    const float pdf = __expf(-0.5f * s * s) * 0.39894228040143268f;
+    return g * (cdf + s * pdf);
+  } else if constexpr (ACT == kGeluTanh) {
+    const float t = tanhf(0.79788456080286536f * (s + 0.044715f * s * s * s));
+    const float dinner = 0.79788456080286536f * (1.f + 0.134145f * s * s);
+    return g * (0.5f * (1.f + t) + 0.5f * s * (1.f - t * t) * dinner);
+  } else if constexpr (ACT == kSilu) {
+    const float sg = 1.f / (1.f + __expf(-s));
+    return g * sg * (1.f + s * (1.f - sg));
+  } else if constexpr (ACT == kTanh) return g * (1.f - s * s);
+  else if constexpr (ACT == kSigmoid) return g * s * (1.f - s);
+  else return g;
+}
+
+// VEC elements per thread per step: 16 bytes when every pointer is 16-byte aligned, else 1.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
+
+template <typename scalar_t, int ACT, int VEC, bool BWD>
+__global__ void act_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ s,
+                           scalar_t* __restrict__ out, int64_t n) {
+  using P = Pack<scalar_t, VEC>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i * VEC < n; i += stride) {
+    const int64_t base = i * VEC;
+    if (base + VEC <= n) {
+      P pa = reinterpret_cast<const P*>(a)[i];
+      P ps;
+      if constexpr (BWD) ps = reinterpret_cast<const P*>(s)[i];
+      P po;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float x = static_cast<float>(pa.v[j]);
+        po.v[j] = static_cast<scalar_t>(BWD ? act_bwd<ACT>(x, static_cast<float>(ps.v[j])) : act_fwd<ACT>(x));
+      }
+      reinterpret_cast<P*>(out)[i] = po;
+    } else {
+      for (int64_t e = base; e < n; ++e) {
+        const float x = static_cast<float>(a[e]);
+        out[e] = static_cast<scalar_t>(BWD ? act_bwd<ACT>(x, static_cast<float>(s[e])) : act_fwd<ACT>(x));
+      }
+    }
+  }
+}
+
+template <bool BWD>
+at::Tensor launch(const at::Tensor& a, const at::Tensor& s, const std::string& activation, const char* name) {
+  TORCH_CHECK(a.is_cuda(), name, ": input must be a CUDA tensor, got one on ", a.device());
+  TORCH_CHECK(a.is_contiguous(), name, ": input must be contiguous");
+  if (BWD) {
+    TORCH_CHECK(s.device() == a.device(), name, ": saved is on ", s.device(), " but grad is on ", a.device());
+    TORCH_CHECK(s.sizes() == a.sizes(), name, ": saved has shape ", s.sizes(), " but grad has ", a.sizes());
+    TORCH_CHECK(s.scalar_type() == a.scalar_type(), name, ": saved dtype ", s.scalar_type(), " != grad dtype ",
+                a.scalar_type());
+  }
+  const int code = act_code(activation);
+  const at::Tensor sc = BWD ? s.contiguous() : a;
+  at::Tensor out = at::empty_like(a, at::MemoryFormat::Contiguous);
+  const int64_t n = a.numel();
+  if (n == 0) return out;
+  const c10::cuda::CUDAGuard guard(a.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  PYDLX_DISPATCH_FLOAT(a.scalar_type(), name, [&] {
+    PYDLX_DISPATCH_ACT(code, [&] {
+      constexpr int kVec = 16 / sizeof(scalar_t);
+      const bool aligned = (reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0) &&
+                           (reinterpret_cast<uintptr_t>(sc.data_ptr()) % 16 == 0) &&
+                           (reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0);
+      const int threads = 256;
+      const int64_t work = aligned ? (n + kVec - 1) / kVec : n;
+      const int blocks = static_cast<int>(std::min<int64_t>((work + threads - 1) / threads, 65535));
+      const auto* ap = reinterpret_cast<const scalar_t*>(a.data_ptr());
+      const auto* sp = reinterpret_cast<const scalar_t*>(sc.data_ptr());
+      auto* op = reinterpret_cast<scalar_t*>(out.data_ptr());
+      if (aligned) {
+        act_kernel<scalar_t, ACT, kVec, BWD><<<blocks, threads, 0, stream>>>(ap, sp, op, n);
+      } else {
+        act_kernel<scalar_t, ACT, 1, BWD><<<blocks, threads, 0, stream>>>(ap, sp, op, n);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+at::Tensor act_fwd_cuda(const at::Tensor& z, std::string activation) {
+  return launch<false>(z, z, activation, "pydlx::act_fwd_cuda");
+}
+
+at::Tensor act_bwd_cuda(const at::Tensor& grad, const at::Tensor& saved, std::string activation) {
+  return launch<true>(grad, saved, activation, "pydlx::act_bwd_cuda");
+}
+
+}  // namespace
+}  // namespace pydlx
+
+TORCH_LIBRARY_FRAGMENT(pydlx, m) {
+  m.def("act_fwd_cuda(Tensor z, str activation) -> Tensor");
+  m.def("act_bwd_cuda(Tensor grad, Tensor saved, str activation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pydlx, CUDA, m) {
+  m.impl("act_fwd_cuda", &pydlx::act_fwd_cuda);
+  m.impl("act_bwd_cuda", &pydlx::act_bwd_cuda);
+}

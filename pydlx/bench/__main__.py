@@ -1,0 +1,88 @@
+"""``python -m pydlx.bench``: time pydlx ops against eager PyTorch and torch.compile.
+
+    python -m pydlx.bench                                  # linear family, cuda if available, else cpu (small)
+    python -m pydlx.bench --device cpu --providers pydlx,eager --name cpu_smoke --out-dir /tmp/benchout
+
+Rows are appended to <out-dir>/<name>.csv (columns: pydlx.bench.CSV_COLUMNS) and a speedup chart is written to
+<out-dir>/<name>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+import pydlx
+from pydlx import bench
+from pydlx.bench import linear
+
+FAMILIES = {"linear": linear.cases}
+
+
+def _list(arg: str, allowed, what: str):
+    items = [s.strip() for s in arg.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{what} must be a comma list of {', '.join(allowed)}; got {arg!r}")
+    return items
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pydlx.bench", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="linear", choices=[*FAMILIES, "all"])
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--small", action="store_true", help="CPU-sized shapes, float32 only (implied on cpu)")
+    p.add_argument("--providers", default=",".join(bench.PROVIDERS),
+                   type=lambda s: _list(s, bench.PROVIDERS, "--providers"))
+    p.add_argument("--modes", default=",".join(bench.MODES), type=lambda s: _list(s, bench.MODES, "--modes"))
+    p.add_argument("--name", default=None, help="output file stem (default: <family>_<gpu name or cpu>)")
+    p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    device = torch.device(args.device)
+    small = args.small or device.type == "cpu"
+    families = list(FAMILIES) if args.family == "all" else [args.family]
+
+    env = bench.env_info(device)
+    print(f"pydlx {pydlx.__version__} bench: family={args.family} device={device} small={small}")
+    print(f"  gpu={env['gpu']} torch={env['torch']} triton={env['triton']} cuda={env['cuda']} "
+          f"commit={env['commit']}")
+    for name, status in pydlx.backends().items():
+        print(f"  backend {name}: {status}")
+    print(f"  providers={','.join(args.providers)} modes={','.join(args.modes)}", flush=True)
+
+    cases = [c for fam in families for c in FAMILIES[fam](device, small)]
+    rows = bench.run_cases(cases, args.providers, args.modes, device)
+    print()
+    if not rows:
+        print("no results: every case failed", file=sys.stderr)
+        return 1
+    bench.print_table(rows)
+
+    name = args.name or f"{args.family}_{'cpu' if device.type == 'cpu' else _slug(env['gpu'])}"
+    out_dir = Path(args.out_dir)
+    csv_path = out_dir / f"{name}.csv"
+    bench.append_csv(csv_path, rows)
+    print(f"appended {len(rows)} rows to {csv_path}")
+    if not args.no_plot:
+        png = bench.plot(rows, out_dir / f"{name}.png")
+        if png is not None:
+            print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Test set-up. On a machine without CUDA the Triton kernels run under Triton's interpreter
+(TRITON_INTERPRET=1 must be set before triton is imported, hence here, first). On a GPU machine the same tests
+run the compiled kernels; run the interpreter pass there with TRITON_INTERPRET=1 set explicitly."""
+import os
+
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels under TRITON_INTERPRET=1 on CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    no_interp = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (run the interpreter pass separately)")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "interpreter" in item.keywords and not interp:
+            item.add_marker(no_interp)
+
+
+@pytest.fixture
+def poison():
+    """Every torch.empty/new_empty/empty_like inside the test is filled with NaN, so an output element a kernel
+    forgets to write shows up as NaN instead of whatever the allocator had there."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different seed per test (fresh random inputs), printed on failure so a failure can be replayed."""
+    seed = int(os.environ.get("PYDLX_TEST_SEED", "0")) or (hash(request.node.nodeid) & 0xFFFF) + int.from_bytes(
+        os.urandom(2), "little")
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(f"\n[pydlx] replay with PYDLX_TEST_SEED={seed}")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call":
+        item.rep_call = rep

@@ -1,0 +1,414 @@
+"""pydlx.ops.linear / pydlx.nn.Linear against the float64 reference, on every backend this machine can run.
+
+CPU (CI): reference vs torch.nn in float64; Triton kernels under the interpreter (fp32, fp16, bf16 upcast),
+forward and backward, odd shapes, poisoned outputs; backend rules; bad inputs; opcheck; torch.compile.
+GPU (marked gpu): every backend against the float64 reference, bf16 included, at odd and benchmark shapes.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pydlx
+from pydlx import reference as ref
+from pydlx.reference.linear import ACTIVATIONS, SAVES_PREACT, activation_backward
+from tolerance import assert_close, rel_err
+
+ACTS = [pytest.param(a, id=str(a)) for a in ACTIVATIONS]
+TORCH_ACT = {None: nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU("tanh"),
+             "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+# (leading dims, in_features, out_features): odd, non-power-of-two and size-1 dims; 3-D and 1-D inputs.
+SHAPES = [
+    pytest.param(((37,), 70, 45), id="37x70->45"),
+    pytest.param(((1,), 1, 1), id="1x1->1"),
+    pytest.param(((2, 5), 33, 17), id="2x5x33->17"),
+    pytest.param(((), 19, 7), id="1d-19->7"),
+    pytest.param(((150,), 40, 66), id="150x40->66-splitk"),
+]
+
+
+def make(lead, k, n, dtype, device="cpu", bias=True, requires_grad=True):
+    x = torch.randn(*lead, k, dtype=dtype, device=device)
+    w = torch.randn(n, k, dtype=dtype, device=device) / math.sqrt(k)
+    b = torch.randn(n, dtype=dtype, device=device) if bias else None
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return x, w, b
+
+
+def torch_module(k, n, act, bias, x, w, b):
+    lin = nn.Linear(k, n, bias=bias, dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if bias:
+            lin.bias.copy_(b)
+    return nn.Sequential(lin, TORCH_ACT[act]())
+
+
+def grads(y, g, *ts):
+    return torch.autograd.grad(y, [t for t in ts if t is not None], g)
+
+
+def run_fwd_bwd(fn, x, w, b, g):
+    y = fn(x, w, b)
+    return (y,) + grads(y, g, x, w, b)
+
+
+# ---- the reference itself ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_reference_matches_torch_nn_float64(act, bias):
+    x, w, b = make((29,), 31, 23, torch.float64, bias=bias)
+    mod = torch_module(31, 23, act, bias, x.detach(), w.detach(), b.detach() if bias else None)
+    g = torch.randn(29, 23, dtype=torch.float64)
+    y = ref.linear(x, w, b, act)
+    y_nn = mod(x)
+    assert_close(y, y_nn, name="y")
+    for got, want, name in zip(grads(y, g, x, w, b), grads(y_nn, g, x, *mod[0].parameters()), "xwb"):
+        assert_close(got, want, name=f"d{name}")
+
+
+@pytest.mark.parametrize("act", [a for a in ACTIVATIONS if a is not None])
+def test_reference_activation_backward_is_the_derivative(act):
+    """The hand-written derivatives (the kernels' oracle) against autograd, in float64, over a wide range."""
+    z = (torch.randn(4001, dtype=torch.float64) * 4).requires_grad_()
+    y = ref.activation_forward(z, act)
+    g = torch.randn_like(z)
+    (want,) = torch.autograd.grad(y, z, g)
+    saved = z.detach() if act in SAVES_PREACT else y.detach()
+    assert_close(activation_backward(g, saved, act), want, name=f"{act}'")
+
+
+# ---- the op on the reference backend (autograd through the custom op) --------------------------------------------
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_op_reference_backend_float64(shape, act):
+    lead, k, n = shape
+    x, w, b = make(lead, k, n, torch.float64)
+    g = torch.randn(*lead, n, dtype=torch.float64)
+    with pydlx.use_backend("reference"):
+        got = run_fwd_bwd(lambda *a: pydlx.ops.linear(*a, activation=act), x, w, b, g)
+    want = run_fwd_bwd(lambda *a: ref.linear(*a, activation=act), x, w, b, g)
+    for a_, e_, name in zip(got, want, ["y", "dx", "dw", "db"]):
+        assert_close(a_, e_, name=name)
+
+
+# ---- Triton kernels under the interpreter ----------------------------------------------------------------------
+
+DTYPES_INTERP = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+                 pytest.param(torch.bfloat16, id="bf16")]
+
+
+def check_against_fp64(fn_dtype, x, w, b, g, act, dtype, baseline=True):
+    """Run the pydlx op on ``x, w, b`` (in ``dtype``) and compare y, dx, dw, db to float64, with eager PyTorch in
+    the same dtype as the baseline error for fp16/bf16."""
+    got = run_fwd_bwd(fn_dtype, x, w, b, g)
+    x64, w64, b64 = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)]
+    want = run_fwd_bwd(lambda *a: ref.linear(*a, activation=act), x64, w64, b64, g.double())
+    eager = run_fwd_bwd(lambda *a: ref.linear(*a, activation=act), x, w, b, g) if baseline else [None] * 4
+    for a_, e_, base, name in zip(got, want, eager, ["y", "dx", "dw", "db"]):
+        assert a_.dtype == dtype, f"{name} dtype {a_.dtype} != {dtype}"
+        assert_close(a_, e_, dtype=dtype, name=name, baseline=base)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES_INTERP)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_interpreter(shape, act, dtype, poison):
+    lead, k, n = shape
+    x, w, b = make(lead, k, n, dtype)
+    g = torch.randn(*lead, n, dtype=dtype)
+    with pydlx.use_backend("triton"):
+        check_against_fp64(lambda *a: pydlx.ops.linear(*a, activation=act), x, w, b, g, act, dtype)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_triton_interpreter_no_bias_and_noncontiguous(act, poison):
+    base = torch.randn(40, 2 * 53)
+    x = base[:, ::2].requires_grad_()  # non-contiguous input
+    w = (torch.randn(53, 31) / 8).t().requires_grad_()  # weight given as a transposed view
+    g = torch.randn(40, 31)
+    with pydlx.use_backend("triton"):
+        check_against_fp64(lambda x_, w_, b_: pydlx.ops.linear(x_, w_, None, act), x, w, None, g, act,
+                           torch.float32)
+
+
+@pytest.mark.interpreter
+def test_poison_fixture_poisons(poison):
+    """The poison fixture is what makes 'every element written' checkable: prove it fills new tensors."""
+    assert torch.isnan(torch.randn(3).new_empty(5, 7)).all()
+
+
+@pytest.mark.interpreter
+def test_triton_every_shipped_forward_config_under_interpreter(poison):
+    """Each shipped autotune config (not only the interpreter's small tile) computes the right thing."""
+    from pydlx.triton import linear as tri
+
+    x, w, b = make((67,), 70, 130, torch.float16, requires_grad=False)
+    want = ref.linear(x.double(), w.double(), b.double(), "gelu")
+    for cfg in tri.FWD_CONFIGS:
+        y = x.new_empty(67, 130)
+        z = torch.empty_like(y)
+        grid = (math.ceil(67 / cfg.kwargs["BLOCK_M"]) * math.ceil(130 / cfg.kwargs["BLOCK_N"]),)
+        tri._linear_fwd_kernel[grid](x, w, b, y, z, 67, 130, 70, x.stride(0), x.stride(1), w.stride(0),
+                                     w.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1),
+                                     ACT=2, HAS_BIAS=True, SAVE_PREACT=True, PRECISION="tf32", UPCAST=False,
+                                     **cfg.kwargs)
+        assert_close(y, want, dtype=torch.float16, name=f"y[{cfg}]")
+        assert_close(z, x.double() @ w.double().t() + b.double(), dtype=torch.float16, name=f"z[{cfg}]")
+
+
+@pytest.mark.interpreter
+def test_triton_dw_split_reduction_is_exercised():
+    from pydlx.triton import linear as tri
+
+    rows = tri.split_rows(66, 40, 150, torch.device("cpu"))
+    assert rows < 150, "the interpreter tests must run the split-reduction path of the dw GEMM"
+
+
+@pytest.mark.interpreter
+def test_triton_forced_backend_runs_triton(monkeypatch):
+    """A test that forces triton must be testing Triton: the launcher is called, the reference is not."""
+    ops_linear = importlib.import_module("pydlx.ops.linear")  # the module, not the function it exports
+    from pydlx.triton import linear as tri
+
+    calls = []
+    real_fwd, real_bwd = tri.linear_fwd, tri.linear_bwd
+    monkeypatch.setattr(tri, "linear_fwd", lambda *a, **k: calls.append("fwd") or real_fwd(*a, **k))
+    monkeypatch.setattr(tri, "linear_bwd", lambda *a, **k: calls.append("bwd") or real_bwd(*a, **k))
+
+    def boom(*a, **k):
+        raise AssertionError("reference ran under a forced triton backend")
+
+    monkeypatch.setattr(ops_linear, "linear_forward", boom)
+    monkeypatch.setattr(ops_linear, "activation_backward", boom)
+    x, w, b = make((9,), 11, 13, torch.float32)
+    with pydlx.use_backend("triton"):
+        pydlx.ops.linear(x, w, b, "silu").sum().backward()
+    assert calls == ["fwd", "bwd"]
+
+
+# ---- empty batches, NaN ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_empty_batch(backend):
+    x, w, b = make((0,), 12, 5, torch.float32)
+    with pydlx.use_backend(backend):
+        y = pydlx.ops.linear(x, w, b, "relu")
+        assert y.shape == (0, 5)
+        y.sum().backward()
+    assert x.grad.shape == (0, 12)
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_nan_propagates_like_torch(backend, act):
+    x, w, b = make((6,), 10, 8, torch.float32, requires_grad=False)
+    x[2, 3] = float("nan")
+    with pydlx.use_backend(backend):
+        y = pydlx.ops.linear(x, w, b, act)
+    want = torch_module(10, 8, act, True, x, w, b)(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    assert torch.isnan(y[2]).all() and not torch.isnan(y[[0, 1, 3, 4, 5]]).any()
+
+
+# ---- backend rules -------------------------------------------------------------------------------------------------
+
+def test_auto_uses_reference_for_cpu_tensors(monkeypatch):
+    from pydlx.triton import linear as tri
+
+    monkeypatch.setattr(tri, "linear_fwd", lambda *a, **k: pytest.fail("auto ran triton on a CPU tensor"))
+    x, w, b = make((4,), 3, 2, torch.float32)
+    with pydlx.use_backend("auto"):
+        pydlx.ops.linear(x, w, b, "relu")
+
+
+def test_forced_backend_that_cannot_run_raises():
+    x, w, b = make((4,), 3, 2, torch.float32)
+    with pydlx.use_backend("cuda"), pytest.raises(pydlx.BackendUnavailableError, match="cuda.*CUDA tensors"):
+        pydlx.ops.linear(x, w, b)
+    x64, w64, b64 = make((4,), 3, 2, torch.float64)
+    with pydlx.use_backend("triton"), pytest.raises(pydlx.BackendUnavailableError, match="float64"):
+        pydlx.ops.linear(x64, w64, b64)
+
+
+def test_backend_names_and_env(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with pydlx.use_backend("tensorrt"):
+            pass
+    monkeypatch.setenv("PYDLX_BACKEND", "reference")
+    assert pydlx.current_backend() == "reference"
+    with pydlx.use_backend("triton"):
+        assert pydlx.current_backend() == "triton"
+    assert pydlx.current_backend() == "reference"
+    info = pydlx.backends()
+    assert set(info) == {"reference", "triton", "cuda"} and info["reference"] == "available"
+    if not torch.cuda.is_available():
+        assert info["cuda"].startswith("not built") and ":" in info["cuda"]  # says why
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------------
+
+BAD = [
+    pytest.param(lambda x, w, b: (x[:, :-1], w, b, None), ValueError, "last dimension.*in_features", id="features"),
+    pytest.param(lambda x, w, b: (x.long(), w, b, None), TypeError, "input must be a floating", id="int-input"),
+    pytest.param(lambda x, w, b: (x, w.int(), b, None), TypeError, "weight must be a floating", id="int-weight"),
+    pytest.param(lambda x, w, b: (x, w, b, "swish"), ValueError, "activation must be one of", id="activation"),
+    pytest.param(lambda x, w, b: (x, w.to("meta"), b, None), ValueError, "weight is on meta", id="devices"),
+    pytest.param(lambda x, w, b: (x, w[0], b, None), ValueError, "weight must be a 2-D", id="weight-rank"),
+    pytest.param(lambda x, w, b: (x, w, b[:-1], None), ValueError, "bias must be 1-D", id="bias-shape"),
+    pytest.param(lambda x, w, b: (x, w.half(), b, None), TypeError, "weight has dtype", id="mixed-dtype"),
+    pytest.param(lambda x, w, b: (x[0, 0], w, b, None), ValueError, "at least 1 dimension", id="0d"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
+@pytest.mark.parametrize("mutate,exc,msg", BAD)
+def test_bad_input_raises_clear_error_before_any_kernel(mutate, exc, msg, backend, monkeypatch):
+    ops_linear = importlib.import_module("pydlx.ops.linear")  # the module, not the function it exports
+
+    monkeypatch.setattr(ops_linear, "linear_fwd", lambda *a, **k: pytest.fail("a kernel ran on bad input"))
+    x, w, b = make((5,), 6, 4, torch.float32, requires_grad=False)
+    with pydlx.use_backend(backend), pytest.raises(exc, match=msg):
+        pydlx.ops.linear(*mutate(x, w, b))
+
+
+def test_module_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        pydlx.nn.Linear(3, 4, activation="swish")
+
+
+# ---- modules -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_module_is_a_drop_in_for_nn_linear(bias):
+    lin = nn.Linear(13, 9, bias=bias, dtype=torch.float64)
+    fused = pydlx.nn.Linear.from_module(lin, activation="gelu")
+    assert fused.weight is lin.weight and fused.bias is lin.bias  # shared, not copied
+    assert list(fused.state_dict()) == list(lin.state_dict())
+    fresh = pydlx.nn.Linear(13, 9, bias=bias, activation="gelu", dtype=torch.float64)
+    fresh.load_state_dict(lin.state_dict())  # checkpoints load both ways
+    lin.load_state_dict(fresh.state_dict())
+    x = torch.randn(3, 4, 13, dtype=torch.float64)
+    assert_close(fresh(x), F.gelu(lin(x)), name="module")
+    assert "activation='gelu'" in repr(fused)
+
+
+def test_from_module_rejects_other_modules():
+    with pytest.raises(TypeError, match="expected an nn.Linear"):
+        pydlx.nn.Linear.from_module(nn.Conv1d(2, 3, 1))
+
+
+# ---- torch.library: opcheck, torch.compile, autocast ----------------------------------------------------------------
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "none"])
+def test_opcheck(act):
+    x, w, b = make((2, 7), 11, 5, torch.float32)
+    save = act == "gelu"
+    with pydlx.use_backend("reference"):
+        torch.library.opcheck(torch.ops.pydlx.linear_fwd.default, (x, w, b, act, save))
+        torch.library.opcheck(torch.ops.pydlx.linear_fwd.default, (x, w, None, act, save))
+        g = torch.randn(2, 7, 5)
+        saved = torch.randn(2, 7, 5) if act != "none" else x.new_empty(0)
+        torch.library.opcheck(torch.ops.pydlx.linear_bwd.default, (g, x.detach(), w.detach(), saved, act, True,
+                                                                   True, True))
+        torch.library.opcheck(torch.ops.pydlx.linear_bwd.default, (g, x.detach(), w.detach(), saved, act, False,
+                                                                   False, True))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_no_graph_break(compile_backend):
+    torch._dynamo.reset()
+    model = nn.Sequential(pydlx.nn.Linear(12, 20, activation="relu"), pydlx.nn.Linear(20, 6, activation="gelu"))
+    x = torch.randn(5, 12, requires_grad=True)
+    with pydlx.use_backend("reference"):
+        compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
+        y = compiled(x)
+        y.sum().backward()
+        gx, gw = x.grad.clone(), model[0].weight.grad.clone()
+        x.grad = None
+        model.zero_grad()
+        want = model(x)
+        want.sum().backward()
+    assert_close(y, want, name="y")
+    assert_close(gx, x.grad, name="dx")
+    assert_close(gw, model[0].weight.grad, name="dw")
+    explain = torch._dynamo.explain(model)(x)
+    assert explain.graph_break_count == 0
+
+
+def test_autocast_cpu_bf16():
+    lin = pydlx.nn.Linear(16, 8, activation="relu")
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+        want = torch.relu(F.linear(x, lin.weight, lin.bias))
+    assert y.dtype == want.dtype == torch.bfloat16
+    assert_close(y, want.float(), dtype=torch.bfloat16, name="autocast")
+    y.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32
+
+
+# ---- GPU: every backend against the float64 reference -------------------------------------------------------------
+
+GPU_SHAPES = SHAPES + [pytest.param(((4096,), 1024, 256), id="4096x1024->256"),
+                       pytest.param(((65536,), 256, 256), id="65536x256->256")]
+GPU_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+              pytest.param(torch.bfloat16, id="bf16")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "reference"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_backend_against_reference(shape, act, dtype, backend, poison):
+    lead, k, n = shape
+    x, w, b = make(lead, k, n, dtype, device="cuda")
+    g = torch.randn(*lead, n, dtype=dtype, device="cuda")
+    with pydlx.use_backend(backend):
+        check_against_fp64(lambda *a: pydlx.ops.linear(*a, activation=act), x, w, b, g, act, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_gpu_fp32_follows_allow_tf32(tf32):
+    x, w, b = make((300,), 512, 200, torch.float32, device="cuda", requires_grad=False)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        with pydlx.use_backend("triton"):
+            y = pydlx.ops.linear(x, w, b, "relu")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    err = rel_err(y, ref.linear(x.double(), w.double(), b.double(), "relu"))
+    assert (err < 1e-5) if not tf32 else (1e-6 < err < 5e-3), f"relative error {err:.2e} with allow_tf32={tf32}"
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton_and_cuda_graph_capture():
+    x, w, b = make((256,), 128, 64, torch.bfloat16, device="cuda")
+    assert pydlx._backend.choose("linear", x, lambda t: ("triton", "cuda")) == "triton"
+    lin = pydlx.nn.Linear(128, 64, activation="gelu", device="cuda", dtype=torch.bfloat16)
+    static_x = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for _ in range(2):  # warm up (autotune) outside the graph
+        lin(static_x).sum().backward()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lin(static_x)
+        out.float().sum().backward()
+    static_x.data.copy_(torch.randn_like(static_x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, ref.linear(static_x.double(), lin.weight.double(), lin.bias.double(), "gelu"),
+                 dtype=torch.bfloat16, name="graph replay")
