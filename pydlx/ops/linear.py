@@ -75,7 +75,7 @@ def linear_bwd(grad: Tensor, input: Tensor, weight: Tensor, saved: Tensor, activ
     backend = _choose(input)
     if backend == "triton":
         from ..triton import linear as tri
-        dx, dw, db = tri.linear_bwd(g2d.contiguous(), x2d, weight, s2d, act, has_bias, need_dx, need_dw)
+        dx, dw, db = tri.linear_bwd(g2d, x2d, weight, s2d, act, has_bias, need_dx, need_dw)
     else:
         if backend == "cuda":
             dz = torch.ops.pydlx.act_bwd_cuda(g2d.contiguous(), s2d, activation) if act is not None else g2d

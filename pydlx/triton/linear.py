@@ -17,7 +17,8 @@ gelu_tanh and silu, written by the forward epilogue as a second output. Recomput
 cost a second forward GEMM; storing it costs one M×N write and read, which is cheaper at every shape benched.
 
 Accumulation is fp32. fp32 inputs use tf32 tensor cores when torch.backends.cuda.matmul.allow_tf32 is set.
-Under TRITON_INTERPRET=1, bf16 tiles are upcast to fp32 before tl.dot (the interpreter's bf16 dot is wrong).
+Under TRITON_INTERPRET=1, bf16 tiles are upcast to fp32 before tl.dot (the interpreter's bf16 dot is wrong)
+and fp32 -> bf16 rounding is done by hand (the interpreter truncates): the INTERP_BF16 flag, off on GPUs.
 """
 from __future__ import annotations
 
@@ -95,8 +96,19 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
+def _cast(x, DT: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """fp32 x to DT, rounding to nearest even (the GPU's conversion). The interpreter truncates fp32 -> bf16,
+    one ulp low (which shows in y(1 - y) near y = 1), so there the rounding is done by hand on the bits."""
+    if INTERP_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(DT)  # exact: the low 16 bits are zero
+    return x.to(DT)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+    if INTERP_BF16:  # the interpreter's bf16 dot is wrong: upcast the tiles
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
@@ -105,43 +117,49 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 def _linear_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
     M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_zm, stride_zn,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit scalar offsets to the tile, 32-bit offsets inside it (keeps the pointer tiles' registers low)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    m_left = (M - m0).to(tl.int32)
+    n_left = (N - n0).to(tl.int32)
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn  # w^T tile [BLOCK_K, BLOCK_N]
+    x_ptrs = x_ptr + m0 * stride_xm + (rm[:, None] * stride_xm + rk[None, :] * stride_xk)
+    w_ptrs = w_ptr + n0 * stride_wn + (rk[:, None] * stride_wk + rn[None, :] * stride_wn)  # w^T tile [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
-        a = tl.load(x_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
-        b = tl.load(w_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < N), other=0.0)
-        acc = _dot(a, b, acc, PRECISION, UPCAST)
+        a = tl.load(x_ptrs, mask=(rm[:, None] < m_left) & (rk[None, :] < k_left), other=0.0)
+        b = tl.load(w_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < n_left), other=0.0)
+        acc = _dot(a, b, acc, PRECISION, INTERP_BF16)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SAVE_PREACT:
-        tl.store(z_ptr + rm[:, None] * stride_zm + rn[None, :] * stride_zn,
-                 acc.to(z_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(b_ptr + n0 + rn, mask=rn < n_left, other=0.0).to(tl.float32)[None, :]
+    mask = (rm[:, None] < m_left) & (rn[None, :] < n_left)
+    tile = m0 * stride_ym + n0 * stride_yn  # 64-bit scalar
+    offs = rm[:, None] * stride_ym + rn[None, :] * stride_yn  # 32-bit tile
+    if SAVE_PREACT:  # z has y's shape and strides: one offset tile serves both stores
+        tl.store(z_ptr + tile + offs, _cast(acc, z_ptr.dtype.element_ty, INTERP_BF16), mask=mask)
     y = _act_fwd(acc, ACT)
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + tile + offs, _cast(y, y_ptr.dtype.element_ty, INTERP_BF16), mask=mask)
 
 
 @triton.jit
 def _linear_bwd_kernel(
     g_ptr, s_ptr, b_ptr, c_ptr, db_ptr,
     M, N, K, K_PER_SPLIT,
-    stride_gm, stride_gk, stride_sm, stride_sk, stride_bk, stride_bn,
+    stride_gm, stride_gk, stride_bk, stride_bn,
     stride_cs, stride_cm, stride_cn,
     ACT: tl.constexpr, ROWSUM: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """c[split, M, N] = sum over this split's K range of dact(g, s)[M, K] @ b[K, N].
@@ -151,71 +169,83 @@ def _linear_bwd_kernel(
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
     k_lo = split * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = k_lo + tl.arange(0, BLOCK_K)
-    g_ptrs = g_ptr + rm[:, None] * stride_gm + rk[None, :] * stride_gk
-    s_ptrs = s_ptr + rm[:, None] * stride_sm + rk[None, :] * stride_sk
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    m_left = (M - m0).to(tl.int32)
+    n_left = (N - n0).to(tl.int32)
+    k_len = (tl.minimum(k_lo + K_PER_SPLIT, K) - k_lo).to(tl.int32)
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # s has g's shape and strides: one offset tile serves both
+    g_ptr += m0 * stride_gm + k_lo * stride_gk  # 64-bit scalar offsets to the tile
+    s_ptr += m0 * stride_gm + k_lo * stride_gk
+    a_offs = rm[:, None] * stride_gm + rk[None, :] * stride_gk  # 32-bit, advanced along K below
+    b_ptrs = b_ptr + k_lo * stride_bk + n0 * stride_bn + (rk[:, None] * stride_bk + rn[None, :] * stride_bn)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
-        k_left = k_hi - k_lo - k * BLOCK_K
-        a_mask = (rm[:, None] < M) & (rk[None, :] - k_lo < k_left)
-        a = tl.load(g_ptrs, mask=a_mask, other=0.0)
+    for k in range(0, tl.cdiv(k_len, BLOCK_K)):
+        k_left = k_len - k * BLOCK_K
+        a_mask = (rm[:, None] < m_left) & (rk[None, :] < k_left)
+        a = tl.load(g_ptr + a_offs, mask=a_mask, other=0.0)
         if ACT != 0:
-            s = tl.load(s_ptrs, mask=a_mask, other=0.0).to(tl.float32)
-            a = _act_bwd(a.to(tl.float32), s, ACT).to(g_ptr.dtype.element_ty)
+            s = tl.load(s_ptr + a_offs, mask=a_mask, other=0.0).to(tl.float32)
+            a = _cast(_act_bwd(a.to(tl.float32), s, ACT), g_ptr.dtype.element_ty, INTERP_BF16)
         if ROWSUM:
             rowsum += tl.sum(a.to(tl.float32), axis=1)
-        b = tl.load(b_ptrs, mask=(rk[:, None] - k_lo < k_left) & (rn[None, :] < N), other=0.0)
-        acc = _dot(a, b, acc, PRECISION, UPCAST)
-        g_ptrs += BLOCK_K * stride_gk
-        s_ptrs += BLOCK_K * stride_sk
+        b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < n_left), other=0.0)
+        acc = _dot(a, b, acc, PRECISION, INTERP_BF16)
+        a_offs += BLOCK_K * stride_gk
         b_ptrs += BLOCK_K * stride_bk
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(c_ptr + split * stride_cs + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
-             acc.to(c_ptr.dtype.element_ty), mask=mask)
+    c_tile = c_ptr + split * stride_cs + m0 * stride_cm + n0 * stride_cn
+    tl.store(c_tile + (rm[:, None] * stride_cm + rn[None, :] * stride_cn), _cast(acc, c_ptr.dtype.element_ty, INTERP_BF16 and c_ptr.dtype.element_ty == tl.bfloat16),
+             mask=(rm[:, None] < m_left) & (rn[None, :] < n_left))
     if ROWSUM:
         if pid_n == 0:
-            tl.store(db_ptr + split * M + rm, rowsum, mask=rm < M)
+            tl.store(db_ptr + split * M + m0 + rm, rowsum, mask=rm < m_left)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Configs. Shipped lists are module-level so tests compile every one of them for sm_80 and sm_90.
-# Not yet tuned on a GPU: these are the usual Hopper/Ampere GEMM tiles (128x128/128x256/256x128 with 64-wide K
-# for 16-bit inputs, 32-wide K for fp32), to be pruned by measurement (bench/NOTES.md).
+# Configs. Shipped lists are module-level: tests/aot_compile.py compiles every one for sm_80 and sm_90, as the
+# runtime specialises it, and tests/test_kernels_compile.py requires no spills and tensor-core instructions.
+# Chosen without a GPU (bench/NOTES.md): the usual Ampere/Hopper GEMM tiles, kept where the heaviest epilogue or
+# prologue compiles without spills on both chips. Not yet pruned by GPU measurements.
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
                          num_warps=warps, num_stages=stages)
 
 
+# Every activation: at most 64 fp32 accumulators a thread, so erf/sigmoid epilogues and the z store fit.
 FWD_CONFIGS: List[triton.Config] = [
-    _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 32, 4, 4),
-    _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 32, 4, 4),
+    _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 8, 3), _cfg(128, 64, 64, 8, 3),
+    _cfg(64, 128, 32, 4, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 64, 64, 4, 3), _cfg(64, 64, 32, 4, 4),
 ]
-BWD_CONFIGS: List[triton.Config] = [
-    _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 64, 32, 4, 4),
-]
+# Added for the cheap epilogues (none, relu) only: 128 accumulators a thread spill under gelu/silu/tanh.
+FWD_CONFIGS_WIDE: List[triton.Config] = [_cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3)]
+WIDE_ACTS = (0, 1)
+# The backward prologue (dy * act'(saved), in fp32) spills at 128x128 with 64-wide K steps, and on sm_80 (fp16,
+# dw) even with 32-wide ones: those are sm_90 only.
+SM90_ONLY: List[triton.Config] = [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 4)]
+BWD_CONFIGS: List[triton.Config] = SM90_ONLY + [_cfg(64, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 4)]
 # Small tiles for the interpreter: masks and strides are exercised with a few programs.
 INTERPRET_CONFIG = _cfg(32, 32, 32, 4, 1, group=2)
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one block may use, by arch
 
 
-def smem_bytes(cfg: triton.Config, elt_bytes: int, with_saved: bool = False) -> int:
-    """Shared-memory estimate of a config's software pipeline (A and B tiles, plus the saved tile)."""
+def smem_bytes(cfg: triton.Config, elt_bytes: int) -> int:
+    """Shared memory of a config's software pipeline: A and B tiles times stages (exact for sm_90's kernels,
+    an upper bound for sm_80's, as compiled by tests/aot_compile.py)."""
     kw = cfg.kwargs
-    a = kw["BLOCK_M"] * kw["BLOCK_K"] * (2 if with_saved else 1)
-    return (a + kw["BLOCK_K"] * kw["BLOCK_N"]) * elt_bytes * cfg.num_stages
+    return (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elt_bytes * cfg.num_stages
 
 
-def configs_for(configs: List[triton.Config], elt_bytes: int, arch: int, with_saved: bool = False):
-    return [c for c in configs if smem_bytes(c, elt_bytes, with_saved) <= SMEM_LIMIT[arch]]
+def configs_for(configs: List[triton.Config], elt_bytes: int, arch: int) -> List[triton.Config]:
+    """The configs of a list that ship for this arch and element size."""
+    return [c for c in configs if smem_bytes(c, elt_bytes) <= SMEM_LIMIT[arch]
+            and (arch >= 90 or not any(c is o for o in SM90_ONLY))]
 
 
 def _arch() -> int:
@@ -223,16 +253,18 @@ def _arch() -> int:
     return 90 if major >= 9 else 80
 
 
-def _prune_fwd(configs, named_args, **_):
-    return configs_for(configs, named_args["x_ptr"].element_size(), _arch()) or configs[-1:]
+def _prune_fwd(configs, named_args, **kwargs):
+    act = kwargs.get("ACT", named_args.get("ACT"))
+    keep = [c for c in configs if c not in FWD_CONFIGS_WIDE or act in WIDE_ACTS]
+    return configs_for(keep, named_args["x_ptr"].element_size(), _arch()) or configs[-1:]
 
 
 def _prune_bwd(configs, named_args, **_):
-    return configs_for(configs, named_args["g_ptr"].element_size(), _arch(),
-                       with_saved=named_args["ACT"] != 0) or configs[-1:]
+    return configs_for(configs, named_args["g_ptr"].element_size(), _arch()) or configs[-1:]
 
 
-_linear_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["M", "N", "K", "ACT", "SAVE_PREACT", "PRECISION"],
+_linear_fwd_tuned = triton.autotune(FWD_CONFIGS + FWD_CONFIGS_WIDE,
+                                    key=["M", "N", "K", "ACT", "SAVE_PREACT", "PRECISION"],
                                     prune_configs_by={"early_config_prune": _prune_fwd})(_linear_fwd_kernel)
 _linear_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["M", "N", "K", "K_PER_SPLIT", "ACT", "ROWSUM", "PRECISION"],
                                     prune_configs_by={"early_config_prune": _prune_bwd})(_linear_bwd_kernel)
@@ -252,7 +284,7 @@ def _launch(tuned, raw, grid, args, kwargs):
         tuned[grid](*args, **kwargs)
 
 
-def _upcast(dtype: torch.dtype) -> bool:
+def _interp_bf16(dtype: torch.dtype) -> bool:
     return triton_interpret() and dtype == torch.bfloat16
 
 
@@ -267,10 +299,9 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], acti
         return y, z
     zz = z if save_preact else y  # a valid pointer; never written without SAVE_PREACT
     args = (x, w, b if b is not None else y, y, zz, M, N, K,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
-            zz.stride(0), zz.stride(-1))
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1))
     kwargs = dict(ACT=ACT_CODES[activation], HAS_BIAS=b is not None, SAVE_PREACT=save_preact,
-                  PRECISION=_precision(x.dtype), UPCAST=_upcast(x.dtype))
+                  PRECISION=_precision(x.dtype), INTERP_BF16=_interp_bf16(x.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _launch(_linear_fwd_tuned, _linear_fwd_kernel, grid, args, kwargs)
     return y, z
@@ -295,10 +326,10 @@ def split_rows(out_rows: int, out_cols: int, red: int, device: torch.device) -> 
     return triton.cdiv(triton.cdiv(red, want), 64) * 64  # rows per split, a multiple of every BLOCK_K
 
 
-def _gemm_dact(g, s, b, c, db, M, N, K, g_strides, s_strides, b_strides, c_strides, k_per_split, act_code):
-    args = (g, s, b, c, db if db is not None else c, M, N, K, k_per_split,
-            *g_strides, *s_strides, *b_strides, *c_strides)
-    kwargs = dict(ACT=act_code, ROWSUM=db is not None, PRECISION=_precision(g.dtype), UPCAST=_upcast(g.dtype))
+def _gemm_dact(g, s, b, c, db, M, N, K, g_strides, b_strides, c_strides, k_per_split, act_code):
+    """g and s share strides (the caller makes them contiguous)."""
+    args = (g, s, b, c, db if db is not None else c, M, N, K, k_per_split, *g_strides, *b_strides, *c_strides)
+    kwargs = dict(ACT=act_code, ROWSUM=db is not None, PRECISION=_precision(g.dtype), INTERP_BF16=_interp_bf16(g.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
                          triton.cdiv(K, k_per_split))
     _launch(_linear_bwd_tuned, _linear_bwd_kernel, grid, args, kwargs)
@@ -311,12 +342,13 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, saved: torch.
     M, K = x.shape
     N = w.shape[0]
     act = ACT_CODES[activation]
-    s = saved if act != 0 else dy
+    dy = dy.contiguous()
+    s = saved.contiguous() if act != 0 else dy  # the kernel reads dy and saved with one set of strides
     dx = dw = db = None
     if need_dx:
         dx = x.new_empty((M, K))
         if M > 0 and K > 0:
-            _gemm_dact(dy, s, w, dx, None, M, K, N, (dy.stride(0), dy.stride(1)), (s.stride(0), s.stride(1)),
+            _gemm_dact(dy, s, w, dx, None, M, K, N, (dy.stride(0), dy.stride(1)),
                        (w.stride(0), w.stride(1)), (0, dx.stride(0), dx.stride(1)), max(N, 1), act)
         elif M > 0:
             dx.zero_()
@@ -330,7 +362,7 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, saved: torch.
             ws = torch.empty((split, N, K), device=x.device, dtype=torch.float32) if split > 1 else \
                 w.new_empty((1, N, K))
             dbs = torch.empty((split, N), device=x.device, dtype=torch.float32) if has_bias else None
-            _gemm_dact(dy, s, x, ws, dbs, N, K, M, (dy.stride(1), dy.stride(0)), (s.stride(1), s.stride(0)),
+            _gemm_dact(dy, s, x, ws, dbs, N, K, M, (dy.stride(1), dy.stride(0)),
                        (x.stride(0), x.stride(1)), (ws.stride(0), ws.stride(1), ws.stride(2)), rows, act)
             dw = ws[0] if split == 1 else ws.sum(0).to(w.dtype)
             db = dbs.sum(0).to(w.dtype) if has_bias else None

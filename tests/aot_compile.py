@@ -1,0 +1,122 @@
+"""Compile every shipped Triton kernel config for sm_80 and sm_90 ahead of time, without a GPU, and report
+what the chip would get: registers, shared memory, spills and tensor-core instructions in the SASS.
+
+    python tests/aot_compile.py            # a table
+    python tests/aot_compile.py --json     # what tests/test_kernels_compile.py reads
+
+Runs with TRITON_INTERPRET=0 (under the interpreter @triton.jit functions cannot be compiled), so the test
+suite calls it in a subprocess. Each kernel is compiled in its heaviest variant: gelu with the pre-activation
+stored; in backward, gelu's derivative from a saved tile (plus the db row sum in the dw GEMM).
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+if __name__ == "__main__":  # before triton is imported; a test that imports this module keeps its own
+    os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from pydlx.triton import linear as tri  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+ARCHS = (80, 90)
+DTYPES = {"fp16": (torch.float16, "*fp16"), "bf16": (torch.bfloat16, "*bf16"), "tf32": (torch.float32, "*fp32")}
+
+# Each kernel as the runtime specialises it for contiguous tensors at the benchmark shapes: unit strides become
+# the constant 1, pointers and the other sizes/strides carry Triton's divisible-by-16 hint.
+FWD_ARGS = dict(x_ptr="ptr", w_ptr="ptr", b_ptr="ptr", y_ptr="ptr", z_ptr="ptr", M="div16", N="div16", K="div16",
+                stride_xm="div16", stride_xk=1, stride_wn="div16", stride_wk=1, stride_ym="div16", stride_yn=1)
+VARIANTS = {
+    # name: (kernel attribute, config list, {arg: "ptr" | "div16" | 1 | "fp32ptr"}, constexprs)
+    "fwd": ("_linear_fwd_kernel", "FWD_CONFIGS", FWD_ARGS, dict(ACT=2, HAS_BIAS=True, SAVE_PREACT=True)),
+    # the wide tiles ship for the cheap epilogues only (pydlx.triton.linear.WIDE_ACTS)
+    "fwdwide": ("_linear_fwd_kernel", "FWD_CONFIGS_WIDE", FWD_ARGS, dict(ACT=1, HAS_BIAS=True, SAVE_PREACT=False)),
+    "dx": ("_linear_bwd_kernel", "BWD_CONFIGS",  # dx = dact(dy, z) @ w
+           dict(g_ptr="ptr", s_ptr="ptr", b_ptr="ptr", c_ptr="ptr", db_ptr="fp32ptr", M="div16", N="div16",
+                K="div16", K_PER_SPLIT="div16", stride_gm="div16", stride_gk=1, stride_bk="div16", stride_bn=1,
+                stride_cs="div16", stride_cm="div16", stride_cn=1),
+           dict(ACT=2, ROWSUM=False)),
+    "dw": ("_linear_bwd_kernel", "BWD_CONFIGS",  # dw = dact(dy, z)^T @ x, split over rows, db row sums
+           dict(g_ptr="ptr", s_ptr="ptr", b_ptr="ptr", c_ptr="fp32ptr", db_ptr="fp32ptr", M="div16", N="div16",
+                K="div16", K_PER_SPLIT="div16", stride_gm=1, stride_gk="div16", stride_bk="div16", stride_bn=1,
+                stride_cs="div16", stride_cm="div16", stride_cn=1),
+           dict(ACT=2, ROWSUM=True)),
+}
+
+
+def cfg_id(cfg):
+    k = cfg.kwargs
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
+
+
+def cases():
+    """(case id, variant, arch, dtype name, config index) for every shipped config that fits each arch."""
+    out = []
+    for arch in ARCHS:
+        for dname, (dt, _) in DTYPES.items():
+            for variant, (_, cfgs_name, _, _) in VARIANTS.items():
+                cfgs = getattr(tri, cfgs_name)
+                fits = tri.configs_for(cfgs, dt.itemsize, arch)
+                for i, cfg in enumerate(cfgs):
+                    if cfg in fits:
+                        out.append((f"{variant}-sm{arch}-{dname}-{cfg_id(cfg)}", variant, arch, dname, i))
+    return out
+
+
+def compile_one(case):
+    cid, variant, arch, dname, idx = case
+    ptr = DTYPES[dname][1]
+    fn_name, cfgs_name, args, const = VARIANTS[variant]
+    fn, cfg = getattr(tri, fn_name), getattr(tri, cfgs_name)[idx]
+    sig, attrs, const = {}, {}, dict(const)
+    for name, kind in args.items():
+        if kind == 1:
+            const[name] = 1
+            continue
+        sig[name] = {"ptr": ptr, "fp32ptr": "*fp32", "div16": "i32"}[kind]
+        attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    const.update(PRECISION="tf32", INTERP_BF16=False, **cfg.kwargs)
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
+    try:
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    except Exception as e:  # reported per case: the test fails with the compiler's message
+        return cid, {"error": f"{type(e).__name__}: {e}"[:2000]}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True).stdout
+    regs = next((int(t.split(":")[1]) for t in usage.split() if t.startswith("REG:")), -1)
+    return cid, {"arch": arch, "shared": k.metadata.shared, "smem_limit": tri.SMEM_LIMIT[arch], "regs": regs,
+                 "spills": sass.count("LDL") + sass.count("STL"), "hmma": "HMMA" in sass, "hgmma": "HGMMA" in sass}
+
+
+def main():
+    all_cases = cases()
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        results = dict(pool.map(compile_one, all_cases))
+    if "--json" in sys.argv:
+        print(json.dumps(results))
+        return
+    print(f"{'case':40s} {'regs':>5s} {'smem':>7s} spills tensor-cores")
+    for cid, r in results.items():
+        if "error" in r:
+            print(f"{cid:40s} ERROR {r['error'][:80]}")
+        else:
+            mma = "HGMMA" if r["hgmma"] else ("HMMA" if r["hmma"] else "none")
+            print(f"{cid:40s} {r['regs']:5d} {r['shared']:7d} {r['spills']:6d} {mma}")
+
+
+if __name__ == "__main__":
+    main()
