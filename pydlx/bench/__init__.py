@@ -213,12 +213,19 @@ def _sync(device: torch.device) -> None:
 
 def run_cases(cases: Sequence[Case], providers: Sequence[str] = PROVIDERS, modes: Sequence[str] = MODES,
               device="cpu", progress: bool = True, warmup: Optional[int] = None,
-              rep: Optional[int] = None) -> List[Dict]:
-    """Time every case x provider x mode; a provider that fails is reported and skipped, not fatal."""
+              rep: Optional[int] = None, deadline: Optional[float] = None) -> List[Dict]:
+    """Time every case x provider x mode; a provider that fails is reported and skipped, not fatal.
+
+    ``deadline`` (a time.monotonic() value): cases not started by then are listed as skipped, so a time-boxed
+    run (the GPU check) still writes what it measured."""
     device = torch.device(device)
     env = env_info(device)
     total, n, rows = len(cases) * len(providers) * len(modes), 0, []
     for case in cases:
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"time budget spent: skipped {case.op} {case.shape} {case.dtype_name}", flush=True)
+            n += len(providers) * len(modes)
+            continue
         for provider in providers:
             fns, build_err = None, None
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="output file stem (default: <family>_<gpu name or cpu>)")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new case after this many minutes (what was measured is still written)")
     args = p.parse_args(argv)
 
     if args.device == "auto":
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
     print(f"  providers={','.join(args.providers)} modes={','.join(args.modes)}", flush=True)
 
     cases = [c for fam in families for c in FAMILIES[fam](device, small)]
-    rows = bench.run_cases(cases, args.providers, args.modes, device)
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
+    rows = bench.run_cases(cases, args.providers, args.modes, device, deadline=deadline)
     print()
     if not rows:
         print("no results: every case failed", file=sys.stderr)

@@ -23,6 +23,7 @@ and fp32 -> bf16 rounding is done by hand (the interpreter truncates): the INTER
 from __future__ import annotations
 
 import functools
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -277,11 +278,17 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _launch(tuned, raw, grid, args, kwargs):
+    """Launch through the autotuner; under the interpreter, or with PYDLX_TRITON_AUTOTUNE=0 (the GPU test suite:
+    correctness, not speed, and a fraction of the compile time), with one fixed config instead."""
     if triton_interpret():
         cfg = INTERPRET_CONFIG
-        raw[grid(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
+    elif os.environ.get("PYDLX_TRITON_AUTOTUNE", "1") == "0":
+        named = dict(zip(raw.arg_names, args))
+        cfg = tuned.early_config_prune(tuned.configs, named, **kwargs)[0]
     else:
         tuned[grid](*args, **kwargs)
+        return
+    raw[grid(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _interp_bf16(dtype: torch.dtype) -> bool:
