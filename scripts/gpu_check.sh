@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One-command GPU check (shared/VERIFY.md rung 5), for the lent GPU machine or any CUDA machine:
+#   1. the GPU tests: every backend against the float64 reference (pytest -m gpu), the extension JIT-built first;
+#   2. the benchmarks (python -m pydlx.bench --family all), time-boxed so the whole check ends within ~8 minutes.
+# Offline: uses the machine's python3 with its own torch/triton/pytest (nothing installed), PYTHONPATH=repo.
+# Writes env.txt, gpu-tests.txt/.xml, bench.txt and the CSV/PNG under $OUT (default ./gpu-report); copy the CSV
+# into bench/results/ and commit it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-report}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TRITON_INTERPRET=0
+PY="${PYTHON:-python3}"
+t0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - t0 )); }
+
+{
+  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  git log -1 --format='commit %H %s' 2>/dev/null
+  "$PY" - <<'PY'
+import torch, pydlx
+try:
+    import triton; tv = triton.__version__
+except Exception as e:
+    tv = f"none ({e})"
+print(f"torch {torch.__version__} cuda {torch.version.cuda} triton {tv} device {torch.cuda.get_device_name()}")
+print("backends before build:", pydlx.backends())
+PY
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== building pydlx._C ($(elapsed)s)" | tee -a "$OUT/env.txt"
+"$PY" -c "from pydlx import _ext; print(_ext.jit_build('build/jit-test'))" 2>&1 | tail -5 | tee -a "$OUT/env.txt"
+
+echo "== GPU tests ($(elapsed)s)"
+XDIST=""
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
+PYDLX_TRITON_AUTOTUNE=0 timeout 270 "$PY" -m pytest tests -m gpu $XDIST -q -rf -p no:cacheprovider \
+  --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.txt" 2>&1
+echo "pytest exit $? after $(elapsed)s" >> "$OUT/gpu-tests.txt"
+tail -25 "$OUT/gpu-tests.txt"
+
+left=$(( (450 - $(elapsed)) / 60 ))
+[ "$left" -lt 1 ] && left=1
+echo "== benchmarks, at most ${left} min ($(elapsed)s)"
+name="gpu_$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '_', torch.cuda.get_device_name().lower()).strip('_'))")"
+timeout $(( left * 60 + 60 )) "$PY" -m pydlx.bench --family all --device cuda --max-minutes "$left" \
+  --out-dir "$OUT" --name "$name" > "$OUT/bench.txt" 2>&1
+echo "bench exit $? after $(elapsed)s" >> "$OUT/bench.txt"
+tail -40 "$OUT/bench.txt"
+echo "== done in $(elapsed)s; report in $OUT"
