@@ -42,9 +42,8 @@ tail -25 "$OUT/gpu-tests.txt"
 left=$(( (450 - $(elapsed)) / 60 ))
 [ "$left" -lt 1 ] && left=1
 echo "== benchmarks, at most ${left} min ($(elapsed)s)"
-name="gpu_$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '_', torch.cuda.get_device_name().lower()).strip('_'))")"
 timeout $(( left * 60 + 60 )) "$PY" -m pydlx.bench --family all --device cuda --max-minutes "$left" \
-  --out-dir "$OUT" --name "$name" > "$OUT/bench.txt" 2>&1
+  --out-dir "$OUT" > "$OUT/bench.txt" 2>&1   # writes $OUT/gpu_<card>.csv and .png
 echo "bench exit $? after $(elapsed)s" >> "$OUT/bench.txt"
 tail -40 "$OUT/bench.txt"
 echo "== done in $(elapsed)s; report in $OUT"

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--providers", default=",".join(bench.PROVIDERS),
                    type=lambda s: _list(s, bench.PROVIDERS, "--providers"))
     p.add_argument("--modes", default=",".join(bench.MODES), type=lambda s: _list(s, bench.MODES, "--modes"))
-    p.add_argument("--name", default=None, help="output file stem (default: <family>_<gpu name or cpu>)")
+    p.add_argument("--name", default=None, help="output file stem (default: gpu_<gpu name>, or cpu)")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--max-minutes", type=float, default=None,
@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         return 1
     bench.print_table(rows)
 
-    name = args.name or f"{args.family}_{'cpu' if device.type == 'cpu' else _slug(env['gpu'])}"
+    # one file per machine: every family shares the CSV schema
+    name = args.name or ("cpu" if device.type == "cpu" else f"gpu_{_slug(env['gpu'])}")
     out_dir = Path(args.out_dir)
     csv_path = out_dir / f"{name}.csv"
     bench.append_csv(csv_path, rows)
