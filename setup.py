@@ -9,8 +9,10 @@ torch at build time, so install with ``--no-build-isolation`` into an environmen
 """
 import importlib.util
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,7 +49,21 @@ def _extensions():
     return [module], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
+class build_py(_build_py):
+    """Also copy csrc/ into the package (pydlx/_csrc), so that an install without the prebuilt extension can
+    still build it on first use (pydlx/_ext.py looks there when the checkout's csrc/ is not beside it)."""
+
+    def run(self):
+        super().run()
+        dest = os.path.join(self.build_lib, "pydlx", "_csrc")
+        os.makedirs(dest, exist_ok=True)
+        for name in os.listdir(os.path.join(HERE, "csrc")):
+            if name.endswith((".cu", ".cpp", ".h", ".cuh")):
+                shutil.copy2(os.path.join(HERE, "csrc", name), dest)
+
+
 ext_modules, cmdclass = _extensions()
+cmdclass["build_py"] = build_py
 
 setup(
     name="pydlx",

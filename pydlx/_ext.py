@@ -22,9 +22,13 @@ _state = {"loaded": None, "error": None}  # loaded: a description of what was lo
 
 
 def sources() -> List[str]:
-    """The extension's sources: every .cu and .cpp file in csrc/ (shared with setup.py)."""
-    root = os.path.join(os.path.dirname(_PKG), "csrc")
-    return sorted(glob.glob(os.path.join(root, "*.cu")) + glob.glob(os.path.join(root, "*.cpp")))
+    """The extension's sources: every .cu and .cpp file in the checkout's csrc/ (shared with setup.py), or in the
+    copy that setup.py installs as pydlx/_csrc."""
+    for root in (os.path.join(os.path.dirname(_PKG), "csrc"), os.path.join(_PKG, "_csrc")):
+        found = sorted(glob.glob(os.path.join(root, "*.cu")) + glob.glob(os.path.join(root, "*.cpp")))
+        if found:
+            return found
+    return []
 
 
 # Flags shared with setup.py. sm_80 and sm_90 machine code, plus PTX for newer chips.

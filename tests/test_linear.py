@@ -117,16 +117,21 @@ def check_against_fp64(fn_dtype, x, w, b, g, act, dtype, baseline=True):
         assert_close(a_, e_, dtype=dtype, name=name, baseline=base)
 
 
+def check_backend(backend, shape, act, dtype, device):
+    """Fresh random inputs of ``shape`` on ``device``; pydlx.ops.linear on ``backend`` vs float64, fwd and bwd."""
+    lead, k, n = shape
+    x, w, b = make(lead, k, n, dtype, device=device)
+    g = torch.randn(*lead, n, dtype=dtype, device=device)
+    with pydlx.use_backend(backend):
+        check_against_fp64(lambda *a: pydlx.ops.linear(*a, activation=act), x, w, b, g, act, dtype)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES_INTERP)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_triton_interpreter(shape, act, dtype, poison):
-    lead, k, n = shape
-    x, w, b = make(lead, k, n, dtype)
-    g = torch.randn(*lead, n, dtype=dtype)
-    with pydlx.use_backend("triton"):
-        check_against_fp64(lambda *a: pydlx.ops.linear(*a, activation=act), x, w, b, g, act, dtype)
+    check_backend("triton", shape, act, dtype, "cpu")
 
 
 @pytest.mark.interpreter
@@ -374,11 +379,7 @@ GPU_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16
 @pytest.mark.parametrize("act", ["relu", "gelu"])
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_gpu_backend_against_reference(shape, act, dtype, backend, poison):
-    lead, k, n = shape
-    x, w, b = make(lead, k, n, dtype, device="cuda")
-    g = torch.randn(*lead, n, dtype=dtype, device="cuda")
-    with pydlx.use_backend(backend):
-        check_against_fp64(lambda *a: pydlx.ops.linear(*a, activation=act), x, w, b, g, act, dtype)
+    check_backend(backend, shape, act, dtype, "cuda")
 
 
 @pytest.mark.gpu
@@ -388,11 +389,7 @@ def test_gpu_backend_against_reference(shape, act, dtype, backend, poison):
 @pytest.mark.parametrize("shape", [pytest.param(((37,), 70, 45), id="37x70->45"),
                                    pytest.param(((256,), 512, 384), id="256x512->384")])
 def test_gpu_every_activation(shape, act, dtype, backend, poison):
-    lead, k, n = shape
-    x, w, b = make(lead, k, n, dtype, device="cuda")
-    g = torch.randn(*lead, n, dtype=dtype, device="cuda")
-    with pydlx.use_backend(backend):
-        check_against_fp64(lambda *a: pydlx.ops.linear(*a, activation=act), x, w, b, g, act, dtype)
+    check_backend(backend, shape, act, dtype, "cuda")
 
 
 def _shipped_config_cases():
