@@ -147,6 +147,31 @@ def test_triton_interpreter_no_bias_and_noncontiguous(act, poison):
 
 
 @pytest.mark.interpreter
+def test_triton_interpreter_strided_bias(poison):
+    x, w, _ = make((5,), 9, 7, torch.float32)
+    b = torch.randn(14)[::2].requires_grad_()  # the kernel reads bias with unit stride: it must be made contiguous
+    g = torch.randn(5, 7)
+    with pydlx.use_backend("triton"):
+        check_against_fp64(lambda *a: pydlx.ops.linear(*a, activation="tanh"), x, w, b, g, "tanh", torch.float32)
+
+
+def test_triton_strides_beyond_32bit_tile_offsets_are_made_contiguous():
+    from pydlx.triton import linear as tri
+
+    wide = torch.empty_strided((2, 3), (tri.MAX_STRIDE + 1, 1))
+    assert tri._small_strides(wide).stride() == (3, 1)
+    ok = torch.empty(4, 5).t()
+    assert tri._small_strides(ok) is ok
+
+
+def test_triton_refuses_feature_counts_beyond_32bit_tile_offsets():
+    from pydlx.triton import linear as tri
+
+    assert tri.why_cannot(tri.MAX_STRIDE, 3) is None
+    assert "at most" in tri.why_cannot(tri.MAX_STRIDE + 1, 3)
+
+
+@pytest.mark.interpreter
 def test_poison_fixture_poisons(poison):
     """The poison fixture is what makes 'every element written' checkable: prove it fills new tensors."""
     assert torch.isnan(torch.randn(3).new_empty(5, 7)).all()

@@ -32,11 +32,19 @@ def _act_name(activation: str) -> Optional[str]:
     return None if activation == "none" else activation
 
 
-def _choose(x: Tensor) -> str:
-    dtype_ok = lambda: None if x.dtype in _KERNEL_DTYPES else (  # noqa: E731
-        f"dtype {x.dtype} is not supported (supported: float16, bfloat16, float32)")
+def _choose(x: Tensor, weight: Tensor) -> str:
+    def dtype_ok():
+        if x.dtype not in _KERNEL_DTYPES:
+            return f"dtype {x.dtype} is not supported (supported: float16, bfloat16, float32)"
+        return None
+
+    def triton_ok():
+        from ..triton import linear as tri
+
+        return dtype_ok() or tri.why_cannot(weight.shape[1], weight.shape[0])
+
     return _backend.choose("linear", x, lambda t: ("triton", "cuda"),
-                           extra_check={"triton": dtype_ok, "cuda": dtype_ok})
+                           extra_check={"triton": triton_ok, "cuda": dtype_ok})
 
 
 @torch.library.custom_op("pydlx::linear_fwd", mutates_args=())
@@ -45,7 +53,7 @@ def linear_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation
     act = _act_name(activation)
     lead = input.shape[:-1]
     x2d = input.reshape(-1, input.shape[-1])
-    backend = _choose(input)
+    backend = _choose(input, weight)
     if backend == "triton":
         from ..triton import linear as tri
         y, z = tri.linear_fwd(x2d, weight, bias, act, save_preact)
@@ -73,7 +81,7 @@ def linear_bwd(grad: Tensor, input: Tensor, weight: Tensor, saved: Tensor, activ
     g2d = grad.reshape(-1, N)
     x2d = input.reshape(-1, K)
     s2d = saved.reshape(-1, N) if act is not None else saved
-    backend = _choose(input)
+    backend = _choose(input, weight)
     if backend == "triton":
         from ..triton import linear as tri
         dx, dw, db = tri.linear_bwd(g2d, x2d, weight, s2d, act, has_bias, need_dx, need_dw)
