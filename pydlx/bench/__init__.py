@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import os
 import statistics
 import subprocess
 import time

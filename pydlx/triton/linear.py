@@ -23,64 +23,14 @@ and fp32 -> bf16 rounding is done by hand (the interpreter truncates): the INTER
 from __future__ import annotations
 
 import functools
-import os
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpret
-
-# Activation codes, shared with csrc/dispatch.h.
-ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5, "sigmoid": 6}
-# Activations whose derivative needs z; for the others the saved tensor is y (pydlx/reference/linear.py).
-_PREACT_CODES = (2, 3, 4)
-
-
-@triton.jit
-def _act_fwd(z, ACT: tl.constexpr):
-    """act(z) in fp32. NaN propagates (relu keeps NaN like torch.relu)."""
-    if ACT == 1:
-        return tl.where(z < 0.0, 0.0, z)
-    elif ACT == 2:
-        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == 3:
-        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        return z * tl.sigmoid(2.0 * inner)  # 0.5 z (1 + tanh(u)) == z sigmoid(2u)
-    elif ACT == 4:
-        return z * tl.sigmoid(z)
-    elif ACT == 5:
-        return 2.0 * tl.sigmoid(2.0 * z) - 1.0
-    elif ACT == 6:
-        return tl.sigmoid(z)
-    else:
-        return z
-
-
-@triton.jit
-def _act_bwd(g, s, ACT: tl.constexpr):
-    """dL/dz from g = dL/dy in fp32; s is z for gelu/gelu_tanh/silu, y for the others."""
-    if ACT == 1:
-        return tl.where(s > 0.0, g, 0.0)
-    elif ACT == 2:
-        cdf = 0.5 * (1.0 + tl.math.erf(s * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * s * s) * 0.3989422804014327
-        return g * (cdf + s * pdf)
-    elif ACT == 3:
-        t = 2.0 * tl.sigmoid(1.5957691216057308 * (s + 0.044715 * s * s * s)) - 1.0
-        dinner = 0.7978845608028654 * (1.0 + 0.134145 * s * s)
-        return g * (0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * dinner)
-    elif ACT == 4:
-        sg = tl.sigmoid(s)
-        return g * sg * (1.0 + s * (1.0 - sg))
-    elif ACT == 5:
-        return g * (1.0 - s * s)
-    elif ACT == 6:
-        return g * s * (1.0 - s)
-    else:
-        return g
-
+from .common import (ACT_CODES, SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, arch, interp_bf16, launch,
+                     precision)
 
 @triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -94,24 +44,6 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
     pid_n = (pid % (GROUP_M * num_n)) // size_m
     return pid_m, pid_n
-
-
-@triton.jit
-def _cast(x, DT: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """fp32 x to DT, rounding to nearest even (the GPU's conversion). The interpreter truncates fp32 -> bf16,
-    one ulp low (which shows in y(1 - y) near y = 1), so there the rounding is done by hand on the bits."""
-    if INTERP_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(DT)  # exact: the low 16 bits are zero
-    return x.to(DT)
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
-    if INTERP_BF16:  # the interpreter's bf16 dot is wrong: upcast the tiles
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -233,7 +165,6 @@ BWD_CONFIGS: List[triton.Config] = SM90_ONLY + [_cfg(64, 128, 64, 8, 3), _cfg(64
 # Small tiles for the interpreter: masks and strides are exercised with a few programs.
 INTERPRET_CONFIG = _cfg(32, 32, 32, 4, 1, group=2)
 
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one block may use, by arch
 
 
 def smem_bytes(cfg: triton.Config, elt_bytes: int) -> int:
@@ -249,19 +180,14 @@ def configs_for(configs: List[triton.Config], elt_bytes: int, arch: int) -> List
             and (arch >= 90 or not any(c is o for o in SM90_ONLY))]
 
 
-def _arch() -> int:
-    major, _ = torch.cuda.get_device_capability()
-    return 90 if major >= 9 else 80
-
-
 def _prune_fwd(configs, named_args, **kwargs):
     act = kwargs.get("ACT", named_args.get("ACT"))
     keep = [c for c in configs if c not in FWD_CONFIGS_WIDE or act in WIDE_ACTS]
-    return configs_for(keep, named_args["x_ptr"].element_size(), _arch()) or configs[-1:]
+    return configs_for(keep, named_args["x_ptr"].element_size(), arch()) or configs[-1:]
 
 
 def _prune_bwd(configs, named_args, **_):
-    return configs_for(configs, named_args["g_ptr"].element_size(), _arch()) or configs[-1:]
+    return configs_for(configs, named_args["g_ptr"].element_size(), arch()) or configs[-1:]
 
 
 _linear_fwd_tuned = triton.autotune(FWD_CONFIGS + FWD_CONFIGS_WIDE,
@@ -271,28 +197,8 @@ _linear_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["M", "N", "K", "K_PER_SPLI
                                     prune_configs_by={"early_config_prune": _prune_bwd})(_linear_bwd_kernel)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # ignored by tl.dot for fp16/bf16 operands
-
-
 def _launch(tuned, raw, grid, args, kwargs):
-    """Launch through the autotuner; under the interpreter, or with PYDLX_TRITON_AUTOTUNE=0 (the GPU test suite:
-    correctness, not speed, and a fraction of the compile time), with one fixed config instead."""
-    if triton_interpret():
-        cfg = INTERPRET_CONFIG
-    elif os.environ.get("PYDLX_TRITON_AUTOTUNE", "1") == "0":
-        named = dict(zip(raw.arg_names, args))
-        cfg = tuned.early_config_prune(tuned.configs, named, **kwargs)[0]
-    else:
-        tuned[grid](*args, **kwargs)
-        return
-    raw[grid(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def _interp_bf16(dtype: torch.dtype) -> bool:
-    return triton_interpret() and dtype == torch.bfloat16
+    launch(tuned, raw, grid, args, kwargs, INTERPRET_CONFIG)
 
 
 # In-tile offsets are 32-bit (each tile's base offset is 64-bit) and a tile spans at most 256 rows or columns of
@@ -327,7 +233,7 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], acti
     args = (x, w, b if b is not None else y, y, zz, M, N, K,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1))
     kwargs = dict(ACT=ACT_CODES[activation], HAS_BIAS=b is not None, SAVE_PREACT=save_preact,
-                  PRECISION=_precision(x.dtype), INTERP_BF16=_interp_bf16(x.dtype))
+                  PRECISION=precision(x.dtype), INTERP_BF16=interp_bf16(x.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _launch(_linear_fwd_tuned, _linear_fwd_kernel, grid, args, kwargs)
     return y, z
@@ -356,7 +262,7 @@ def split_rows(out_rows: int, out_cols: int, red: int, device: torch.device) -> 
 def _gemm_dact(g, s, b, c, db, M, N, K, g_strides, b_strides, c_strides, k_per_split, act_code):
     """g and s share strides (the caller makes them contiguous)."""
     args = (g, s, b, c, db if db is not None else c, M, N, K, k_per_split, *g_strides, *b_strides, *c_strides)
-    kwargs = dict(ACT=act_code, ROWSUM=db is not None, PRECISION=_precision(g.dtype), INTERP_BF16=_interp_bf16(g.dtype))
+    kwargs = dict(ACT=act_code, ROWSUM=db is not None, PRECISION=precision(g.dtype), INTERP_BF16=interp_bf16(g.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
                          triton.cdiv(K, k_per_split))
     _launch(_linear_bwd_tuned, _linear_bwd_kernel, grid, args, kwargs)
