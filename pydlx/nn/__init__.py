@@ -1,4 +1,5 @@
 """Drop-in nn.Module replacements; each holds torch.nn's parameters and calls one pydlx op."""
 from .linear import Linear
+from .mlp import MLP
 
-__all__ = ["Linear"]
+__all__ = ["Linear", "MLP"]

@@ -99,7 +99,8 @@ def launch(tuned, raw, grid, args, kwargs, interpret_cfg):
         cfg = interpret_cfg
     elif os.environ.get("PYDLX_TRITON_AUTOTUNE", "1") == "0":
         named = dict(zip(raw.arg_names, args))
-        cfg = tuned.early_config_prune(tuned.configs, named, **kwargs)[0]
+        prune = tuned.early_config_prune
+        cfg = (prune(tuned.configs, named, **kwargs) if prune else tuned.configs)[0]
     else:
         tuned[grid](*args, **kwargs)
         return

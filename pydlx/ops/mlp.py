@@ -1,0 +1,234 @@
+"""``pydlx.ops.mlp``: Linear -> act -> ... -> Linear -> last_activation, fused.
+
+Two paths, chosen per call:
+  * fused: every layer at most 128 wide (pydlx/triton/mlp.py): one kernel for the whole forward, one for the
+    backward walk through the layers, and the weight gradients as GEMMs over all rows. Op ``pydlx::mlp_fused``.
+  * chain: wider MLPs (the seed's 784-400-200-32 autoencoder) run as a chain of ``pydlx.ops.linear`` calls, each
+    a GEMM with bias and activation in its epilogue and the activation's derivative fused into its backward.
+
+Ops (schemas defined once, here):
+  pydlx::mlp_fused(input, weights, biases, activation, last_activation, save) -> (y, H, Z)
+      H = hidden layers' outputs [M, sum of hidden sizes], Z = pre-activations [M, sum of layer sizes] (only when
+      an activation's derivative needs z); both empty unless ``save``. Non-differentiable: saved for backward.
+  pydlx::mlp_fused_bwd(grad, input, weights, has_bias, y, H, Z, activation, last_activation, need_dx)
+      -> (dx, dweights, dbiases)       empty tensors stand for gradients that are not needed.
+Saved for backward: input, weights, y, H (and Z): the activations eager PyTorch also keeps, nothing more.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference.linear import ACTIVATIONS, SAVES_PREACT, activation_backward, activation_forward
+from ..reference.mlp import mlp as reference_mlp
+from ..reference.mlp import saves_z
+from .linear import _FLOAT_DTYPES, _KERNEL_DTYPES, _act_name, linear
+
+
+def _why_not_fused(x: Tensor, sizes: Sequence[int]) -> Optional[str]:
+    """None if the fused MLP kernels take this call, else why not (triton missing included)."""
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"dtype {x.dtype} is not supported (supported: float16, bfloat16, float32)"
+    try:
+        from ..triton import mlp as tri
+    except Exception as e:  # no (working) triton: the chain of linears runs instead
+        return f"triton cannot be imported: {type(e).__name__}: {e}"
+    return tri.why_cannot(sizes)
+
+
+def _choose(x: Tensor, sizes: Sequence[int]) -> str:
+    return _backend.choose("mlp", x, lambda t: ("triton",), extra_check={
+        "triton": lambda: _why_not_fused(x, sizes),
+        "cuda": lambda: "the cuda backend has no MLP kernel yet (the fused C++/CUDA MLP is not implemented)"})
+
+
+def _sizes(input: Tensor, weights: Sequence[Tensor]) -> List[int]:
+    return [input.shape[-1]] + [w.shape[0] for w in weights]
+
+
+def _reference_fwd(x2d, weights, biases, act, last, save):
+    """(y, H, Z) computed eagerly, laid out as the fused kernel lays them out."""
+    hs, zs, h = [], [], x2d
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        z = torch.nn.functional.linear(h, w, b)
+        h = activation_forward(z, act if i + 1 < len(weights) else last)
+        zs.append(z)
+        if i + 1 < len(weights):
+            hs.append(h)
+    H = torch.cat(hs, 1) if save and hs else x2d.new_empty(0)
+    Z = torch.cat(zs, 1) if save and saves_z(act, last) else x2d.new_empty(0)
+    return h, H, Z
+
+
+@torch.library.custom_op("pydlx::mlp_fused", mutates_args=())
+def mlp_fused(input: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]], activation: str,
+              last_activation: str, save: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    act, last = _act_name(activation), _act_name(last_activation)
+    lead = input.shape[:-1]
+    x2d = input.reshape(-1, input.shape[-1])
+    if _choose(input, _sizes(input, weights)) == "triton":
+        from ..triton import mlp as tri
+        y, H, Z = tri.mlp_fwd(x2d, weights, biases, act, last, save)
+    else:
+        y, H, Z = _reference_fwd(x2d, weights, biases, act, last, save)
+    return y.reshape(*lead, weights[-1].shape[0]), H, Z
+
+
+@mlp_fused.register_fake
+def _(input, weights, biases, activation, last_activation, save):
+    M = input.numel() // input.shape[-1] if input.shape[-1] else 0
+    sizes = [w.shape[0] for w in weights]
+    y = input.new_empty((*input.shape[:-1], sizes[-1]))
+    H = input.new_empty((M, sum(sizes[:-1]))) if save and len(sizes) > 1 else input.new_empty(0)
+    Z = input.new_empty((M, sum(sizes))) if save and saves_z(_act_name(activation), _act_name(last_activation)) \
+        else input.new_empty(0)
+    return y, H, Z
+
+
+@torch.library.custom_op("pydlx::mlp_fused_bwd", mutates_args=())
+def mlp_fused_bwd(grad: Tensor, input: Tensor, weights: List[Tensor], has_bias: List[bool], y: Tensor, H: Tensor,
+                  Z: Tensor, activation: str, last_activation: str, need_dx: bool
+                  ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    act, last = _act_name(activation), _act_name(last_activation)
+    sizes = _sizes(input, weights)
+    L = len(weights)
+    x2d = input.reshape(-1, sizes[0])
+    g2d = grad.reshape(-1, sizes[-1])
+    y2d = y.reshape(-1, sizes[-1])
+    hcols = [sum(sizes[1:1 + i]) for i in range(L)]  # column of layer i's output in H and in Z / DZ
+    if _choose(input, sizes) == "triton":
+        from ..triton import mlp as tri
+        dx, DZ = tri.mlp_bwd(g2d, x2d, weights, y2d, H, Z, act, last, need_dx)
+    else:  # the same walk, eagerly
+        dzs, g = [None] * L, g2d
+        for i in reversed(range(L)):
+            a = last if i == L - 1 else act
+            if a is None:
+                dz = g
+            elif a in SAVES_PREACT:
+                dz = activation_backward(g, Z[:, hcols[i]:hcols[i] + sizes[i + 1]], a)
+            else:
+                saved = y2d if i == L - 1 else H[:, hcols[i]:hcols[i] + sizes[i + 1]]
+                dz = activation_backward(g, saved, a)
+            dzs[i] = dz
+            g = dz @ weights[i]
+        dx = g if need_dx else None
+        DZ = torch.cat(dzs, 1)
+    # weight gradients: GEMMs over all rows; bias gradients: one reduction for every layer
+    dws = []
+    for i in range(L):
+        layer_in = x2d if i == 0 else H[:, hcols[i - 1]:hcols[i - 1] + sizes[i]]
+        dws.append(DZ[:, hcols[i]:hcols[i] + sizes[i + 1]].t() @ layer_in)
+    db_all = DZ.sum(0) if any(has_bias) else None
+    dbs = [db_all[hcols[i]:hcols[i] + sizes[i + 1]].clone() if has_bias[i] else input.new_empty(0)
+           for i in range(L)]
+    dx = dx.reshape(input.shape) if need_dx else input.new_empty(0)
+    return dx, dws, dbs
+
+
+@mlp_fused_bwd.register_fake
+def _(grad, input, weights, has_bias, y, H, Z, activation, last_activation, need_dx):
+    dx = torch.empty_like(input) if need_dx else input.new_empty(0)
+    return dx, [torch.empty_like(w) for w in weights], [
+        w.new_empty(w.shape[0]) if hb else input.new_empty(0) for w, hb in zip(weights, has_bias)]
+
+
+def _setup_context(ctx, inputs, output):
+    input, weights, biases, activation, last_activation, save = inputs
+    y, H, Z = output
+    ctx.mark_non_differentiable(H, Z)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(input, y, H, Z, *weights)
+    ctx.has_bias = [b is not None for b in biases]
+    ctx.acts = (activation, last_activation)
+    ctx.saved_all = save
+
+
+def _backward(ctx, grad_y, grad_h, grad_z):
+    input, y, H, Z, *weights = ctx.saved_tensors
+    L = len(weights)
+    if grad_y is None:
+        return None, [None] * L, [None] * L, None, None, None
+    if not ctx.saved_all and grad_y.numel():
+        raise RuntimeError("pydlx.ops.mlp: backward needs the saved activations, but the forward ran with "
+                           "save=False; call pydlx.ops.mlp, which sets it when gradients are needed")
+    need_dx = ctx.needs_input_grad[0]
+    dx, dws, dbs = mlp_fused_bwd(grad_y, input, weights, ctx.has_bias, y, H, Z, *ctx.acts, need_dx)
+    return (dx if need_dx else None, list(dws), [db if hb else None for db, hb in zip(dbs, ctx.has_bias)],
+            None, None, None)
+
+
+torch.library.register_autograd("pydlx::mlp_fused", _backward, setup_context=_setup_context)
+
+
+def check_mlp_args(input, weights, biases, activation, last_activation) -> None:
+    """Raise a clear error naming the bad argument. Runs before any kernel."""
+    name = "pydlx.ops.mlp"
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() == 0:
+        raise ValueError(f"{name}: input must have at least 1 dimension, got a 0-D tensor")
+    if not isinstance(weights, (list, tuple)) or len(weights) == 0:
+        raise ValueError(f"{name}: weights must be a non-empty list of 2-D tensors (out_features, in_features)")
+    if not isinstance(biases, (list, tuple)) or len(biases) != len(weights):
+        raise ValueError(f"{name}: biases must be a list with one tensor or None per weight ({len(weights)}), "
+                         f"got {len(biases) if isinstance(biases, (list, tuple)) else type(biases).__name__}")
+    for a, arg in ((activation, "activation"), (last_activation, "last_activation")):
+        if a not in ACTIVATIONS:
+            raise ValueError(f"{name}: {arg} must be one of {ACTIVATIONS}, got {a!r}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: input must be a floating-point tensor (float16, bfloat16, float32, float64), "
+                        f"got {input.dtype}")
+    fan_in = input.shape[-1]
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        if not isinstance(w, Tensor) or w.dim() != 2:
+            got = f"shape {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
+            raise ValueError(f"{name}: weights[{i}] must be a 2-D tensor (out_features, in_features), got {got}")
+        if w.shape[1] != fan_in:
+            what = "input's last dimension" if i == 0 else f"weights[{i - 1}].shape[0]"
+            raise ValueError(f"{name}: weights[{i}].shape[1] ({w.shape[1]}) must equal {what} ({fan_in})")
+        if b is not None and (not isinstance(b, Tensor) or b.dim() != 1 or b.shape[0] != w.shape[0]):
+            got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise ValueError(f"{name}: biases[{i}] must be None or 1-D with {w.shape[0]} elements, got {got}")
+        for t, arg in ((w, f"weights[{i}]"), (b, f"biases[{i}]")):
+            if t is None:
+                continue
+            if t.device != input.device:
+                raise ValueError(f"{name}: {arg} is on {t.device} but input is on {input.device}; "
+                                 "all tensors must be on one device")
+            if t.dtype != input.dtype:
+                raise TypeError(f"{name}: {arg} has dtype {t.dtype} but input has {input.dtype}; "
+                                "they must match (or run under torch.autocast)")
+        fan_in = w.shape[0]
+
+
+def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+        activation: Optional[str] = "relu", last_activation: Optional[str] = None) -> Tensor:
+    """``Linear(s0, s1) -> activation -> ... -> Linear(s[-2], s[-1]) -> last_activation``.
+
+    weights[i]: (s[i+1], s[i]) as nn.Linear stores them; biases[i]: (s[i+1],) or None. Any leading dims.
+    Layers all at most 128 wide run fused (one kernel forward, one backward walk + weight-gradient GEMMs);
+    wider MLPs run as a chain of pydlx.ops.linear (GEMMs with the activation in their epilogues).
+    """
+    check_mlp_args(input, weights, biases, activation, last_activation)
+    dev = input.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        input = input.to(dt)
+        weights = [w.to(dt) for w in weights]
+        biases = [b.to(dt) if b is not None else None for b in biases]
+    if dev == "cpu" and _backend.current_backend() == "auto":
+        return reference_mlp(input, weights, biases, activation, last_activation)  # see ops.linear
+    if _why_not_fused(input, _sizes(input, weights)) is None:
+        needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
+            t.requires_grad for t in (*weights, *[b for b in biases if b is not None])))
+        y, _, _ = mlp_fused(input, list(weights), list(biases), activation or "none", last_activation or "none",
+                            needs_grad)
+        return y
+    h = input
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        h = linear(h, w, b, activation if i + 1 < len(weights) else last_activation)
+    return h

@@ -1,0 +1,246 @@
+"""Triton kernels for small MLPs: every layer of an MLP whose layers are at most 128 wide, in one kernel.
+
+Shapes: x[M, K0] (K0 any), L layers, weights[l] of shape [s(l+1), s(l)] as nn.Linear stores them (read in place,
+no packing), sizes s(1..L) <= 128. The sizes are compile-time constants (SIZES): a model's layer sizes are fixed,
+so each MLP gets its own unrolled kernel, each layer's tile padded to the next power of two >= 16 (PADS).
+
+Forward (one program per BLOCK_M rows, tiny-cuda-nn's fully fused MLP in Triton): the first layer reduces x over
+K0 in BLOCK_K chunks (any input width); then, layer after layer, h = act(h @ W^T + b) stays in registers, rounded
+to the input dtype between layers exactly as eager PyTorch rounds its stored activations. Only y is written, plus,
+when training, what backward needs:
+  H[M, sum s(1..L-1)]  the hidden layers' outputs: the next layer's inputs (for the weight gradients) and, for
+                       relu/tanh/sigmoid, the derivative's argument;
+  Z[M, sum s(1..L)]    pre-activations, only when an activation's derivative needs z (gelu, gelu_tanh, silu).
+Backward (one program per BLOCK_M rows): from dy, walks the layers back in registers, dz(l) = g * act'(saved),
+g = dz(l) @ W(l); writes each dz(l) (DZ, laid out like Z) for the weight-gradient GEMMs, and dx = dz(0) @ W(0) in
+K0 chunks. The weight gradients dW(l) = dz(l)^T @ input(l) over all rows are GEMMs (pydlx/ops/mlp.py): a fused
+kernel would have to reduce them across programs.
+Padding is exact: out-of-range weight rows/columns and biases load as 0, so padded columns of h (act(0), which is
+0.5 for sigmoid) meet zero weights, and padded columns of dy load as 0.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.mlp import saves_z
+from .common import ACT_CODES, PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, interp_bf16, launch, precision
+
+MAX_WIDTH = 128  # widest layer (output side) the fused kernel takes
+MAX_LAYERS = 16
+
+
+@triton.jit
+def _mlp_fwd_kernel(
+    x_ptr, ws, bs, y_ptr, h_ptr, z_ptr,
+    M, stride_xm, stride_xk,
+    SIZES: tl.constexpr, PADS: tl.constexpr, HAS_B: tl.constexpr, L: tl.constexpr,
+    HCOLS: tl.constexpr, HW: tl.constexpr, ZCOLS: tl.constexpr, ZW: tl.constexpr,
+    ACT: tl.constexpr, LAST_ACT: tl.constexpr, SAVE_H: tl.constexpr, SAVE_Z: tl.constexpr,
+    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    m_left = (M - m0).to(tl.int32)
+    rm = tl.arange(0, BLOCK_M)
+    row_mask = rm[:, None] < m_left
+    dt = y_ptr.dtype.element_ty
+    # layer 0: x @ W0^T, reduced over K0 in chunks
+    rk = tl.arange(0, BLOCK_K)
+    rn = tl.arange(0, PADS[1])
+    x_ptrs = x_ptr + m0 * stride_xm + (rm[:, None] * stride_xm + rk[None, :] * stride_xk)
+    w_ptrs = ws[0] + (rk[:, None] + rn[None, :] * SIZES[0])  # W0^T chunk [BLOCK_K, PADS[1]]
+    acc = tl.zeros((BLOCK_M, PADS[1]), dtype=tl.float32)
+    for k in range(0, tl.cdiv(SIZES[0], BLOCK_K)):
+        k_left = SIZES[0] - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=row_mask & (rk[None, :] < k_left), other=0.0)
+        w = tl.load(w_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < SIZES[1]), other=0.0)
+        acc = _dot(a, w, acc, PRECISION, INTERP_BF16)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K
+    h = acc.to(dt)  # rebound in every layer
+    for l in tl.static_range(L):
+        rn = tl.arange(0, PADS[l + 1])
+        if l > 0:  # W_l^T as a [PADS[l], PADS[l+1]] tile; W_l is [SIZES[l+1], SIZES[l]], row-major
+            rk = tl.arange(0, PADS[l])
+            w = tl.load(ws[l] + (rk[:, None] + rn[None, :] * SIZES[l]),
+                        mask=(rk[:, None] < SIZES[l]) & (rn[None, :] < SIZES[l + 1]), other=0.0)
+            acc = _dot(h, w, tl.zeros((BLOCK_M, PADS[l + 1]), dtype=tl.float32), PRECISION, INTERP_BF16)
+        if HAS_B[l]:
+            acc += tl.load(bs[l] + rn, mask=rn < SIZES[l + 1], other=0.0).to(tl.float32)[None, :]
+        mask = row_mask & (rn[None, :] < SIZES[l + 1])
+        if SAVE_Z:
+            tl.store(z_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[l] + rn[None, :]), _cast(acc, dt, INTERP_BF16),
+                     mask=mask)
+        if l + 1 < L:
+            h = _cast(_act_fwd(acc, ACT), dt, INTERP_BF16)
+            if SAVE_H:
+                tl.store(h_ptr + m0 * HW + (rm[:, None] * HW + HCOLS[l] + rn[None, :]), h, mask=mask)
+        else:
+            y = _cast(_act_fwd(acc, LAST_ACT), dt, INTERP_BF16)
+            tl.store(y_ptr + m0 * SIZES[L] + (rm[:, None] * SIZES[L] + rn[None, :]), y, mask=mask)
+
+
+@triton.jit
+def _mlp_bwd_kernel(
+    g_ptr, y_ptr, ws, h_ptr, z_ptr, dz_ptr, dx_ptr,
+    M, stride_gm,
+    SIZES: tl.constexpr, PADS: tl.constexpr, L: tl.constexpr,
+    HCOLS: tl.constexpr, HW: tl.constexpr, ZCOLS: tl.constexpr, ZW: tl.constexpr,
+    ACT: tl.constexpr, LAST_ACT: tl.constexpr, HID_FROM_Z: tl.constexpr, LAST_FROM_Z: tl.constexpr,
+    NEED_DX: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    m_left = (M - m0).to(tl.int32)
+    rm = tl.arange(0, BLOCK_M)
+    row_mask = rm[:, None] < m_left
+    dt = y_ptr.dtype.element_ty
+    # last layer: dz = dy * last_act'(y or z)
+    rn = tl.arange(0, PADS[L])
+    mask = row_mask & (rn[None, :] < SIZES[L])
+    g = tl.load(g_ptr + m0 * stride_gm + (rm[:, None] * stride_gm + rn[None, :]), mask=mask, other=0.0)
+    g = g.to(tl.float32)
+    if LAST_ACT != 0:
+        if LAST_FROM_Z:
+            s = tl.load(z_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[L - 1] + rn[None, :]), mask=mask, other=0.0)
+        else:
+            s = tl.load(y_ptr + m0 * SIZES[L] + (rm[:, None] * SIZES[L] + rn[None, :]), mask=mask, other=0.0)
+        g = _act_bwd(g, s.to(tl.float32), LAST_ACT)
+    dz = _cast(g, dt, INTERP_BF16)
+    tl.store(dz_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[L - 1] + rn[None, :]), dz, mask=mask)
+    # hidden layers, last to first: g = dz(l) @ W_l, dz(l-1) = g * act'(h or z of layer l-1)
+    for i in tl.static_range(L - 1):
+        rn = tl.arange(0, PADS[L - i])
+        rk = tl.arange(0, PADS[L - 1 - i])
+        w = tl.load(ws[L - 1 - i] + (rn[:, None] * SIZES[L - 1 - i] + rk[None, :]),
+                    mask=(rn[:, None] < SIZES[L - i]) & (rk[None, :] < SIZES[L - 1 - i]), other=0.0)
+        g = _dot(dz, w, tl.zeros((BLOCK_M, PADS[L - 1 - i]), dtype=tl.float32), PRECISION, INTERP_BF16)
+        mask = row_mask & (rk[None, :] < SIZES[L - 1 - i])
+        if ACT != 0:
+            if HID_FROM_Z:
+                s = tl.load(z_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[L - 2 - i] + rk[None, :]), mask=mask,
+                            other=0.0)
+            else:
+                s = tl.load(h_ptr + m0 * HW + (rm[:, None] * HW + HCOLS[L - 2 - i] + rk[None, :]), mask=mask,
+                            other=0.0)
+            g = _act_bwd(g, s.to(tl.float32), ACT)
+        dz = _cast(g, dt, INTERP_BF16)
+        tl.store(dz_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[L - 2 - i] + rk[None, :]), dz, mask=mask)
+    if NEED_DX:  # dx = dz(0) @ W0, in K0 chunks
+        rn = tl.arange(0, PADS[1])
+        rk = tl.arange(0, BLOCK_K)
+        w_ptrs = ws[0] + (rn[:, None] * SIZES[0] + rk[None, :])
+        dx_ptrs = dx_ptr + m0 * SIZES[0] + (rm[:, None] * SIZES[0] + rk[None, :])
+        for k in range(0, tl.cdiv(SIZES[0], BLOCK_K)):
+            k_left = SIZES[0] - k * BLOCK_K
+            w = tl.load(w_ptrs, mask=(rn[:, None] < SIZES[1]) & (rk[None, :] < k_left), other=0.0)
+            dx = _dot(dz, w, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, INTERP_BF16)
+            tl.store(dx_ptrs, _cast(dx, dt, INTERP_BF16), mask=row_mask & (rk[None, :] < k_left))
+            w_ptrs += BLOCK_K
+            dx_ptrs += BLOCK_K
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs: BLOCK_M rows a program; BLOCK_K is the first layer's K chunk (and the dx chunk). Not yet measured on a
+# GPU: chosen so that the widest tile (BLOCK_M x 128 fp32 accumulators, plus a 128x128 weight tile) compiles without
+# spills for sm_80 and sm_90 (tests/aot_compile.py).
+
+def _cfg(bm, bk, warps, stages=2):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+FWD_CONFIGS: List[triton.Config] = [_cfg(128, 64, 8), _cfg(64, 64, 4), _cfg(64, 32, 4), _cfg(128, 32, 4)]
+BWD_CONFIGS: List[triton.Config] = [_cfg(64, 64, 4), _cfg(128, 32, 8), _cfg(32, 64, 4)]
+INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
+
+_FWD_KEY = ["M", "SIZES", "ACT", "LAST_ACT", "SAVE_H", "SAVE_Z", "PRECISION"]
+_BWD_KEY = ["M", "SIZES", "ACT", "LAST_ACT", "NEED_DX", "PRECISION"]
+_mlp_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_FWD_KEY)(_mlp_fwd_kernel)
+_mlp_bwd_tuned = triton.autotune(BWD_CONFIGS, key=_BWD_KEY)(_mlp_bwd_kernel)
+
+
+def _launch(tuned, raw, grid, args, kwargs):
+    launch(tuned, raw, grid, args, kwargs, INTERPRET_CONFIG)
+
+
+def why_cannot(sizes: Sequence[int]) -> Optional[str]:
+    """None if the fused kernels take an MLP with these layer sizes (input first), else why not."""
+    if len(sizes) - 1 > MAX_LAYERS:
+        return f"{len(sizes) - 1} layers: the fused MLP kernel takes at most {MAX_LAYERS}"
+    if max(sizes[1:]) > MAX_WIDTH:
+        return f"layer sizes {list(sizes[1:])}: the fused MLP kernel takes layers at most {MAX_WIDTH} wide"
+    return None
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+class Plan:
+    """Compile-time layout of one MLP: sizes, padded tile widths, and the column offsets of each layer in H/Z."""
+
+    def __init__(self, sizes: Sequence[int]):
+        self.sizes = tuple(int(s) for s in sizes)
+        self.L = len(self.sizes) - 1
+        self.pads = tuple(_pad(s) for s in self.sizes)
+        hid = self.sizes[1:-1]
+        self.hcols = tuple(sum(hid[:i]) for i in range(len(hid))) or (0,)
+        self.hw = max(sum(hid), 1)
+        outs = self.sizes[1:]
+        self.zcols = tuple(sum(outs[:i]) for i in range(len(outs)))
+        self.zw = sum(outs)
+
+    def constexprs(self):
+        return dict(SIZES=self.sizes, PADS=self.pads, L=self.L, HCOLS=self.hcols, HW=self.hw, ZCOLS=self.zcols,
+                    ZW=self.zw)
+
+
+def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+            activation: Optional[str], last_activation: Optional[str], save: bool
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, H, Z) for 2-D x; H and Z are empty unless ``save`` (Z also unless an activation needs z)."""
+    M = x.shape[0]
+    plan = Plan([x.shape[1]] + [w.shape[0] for w in weights])
+    ws = tuple(w.contiguous() for w in weights)
+    bs = tuple(b.contiguous() if b is not None else w for b, w in zip(biases, ws))
+    y = x.new_empty((M, plan.sizes[-1]))
+    save_z = save and saves_z(activation, last_activation)
+    save_h = save and plan.L > 1
+    h = x.new_empty((M, plan.hw)) if save_h else x.new_empty(0)
+    z = x.new_empty((M, plan.zw)) if save_z else x.new_empty(0)
+    if M == 0:
+        return y, h, z
+    args = (x, ws, bs, y, h if save_h else y, z if save_z else y, M, x.stride(0), x.stride(1))
+    kwargs = dict(plan.constexprs(), HAS_B=tuple(b is not None for b in biases), ACT=ACT_CODES[activation],
+                  LAST_ACT=ACT_CODES[last_activation], SAVE_H=save_h, SAVE_Z=save_z,
+                  PRECISION=precision(x.dtype), INTERP_BF16=interp_bf16(x.dtype))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    _launch(_mlp_fwd_tuned, _mlp_fwd_kernel, grid, args, kwargs)
+    return y, h, z
+
+
+def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], y: torch.Tensor, h: torch.Tensor,
+            z: torch.Tensor, activation: Optional[str], last_activation: Optional[str], need_dx: bool
+            ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(dx or None, DZ[M, sum of layer sizes]): the fused backward walk; weight gradients are the caller's GEMMs."""
+    M = x.shape[0]
+    plan = Plan([x.shape[1]] + [w.shape[0] for w in weights])
+    ws = tuple(w.contiguous() for w in weights)
+    dy = dy.contiguous()
+    dz = x.new_empty((M, plan.zw))
+    dx = x.new_empty((M, plan.sizes[0])) if need_dx else None
+    if M == 0:
+        return dx, dz
+    from_z = z.numel() > 0
+    args = (dy, y, ws, h if h.numel() else y, z if from_z else y, dz, dx if need_dx else dz, M, dy.stride(0))
+    kwargs = dict(plan.constexprs(), ACT=ACT_CODES[activation], LAST_ACT=ACT_CODES[last_activation],
+                  HID_FROM_Z=from_z and ACT_CODES[activation] in PREACT_CODES,
+                  LAST_FROM_Z=from_z and ACT_CODES[last_activation] in PREACT_CODES, NEED_DX=need_dx,
+                  PRECISION=precision(x.dtype), INTERP_BF16=interp_bf16(x.dtype))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    _launch(_mlp_bwd_tuned, _mlp_bwd_kernel, grid, args, kwargs)
+    return dx, dz
