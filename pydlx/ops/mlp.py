@@ -7,7 +7,9 @@ Two paths, chosen per call:
     a GEMM with bias and activation in its epilogue and the activation's derivative fused into its backward.
 
 Ops (schemas defined once, here):
-  pydlx::mlp_fused(input, weights, biases, activation, last_activation, save) -> (y, H, Z)
+  pydlx::mlp_fused(input, weights, biases, has_bias, activation, last_activation, save) -> (y, H, Z)
+      ``biases`` lists only the layers that have one (``has_bias`` says which): a list holding None would not
+      be differentiable through torch.library's autograd.
       H = hidden layers' outputs [M, sum of hidden sizes], Z = pre-activations [M, sum of layer sizes] (only when
       an activation's derivative needs z); both empty unless ``save``. Non-differentiable: saved for backward.
   pydlx::mlp_fused_bwd(grad, input, weights, has_bias, y, H, Z, activation, last_activation, need_dx)
@@ -63,10 +65,16 @@ def _reference_fwd(x2d, weights, biases, act, last, save):
     return h, H, Z
 
 
+def _expand(biases: Sequence[Tensor], has_bias: Sequence[bool]) -> List[Optional[Tensor]]:
+    it = iter(biases)
+    return [next(it) if hb else None for hb in has_bias]
+
+
 @torch.library.custom_op("pydlx::mlp_fused", mutates_args=())
-def mlp_fused(input: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]], activation: str,
+def mlp_fused(input: Tensor, weights: List[Tensor], biases: List[Tensor], has_bias: List[bool], activation: str,
               last_activation: str, save: bool) -> Tuple[Tensor, Tensor, Tensor]:
     act, last = _act_name(activation), _act_name(last_activation)
+    biases = _expand(biases, has_bias)
     lead = input.shape[:-1]
     x2d = input.reshape(-1, input.shape[-1])
     if _choose(input, _sizes(input, weights)) == "triton":
@@ -78,7 +86,7 @@ def mlp_fused(input: Tensor, weights: List[Tensor], biases: List[Optional[Tensor
 
 
 @mlp_fused.register_fake
-def _(input, weights, biases, activation, last_activation, save):
+def _(input, weights, biases, has_bias, activation, last_activation, save):
     M = input.numel() // input.shape[-1] if input.shape[-1] else 0
     sizes = [w.shape[0] for w in weights]
     y = input.new_empty((*input.shape[:-1], sizes[-1]))
@@ -137,12 +145,12 @@ def _(grad, input, weights, has_bias, y, H, Z, activation, last_activation, need
 
 
 def _setup_context(ctx, inputs, output):
-    input, weights, biases, activation, last_activation, save = inputs
+    input, weights, biases, has_bias, activation, last_activation, save = inputs
     y, H, Z = output
     ctx.mark_non_differentiable(H, Z)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, y, H, Z, *weights)
-    ctx.has_bias = [b is not None for b in biases]
+    ctx.has_bias = list(has_bias)
     ctx.acts = (activation, last_activation)
     ctx.saved_all = save
 
@@ -150,15 +158,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_h, grad_z):
     input, y, H, Z, *weights = ctx.saved_tensors
     L = len(weights)
+    nb = sum(ctx.has_bias)
     if grad_y is None:
-        return None, [None] * L, [None] * L, None, None, None
+        return None, [None] * L, [None] * nb, None, None, None, None
     if not ctx.saved_all and grad_y.numel():
         raise RuntimeError("pydlx.ops.mlp: backward needs the saved activations, but the forward ran with "
                            "save=False; call pydlx.ops.mlp, which sets it when gradients are needed")
     need_dx = ctx.needs_input_grad[0]
     dx, dws, dbs = mlp_fused_bwd(grad_y, input, weights, ctx.has_bias, y, H, Z, *ctx.acts, need_dx)
-    return (dx if need_dx else None, list(dws), [db if hb else None for db, hb in zip(dbs, ctx.has_bias)],
-            None, None, None)
+    return (dx if need_dx else None, list(dws), [db for db, hb in zip(dbs, ctx.has_bias) if hb],
+            None, None, None, None)
 
 
 torch.library.register_autograd("pydlx::mlp_fused", _backward, setup_context=_setup_context)
@@ -225,7 +234,8 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     if _why_not_fused(input, _sizes(input, weights)) is None:
         needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
             t.requires_grad for t in (*weights, *[b for b in biases if b is not None])))
-        y, _, _ = mlp_fused(input, list(weights), list(biases), activation or "none", last_activation or "none",
+        y, _, _ = mlp_fused(input, list(weights), [b for b in biases if b is not None],
+                            [b is not None for b in biases], activation or "none", last_activation or "none",
                             needs_grad)
         return y
     h = input
