@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from pydlx.triton import linear as tri  # noqa: E402
+from pydlx.triton import mlp as tri_mlp  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 ARCHS = (80, 90)
@@ -57,6 +58,15 @@ def cfg_id(cfg):
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
 
 
+# The fused MLP kernels, compiled for the benchmark MLPs (issue 3): 64->64x4->16 and 32->128x4->3, with gelu
+# hidden activations (z stored and read back: the heaviest variant).
+MLP_SIZES = {"w64": (64, 64, 64, 64, 64, 16), "w128": (32, 128, 128, 128, 128, 3)}
+
+
+def mlp_cfg_id(cfg):
+    return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
+
+
 def cases():
     """(case id, variant, arch, dtype name, config index) for every shipped config that fits each arch."""
     out = []
@@ -68,21 +78,57 @@ def cases():
                 for i, cfg in enumerate(cfgs):
                     if cfg in fits:
                         out.append((f"{variant}-sm{arch}-{dname}-{cfg_id(cfg)}", variant, arch, dname, i))
+            for net, sizes in MLP_SIZES.items():
+                for kind, cfgs in (("mlpfwd", tri_mlp.FWD_CONFIGS), ("mlpbwd", tri_mlp.BWD_CONFIGS)):
+                    ships = tri_mlp.configs_for(kind[3:], tri_mlp.Plan(sizes).pads, dt.itemsize)
+                    for cfg in ships:
+                        i = next(j for j, c in enumerate(cfgs) if c is cfg)
+                        out.append((f"{kind}-{net}-sm{arch}-{dname}-{mlp_cfg_id(cfg)}", f"{kind}-{net}", arch,
+                                    dname, i))
     return out
+
+
+def _mlp_source(variant, ptr, idx):
+    kind, net = variant.split("-")
+    plan = tri_mlp.Plan(MLP_SIZES[net])
+    tup = tuple([ptr] * plan.L)
+    if kind == "mlpfwd":
+        fn, cfg = tri_mlp._mlp_fwd_kernel, tri_mlp.FWD_CONFIGS[idx]
+        sig = {"x_ptr": ptr, "ws": tup, "bs": tup, "y_ptr": ptr, "h_ptr": ptr, "z_ptr": ptr, "M": "i32",
+               "stride_xm": "i32"}
+        const = dict(stride_xk=1, HAS_B=(True,) * plan.L, ACT=2, LAST_ACT=0, SAVE_H=True, SAVE_Z=True)
+    else:
+        fn, cfg = tri_mlp._mlp_bwd_kernel, tri_mlp.BWD_CONFIGS[idx]
+        sig = {"g_ptr": ptr, "y_ptr": ptr, "ws": tup, "h_ptr": ptr, "z_ptr": ptr, "dz_ptr": ptr, "dx_ptr": ptr,
+               "M": "i32", "stride_gm": "i32"}
+        const = dict(ACT=2, LAST_ACT=0, HID_FROM_Z=True, LAST_FROM_Z=False, NEED_DX=True)
+    const.update(plan.constexprs())
+    # pointers are 16-byte aligned at run time (tuple elements are addressed as (argument, element))
+    attrs = {}
+    for name, t in sig.items():
+        i = fn.arg_names.index(name)
+        if isinstance(t, tuple):
+            attrs.update({(i, j): [["tt.divisibility", 16]] for j in range(len(t))})
+        elif t.startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return fn, cfg, sig, attrs, const
 
 
 def compile_one(case):
     cid, variant, arch, dname, idx = case
     ptr = DTYPES[dname][1]
-    fn_name, cfgs_name, args, const = VARIANTS[variant]
-    fn, cfg = getattr(tri, fn_name), getattr(tri, cfgs_name)[idx]
-    sig, attrs, const = {}, {}, dict(const)
-    for name, kind in args.items():
-        if kind == 1:
-            const[name] = 1
-            continue
-        sig[name] = {"ptr": ptr, "fp32ptr": "*fp32", "div16": "i32"}[kind]
-        attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    if variant.startswith("mlp"):
+        fn, cfg, sig, attrs, const = _mlp_source(variant, ptr, idx)
+    else:
+        fn_name, cfgs_name, args, const = VARIANTS[variant]
+        fn, cfg = getattr(tri, fn_name), getattr(tri, cfgs_name)[idx]
+        sig, attrs, const = {}, {}, dict(const)
+        for name, kind in args.items():
+            if kind == 1:
+                const[name] = 1
+                continue
+            sig[name] = {"ptr": ptr, "fp32ptr": "*fp32", "div16": "i32"}[kind]
+            attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
     const.update(PRECISION="tf32", INTERP_BF16=False, **cfg.kwargs)
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
     try:

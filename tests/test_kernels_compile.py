@@ -1,6 +1,7 @@
 """Every shipped Triton kernel config compiles for sm_80 and sm_90 without a GPU (VERIFY.md rung 3): no
 local-memory spills, shared memory within the chip's limit, and tensor-core instructions in the SASS of the
-fp16/bf16/tf32 GEMMs (HMMA on sm_80, HGMMA — wgmma — on sm_90). The compiling happens in tests/aot_compile.py,
+fp16/bf16/tf32 GEMMs (HMMA on sm_80, HGMMA — wgmma — on sm_90; the fused MLP's row blocks under 64 rows use
+HMMA on sm_90 as well). The compiling happens in tests/aot_compile.py,
 run once in a subprocess (it needs TRITON_INTERPRET=0); each config is one test here."""
 import json
 import os
@@ -26,7 +27,7 @@ def compiled():
 
 
 def test_every_arch_and_dtype_keeps_configs():
-    for kind in ("fwd", "dx", "dw"):  # the wide forward tiles are an extra, for 16-bit types
+    for kind in ("fwd", "dx", "dw", "mlpfwd-w64", "mlpbwd-w64", "mlpfwd-w128", "mlpbwd-w128"):
         for arch in aot_compile.ARCHS:
             for dname in aot_compile.DTYPES:
                 assert any(c[1] == kind and c[2] == arch and c[3] == dname for c in CASES), (kind, arch, dname)
@@ -34,10 +35,14 @@ def test_every_arch_and_dtype_keeps_configs():
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in CASES])
 def test_config_compiles_without_spills_on_tensor_cores(case, compiled):
-    cid, kind, arch, dname, _ = case
+    cid, variant, arch, dname, _ = case
     r = compiled[cid]
     assert "error" not in r, f"{cid}: {r.get('error')}"
     assert not r["spills"], f"{cid}: local-memory spills (LDL/STL in the SASS)"
     assert r["shared"] <= r["smem_limit"], f"{cid}: {r['shared']} B of shared memory > sm_{arch}'s {r['smem_limit']}"
+    if arch == 90 and variant.startswith("mlp") and int(cid.rsplit("-", 1)[1].split("x")[0]) < 64:
+        # wgmma needs 64 rows a warpgroup: the fused MLP's small row blocks run on mma.sync (HMMA) on sm_90 too
+        assert r["hmma"] or r["hgmma"], f"{cid}: no tensor-core instruction in the SASS"
+        return
     mma = "hgmma" if arch == 90 else "hmma"
     assert r[mma], f"{cid}: no {mma.upper()} tensor-core instruction in the SASS"

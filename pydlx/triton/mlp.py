@@ -135,32 +135,57 @@ def _mlp_bwd_kernel(
         rk = tl.arange(0, BLOCK_K)
         w_ptrs = ws[0] + (rn[:, None] * SIZES[0] + rk[None, :])
         dx_ptrs = dx_ptr + m0 * SIZES[0] + (rm[:, None] * SIZES[0] + rk[None, :])
-        for k in range(0, tl.cdiv(SIZES[0], BLOCK_K)):
+        for k in range(0, tl.cdiv(SIZES[0], BLOCK_K)):  # new names: a loop-carried value keeps its type
             k_left = SIZES[0] - k * BLOCK_K
-            w = tl.load(w_ptrs, mask=(rn[:, None] < SIZES[1]) & (rk[None, :] < k_left), other=0.0)
-            dx = _dot(dz, w, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, INTERP_BF16)
+            w0 = tl.load(w_ptrs, mask=(rn[:, None] < SIZES[1]) & (rk[None, :] < k_left), other=0.0)
+            dx = _dot(dz, w0, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, INTERP_BF16)
             tl.store(dx_ptrs, _cast(dx, dt, INTERP_BF16), mask=row_mask & (rk[None, :] < k_left))
             w_ptrs += BLOCK_K
             dx_ptrs += BLOCK_K
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Configs: BLOCK_M rows a program; BLOCK_K is the first layer's K chunk (and the dx chunk). Not yet measured on a
-# GPU: chosen so that the widest tile (BLOCK_M x 128 fp32 accumulators, plus a 128x128 weight tile) compiles without
-# spills for sm_80 and sm_90 (tests/aot_compile.py).
+# Configs: BLOCK_M rows a program; BLOCK_K is the first layer's K chunk (and the dx chunk). Chosen without a GPU:
+# the spill-free ones when tests/aot_compile.py compiles the benchmark MLPs (64->64x4->16, 32->128x4->3, gelu) for
+# sm_80 and sm_90. Layers wider than 64 (a 128x128 weight tile, BLOCK_M x 128 accumulators) need smaller row
+# blocks, fp32 (tf32) smaller still. Larger row blocks re-read the weights (from L2) less often: bench/NOTES.md.
 
 def _cfg(bm, bk, warps, stages=2):
     return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-FWD_CONFIGS: List[triton.Config] = [_cfg(128, 64, 8), _cfg(64, 64, 4), _cfg(64, 32, 4), _cfg(128, 32, 4)]
-BWD_CONFIGS: List[triton.Config] = [_cfg(64, 64, 4), _cfg(128, 32, 8), _cfg(32, 64, 4)]
+FWD_NARROW = [_cfg(128, 64, 8), _cfg(64, 64, 4), _cfg(64, 32, 4), _cfg(128, 32, 8)]
+FWD_WIDE = [_cfg(64, 64, 8), _cfg(64, 64, 4), _cfg(32, 64, 4)]
+FWD_WIDE_FP32 = [_cfg(32, 64, 4), _cfg(16, 64, 4)]
+BWD_NARROW = [_cfg(64, 64, 4), _cfg(128, 32, 8), _cfg(32, 64, 4)]
+BWD_WIDE = [_cfg(32, 64, 4), _cfg(16, 64, 4)]
+BWD_WIDE_FP32 = [_cfg(16, 64, 4)]
+FWD_CONFIGS: List[triton.Config] = FWD_NARROW + FWD_WIDE + FWD_WIDE_FP32
+BWD_CONFIGS: List[triton.Config] = BWD_NARROW + BWD_WIDE + BWD_WIDE_FP32
 INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
+
+
+def configs_for(kind: str, pads: Sequence[int], elt_bytes: int) -> List[triton.Config]:
+    """The configs that ship for a forward ("fwd") or backward ("bwd") kernel of an MLP with these padded
+    sizes and this element size (the autotuner's pruning, and what tests/aot_compile.py compiles)."""
+    wide = max(pads[1:]) > 64
+    if kind == "fwd":
+        return (FWD_WIDE_FP32 if elt_bytes == 4 else FWD_WIDE) if wide else FWD_NARROW
+    return (BWD_WIDE_FP32 if elt_bytes == 4 else BWD_WIDE) if wide else BWD_NARROW
+
+
+def _prune(kind, ptr_arg):
+    def prune(configs, named_args, **kwargs):
+        return configs_for(kind, kwargs["PADS"], named_args[ptr_arg].element_size())
+    return prune
+
 
 _FWD_KEY = ["M", "SIZES", "ACT", "LAST_ACT", "SAVE_H", "SAVE_Z", "PRECISION"]
 _BWD_KEY = ["M", "SIZES", "ACT", "LAST_ACT", "NEED_DX", "PRECISION"]
-_mlp_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_FWD_KEY)(_mlp_fwd_kernel)
-_mlp_bwd_tuned = triton.autotune(BWD_CONFIGS, key=_BWD_KEY)(_mlp_bwd_kernel)
+_mlp_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_FWD_KEY,
+                                 prune_configs_by={"early_config_prune": _prune("fwd", "x_ptr")})(_mlp_fwd_kernel)
+_mlp_bwd_tuned = triton.autotune(BWD_CONFIGS, key=_BWD_KEY,
+                                 prune_configs_by={"early_config_prune": _prune("bwd", "g_ptr")})(_mlp_bwd_kernel)
 
 
 def _launch(tuned, raw, grid, args, kwargs):
