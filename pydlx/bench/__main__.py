@@ -18,9 +18,9 @@ import torch
 
 import pydlx
 from pydlx import bench
-from pydlx.bench import linear
+from pydlx.bench import linear, mlp
 
-FAMILIES = {"linear": linear.cases}
+FAMILIES = {"linear": linear.cases, "mlp": mlp.cases}
 
 
 def _list(arg: str, allowed, what: str):
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     print(f"  providers={','.join(args.providers)} modes={','.join(args.modes)}", flush=True)
 
     cases = [c for fam in families for c in FAMILIES[fam](device, small)]
+    # bf16 cases of every family first (stable): a time-boxed run (the GPU check) measures what matters most first
+    cases.sort(key=lambda c: c.dtype != torch.bfloat16)
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     rows = bench.run_cases(cases, args.providers, args.modes, device, deadline=deadline)
     print()

@@ -1,0 +1,80 @@
+"""Benchmark cases for the mlp family: whole MLPs, pydlx.nn.MLP against the same nn.Sequential.
+
+  autoencoder  the seed guide's 784-400-200-32-200-400-784 (ReLU, no last activation): the chain of fused linears
+  mlp_64x4     64 -> 64 x4 -> 16 (ReLU): the fused small-MLP kernels
+  mlp_128x4    32 -> 128 x4 -> 3 (ReLU): the fused small-MLP kernels
+Shape strings are ``batch:sizes``. Providers: ``pydlx`` (pydlx.nn.MLP over the Sequential's own modules),
+``eager`` (the nn.Sequential) and ``compile`` (torch.compile of the Sequential, compiled once per case).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from . import Case
+
+NETS = {"autoencoder": [784, 400, 200, 32, 200, 400, 784], "mlp_64x4": [64, 64, 64, 64, 64, 16],
+        "mlp_128x4": [32, 128, 128, 128, 128, 3]}
+GPU_BATCHES = {"autoencoder": [256, 4096, 65536], "mlp_64x4": [1 << 16, 1 << 20], "mlp_128x4": [1 << 16, 1 << 20]}
+CPU_BATCHES = {"autoencoder": [256], "mlp_64x4": [4096], "mlp_128x4": [4096]}
+GPU_DTYPES = [torch.bfloat16, torch.float32]  # bf16 first: the time-boxed GPU check measures it first
+CPU_DTYPES = [torch.float32]
+
+
+def _sequential(sizes, device, dtype) -> nn.Sequential:
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1], device=device, dtype=dtype))
+        if i + 2 < len(sizes):
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _make_case(device: torch.device, op: str, batch: int, dtype: torch.dtype) -> Case:
+    sizes = NETS[op]
+    state = {}
+
+    def make(provider: str):
+        import pydlx
+
+        torch.manual_seed(0)
+        seq = _sequential(sizes, device, dtype)
+        if provider == "pydlx":
+            model = pydlx.nn.MLP.from_sequential(seq)
+        elif provider == "eager":
+            model = seq
+        elif provider == "compile":
+            if "compiled" not in state:
+                torch._dynamo.reset()
+                state["compiled"] = torch.compile(seq, dynamic=False)
+            model = state["compiled"]
+            seq = model  # noqa: F841  (the compiled module owns the parameters now)
+        else:
+            raise ValueError(f"unknown provider {provider!r}")
+        gen = torch.Generator(device=device).manual_seed(1)
+        x = torch.rand(batch, sizes[0], generator=gen, device=device, dtype=dtype)
+        g = torch.randn(batch, sizes[-1], generator=gen, device=device, dtype=dtype)
+        params = list(model.parameters())
+
+        def fwd():
+            with torch.no_grad():
+                return model(x)
+
+        def fwdbwd():
+            for p in params:
+                p.grad = None
+            y = model(x)
+            y.backward(g)
+            return y
+
+        return fwd, fwdbwd
+
+    return Case(family="mlp", op=op, shape=f"{batch}:{'-'.join(map(str, sizes))}", dtype=dtype, make=make)
+
+
+def cases(device, small: bool) -> List[Case]:
+    device = torch.device(device)
+    batches, dtypes = (CPU_BATCHES, CPU_DTYPES) if small else (GPU_BATCHES, GPU_DTYPES)
+    return [_make_case(device, op, b, dt) for dt in dtypes for op in NETS for b in batches[op]]
