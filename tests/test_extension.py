@@ -30,6 +30,10 @@ def test_extension_builds_and_registers_ops(built):
         assert str(op.default._schema) == schema
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CUDA")
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CPU")
+    op = torch.ops.pydlx.mlp_fwd_cuda.default
+    assert str(op._schema) == ("pydlx::mlp_fwd_cuda(Tensor input, Tensor[] weights, Tensor[] biases, bool[] has_bias, "
+                               "str activation, str last_activation) -> Tensor")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
     assert pydlx.backends()["cuda"].startswith("available")
 
 
@@ -40,7 +44,7 @@ def test_extension_ops_reject_cpu_tensors(built):
 
 def test_sources_are_all_built():
     names = sorted(os.path.basename(s) for s in _ext.sources())
-    assert "linear.cu" in names
+    assert names == ["linear.cu", "mlp.cu"]
 
 
 @pytest.mark.gpu

@@ -46,11 +46,23 @@ def fwd_bwd(fn, x, ws, bs, g):
     return [y, *torch.autograd.grad(y, leaves(x, ws, bs), g)]
 
 
+def mlp_fp64_rounded(x, ws, bs, acts, dtype):
+    """The float64 oracle for an MLP computed in ``dtype``: float64 math, with each hidden activation rounded to
+    ``dtype`` as eager PyTorch and the kernels store it (straight-through gradient). Without the rounding the oracle
+    sees a different z, and a ReLU at its kink flips for a kernel and eager alike: only by luck the same way."""
+    h = x
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        h = ref.linear(h, w, b, acts[0] if i + 1 < len(ws) else acts[1])
+        if i + 1 < len(ws) and dtype != torch.float64:
+            h = h + (h.to(dtype).double() - h).detach()
+    return h
+
+
 def check_against_fp64(fn, x, ws, bs, g, acts, dtype):
     got = fwd_bwd(fn, x, ws, bs, g)
     up = lambda t: t.detach().double().requires_grad_() if t is not None else None  # noqa: E731
     x64, ws64, bs64 = up(x), [up(w) for w in ws], [up(b) for b in bs]
-    want = fwd_bwd(lambda a, b_, c: ref.mlp(a, b_, c, *acts), x64, ws64, bs64, g.double())
+    want = fwd_bwd(lambda a, b_, c: mlp_fp64_rounded(a, b_, c, acts, dtype), x64, ws64, bs64, g.double())
     eager = fwd_bwd(lambda a, b_, c: ref.mlp(a, b_, c, *acts), x, ws, bs, g)
     names = ["y", "dx"] + [f"dW{i}" for i in range(len(ws))] + [f"db{i}" for i, b in enumerate(bs) if b is not None]
     for a, e, base, name in zip(got, want, eager, names):
@@ -166,10 +178,15 @@ def test_empty_batch_and_no_input_grad(backend):
     assert x.grad is None and ws[0].grad is not None
 
 
-def test_forced_cuda_backend_raises_for_the_fused_mlp():
+def test_forced_cuda_backend_raises_where_it_cannot_run():
     x, ws, bs = make([6, 16, 3], None, torch.float32)
     with pydlx.use_backend("cuda"), pytest.raises(pydlx.BackendUnavailableError, match="backend .cuda. cannot run"):
         pydlx.ops.mlp(x, ws, bs)
+    ops_mlp = importlib.import_module("pydlx.ops.mlp")
+    assert "forward-only" in ops_mlp._why_not_cuda(x.half(), [6, 16, 3], training=True)
+    assert "float16 or bfloat16" in ops_mlp._why_not_cuda(x, [6, 16, 3], training=False)
+    assert "at most 16 layers" in ops_mlp._why_not_cuda(x.half(), [6, 200, 3], training=False)
+    assert ops_mlp._why_not_cuda(x.half(), [6, 16, 3], training=False) is None
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------------
@@ -313,3 +330,19 @@ def test_gpu_against_reference(case, acts, dtype, backend, poison):
     g = torch.randn(1000, sizes[-1], dtype=dtype, device="cuda")
     with pydlx.use_backend(backend):
         check_against_fp64(pydlx_mlp(acts), x, ws, bs, g, acts, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("acts", [pytest.param(("relu", None), id="relu"),
+                                  pytest.param(("gelu", "sigmoid"), id="gelu-sigmoid")])
+@pytest.mark.parametrize("case", FUSED + [pytest.param(([300, 16, 16], None), id="300-16-16-multichunk")])
+def test_gpu_cuda_fused_forward(case, acts, dtype, poison):
+    """The C++/CUDA fused MLP forward (inference) against float64, eager in the same dtype as the baseline."""
+    sizes, bias = case
+    x, ws, bs = make(sizes, bias, dtype, device="cuda", lead=(1000,), requires_grad=False)
+    with pydlx.use_backend("cuda"):
+        y = pydlx.ops.mlp(x, ws, bs, *acts)
+    up = lambda t: t.double() if t is not None else None  # noqa: E731
+    want = mlp_fp64_rounded(x.double(), [w.double() for w in ws], [up(b) for b in bs], acts, dtype)
+    assert_close(y, want, dtype=dtype, name="y", baseline=ref.mlp(x, ws, bs, *acts))

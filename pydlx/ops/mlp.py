@@ -3,6 +3,7 @@
 Two paths, chosen per call:
   * fused: every layer at most 128 wide (pydlx/triton/mlp.py): one kernel for the whole forward, one for the
     backward walk through the layers, and the weight gradients as GEMMs over all rows. Op ``pydlx::mlp_fused``.
+    Its forced ``cuda`` backend runs csrc/mlp.cu's fused forward (WMMA tensor cores; fp16/bf16, inference only).
   * chain: wider MLPs (the seed's 784-400-200-32 autoencoder) run as a chain of ``pydlx.ops.linear`` calls, each
     a GEMM with bias and activation in its epilogue and the activation's derivative fused into its backward.
 
@@ -41,10 +42,22 @@ def _why_not_fused(x: Tensor, sizes: Sequence[int]) -> Optional[str]:
     return tri.why_cannot(sizes)
 
 
-def _choose(x: Tensor, sizes: Sequence[int]) -> str:
+def _why_not_cuda(x: Tensor, sizes: Sequence[int], training: bool) -> Optional[str]:
+    if training:
+        return "the C++/CUDA fused MLP is forward-only (inference) for now; training runs the triton backend"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the C++/CUDA fused MLP takes float16 or bfloat16, got {x.dtype}"
+    if len(sizes) - 1 > 16 or max(sizes[1:]) > 128:
+        return f"the C++/CUDA fused MLP takes at most 16 layers, each at most 128 wide; got sizes {list(sizes)}"
+    return None
+
+
+def _choose(x: Tensor, sizes: Sequence[int], training: bool) -> str:
+    # auto: triton only. The C++/CUDA forward is chosen by auto only where GPU measurements show it faster, and
+    # none exist yet (bench/NOTES.md).
     return _backend.choose("mlp", x, lambda t: ("triton",), extra_check={
         "triton": lambda: _why_not_fused(x, sizes),
-        "cuda": lambda: "the cuda backend has no MLP kernel yet (the fused C++/CUDA MLP is not implemented)"})
+        "cuda": lambda: _why_not_cuda(x, sizes, training)})
 
 
 def _sizes(input: Tensor, weights: Sequence[Tensor]) -> List[int]:
@@ -77,9 +90,14 @@ def mlp_fused(input: Tensor, weights: List[Tensor], biases: List[Tensor], has_bi
     biases = _expand(biases, has_bias)
     lead = input.shape[:-1]
     x2d = input.reshape(-1, input.shape[-1])
-    if _choose(input, _sizes(input, weights)) == "triton":
+    backend = _choose(input, _sizes(input, weights), save)
+    if backend == "triton":
         from ..triton import mlp as tri
         y, H, Z = tri.mlp_fwd(x2d, weights, biases, act, last, save)
+    elif backend == "cuda":
+        y = torch.ops.pydlx.mlp_fwd_cuda(x2d, weights, [b for b in biases if b is not None], list(has_bias),
+                                         activation, last_activation)
+        H, Z = x2d.new_empty(0), x2d.new_empty(0)
     else:
         y, H, Z = _reference_fwd(x2d, weights, biases, act, last, save)
     return y.reshape(*lead, weights[-1].shape[0]), H, Z
@@ -107,7 +125,7 @@ def mlp_fused_bwd(grad: Tensor, input: Tensor, weights: List[Tensor], has_bias: 
     g2d = grad.reshape(-1, sizes[-1])
     y2d = y.reshape(-1, sizes[-1])
     hcols = [sum(sizes[1:1 + i]) for i in range(L)]  # column of layer i's output in H and in Z / DZ
-    if _choose(input, sizes) == "triton":
+    if _choose(input, sizes, True) == "triton":
         from ..triton import mlp as tri
         dx, DZ = tri.mlp_bwd(g2d, x2d, weights, y2d, H, Z, act, last, need_dx)
     else:  # the same walk, eagerly
