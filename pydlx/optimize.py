@@ -1,10 +1,14 @@
 """``pydlx.optimize(model)`` and ``pydlx.explain(model)``: swap fused layers into an existing model.
 
 What is swapped today (the families of later issues add their patterns here):
-  * ``nn.Linear`` followed, inside an ``nn.Sequential``, by an activation module (ReLU, GELU, SiLU, Tanh,
-    Sigmoid) becomes ``pydlx.nn.Linear(activation=...)`` sharing the same parameters, and the activation
-    module becomes ``nn.Identity``. Parameter names, and so the state_dict, are unchanged.
-The walk is post-order and explicit (setattr on the parent); nothing global is patched.
+  * an ``nn.Sequential`` made only of Linear layers and one kind of fusable activation (``Linear, act, ...,
+    Linear[, act]``, the seed autoencoder's encoder and decoder) becomes ``pydlx.nn.MLP.from_sequential`` of it:
+    the same modules under the same names, computed by one ``pydlx.ops.mlp`` call;
+  * otherwise, an ``nn.Linear`` followed inside an ``nn.Sequential`` by an activation module (ReLU, GELU, SiLU,
+    Tanh, Sigmoid) becomes ``pydlx.nn.Linear(activation=...)`` sharing the same parameters, and the activation
+    module becomes ``nn.Identity``.
+Parameter names, and so the state_dict, are unchanged. The walk is explicit (setattr on the parent); nothing
+global is patched.
 """
 from __future__ import annotations
 
@@ -14,69 +18,93 @@ from typing import Callable, List, Optional, Tuple
 from torch import nn
 
 from .nn.linear import Linear
+from .nn.mlp import MLP, _pattern_error, activation_name
+
+Filter = Optional[Callable[[nn.Module, str], bool]]
 
 
-def _activation_name(m: nn.Module) -> Tuple[Optional[str], Optional[str]]:
-    """(pydlx activation name, None) for a fusable activation module, or (None, why not)."""
-    if type(m) is nn.ReLU:
-        return "relu", None
-    if type(m) is nn.GELU:
-        return ("gelu" if m.approximate == "none" else "gelu_tanh"), None
-    if type(m) is nn.SiLU:
-        return "silu", None
-    if type(m) is nn.Tanh:
-        return "tanh", None
-    if type(m) is nn.Sigmoid:
-        return "sigmoid", None
-    return None, f"{type(m).__name__} is not a fusable activation"
-
-
-def _plan(model: nn.Module, filter_fn) -> List[Tuple[str, nn.Sequential, int, Optional[str], Optional[str]]]:
-    """(fqn, parent Sequential, index, activation, skip reason) for each Linear inside a Sequential."""
+def _mlp_plan(model: nn.Module, filter_fn: Filter) -> List[Tuple[str, nn.Sequential]]:
+    """(fqn, Sequential) for each plain nn.Sequential that is an MLP with at least one fusable activation."""
     found = []
     for fqn, mod in model.named_modules():
-        if not isinstance(mod, nn.Sequential):
+        if type(mod) is not nn.Sequential:
+            continue
+        children = list(mod.named_children())
+        linears = [i for i, (_, m) in enumerate(children) if type(m) is nn.Linear]
+        if len(linears) == len(children) or _pattern_error(children, linears) is not None:
+            continue  # no activation to fuse, or not an MLP
+        if filter_fn is None or filter_fn(mod, fqn):
+            found.append((fqn, mod))
+    return found
+
+
+def _linear_plan(model: nn.Module, filter_fn: Filter, skip: List[str]):
+    """(fqn, parent Sequential, index, activation, skip reason) for each Linear inside a Sequential that is not
+    swapped whole as an MLP."""
+    found = []
+    for fqn, mod in model.named_modules():
+        if not isinstance(mod, nn.Sequential) or isinstance(mod, MLP) or fqn in skip:
             continue
         children = list(mod.children())
         names = [n for n, _ in mod.named_children()]
+        parent_excluded = filter_fn is not None and not filter_fn(mod, fqn)
         for i, child in enumerate(children):
             if type(child) is not nn.Linear:
                 continue
             child_fqn = f"{fqn}.{names[i]}" if fqn else names[i]
-            if filter_fn is not None and not filter_fn(child, child_fqn):
+            if parent_excluded or (filter_fn is not None and not filter_fn(child, child_fqn)):
                 found.append((child_fqn, mod, i, None, "excluded by filter_fn"))
                 continue
             if i + 1 >= len(children):
                 found.append((child_fqn, mod, i, None, "no activation follows it"))
                 continue
-            act, why = _activation_name(children[i + 1])
+            act = activation_name(children[i + 1])
+            why = None if act else f"{type(children[i + 1]).__name__} is not a fusable activation"
             found.append((child_fqn, mod, i, act, why))
     return found
 
 
-def optimize(model: nn.Module, *, inplace: bool = False,
-             filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+def _set(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, name = fqn.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, name, new)
+
+
+def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = None) -> nn.Module:
     """Return ``model`` with fusable chains replaced by pydlx layers; state_dict keys and values unchanged.
 
     inplace=False (default) works on a deep copy and leaves ``model`` untouched. ``filter_fn(module, fqn)``
-    returning False keeps that module as it is.
+    returning False keeps that module as it is (an excluded nn.Sequential keeps its children too). (If ``model`` itself is an MLP-shaped nn.Sequential, the result is
+    a new pydlx.nn.MLP over its modules, also with inplace=True.)
     """
     if not inplace:
         model = copy.deepcopy(model)
-    for fqn, parent, i, act, why in _plan(model, filter_fn):
+    mlps = _mlp_plan(model, filter_fn)
+    for fqn, parent, i, act, why in _linear_plan(model, filter_fn, [f for f, _ in mlps]):
         if act is None:
             continue
         names = [n for n, _ in parent.named_children()]
         lin = getattr(parent, names[i])
         setattr(parent, names[i], Linear.from_module(lin, activation=act))
         setattr(parent, names[i + 1], nn.Identity())
+    for fqn, seq in mlps:
+        if fqn == "":
+            return MLP.from_sequential(seq)
+        _set(model, fqn, MLP.from_sequential(seq))
     return model
 
 
 def explain(model: nn.Module) -> str:
     """What ``optimize`` would fuse, and for each candidate it skips, why."""
     lines = []
-    for fqn, parent, i, act, why in _plan(model, None):
+    mlps = _mlp_plan(model, None)
+    for fqn, seq in mlps:
+        m = MLP.from_sequential(seq)
+        sizes = [l.in_features for l in m if isinstance(l, nn.Linear)] + [
+            [l for l in m if isinstance(l, nn.Linear)][-1].out_features]
+        lines.append(f"fuse   {fqn or '(model)'}: Sequential of {len(sizes) - 1} Linear layers -> "
+                     f"pydlx.nn.MLP(sizes={sizes}, activation={m.activation!r}, "
+                     f"last_activation={m.last_activation!r})")
+    for fqn, parent, i, act, why in _linear_plan(model, None, [f for f, _ in mlps]):
         if act is not None:
             lines.append(f"fuse   {fqn}: Linear + {act} -> pydlx.nn.Linear(activation={act!r})")
         else:

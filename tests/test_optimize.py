@@ -25,10 +25,9 @@ def test_optimize_seed_autoencoder_keeps_state_dict_and_outputs():
     original = copy.deepcopy(net.state_dict())
     fast = pydlx.optimize(net)
     assert fast is not net
-    assert isinstance(fast.encoder[0], pydlx.nn.Linear) and fast.encoder[0].activation == "relu"
-    assert isinstance(fast.encoder[1], nn.Identity)
-    assert type(fast.encoder[4]) is nn.Linear  # no activation after it: left alone
-    assert type(net.encoder[0]) is nn.Linear  # inplace=False left the original untouched
+    for part in (fast.encoder, fast.decoder):  # each Sequential became one pydlx.nn.MLP over the same modules
+        assert isinstance(part, pydlx.nn.MLP) and (part.activation, part.last_activation) == ("relu", None)
+    assert type(net.encoder) is nn.Sequential  # inplace=False left the original untouched
     sd = fast.state_dict()
     assert list(sd) == list(original) and all(torch.equal(sd[k], original[k]) for k in sd)
     net.load_state_dict(sd)  # checkpoints load both ways
@@ -47,9 +46,32 @@ def test_optimize_seed_autoencoder_keeps_state_dict_and_outputs():
 def test_each_activation_module_is_fused(act, name):
     model = nn.Sequential(nn.Linear(5, 6), act, nn.Linear(6, 2)).double()
     fast = pydlx.optimize(model)
-    assert fast[0].activation == name
+    assert isinstance(fast, pydlx.nn.MLP) and fast.activation == name
+    assert list(fast.state_dict()) == list(model.state_dict())
     x = torch.randn(4, 5, dtype=torch.float64)
     assert_close(fast(x), model(x), name=name)
+
+
+def test_mlp_shaped_sequentials_inside_a_model_and_filter_fn():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 16), nn.SiLU(), nn.Linear(16, 4))
+            self.head = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    net = Net().double()
+    text = pydlx.explain(net)
+    assert "fuse   body: Sequential of 3 Linear layers -> pydlx.nn.MLP(sizes=[8, 16, 16, 4]" in text
+    assert "fuse   head: Sequential of 1 Linear layers" in text and "last_activation='tanh'" in text
+    fast = pydlx.optimize(net, filter_fn=lambda m, fqn: fqn != "head")
+    assert isinstance(fast.body, pydlx.nn.MLP) and type(fast.head) is nn.Sequential
+    assert isinstance(fast.head[0], nn.Linear) and type(fast.head[0]) is nn.Linear  # excluded whole
+    x = torch.randn(3, 8, dtype=torch.float64)
+    assert_close(fast(x), net(x), name="net")
+    assert list(fast.state_dict()) == list(net.state_dict())
 
 
 def test_inplace_and_filter_fn_and_explain():
