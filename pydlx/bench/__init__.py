@@ -33,6 +33,8 @@ class Case:
     shape: str
     dtype: torch.dtype
     make: Callable[[str], Tuple[Callable[[], object], Callable[[], object]]]
+    providers: Optional[Tuple[str, ...]] = None  # only these providers (None: all)
+    modes: Optional[Tuple[str, ...]] = None  # only these modes (None: all)
 
     @property
     def dtype_name(self) -> str:
@@ -219,19 +221,24 @@ def run_cases(cases: Sequence[Case], providers: Sequence[str] = PROVIDERS, modes
     run (the GPU check) still writes what it measured."""
     device = torch.device(device)
     env = env_info(device)
-    total, n, rows = len(cases) * len(providers) * len(modes), 0, []
+    def pick(case):
+        return ([p for p in providers if case.providers is None or p in case.providers],
+                [m for m in modes if case.modes is None or m in case.modes])
+
+    total, n, rows = sum(len(pick(c)[0]) * len(pick(c)[1]) for c in cases), 0, []
     for case in cases:
+        case_providers, case_modes = pick(case)
         if deadline is not None and time.monotonic() > deadline:
             print(f"time budget spent: skipped {case.op} {case.shape} {case.dtype_name}", flush=True)
-            n += len(providers) * len(modes)
+            n += len(case_providers) * len(case_modes)
             continue
-        for provider in providers:
+        for provider in case_providers:
             fns, build_err = None, None
             try:
                 fns = dict(zip(MODES, case.make(provider)))
             except Exception as e:
                 build_err = e
-            for mode in modes:
+            for mode in case_modes:
                 n += 1
                 if progress:
                     print(f"[{n}/{total}] {case.op} {case.shape} {case.dtype_name} {provider} {mode} ... ",

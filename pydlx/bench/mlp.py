@@ -3,6 +3,8 @@
   autoencoder  the seed guide's 784-400-200-32-200-400-784 (ReLU, no last activation): the chain of fused linears
   mlp_64x4     64 -> 64 x4 -> 16 (ReLU): the fused small-MLP kernels
   mlp_128x4    32 -> 128 x4 -> 3 (ReLU): the fused small-MLP kernels
+  mlp_64x4_cuda, mlp_128x4_cuda   (GPU, bf16, forward, provider pydlx only) the same MLPs on the forced cuda
+               backend: the C++/CUDA fused forward, to compare with the Triton kernel's pydlx rows
 Shape strings are ``batch:sizes``. Providers: ``pydlx`` (pydlx.nn.MLP over the Sequential's own modules),
 ``eager`` (the nn.Sequential) and ``compile`` (torch.compile of the Sequential, compiled once per case).
 """
@@ -33,7 +35,8 @@ def _sequential(sizes, device, dtype) -> nn.Sequential:
 
 
 def _make_case(device: torch.device, op: str, batch: int, dtype: torch.dtype) -> Case:
-    sizes = NETS[op]
+    cuda_variant = op.endswith("_cuda")
+    sizes = NETS[op[:-len("_cuda")] if cuda_variant else op]
     state = {}
 
     def make(provider: str):
@@ -43,6 +46,14 @@ def _make_case(device: torch.device, op: str, batch: int, dtype: torch.dtype) ->
         seq = _sequential(sizes, device, dtype)
         if provider == "pydlx":
             model = pydlx.nn.MLP.from_sequential(seq)
+            if cuda_variant:
+                mlp_module = model
+
+                def model(inp):  # noqa: F811  (forward-only case: the forced cuda backend)
+                    with pydlx.use_backend("cuda"):
+                        return mlp_module(inp)
+
+                model.parameters = mlp_module.parameters
         elif provider == "eager":
             model = seq
         elif provider == "compile":
@@ -71,10 +82,15 @@ def _make_case(device: torch.device, op: str, batch: int, dtype: torch.dtype) ->
 
         return fwd, fwdbwd
 
-    return Case(family="mlp", op=op, shape=f"{batch}:{'-'.join(map(str, sizes))}", dtype=dtype, make=make)
+    return Case(family="mlp", op=op, shape=f"{batch}:{'-'.join(map(str, sizes))}", dtype=dtype, make=make,
+                providers=("pydlx",) if cuda_variant else None, modes=("fwd",) if cuda_variant else None)
 
 
 def cases(device, small: bool) -> List[Case]:
     device = torch.device(device)
     batches, dtypes = (CPU_BATCHES, CPU_DTYPES) if small else (GPU_BATCHES, GPU_DTYPES)
-    return [_make_case(device, op, b, dt) for dt in dtypes for op in NETS for b in batches[op]]
+    out = [_make_case(device, op, b, dt) for dt in dtypes for op in NETS for b in batches[op]]
+    if not small:  # the C++/CUDA fused forward, bf16
+        out += [_make_case(device, f"{op}_cuda", b, torch.bfloat16) for op in ("mlp_64x4", "mlp_128x4")
+                for b in batches[op]]
+    return out
