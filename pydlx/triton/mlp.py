@@ -34,6 +34,13 @@ MAX_LAYERS = 16
 
 
 @triton.jit
+def _zeros(M: tl.constexpr, N: tl.constexpr):
+    """fp32 zeros of shape (M, N). Through a constexpr parameter, a size taken from a constexpr tuple (PADS[l]) is
+    a constexpr on every Triton version (3.6 rejects it directly in a shape)."""
+    return tl.zeros((M, N), dtype=tl.float32)
+
+
+@triton.jit
 def _mlp_fwd_kernel(
     x_ptr, ws, bs, y_ptr, h_ptr, z_ptr,
     M, stride_xm, stride_xk,
@@ -53,7 +60,7 @@ def _mlp_fwd_kernel(
     rn = tl.arange(0, PADS[1])
     x_ptrs = x_ptr + m0 * stride_xm + (rm[:, None] * stride_xm + rk[None, :] * stride_xk)
     w_ptrs = ws[0] + (rk[:, None] + rn[None, :] * SIZES[0])  # W0^T chunk [BLOCK_K, PADS[1]]
-    acc = tl.zeros((BLOCK_M, PADS[1]), dtype=tl.float32)
+    acc = _zeros(BLOCK_M, PADS[1])
     for k in range(0, tl.cdiv(SIZES[0], BLOCK_K)):
         k_left = SIZES[0] - k * BLOCK_K
         a = tl.load(x_ptrs, mask=row_mask & (rk[None, :] < k_left), other=0.0)
@@ -68,7 +75,7 @@ def _mlp_fwd_kernel(
             rk = tl.arange(0, PADS[l])
             w = tl.load(ws[l] + (rk[:, None] + rn[None, :] * SIZES[l]),
                         mask=(rk[:, None] < SIZES[l]) & (rn[None, :] < SIZES[l + 1]), other=0.0)
-            acc = _dot(h, w, tl.zeros((BLOCK_M, PADS[l + 1]), dtype=tl.float32), PRECISION, INTERP_BF16)
+            acc = _dot(h, w, _zeros(BLOCK_M, PADS[l + 1]), PRECISION, INTERP_BF16)
         if HAS_B[l]:
             acc += tl.load(bs[l] + rn, mask=rn < SIZES[l + 1], other=0.0).to(tl.float32)[None, :]
         mask = row_mask & (rn[None, :] < SIZES[l + 1])
@@ -118,7 +125,7 @@ def _mlp_bwd_kernel(
         rk = tl.arange(0, PADS[L - 1 - i])
         w = tl.load(ws[L - 1 - i] + (rn[:, None] * SIZES[L - 1 - i] + rk[None, :]),
                     mask=(rn[:, None] < SIZES[L - i]) & (rk[None, :] < SIZES[L - 1 - i]), other=0.0)
-        g = _dot(dz, w, tl.zeros((BLOCK_M, PADS[L - 1 - i]), dtype=tl.float32), PRECISION, INTERP_BF16)
+        g = _dot(dz, w, _zeros(BLOCK_M, PADS[L - 1 - i]), PRECISION, INTERP_BF16)
         mask = row_mask & (rk[None, :] < SIZES[L - 1 - i])
         if ACT != 0:
             if HID_FROM_Z:
@@ -138,7 +145,7 @@ def _mlp_bwd_kernel(
         for k in range(0, tl.cdiv(SIZES[0], BLOCK_K)):  # new names: a loop-carried value keeps its type
             k_left = SIZES[0] - k * BLOCK_K
             w0 = tl.load(w_ptrs, mask=(rn[:, None] < SIZES[1]) & (rk[None, :] < k_left), other=0.0)
-            dx = _dot(dz, w0, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, INTERP_BF16)
+            dx = _dot(dz, w0, _zeros(BLOCK_M, BLOCK_K), PRECISION, INTERP_BF16)
             tl.store(dx_ptrs, _cast(dx, dt, INTERP_BF16), mask=row_mask & (rk[None, :] < k_left))
             w_ptrs += BLOCK_K
             dx_ptrs += BLOCK_K
