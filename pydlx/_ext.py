@@ -5,7 +5,8 @@ The extension is a plain shared library whose static initialisers register its o
 Where it comes from, in order:
   1. built ahead of time by ``pip install .`` (setup.py) next to this file as ``_C*.so``;
   2. built on first use with ninja (``torch.utils.cpp_extension.load``) when a CUDA device is present, torch is
-     a CUDA build and nvcc is found (``CUDA_HOME``, else /usr/local/cuda). Set PYDLX_NO_JIT=1 to forbid it.
+     a CUDA build and nvcc is found (``CUDA_HOME``, else /usr/local/cuda), into $PYDLX_BUILD_DIR or
+     ~/.cache/pydlx/torch<version>. Set PYDLX_NO_JIT=1 to forbid it.
 ``import pydlx`` never fails because of it; ``pydlx.backends()["cuda"]`` says why it is missing.
 """
 from __future__ import annotations
@@ -69,6 +70,12 @@ def why_cannot_build() -> Optional[str]:
     return None
 
 
+def default_build_dir() -> str:
+    """Where first-use builds go: $PYDLX_BUILD_DIR, else ~/.cache/pydlx/torch<version>."""
+    return os.environ.get("PYDLX_BUILD_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pydlx",
+                                                             "torch" + torch.__version__)
+
+
 def jit_build(build_dir: Optional[str] = None, verbose: bool = False) -> str:
     """Build the extension with ninja and load it; returns the path of the built library."""
     reason = why_cannot_build()
@@ -80,7 +87,7 @@ def jit_build(build_dir: Optional[str] = None, verbose: bool = False) -> str:
 
     if cpp_extension.CUDA_HOME is None:  # read at import time, before CUDA_HOME may have been set
         cpp_extension.CUDA_HOME = cuda_home
-    build_dir = build_dir or os.path.join(os.path.expanduser("~"), ".cache", "pydlx", "torch" + torch.__version__)
+    build_dir = build_dir or default_build_dir()
     os.makedirs(build_dir, exist_ok=True)
     cpp_extension.load(name="pydlx_C", sources=sources(), extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS,
                        extra_include_paths=include_dirs(), build_directory=build_dir, is_python_module=False,

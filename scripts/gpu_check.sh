@@ -10,7 +10,12 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-report}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TRITON_INTERPRET=0
+export PYDLX_BUILD_DIR="$PWD/build/jit-test"  # the extension is built once, here, and loaded from here
 PY="${PYTHON:-python3}"
+"$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" || {
+  echo "gpu_check: no CUDA device here; run it on a GPU machine (the tests run on the CPU with scripts/test.sh)"
+  exit 2
+}
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
 
@@ -29,7 +34,7 @@ PY
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== building pydlx._C ($(elapsed)s)" | tee -a "$OUT/env.txt"
-"$PY" -c "from pydlx import _ext; print(_ext.jit_build('build/jit-test'))" 2>&1 | tail -5 | tee -a "$OUT/env.txt"
+"$PY" -c "from pydlx import _ext; print(_ext.jit_build())" 2>&1 | tail -5 | tee -a "$OUT/env.txt"
 
 echo "== GPU tests ($(elapsed)s)"
 XDIST=""

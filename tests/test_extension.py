@@ -11,7 +11,9 @@ from pydlx import _ext
 from pydlx.reference.linear import ACTIVATIONS, SAVES_PREACT, activation_backward, activation_forward
 from tolerance import assert_close
 
-BUILD_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "jit-test")
+# the same folder as first-use builds when PYDLX_BUILD_DIR is set (scripts/gpu_check.sh): one build, not two
+BUILD_DIR = os.environ.get("PYDLX_BUILD_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "jit-test")
 
 
 @pytest.fixture(scope="module")
