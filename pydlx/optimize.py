@@ -101,9 +101,11 @@ def explain(model: nn.Module) -> str:
         m = MLP.from_sequential(seq)
         sizes = [l.in_features for l in m if isinstance(l, nn.Linear)] + [
             [l for l in m if isinstance(l, nn.Linear)][-1].out_features]
+        how = ("one fused kernel on GPUs" if max(sizes[1:]) <= 128 and len(sizes) - 1 <= 16 else
+               "a chain of fused Linear GEMMs: a layer is wider than 128")
         lines.append(f"fuse   {fqn or '(model)'}: Sequential of {len(sizes) - 1} Linear layers -> "
                      f"pydlx.nn.MLP(sizes={sizes}, activation={m.activation!r}, "
-                     f"last_activation={m.last_activation!r})")
+                     f"last_activation={m.last_activation!r}), {how}")
     for fqn, parent, i, act, why in _linear_plan(model, None, [f for f, _ in mlps]):
         if act is not None:
             lines.append(f"fuse   {fqn}: Linear + {act} -> pydlx.nn.Linear(activation={act!r})")

@@ -66,6 +66,8 @@ def test_mlp_shaped_sequentials_inside_a_model_and_filter_fn():
     text = pydlx.explain(net)
     assert "fuse   body: Sequential of 3 Linear layers -> pydlx.nn.MLP(sizes=[8, 16, 16, 4]" in text
     assert "fuse   head: Sequential of 1 Linear layers" in text and "last_activation='tanh'" in text
+    assert "one fused kernel on GPUs" in text
+    assert "chain of fused Linear GEMMs" in pydlx.explain(seed_autoencoder())
     fast = pydlx.optimize(net, filter_fn=lambda m, fqn: fqn != "head")
     assert isinstance(fast.body, pydlx.nn.MLP) and type(fast.head) is nn.Sequential
     assert isinstance(fast.head[0], nn.Linear) and type(fast.head[0]) is nn.Linear  # excluded whole
