@@ -130,6 +130,16 @@ def test_fused_triton_interpreter(case, acts, dtype, poison):
 
 
 @pytest.mark.interpreter
+def test_fused_triton_3d_and_noncontiguous_input(poison):
+    sizes = [21, 48, 48, 5]
+    _, ws, bs = make(sizes, None, torch.float32)
+    x = torch.randn(3, 11, 2 * 21)[..., ::2].requires_grad_()  # (3, 11, 21), non-contiguous
+    g = torch.randn(3, 11, 5)
+    with pydlx.use_backend("triton"):
+        check_against_fp64(pydlx_mlp(("gelu", "tanh")), x, ws, bs, g, ("gelu", "tanh"), torch.float32)
+
+
+@pytest.mark.interpreter
 def test_fused_triton_runs_one_kernel_each_way(monkeypatch):
     """Forced triton on a small MLP runs the fused kernels (one launch forward, one backward), not the reference
     and not a chain of linears."""
