@@ -33,6 +33,8 @@ print("backends before build:", pydlx.backends())
 PY
 } 2>&1 | tee "$OUT/env.txt"
 
+echo "== ceilings ($(elapsed)s)" | tee -a "$OUT/env.txt"
+timeout 60 "$PY" bench/ceilings.py 2>&1 | tee -a "$OUT/env.txt"
 echo "== building pydlx._C ($(elapsed)s)" | tee -a "$OUT/env.txt"
 "$PY" -c "from pydlx import _ext; print(_ext.jit_build())" 2>&1 | tail -5 | tee -a "$OUT/env.txt"
 
