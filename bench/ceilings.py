@@ -17,7 +17,7 @@ def main() -> None:
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, quantiles=[0.5])
     ms = ms[0] if isinstance(ms, (list, tuple)) else ms
-    print(f"copy: {2 * n / ms / 1e9:.0f} GB/s (1 GiB read + 1 GiB written, median {ms:.3f} ms)")
+    print(f"copy: {2 * n / ms / 1e6:.0f} GB/s (1 GiB read + 1 GiB written, median {ms:.3f} ms)")
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "tf32")):
         torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32
         a = torch.randn(8192, 8192, device=dev, dtype=dtype)
