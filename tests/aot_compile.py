@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from pydlx.triton import linear as tri  # noqa: E402
+from pydlx.triton import conv_relu_pool as tri_crp  # noqa: E402
 from pydlx.triton import mlp as tri_mlp  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -78,6 +79,9 @@ def cases():
                 for i, cfg in enumerate(cfgs):
                     if cfg in fits:
                         out.append((f"{variant}-sm{arch}-{dname}-{cfg_id(cfg)}", variant, arch, dname, i))
+            for cfg in tri_crp.configs_for(dt.itemsize):
+                i = next(j for j, c in enumerate(tri_crp.FWD_CONFIGS) if c is cfg)
+                out.append((f"crp-sm{arch}-{dname}-{crp_cfg_id(cfg)}", "crp", arch, dname, i))
             for net, sizes in MLP_SIZES.items():
                 for kind, cfgs in (("mlpfwd", tri_mlp.FWD_CONFIGS), ("mlpbwd", tri_mlp.BWD_CONFIGS)):
                     ships = tri_mlp.configs_for(kind[3:], tri_mlp.Plan(sizes).pads, dt.itemsize)
@@ -86,6 +90,22 @@ def cases():
                         out.append((f"{kind}-{net}-sm{arch}-{dname}-{mlp_cfg_id(cfg)}", f"{kind}-{net}", arch,
                                     dname, i))
     return out
+
+
+def crp_cfg_id(cfg):
+    k = cfg.kwargs
+    return f"{k['BLOCK_P']}x{k['BLOCK_K']}x{k['BLOCK_R']}w{cfg.num_warps}s{cfg.num_stages}"
+
+
+def _crp_source(ptr, idx):
+    """The fused Conv+ReLU+MaxPool forward as the seed CNN's layers run it: 3x3, pad 1, 2x2 pool, NCHW."""
+    fn, cfg = tri_crp._conv_relu_pool_fwd_kernel, tri_crp.FWD_CONFIGS[idx]
+    sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr, "idx_ptr": "*i8",
+           **{n: "i32" for n in ("C", "H", "W", "K", "HP", "WP", "stride_xn", "stride_xc", "stride_xh")}}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr",
+                                                                            "idx_ptr", "stride_xn", "stride_xc")}
+    const = dict(stride_xw=1, R=3, STRIDE=1, PAD=1, P=2, Q=2, HAS_BIAS=True)
+    return fn, cfg, sig, attrs, const
 
 
 def _mlp_source(variant, ptr, idx):
@@ -119,6 +139,8 @@ def compile_one(case):
     ptr = DTYPES[dname][1]
     if variant.startswith("mlp"):
         fn, cfg, sig, attrs, const = _mlp_source(variant, ptr, idx)
+    elif variant == "crp":
+        fn, cfg, sig, attrs, const = _crp_source(ptr, idx)
     else:
         fn_name, cfgs_name, args, const = VARIANTS[variant]
         fn, cfg = getattr(tri, fn_name), getattr(tri, cfgs_name)[idx]

@@ -1,5 +1,6 @@
 """Functional pydlx ops. Each is a torch.library op with a fake impl and autograd (pydlx/ops/<family>.py)."""
+from .conv_relu_pool import conv_relu_pool2d
 from .linear import linear
 from .mlp import mlp
 
-__all__ = ["linear", "mlp"]
+__all__ = ["conv_relu_pool2d", "linear", "mlp"]

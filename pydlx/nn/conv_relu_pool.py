@@ -1,0 +1,83 @@
+"""``pydlx.nn.ConvReLUPool2d``: Conv2d -> ReLU -> MaxPool2d as one module; ``weight``/``bias`` exactly nn.Conv2d's."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops.conv_relu_pool import check_conv_relu_pool_args, conv_relu_pool2d
+
+
+class ConvReLUPool2d(nn.Module):
+    """``MaxPool2d(pool_size, pool_stride)(ReLU(Conv2d(in_channels, out_channels, kernel_size, stride, padding,
+    bias=bias)(x)))``: square kernels 1..11, stride 1..4, padding 0..3, groups 1, dilation 1, zero padding; pools
+    2 or 3 (stride 1..3, default pool_size), floor mode. Parameters are nn.Conv2d's (same names, init, state_dict).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 bias: bool = True, pool_size: int = 2, pool_stride: Optional[int] = None, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
+                         device=device, dtype=dtype)
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.padding = stride, padding
+        self.pool_size, self.pool_stride = pool_size, pool_stride if pool_stride is not None else pool_size
+        probe = torch.empty((in_channels, 64, 64), device="meta", dtype=self.weight.dtype)  # checks the options
+        check_conv_relu_pool_args(probe, self.weight.to("meta"), None, stride, padding, pool_size, pool_stride)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, pool: nn.MaxPool2d) -> "ConvReLUPool2d":
+        """The fused module over ``conv``'s own parameters (no copy); raises for what it does not support."""
+        if not isinstance(conv, nn.Conv2d) or not isinstance(pool, nn.MaxPool2d):
+            raise TypeError("pydlx.nn.ConvReLUPool2d.from_modules: expected (nn.Conv2d, nn.MaxPool2d), got "
+                            f"({type(conv).__name__}, {type(pool).__name__})")
+        why = unsupported(conv, pool)
+        if why:
+            raise ValueError(f"pydlx.nn.ConvReLUPool2d.from_modules: {why}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.weight, new.bias = conv.weight, conv.bias
+        new.stride, new.padding = conv.stride[0], conv.padding[0]
+        new.pool_size = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
+        ps = pool.stride if pool.stride is not None else pool.kernel_size
+        new.pool_stride = ps if isinstance(ps, int) else ps[0]
+        new.train(conv.training)
+        return new
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return conv_relu_pool2d(input, self.weight, self.bias, self.stride, self.padding, self.pool_size,
+                                self.pool_stride)
+
+    def extra_repr(self) -> str:
+        k, c = self.weight.shape[0], self.weight.shape[1]
+        return (f"{c}, {k}, kernel_size={self.weight.shape[-1]}, stride={self.stride}, padding={self.padding}, "
+                f"bias={self.bias is not None}, pool_size={self.pool_size}, pool_stride={self.pool_stride}")
+
+
+def _pair_equal(v) -> bool:
+    return isinstance(v, int) or (len(v) == 2 and v[0] == v[1])
+
+
+def unsupported(conv: nn.Conv2d, pool: nn.MaxPool2d) -> Optional[str]:
+    """None if the pair is fusable, else why not (used by from_modules and, later, optimize/explain)."""
+    if conv.groups != 1:
+        return f"groups={conv.groups} (only 1)"
+    if tuple(conv.dilation) != (1, 1):
+        return f"dilation={tuple(conv.dilation)} (only 1)"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return f"padding {conv.padding!r} / padding_mode {conv.padding_mode!r} (only int zero padding)"
+    if conv.kernel_size[0] != conv.kernel_size[1] or not _pair_equal(conv.stride) or not _pair_equal(conv.padding):
+        return "non-square kernel, stride or padding"
+    if pool.ceil_mode:
+        return "ceil_mode=True (only floor mode)"
+    if pool.return_indices:
+        return "return_indices=True"
+    if not (isinstance(pool.dilation, int) and pool.dilation == 1) and tuple(pool.dilation) != (1, 1):
+        return "pool dilation (only 1)"
+    if not (isinstance(pool.padding, int) and pool.padding == 0) and tuple(pool.padding) != (0, 0):
+        return "pool padding (only 0)"
+    if not _pair_equal(pool.kernel_size) or (pool.stride is not None and not _pair_equal(pool.stride)):
+        return "non-square pool"
+    return None

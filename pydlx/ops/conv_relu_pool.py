@@ -1,0 +1,182 @@
+"""``pydlx.ops.conv_relu_pool2d``: MaxPool2d(ReLU(Conv2d(x))) in one kernel that writes only the pooled map.
+
+Ops (schemas defined once, here):
+  pydlx::conv_relu_pool2d_fwd(input, weight, bias, stride, padding, pool_size, pool_stride) -> (y, idx)
+      y: the pooled output [N, K, HP, WP]; idx: int8, each max's position in its pool window (non-differentiable).
+  pydlx::conv_relu_pool2d_bwd(grad, input, weight, y, idx, has_bias, stride, padding, pool_size, pool_stride,
+      need_input, need_weight) -> (dx, dw, db)
+Saved for backward: x, w, the pooled y and the int8 idx — against eager's x, w, the full conv output, the full
+ReLU output and int64 pool indices. Backward routes dy through idx and the ReLU mask (y > 0) into the conv
+output's gradient and runs the convolution backward (cuDNN on GPUs); a fused backward is not written yet.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference.conv_relu_pool import conv_relu_pool2d as reference_conv_relu_pool2d
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NAME = "pydlx.ops.conv_relu_pool2d"
+
+
+def _choose(x: Tensor) -> str:
+    def dtype_ok():
+        return None if x.dtype in _KERNEL_DTYPES else f"dtype {x.dtype} is not supported (float16, bfloat16, float32)"
+
+    return _backend.choose("conv_relu_pool2d", x, lambda t: (), extra_check={
+        "triton": dtype_ok, "cuda": lambda: "the cuda backend has no conv_relu_pool2d kernel yet"})
+
+
+def _window_index(y_idx_flat: Tensor, WO: int, HP: int, WP: int, P: int, Q: int) -> Tensor:
+    """max_pool2d's flat conv-output indices -> the position inside each pool window (int8)."""
+    oh, ow = y_idx_flat // WO, y_idx_flat % WO
+    ph = torch.arange(HP, device=oh.device).view(HP, 1) * Q
+    pw = torch.arange(WP, device=oh.device).view(1, WP) * Q
+    return ((oh - ph) * P + (ow - pw)).to(torch.int8)
+
+
+@torch.library.custom_op("pydlx::conv_relu_pool2d_fwd", mutates_args=())
+def conv_relu_pool2d_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
+                         pool_size: int, pool_stride: int) -> Tuple[Tensor, Tensor]:
+    if _choose(input) == "triton":
+        from ..triton import conv_relu_pool as tri
+        return tri.conv_relu_pool_fwd(input, weight, bias, stride, padding, pool_size, pool_stride)
+    z = torch.relu(torch.nn.functional.conv2d(input, weight, bias, stride=stride, padding=padding))
+    y, flat = torch.nn.functional.max_pool2d(z, pool_size, pool_stride, return_indices=True)
+    return y.contiguous(), _window_index(flat, z.shape[-1], y.shape[-2], y.shape[-1], pool_size, pool_stride)
+
+
+@conv_relu_pool2d_fwd.register_fake
+def _(input, weight, bias, stride, padding, pool_size, pool_stride):
+    N, _, H, W = input.shape
+    R = weight.shape[-1]
+    HO, WO = (H + 2 * padding - R) // stride + 1, (W + 2 * padding - R) // stride + 1
+    shape = (N, weight.shape[0], (HO - pool_size) // pool_stride + 1, (WO - pool_size) // pool_stride + 1)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int8)
+
+
+@torch.library.custom_op("pydlx::conv_relu_pool2d_bwd", mutates_args=())
+def conv_relu_pool2d_bwd(grad: Tensor, input: Tensor, weight: Tensor, y: Tensor, idx: Tensor, has_bias: bool,
+                         stride: int, padding: int, pool_size: int, pool_stride: int, need_input: bool,
+                         need_weight: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    N, K, HP, WP = y.shape
+    H, W = input.shape[-2:]
+    R = weight.shape[-1]
+    HO, WO = (H + 2 * padding - R) // stride + 1, (W + 2 * padding - R) // stride + 1
+    # route dy to each max's conv-output position, through the ReLU mask; overlapping windows accumulate
+    idx = idx.long()
+    oh = torch.arange(HP, device=y.device).view(HP, 1) * pool_stride + idx // pool_size
+    ow = torch.arange(WP, device=y.device).view(1, WP) * pool_stride + idx % pool_size
+    g = torch.where(y > 0, grad, torch.zeros_like(grad))
+    dz = grad.new_zeros((N, K, HO * WO)).scatter_add_(2, (oh * WO + ow).view(N, K, -1), g.reshape(N, K, -1))
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        dz.view(N, K, HO, WO), input, weight, [K] if has_bias else None, [stride, stride], [padding, padding],
+        [1, 1], False, [0, 0], 1, [need_input, need_weight, has_bias])
+    empty = lambda: input.new_empty(0)  # noqa: E731
+    return (dx if need_input else empty(), dw if need_weight else empty(), db if has_bias else empty())
+
+
+@conv_relu_pool2d_bwd.register_fake
+def _(grad, input, weight, y, idx, has_bias, stride, padding, pool_size, pool_stride, need_input, need_weight):
+    return (torch.empty_like(input) if need_input else input.new_empty(0),
+            torch.empty_like(weight) if need_weight else input.new_empty(0),
+            weight.new_empty(weight.shape[0]) if has_bias else input.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, pool_size, pool_stride = inputs
+    y, idx = output
+    ctx.mark_non_differentiable(idx)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(input, weight, y, idx)
+    ctx.args = (bias is not None, stride, padding, pool_size, pool_stride)
+
+
+def _backward(ctx, grad_y, grad_idx):
+    input, weight, y, idx = ctx.saved_tensors
+    if grad_y is None:
+        return None, None, None, None, None, None, None
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    has_bias, stride, padding, P, Q = ctx.args
+    dx, dw, db = conv_relu_pool2d_bwd(grad_y.contiguous(), input, weight, y, idx, has_bias and need_b, stride,
+                                      padding, P, Q, need_x, need_w)
+    return (dx if need_x else None, dw if need_w else None, db if (has_bias and need_b) else None,
+            None, None, None, None)
+
+
+torch.library.register_autograd("pydlx::conv_relu_pool2d_fwd", _backward, setup_context=_setup_context)
+
+
+def _int_arg(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{NAME}: {name} must be an int or a pair of equal ints, got {value!r}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{NAME}: {name} must be an int in [{low}, {high}], got {value!r}")
+    return value
+
+
+def check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, pool_stride):
+    """Normalised (stride, padding, pool_size, pool_stride); raises a clear error naming the bad argument."""
+    if not isinstance(input, Tensor) or input.dim() not in (3, 4):
+        got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
+        raise ValueError(f"{NAME}: input must be (N, C, H, W) or unbatched (C, H, W), got {got}")
+    if not isinstance(weight, Tensor) or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"{NAME}: weight must be (out_channels, in_channels, k, k) with a square kernel, got {got}")
+    if weight.shape[1] != input.shape[-3]:
+        raise ValueError(f"{NAME}: weight.shape[1] ({weight.shape[1]}) must equal the input's channels "
+                         f"({input.shape[-3]}); groups other than 1 are not supported")
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{NAME}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{NAME}: {name} is on {t.device} but input is on {input.device}")
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(f"{NAME}: {name} has dtype {t.dtype} but input has {input.dtype}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"{NAME}: bias must be 1-D with {weight.shape[0]} elements, got {tuple(bias.shape)}")
+    R = weight.shape[-1]
+    if not 1 <= R <= 11:
+        raise ValueError(f"{NAME}: kernel size must be in [1, 11], got {R}")
+    stride = _int_arg(stride, "stride", 1, 4)
+    padding = _int_arg(padding, "padding", 0, 3)
+    pool_size = _int_arg(pool_size, "pool_size", 2, 3)
+    pool_stride = _int_arg(pool_stride if pool_stride is not None else pool_size, "pool_stride", 1, 3)
+    H, W = input.shape[-2:]
+    HO, WO = (H + 2 * padding - R) // stride + 1, (W + 2 * padding - R) // stride + 1
+    if min(HO, WO) < pool_size:
+        raise ValueError(f"{NAME}: the conv output ({HO}x{WO}) is smaller than the pool window ({pool_size})")
+    return stride, padding, pool_size, pool_stride
+
+
+def conv_relu_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+                     pool_size=2, pool_stride=None) -> Tensor:
+    """``MaxPool2d(pool_size, pool_stride)(ReLU(Conv2d(x)))``, floor mode, groups 1, dilation 1, zero padding.
+
+    input: (N, C, H, W) or (C, H, W); weight: (K, C, k, k); bias: (K,) or None. Square kernels 1..11, stride 1..4,
+    padding 0..3, pool 2 or 3 with stride 1..3 (default: pool_size).
+    """
+    stride, padding, P, Q = check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, pool_stride)
+    dev = input.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        input, weight = input.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    if _backend.current_backend() == "auto":
+        # auto runs eager PyTorch (cuDNN on GPUs) until GPU measurements show where the fused kernel wins
+        # (bench/NOTES.md): the Triton kernel runs when the triton backend is forced.
+        return reference_conv_relu_pool2d(input, weight, bias, stride, padding, P, Q)
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    y, _ = conv_relu_pool2d_fwd(x, weight, bias, stride, padding, P, Q)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y.squeeze(0) if unbatched else y
