@@ -77,10 +77,11 @@ def _cfg(bp, bk, br, warps, stages):
 
 # Not yet tuned on a GPU (bench/NOTES.md). The implicit-GEMM gather (per-element channel/row/column of the patch,
 # 2-D bounds masks) and three live tiles (acc, running max, argmax) spill at the usual GEMM tiles: these are the
-# tiles that compile without spills for sm_80 and sm_90 (tests/aot_compile.py); fp32 (tf32) only at 32x32x16.
-FWD_CONFIGS_16BIT: List[triton.Config] = [_cfg(64, 32, 32, 4, 3), _cfg(64, 64, 16, 4, 3), _cfg(32, 64, 32, 4, 3),
-                                          _cfg(32, 32, 32, 4, 3)]
-FWD_CONFIGS_FP32: List[triton.Config] = [_cfg(32, 32, 16, 4, 2)]
+# tiles that compile without spills for sm_80 and sm_90 (tests/aot_compile.py): 128x64 needs 8 warps and 16-wide
+# K steps; fp32 (tf32) only up to 64x32x16.
+FWD_CONFIGS_16BIT: List[triton.Config] = [_cfg(128, 64, 16, 8, 3), _cfg(64, 32, 32, 4, 3), _cfg(64, 64, 16, 4, 3),
+                                          _cfg(32, 64, 32, 4, 3), _cfg(32, 32, 32, 4, 3)]
+FWD_CONFIGS_FP32: List[triton.Config] = [_cfg(64, 32, 16, 4, 2), _cfg(32, 32, 16, 4, 2)]
 FWD_CONFIGS: List[triton.Config] = FWD_CONFIGS_16BIT + FWD_CONFIGS_FP32
 INTERPRET_CONFIG = _cfg(16, 16, 16, 4, 1)
 
