@@ -44,16 +44,10 @@ def _make_case(device: torch.device, op: str, batch: int, dtype: torch.dtype) ->
 
         torch.manual_seed(0)
         seq = _sequential(sizes, device, dtype)
+        # the *_cuda cases time the C++/CUDA forward: the cuda backend forced (forward-only cases)
+        backend = "cuda" if cuda_variant else pydlx.current_backend()
         if provider == "pydlx":
             model = pydlx.nn.MLP.from_sequential(seq)
-            if cuda_variant:
-                mlp_module = model
-
-                def model(inp):  # noqa: F811  (forward-only case: the forced cuda backend)
-                    with pydlx.use_backend("cuda"):
-                        return mlp_module(inp)
-
-                model.parameters = mlp_module.parameters
         elif provider == "eager":
             model = seq
         elif provider == "compile":
@@ -61,7 +55,6 @@ def _make_case(device: torch.device, op: str, batch: int, dtype: torch.dtype) ->
                 torch._dynamo.reset()
                 state["compiled"] = torch.compile(seq, dynamic=False)
             model = state["compiled"]
-            seq = model  # noqa: F841  (the compiled module owns the parameters now)
         else:
             raise ValueError(f"unknown provider {provider!r}")
         gen = torch.Generator(device=device).manual_seed(1)
@@ -70,7 +63,7 @@ def _make_case(device: torch.device, op: str, batch: int, dtype: torch.dtype) ->
         params = list(model.parameters())
 
         def fwd():
-            with torch.no_grad():
+            with torch.no_grad(), pydlx.use_backend(backend):
                 return model(x)
 
         def fwdbwd():

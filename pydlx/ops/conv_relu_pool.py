@@ -17,19 +17,15 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from ._common import FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
 from ..reference.conv_relu_pool import conv_relu_pool2d as reference_conv_relu_pool2d
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NAME = "pydlx.ops.conv_relu_pool2d"
 
 
 def _choose(x: Tensor) -> str:
-    def dtype_ok():
-        return None if x.dtype in _KERNEL_DTYPES else f"dtype {x.dtype} is not supported (float16, bfloat16, float32)"
-
     return _backend.choose("conv_relu_pool2d", x, lambda t: (), extra_check={
-        "triton": dtype_ok, "cuda": lambda: "the cuda backend has no conv_relu_pool2d kernel yet"})
+        "triton": lambda: why_not_kernel_dtype(x), "cuda": lambda: "the cuda backend has no conv_relu_pool2d kernel yet"})
 
 
 def _window_index(y_idx_flat: Tensor, WO: int, HP: int, WP: int, P: int, Q: int) -> Tensor:
@@ -134,7 +130,7 @@ def check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, p
         raise ValueError(f"{NAME}: weight.shape[1] ({weight.shape[1]}) must equal the input's channels "
                          f"({input.shape[-3]}); groups other than 1 are not supported")
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in _FLOAT_DTYPES:
+        if t is not None and t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{NAME}: {name} must be a floating-point tensor, got {t.dtype}")
         if t is not None and t.device != input.device:
             raise ValueError(f"{NAME}: {name} is on {t.device} but input is on {input.device}")
@@ -165,10 +161,7 @@ def conv_relu_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     """
     stride, padding, P, Q = check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, pool_stride)
     dev = input.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        input, weight = input.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    input, weight, bias = autocast_cast(dev, (input, weight, bias))
     if _backend.current_backend() == "auto":
         # auto runs eager PyTorch (cuDNN on GPUs) until GPU measurements show where the fused kernel wins
         # (bench/NOTES.md): the Triton kernel runs when the triton backend is forced.

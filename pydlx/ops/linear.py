@@ -21,11 +21,10 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from ._common import FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
 from ..reference.linear import ACTIVATIONS, SAVES_PREACT, activation_backward, linear_forward
 from ..reference.linear import linear as reference_linear
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _act_name(activation: str) -> Optional[str]:
@@ -33,18 +32,13 @@ def _act_name(activation: str) -> Optional[str]:
 
 
 def _choose(x: Tensor, weight: Tensor) -> str:
-    def dtype_ok():
-        if x.dtype not in _KERNEL_DTYPES:
-            return f"dtype {x.dtype} is not supported (supported: float16, bfloat16, float32)"
-        return None
-
     def triton_ok():
         from ..triton import linear as tri
 
-        return dtype_ok() or tri.why_cannot(weight.shape[1], weight.shape[0])
+        return why_not_kernel_dtype(x) or tri.why_cannot(weight.shape[1], weight.shape[0])
 
     return _backend.choose("linear", x, lambda t: ("triton", "cuda"),
-                           extra_check={"triton": triton_ok, "cuda": dtype_ok})
+                           extra_check={"triton": triton_ok, "cuda": lambda: why_not_kernel_dtype(x)})
 
 
 @torch.library.custom_op("pydlx::linear_fwd", mutates_args=())
@@ -146,7 +140,7 @@ def check_linear_args(input, weight, bias, activation) -> None:
     if input.dim() == 0:
         raise ValueError("pydlx.ops.linear: input must have at least 1 dimension, got a 0-D tensor")
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in _FLOAT_DTYPES:
+        if t is not None and t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"pydlx.ops.linear: {name} must be a floating-point tensor "
                             f"(float16, bfloat16, float32, float64), got {t.dtype}")
     if input.shape[-1] != weight.shape[1]:
@@ -177,10 +171,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """
     check_linear_args(input, weight, bias, activation)
     dev = input.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        input, weight = input.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    input, weight, bias = autocast_cast(dev, (input, weight, bias))
     if input.device.type == "cpu" and _backend.current_backend() == "auto":
         # auto runs the reference on CPU tensors; calling it directly skips the custom op's Python dispatch
         # (about 0.1 ms a call), which would make a swapped-in model slower than the original on the CPU.

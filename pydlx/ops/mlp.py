@@ -28,13 +28,15 @@ from .. import _backend
 from ..reference.linear import ACTIVATIONS, SAVES_PREACT, activation_backward, activation_forward
 from ..reference.mlp import mlp as reference_mlp
 from ..reference.mlp import saves_z
-from .linear import _FLOAT_DTYPES, _KERNEL_DTYPES, _act_name, linear
+from ._common import FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
+from .linear import _act_name, linear
 
 
 def _why_not_fused(x: Tensor, sizes: Sequence[int]) -> Optional[str]:
     """None if the fused MLP kernels take this call, else why not (triton missing included)."""
-    if x.dtype not in _KERNEL_DTYPES:
-        return f"dtype {x.dtype} is not supported (supported: float16, bfloat16, float32)"
+    reason = why_not_kernel_dtype(x)
+    if reason:
+        return reason
     try:
         from ..triton import mlp as tri
     except Exception as e:  # no (working) triton: the chain of linears runs instead
@@ -206,7 +208,7 @@ def check_mlp_args(input, weights, biases, activation, last_activation) -> None:
     for a, arg in ((activation, "activation"), (last_activation, "last_activation")):
         if a not in ACTIVATIONS:
             raise ValueError(f"{name}: {arg} must be one of {ACTIVATIONS}, got {a!r}")
-    if input.dtype not in _FLOAT_DTYPES:
+    if input.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: input must be a floating-point tensor (float16, bfloat16, float32, float64), "
                         f"got {input.dtype}")
     fan_in = input.shape[-1]
@@ -242,11 +244,8 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     """
     check_mlp_args(input, weights, biases, activation, last_activation)
     dev = input.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        input = input.to(dt)
-        weights = [w.to(dt) for w in weights]
-        biases = [b.to(dt) if b is not None else None for b in biases]
+    input, *params = autocast_cast(dev, (input, *weights, *biases))
+    weights, biases = params[:len(weights)], params[len(weights):]
     if dev == "cpu" and _backend.current_backend() == "auto":
         return reference_mlp(input, weights, biases, activation, last_activation)  # see ops.linear
     if _why_not_fused(input, _sizes(input, weights)) is None:
