@@ -6,7 +6,10 @@ What is swapped today (the families of later issues add their patterns here):
     the same modules under the same names, computed by one ``pydlx.ops.mlp`` call;
   * otherwise, an ``nn.Linear`` followed inside an ``nn.Sequential`` by an activation module (ReLU, GELU, SiLU,
     Tanh, Sigmoid) becomes ``pydlx.nn.Linear(activation=...)`` sharing the same parameters, and the activation
-    module becomes ``nn.Identity``.
+    module becomes ``nn.Identity``;
+  * an ``nn.Conv2d, nn.ReLU, nn.MaxPool2d`` run inside an ``nn.Sequential`` becomes ``pydlx.nn.ConvReLUPool2d``
+    over the conv's own parameters at the conv's place, the ReLU and pool becoming ``nn.Identity``; unsupported
+    options (groups, dilation, ceil mode, ...) are kept as they are and ``explain`` says why.
 Parameter names, and so the state_dict, are unchanged. The walk is explicit (setattr on the parent); nothing
 global is patched.
 """
@@ -17,6 +20,7 @@ from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
+from .nn.conv_relu_pool import ConvReLUPool2d, unsupported as conv_unsupported
 from .nn.linear import Linear
 from .nn.mlp import MLP, _pattern_error, activation_name
 
@@ -64,6 +68,29 @@ def _linear_plan(model: nn.Module, filter_fn: Filter, skip: List[str]):
     return found
 
 
+def _conv_plan(model: nn.Module, filter_fn: Filter):
+    """(fqn, parent Sequential, index, skip reason) for each Conv2d followed by ReLU and MaxPool2d inside an
+    nn.Sequential (reason None: fusable)."""
+    found = []
+    for fqn, mod in model.named_modules():
+        if type(mod) is not nn.Sequential:
+            continue
+        names, children = zip(*mod.named_children()) if len(mod) else ((), ())
+        parent_excluded = filter_fn is not None and not filter_fn(mod, fqn)
+        for i, child in enumerate(children):
+            if type(child) is not nn.Conv2d:
+                continue
+            child_fqn = f"{fqn}.{names[i]}" if fqn else names[i]
+            nxt = children[i + 1:i + 3]
+            if len(nxt) < 2 or type(nxt[0]) is not nn.ReLU or type(nxt[1]) is not nn.MaxPool2d:
+                continue  # not the pattern: nothing to report
+            if parent_excluded or (filter_fn is not None and not filter_fn(child, child_fqn)):
+                found.append((child_fqn, mod, i, "excluded by filter_fn"))
+            else:
+                found.append((child_fqn, mod, i, conv_unsupported(child, nxt[1])))
+    return found
+
+
 def _set(model: nn.Module, fqn: str, new: nn.Module) -> None:
     parent_name, _, name = fqn.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, name, new)
@@ -86,6 +113,14 @@ def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = Non
         lin = getattr(parent, names[i])
         setattr(parent, names[i], Linear.from_module(lin, activation=act))
         setattr(parent, names[i + 1], nn.Identity())
+    for fqn, parent, i, why in _conv_plan(model, filter_fn):
+        if why is not None:
+            continue
+        names = [n for n, _ in parent.named_children()]
+        conv, pool = getattr(parent, names[i]), getattr(parent, names[i + 2])
+        setattr(parent, names[i], ConvReLUPool2d.from_modules(conv, pool))
+        setattr(parent, names[i + 1], nn.Identity())
+        setattr(parent, names[i + 2], nn.Identity())
     for fqn, seq in mlps:
         if fqn == "":
             return MLP.from_sequential(seq)
@@ -111,4 +146,13 @@ def explain(model: nn.Module) -> str:
             lines.append(f"fuse   {fqn}: Linear + {act} -> pydlx.nn.Linear(activation={act!r})")
         else:
             lines.append(f"keep   {fqn}: Linear ({why})")
-    return "\n".join(lines) if lines else "nothing to fuse: no Linear inside an nn.Sequential"
+    for fqn, parent, i, why in _conv_plan(model, None):
+        if why is None:
+            conv, pool = parent[i], parent[i + 2]
+            fused = ConvReLUPool2d.from_modules(conv, pool)
+            lines.append(f"fuse   {fqn}: Conv2d + ReLU + MaxPool2d -> pydlx.nn.ConvReLUPool2d({fused.extra_repr()}); "
+                         "auto runs eager PyTorch (cuDNN) for it until GPU measurements show where the fused "
+                         "kernel wins; pydlx.use_backend('triton') forces the kernel")
+        else:
+            lines.append(f"keep   {fqn}: Conv2d + ReLU + MaxPool2d ({why})")
+    return "\n".join(lines) if lines else "nothing to fuse: no Linear or Conv2d+ReLU+MaxPool2d inside an nn.Sequential"

@@ -89,3 +89,52 @@ def test_inplace_and_filter_fn_and_explain():
 
 def test_explain_with_nothing_to_fuse():
     assert "nothing to fuse" in pydlx.explain(nn.Conv2d(1, 1, 1))
+
+
+def _vgg_like():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),      # fused
+        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d(2),       # groups: kept
+        nn.Conv2d(8, 6, 5, stride=2, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),    # overlapping pool: fused
+        nn.Conv2d(6, 4, 1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),            # ceil mode: kept
+        nn.Flatten(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+
+
+def test_conv_relu_pool_chains_are_swapped_with_state_dict_and_gradients_unchanged():
+    net = _vgg_like()
+    original = copy.deepcopy(net.state_dict())
+    text = pydlx.explain(net)
+    assert "fuse   0: Conv2d + ReLU + MaxPool2d -> pydlx.nn.ConvReLUPool2d(3, 8, kernel_size=3" in text
+    assert "keep   3: Conv2d + ReLU + MaxPool2d (groups=2 (only 1))" in text
+    assert "fuse   6: Conv2d + ReLU + MaxPool2d" in text and "pool_size=3, pool_stride=2" in text
+    assert "keep   9: Conv2d + ReLU + MaxPool2d (ceil_mode=True (only floor mode))" in text
+    assert "auto runs eager PyTorch (cuDNN)" in text
+    fast = pydlx.optimize(net)
+    assert isinstance(fast[0], pydlx.nn.ConvReLUPool2d) and isinstance(fast[6], pydlx.nn.ConvReLUPool2d)
+    assert all(isinstance(fast[i], nn.Identity) for i in (1, 2, 7, 8))
+    assert type(fast[3]) is nn.Conv2d and type(fast[9]) is nn.Conv2d and type(net[0]) is nn.Conv2d
+    assert fast[0].weight is not net[0].weight  # inplace=False: a copy
+    sd = fast.state_dict()
+    assert list(sd) == list(original) and all(torch.equal(sd[k], original[k]) for k in sd)
+    net.load_state_dict(sd)
+    fast.load_state_dict(original)
+    x = torch.randn(2, 3, 40, 36, dtype=torch.float64, requires_grad=True)
+    for backend in ("auto", "reference"):
+        with pydlx.use_backend(backend):
+            assert_close(fast(x), net(x), name=f"vgg-like {backend}")
+            g_fast = torch.autograd.grad(fast(x).square().sum(), [x, *fast.parameters()])
+            g_net = torch.autograd.grad(net(x).square().sum(), [x, *net.parameters()])
+            for a, b in zip(g_fast, g_net):
+                assert_close(a, b, name="grad")
+    kept = pydlx.optimize(net, filter_fn=lambda m, fqn: fqn != "6")
+    assert isinstance(kept[0], pydlx.nn.ConvReLUPool2d) and type(kept[6]) is nn.Conv2d
+
+
+@pytest.mark.interpreter
+def test_optimized_conv_chain_runs_the_triton_kernel_under_the_interpreter():
+    net = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).float()
+    fast = pydlx.optimize(net)
+    x = torch.randn(2, 3, 9, 10)
+    with pydlx.use_backend("triton"):
+        y = fast(x)
+    assert_close(y.double(), net.double()(x.double()), dtype=torch.float32, name="triton via optimize")
