@@ -94,7 +94,7 @@ def cases():
 
 def crp_cfg_id(cfg):
     k = cfg.kwargs
-    return f"{k['BLOCK_P']}x{k['BLOCK_K']}x{k['BLOCK_R']}w{cfg.num_warps}s{cfg.num_stages}"
+    return f"{k['BLOCK_P']}x{k['BLOCK_K']}x{k['BLOCK_C']}w{cfg.num_warps}s{cfg.num_stages}"
 
 
 def _crp_source(ptr, idx):

@@ -4,8 +4,9 @@ output pixel, so every pool window is reduced in registers and only the pooled m
 Shapes: x[N, C, H, W] (any strides), w[K, C, R, R], b[K]; conv output (never stored) [N, K, HO, WO] with
 HO = (H + 2 pad - R) // stride + 1; pooled y[N, K, HP, WP], HP = (HO - P) // Q + 1 (floor mode).
 A program takes BLOCK_P pooled pixels of one image and BLOCK_K output channels. For each of the P x P positions of
-the pool window it computes the conv outputs under them as a GEMM over C*R*R (the input patch gathered on the fly,
-zero padding by masks), then keeps the running max and its window position. Bias and ReLU come once, after the max:
+the pool window it computes the conv outputs under them as a GEMM over (tap, channel) = R*R*C, ordered tap-major
+with channels inner (the weight permuted to [R, R, C, K]): each step's bounds mask is one vector over the pixels,
+and with channels_last input each tap's channels are contiguous. Zero padding comes from the masks. It then keeps the running max and its window position. Bias and ReLU come once, after the max:
 a per-channel bias and ReLU are monotone, so relu(max(z) + b) == max(relu(z + b)), exactly.
 Written: y, and idx[N, K, HP, WP] (int8, the argmax's position in the window, 0..P*P-1) for backward, which routes
 dy through idx and the ReLU mask (y > 0) and calls the convolution backward (pydlx/ops/conv_relu_pool.py).
@@ -29,35 +30,37 @@ def _conv_relu_pool_fwd_kernel(
     stride_xn, stride_xc, stride_xh, stride_xw,
     R: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
     rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # pooled pixel index in HP * WP
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # output channel
-    rr = tl.arange(0, BLOCK_R)
+    rc = tl.arange(0, BLOCK_C)
     p_ok = rp < HP * WP
     k_ok = rk < K
     ph = rp // WP
     pw = rp % WP
-    CRR = C * R * R
     x_img = x_ptr + n * stride_xn
+    c_steps = tl.cdiv(C, BLOCK_C)
     best = tl.full((BLOCK_P, BLOCK_K), float("-inf"), tl.float32)
     arg = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.int32)
     for win in tl.static_range(P * P):
-        oh = ph * Q + win // P  # conv output row and column under this window position
-        ow = pw * Q + win % P
+        ih0 = (ph * Q + win // P) * STRIDE - PAD  # the patch's top-left input pixel for this window position
+        iw0 = (pw * Q + win % P) * STRIDE - PAD
         acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-        for r0 in range(0, tl.cdiv(CRR, BLOCK_R)):
-            kr = r0 * BLOCK_R + rr  # reduction index = (c, kh, kw)
-            c = kr // (R * R)
-            kh = (kr // R) % R
-            kw = kr % R
-            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
-            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
-            a_mask = p_ok[:, None] & (kr[None, :] < CRR) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_img + c[None, :] * stride_xc + ih * stride_xh + iw * stride_xw, mask=a_mask, other=0.0)
-            b = tl.load(w_ptr + rk[None, :] * CRR + kr[:, None], mask=(kr[:, None] < CRR) & k_ok[None, :],
-                        other=0.0)  # w as [C*R*R, K]; w is contiguous [K, C, R, R]
+        # one flat loop over the reduction (kh, kw, channel block): the tap's row/column and its bounds mask are
+        # scalar arithmetic plus one 1-D vector per step, channels are the GEMM's K
+        for t in range(0, R * R * c_steps):
+            tap = t // c_steps
+            c = (t % c_steps) * BLOCK_C + rc
+            ih = ih0 + tap // R
+            iw = iw0 + tap % R
+            ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            c_ok = c < C
+            a = tl.load(x_img + (ih * stride_xh + iw * stride_xw)[:, None] + c[None, :] * stride_xc,
+                        mask=ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + (tap * C + c[:, None]) * K + rk[None, :], mask=c_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # w as [R*R, C, K] (K contiguous)
             acc = _dot(a, b, acc, PRECISION, INTERP_BF16)
         take = (acc > best) | ((acc != acc) & (best == best))  # first max; a NaN wins and stays
         best = tl.where(take, acc, best)
@@ -71,17 +74,18 @@ def _conv_relu_pool_fwd_kernel(
     tl.store(idx_ptr + out, arg.to(tl.int8), mask=mask)
 
 
-def _cfg(bp, bk, br, warps, stages):
-    return triton.Config({"BLOCK_P": bp, "BLOCK_K": bk, "BLOCK_R": br}, num_warps=warps, num_stages=stages)
+def _cfg(bp, bk, bc, warps, stages):
+    return triton.Config({"BLOCK_P": bp, "BLOCK_K": bk, "BLOCK_C": bc}, num_warps=warps, num_stages=stages)
 
 
-# Not yet tuned on a GPU (bench/NOTES.md). The implicit-GEMM gather (per-element channel/row/column of the patch,
-# 2-D bounds masks) and three live tiles (acc, running max, argmax) spill at the usual GEMM tiles: these are the
-# tiles that compile without spills for sm_80 and sm_90 (tests/aot_compile.py): 128x64 needs 8 warps and 16-wide
-# K steps; fp32 (tf32) only up to 64x32x16.
-FWD_CONFIGS_16BIT: List[triton.Config] = [_cfg(128, 64, 16, 8, 3), _cfg(64, 32, 32, 4, 3), _cfg(64, 64, 16, 4, 3),
-                                          _cfg(32, 64, 32, 4, 3), _cfg(32, 32, 32, 4, 3)]
-FWD_CONFIGS_FP32: List[triton.Config] = [_cfg(64, 32, 16, 4, 2), _cfg(32, 32, 16, 4, 2)]
+# Not yet tuned on a GPU (bench/NOTES.md). Three live tiles (acc, running max, argmax) plus the gathered patch's
+# pointers make this register-heavy: these are the tiles that compile without spills for both sm_80 and sm_90
+# (tests/aot_compile.py); 128x128 tiles and 4-warp 128-row tiles spill. The 16-channel steps suit first layers
+# (3 input channels) and the 32-channel steps wider ones.
+FWD_CONFIGS_16BIT: List[triton.Config] = [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3), _cfg(128, 64, 16, 8, 3),
+                                          _cfg(64, 32, 32, 4, 3), _cfg(32, 64, 32, 4, 3), _cfg(32, 32, 32, 4, 3)]
+FWD_CONFIGS_FP32: List[triton.Config] = [_cfg(128, 64, 16, 8, 3), _cfg(64, 32, 32, 4, 2), _cfg(128, 32, 16, 8, 2),
+                                         _cfg(64, 32, 16, 4, 2), _cfg(32, 32, 16, 4, 2)]
 FWD_CONFIGS: List[triton.Config] = FWD_CONFIGS_16BIT + FWD_CONFIGS_FP32
 INTERPRET_CONFIG = _cfg(16, 16, 16, 4, 1)
 
@@ -113,7 +117,7 @@ def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b, stride: int, padding
     N, C, H, W = x.shape
     K, _, R, _ = w.shape
     _, _, HP, WP = out_shape(H, W, R, stride, padding, P, Q)
-    w = w.contiguous()
+    w = w.permute(2, 3, 1, 0).contiguous()  # [R, R, C, K]: each tap's channels x output channels, K contiguous
     y = x.new_empty((N, K, HP, WP))
     idx = torch.empty((N, K, HP, WP), dtype=torch.int8, device=x.device)
     if y.numel() == 0:
