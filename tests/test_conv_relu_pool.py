@@ -187,3 +187,32 @@ def test_gpu_against_reference(case, dtype, backend, poison):
     x, w, b, args = make(case, dtype, device="cuda")
     with pydlx.use_backend(backend):
         check(lambda *a: pydlx.ops.conv_relu_pool2d(*a, *args), x, w, b, args, dtype)
+
+
+FIRST_LAYERS = CASES + [pytest.param((4, 3, 32, 32, 32, 3, 1, 1, 2, 2), id="seed-conv1"),
+                        pytest.param((2, 3, 67, 61, 20, 11, 4, 2, 3, 2), id="alexnet-conv1"),
+                        pytest.param((1, 8, 23, 19, 17, 7, 2, 3, 3, 2), id="8ch-7x7s2p3")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FIRST_LAYERS)
+def test_gpu_cuda_direct_conv_against_reference(case, dtype, poison):
+    """csrc/conv_relu_pool.cu (forced `cuda` backend): first layers, at most 8 input channels."""
+    x, w, b, args = make(case, dtype, device="cuda")
+    with pydlx.use_backend("cuda"):
+        check(lambda *a: pydlx.ops.conv_relu_pool2d(*a, *args), x, w, b, args, dtype)
+        # no bias, channels_last input (output keeps it), NaN propagation
+        xc = x.detach().clone().contiguous(memory_format=torch.channels_last)
+        xc[0, 0, 1, 1] = float("nan")
+        y = pydlx.ops.conv_relu_pool2d(xc, w.detach(), None, *args)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert_close(y, ref.conv_relu_pool2d(xc.double(), w.detach().double(), None, *args), dtype=dtype,
+                     name="channels_last nan", baseline=ref.conv_relu_pool2d(xc, w.detach(), None, *args))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_backend_refuses_wide_inputs():
+    x = torch.randn(1, 9, 8, 8, device="cuda")
+    with pydlx.use_backend("cuda"), pytest.raises(pydlx.BackendUnavailableError, match="at most 8 input channels"):
+        pydlx.ops.conv_relu_pool2d(x, torch.randn(4, 9, 3, 3, device="cuda"))

@@ -36,6 +36,10 @@ def test_extension_builds_and_registers_ops(built):
     assert str(op._schema) == ("pydlx::mlp_fwd_cuda(Tensor input, Tensor[] weights, Tensor[] biases, bool[] has_bias, "
                                "str activation, str last_activation) -> Tensor")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
+    op = torch.ops.pydlx.conv_relu_pool2d_fwd_cuda.default
+    assert str(op._schema) == ("pydlx::conv_relu_pool2d_fwd_cuda(Tensor input, Tensor weight, Tensor? bias, "
+                               "int stride, int padding, int pool_size, int pool_stride) -> (Tensor, Tensor)")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
     assert pydlx.backends()["cuda"].startswith("available")
 
 
@@ -46,7 +50,7 @@ def test_extension_ops_reject_cpu_tensors(built):
 
 def test_sources_are_all_built():
     names = sorted(os.path.basename(s) for s in _ext.sources())
-    assert names == ["linear.cu", "mlp.cu"]
+    assert names == ["conv_relu_pool.cu", "linear.cu", "mlp.cu"]
 
 
 @pytest.mark.gpu

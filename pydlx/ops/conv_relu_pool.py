@@ -6,7 +6,8 @@ Ops (schemas defined once, here):
   pydlx::conv_relu_pool2d_bwd(grad, input, weight, y, idx, has_bias, stride, padding, pool_size, pool_stride,
       need_input, need_weight) -> (dx, dw, db)
 Saved for backward: x, w, the pooled y and the int8 idx — against eager's x, w, the full conv output, the full
-ReLU output and int64 pool indices. Backward routes dy through idx and the ReLU mask (y > 0) into the conv
+ReLU output and int64 pool indices. The forced ``cuda`` backend runs csrc/conv_relu_pool.cu's direct convolution
+(first layers: at most 8 input channels). Backward routes dy through idx and the ReLU mask (y > 0) into the conv
 output's gradient and runs the convolution backward (cuDNN on GPUs); a fused backward is not written yet.
 """
 from __future__ import annotations
@@ -23,9 +24,19 @@ from ..reference.conv_relu_pool import conv_relu_pool2d as reference_conv_relu_p
 NAME = "pydlx.ops.conv_relu_pool2d"
 
 
+CUDA_MAX_CHANNELS = 8  # csrc/conv_relu_pool.cu's direct convolution is for first layers
+
+
+def _why_not_cuda(x: Tensor) -> Optional[str]:
+    if x.shape[1] > CUDA_MAX_CHANNELS:
+        return (f"the C++/CUDA direct convolution is for first layers (at most {CUDA_MAX_CHANNELS} input channels), "
+                f"got {x.shape[1]}; the triton backend takes any")
+    return why_not_kernel_dtype(x)
+
+
 def _choose(x: Tensor) -> str:
     return _backend.choose("conv_relu_pool2d", x, lambda t: (), extra_check={
-        "triton": lambda: why_not_kernel_dtype(x), "cuda": lambda: "the cuda backend has no conv_relu_pool2d kernel yet"})
+        "triton": lambda: why_not_kernel_dtype(x), "cuda": lambda: _why_not_cuda(x)})
 
 
 def _window_index(y_idx_flat: Tensor, WO: int, HP: int, WP: int, P: int, Q: int) -> Tensor:
@@ -39,9 +50,13 @@ def _window_index(y_idx_flat: Tensor, WO: int, HP: int, WP: int, P: int, Q: int)
 @torch.library.custom_op("pydlx::conv_relu_pool2d_fwd", mutates_args=())
 def conv_relu_pool2d_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
                          pool_size: int, pool_stride: int) -> Tuple[Tensor, Tensor]:
-    if _choose(input) == "triton":
+    backend = _choose(input)
+    if backend == "triton":
         from ..triton import conv_relu_pool as tri
         return tri.conv_relu_pool_fwd(input, weight, bias, stride, padding, pool_size, pool_stride)
+    if backend == "cuda":
+        return torch.ops.pydlx.conv_relu_pool2d_fwd_cuda(input, weight, bias, stride, padding, pool_size,
+                                                         pool_stride)
     z = torch.relu(torch.nn.functional.conv2d(input, weight, bias, stride=stride, padding=padding))
     y, flat = torch.nn.functional.max_pool2d(z, pool_size, pool_stride, return_indices=True)
     return y.contiguous(), _window_index(flat, z.shape[-1], y.shape[-2], y.shape[-1], pool_size, pool_stride)

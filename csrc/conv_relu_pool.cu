@@ -1,0 +1,209 @@
+// pydlx: Conv2d -> ReLU -> MaxPool2d as one direct-convolution CUDA kernel, for first layers (few input channels).
+//
+// Why a direct convolution: a first layer has C = 1..4 input channels, so an implicit GEMM's reduction over C*k*k
+// pads 27 (3x3x3) up to 32 or more and its tensor-core K steps gather a handful of useful values each. Here a
+// block stages a zero-padded input tile of all C channels and the weights of 16 output channels in shared memory
+// as fp32, computes the conv outputs under its tile of pooled pixels with FMAs (each conv output exactly once, also
+// for overlapping 3/2 pools), keeps them in shared memory, and pools them: only the pooled map and an int8 argmax
+// per pooled element (its position in the pool window, for backward) are written. Bias and ReLU come after the
+// max (a per-channel bias and ReLU are monotone: exact). NaN propagates as in max_pool2d.
+//
+// Shapes: x [N, C, H, W] with any strides (NCHW or channels_last), w [K, C, R, R], b [K] or none; outputs y and
+// idx contiguous [N, K, HP, WP]. fp32, fp16, bf16 in and out, fp32 arithmetic. C <= kMaxChannels.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "dispatch.h"
+
+namespace pydlx {
+namespace {
+
+constexpr int kGroup = 16;      // output channels a block computes
+constexpr int kThreads = 256;
+constexpr int kMaxChannels = 8;  // input channels: the kernel is for first layers
+constexpr int kMaxSmem = 96 * 1024;
+
+struct Geometry {
+  int C, H, W, K, HP, WP, R, S, pad, P, Q;
+  int64_t sn, sc, sh, sw;  // x strides
+  int tile;                // pooled pixels per tile side
+  int toh, tih;            // conv rows and input rows under a tile (square tiles)
+};
+
+// the input tile's floats, rounded up to a multiple of 4 so that the weights after it are float4-aligned
+__host__ __device__ inline int in_floats(const Geometry& g) { return (g.C * g.tih * g.tih + 3) / 4 * 4; }
+
+inline int smem_floats(const Geometry& g) {
+  return in_floats(g) + g.C * g.R * g.R * kGroup + kGroup * g.toh * g.toh;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) conv_relu_pool_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                                                  const T* __restrict__ b, T* __restrict__ y,
+                                                                  int8_t* __restrict__ idx, Geometry g) {
+  extern __shared__ __align__(16) float smem[];
+  float* s_in = smem;                                 // [C][tih][tih]
+  float* s_w = s_in + in_floats(g);                    // [C][R][R][kGroup]: a tap's 16 channels are contiguous
+  float* s_conv = s_w + g.C * g.R * g.R * kGroup;      // [kGroup][toh][toh]
+  const int tiles_w = (g.WP + g.tile - 1) / g.tile;
+  const int ph0 = (blockIdx.x / tiles_w) * g.tile, pw0 = (blockIdx.x % tiles_w) * g.tile;
+  const int k0 = blockIdx.y * kGroup;
+  const int64_t n = blockIdx.z;
+  const int oh0 = ph0 * g.Q, ow0 = pw0 * g.Q;             // the tile's first conv output row / column
+  const int ih0 = oh0 * g.S - g.pad, iw0 = ow0 * g.S - g.pad;  // its first input row / column (may be padding)
+  const int RR = g.R * g.R;
+
+  const T* xn = x + n * g.sn;
+  for (int i = threadIdx.x; i < g.C * g.tih * g.tih; i += kThreads) {
+    const int c = i / (g.tih * g.tih), r = (i / g.tih) % g.tih, q = i % g.tih;
+    const int ih = ih0 + r, iw = iw0 + q;
+    s_in[i] = (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
+                  ? static_cast<float>(xn[c * g.sc + ih * g.sh + iw * g.sw]) : 0.0f;
+  }
+  for (int i = threadIdx.x; i < g.C * RR * kGroup; i += kThreads) {
+    const int k = i % kGroup, tap = i / kGroup;  // tap = (c, kh, kw), matching w's [C][R][R] order
+    s_w[i] = (k0 + k < g.K) ? static_cast<float>(w[static_cast<int64_t>(k0 + k) * g.C * RR + tap]) : 0.0f;
+  }
+  __syncthreads();
+
+  // conv outputs under the tile: one pixel x 16 channels a thread at a time; weights are broadcast reads
+  const int HO = (g.H + 2 * g.pad - g.R) / g.S + 1, WO = (g.W + 2 * g.pad - g.R) / g.S + 1;
+  for (int pix = threadIdx.x; pix < g.toh * g.toh; pix += kThreads) {
+    const int r = pix / g.toh, q = pix % g.toh;
+    if (oh0 + r >= HO || ow0 + q >= WO) continue;  // past the edge: no pooled window reads it
+    float acc[kGroup];
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) acc[k] = 0.0f;
+    for (int c = 0; c < g.C; ++c) {
+      for (int kh = 0; kh < g.R; ++kh) {
+        const float* in_row = s_in + (c * g.tih + r * g.S + kh) * g.tih + q * g.S;
+        const float4* w_tap = reinterpret_cast<const float4*>(s_w + ((c * g.R + kh) * g.R) * kGroup);
+        for (int kw = 0; kw < g.R; ++kw) {
+          const float v = in_row[kw];
+#pragma unroll
+          for (int k4 = 0; k4 < kGroup / 4; ++k4) {
+            const float4 wv = w_tap[kw * (kGroup / 4) + k4];
+            acc[4 * k4 + 0] = fmaf(v, wv.x, acc[4 * k4 + 0]);
+            acc[4 * k4 + 1] = fmaf(v, wv.y, acc[4 * k4 + 1]);
+            acc[4 * k4 + 2] = fmaf(v, wv.z, acc[4 * k4 + 2]);
+            acc[4 * k4 + 3] = fmaf(v, wv.w, acc[4 * k4 + 3]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) s_conv[(k * g.toh + r) * g.toh + q] = acc[k];
+  }
+  __syncthreads();
+
+  // pool: first max wins; a NaN wins and stays (max_pool2d propagates NaN); then bias and ReLU (NaN kept)
+  for (int i = threadIdx.x; i < kGroup * g.tile * g.tile; i += kThreads) {
+    const int k = i / (g.tile * g.tile), a = (i / g.tile) % g.tile, c = i % g.tile;
+    const int ph = ph0 + a, pw = pw0 + c;
+    if (k0 + k >= g.K || ph >= g.HP || pw >= g.WP) continue;
+    float best = -INFINITY;
+    int arg = 0;
+    for (int u = 0; u < g.P; ++u) {
+      for (int v = 0; v < g.P; ++v) {
+        const float z = s_conv[(k * g.toh + a * g.Q + u) * g.toh + c * g.Q + v];
+        if (z > best || (z != z && best == best)) {
+          best = z;
+          arg = u * g.P + v;
+        }
+      }
+    }
+    if (b != nullptr) best += static_cast<float>(b[k0 + k]);
+    if (best < 0.0f) best = 0.0f;
+    const int64_t out = ((n * g.K + k0 + k) * g.HP + ph) * g.WP + pw;
+    y[out] = static_cast<T>(best);
+    idx[out] = static_cast<int8_t>(arg);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias, int64_t stride,
+                                                              int64_t padding, int64_t pool_size,
+                                                              int64_t pool_stride) {
+  const char* name = "pydlx::conv_relu_pool2d_fwd_cuda";
+  TORCH_CHECK(input.dim() == 4, name, ": input must be (N, C, H, W), got ", input.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == input.size(1) && weight.size(2) == weight.size(3), name,
+              ": weight must be (K, C, k, k) with C = input's channels, got ", weight.sizes());
+  TORCH_CHECK(input.size(1) <= kMaxChannels, name, ": the direct-convolution kernel is for first layers, at most ",
+              kMaxChannels, " input channels; got ", input.size(1));
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(), name,
+              ": weight must match input's dtype and device");
+  TORCH_CHECK(stride >= 1 && padding >= 0 && pool_size >= 1 && pool_stride >= 1 && pool_size <= 3, name,
+              ": bad stride/padding/pool arguments");
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == weight.size(0) && b.scalar_type() == input.scalar_type() &&
+                    b.device() == input.device(), name, ": bias must be (K,) of input's dtype and device");
+  }
+  Geometry g{};
+  g.C = static_cast<int>(input.size(1));
+  g.H = static_cast<int>(input.size(2));
+  g.W = static_cast<int>(input.size(3));
+  g.K = static_cast<int>(weight.size(0));
+  g.R = static_cast<int>(weight.size(2));
+  g.S = static_cast<int>(stride);
+  g.pad = static_cast<int>(padding);
+  g.P = static_cast<int>(pool_size);
+  g.Q = static_cast<int>(pool_stride);
+  const int HO = (g.H + 2 * g.pad - g.R) / g.S + 1, WO = (g.W + 2 * g.pad - g.R) / g.S + 1;
+  TORCH_CHECK(HO >= g.P && WO >= g.P, name, ": the conv output (", HO, "x", WO, ") is smaller than the pool window");
+  g.HP = (HO - g.P) / g.Q + 1;
+  g.WP = (WO - g.P) / g.Q + 1;
+  g.sn = input.stride(0);
+  g.sc = input.stride(1);
+  g.sh = input.stride(2);
+  g.sw = input.stride(3);
+  // the largest square tile (8, 4, 2 or 1 pooled pixels a side) whose shared memory fits
+  for (g.tile = 8;; g.tile /= 2) {
+    g.toh = (g.tile - 1) * g.Q + g.P;
+    g.tih = (g.toh - 1) * g.S + g.R;
+    if (g.tile == 1 || smem_floats(g) * 4 <= kMaxSmem) break;
+  }
+  const size_t smem = static_cast<size_t>(smem_floats(g)) * sizeof(float);
+  TORCH_CHECK(smem <= kMaxSmem, name, ": needs ", smem, " bytes of shared memory; at most ", kMaxSmem);
+
+  at::Tensor y = at::empty({input.size(0), g.K, g.HP, g.WP}, input.options());
+  at::Tensor idx = at::empty({input.size(0), g.K, g.HP, g.WP}, input.options().dtype(at::kChar));
+  if (y.numel() == 0) return {y, idx};
+  TORCH_CHECK(input.size(0) <= 65535, name, ": batch must be at most 65535, got ", input.size(0));
+  const at::Tensor wc = weight.contiguous();
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int tiles = ((g.HP + g.tile - 1) / g.tile) * ((g.WP + g.tile - 1) / g.tile);
+  const dim3 grid(tiles, (g.K + kGroup - 1) / kGroup, static_cast<unsigned>(input.size(0)));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  PYDLX_DISPATCH_FLOAT(input.scalar_type(), name, [&] {
+    auto kernel = conv_relu_pool_kernel<scalar_t>;
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
+    kernel<<<grid, kThreads, smem, stream>>>(input.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(),
+                                             b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                                             y.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<int8_t>(), g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, idx};
+}
+
+}  // namespace
+}  // namespace pydlx
+
+TORCH_LIBRARY_FRAGMENT(pydlx, m) {
+  m.def("conv_relu_pool2d_fwd_cuda(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, "
+        "int pool_size, int pool_stride) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pydlx, CUDA, m) { m.impl("conv_relu_pool2d_fwd_cuda", &pydlx::conv_relu_pool2d_fwd_cuda); }
