@@ -1,0 +1,48 @@
+"""``pydlx.nn.LSTM`` / ``pydlx.nn.LSTMCell``: torch.nn.LSTM / LSTMCell on pydlx's kernels.
+
+Subclasses of the torch modules: constructor arguments, parameters (names, shapes, initialisation), state_dict,
+inputs (batched, unbatched, (h0, c0), PackedSequence) and outputs are torch.nn's; only forward differs.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..ops.lstm import lstm, lstm_cell
+
+
+def _adopt(cls, module: nn.Module, base: type, name: str):
+    """A ``cls`` that shares ``module``'s parameters and settings (no copy)."""
+    if not isinstance(module, base):
+        raise TypeError(f"pydlx.nn.{name}.from_module: expected an nn.{name}, got {type(module).__name__}")
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    return new
+
+
+class LSTM(nn.LSTM):
+    """``torch.nn.LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, proj_size=0, device=None, dtype=None)``, computed by ``pydlx.ops.lstm``."""
+
+    @classmethod
+    def from_module(cls, module: nn.LSTM) -> "LSTM":
+        return _adopt(cls, module, nn.LSTM, "LSTM")
+
+    def forward(self, input, hx=None):
+        return lstm(input, self._flat_weights, hx, num_layers=self.num_layers, bias=self.bias,
+                    batch_first=self.batch_first, dropout=self.dropout, training=self.training,
+                    bidirectional=self.bidirectional, proj_size=self.proj_size)
+
+
+class LSTMCell(nn.LSTMCell):
+    """``torch.nn.LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None)``, computed by
+    ``pydlx.ops.lstm_cell``."""
+
+    @classmethod
+    def from_module(cls, module: nn.LSTMCell) -> "LSTMCell":
+        return _adopt(cls, module, nn.LSTMCell, "LSTMCell")
+
+    def forward(self, input, hx=None):
+        return lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)

@@ -1,0 +1,304 @@
+"""``pydlx.ops.lstm`` / ``pydlx.ops.lstm_cell``: torch.nn.LSTM / LSTMCell as functions, on pydlx's kernels.
+
+Ops (schemas defined once, here), one layer in one direction, time-major:
+  pydlx::lstm_layer_fwd(x, w_ih, w_hh, bias, h0, c0, lengths, reverse, save) -> (y, h_n, c_n, hs, cs, acts)
+      x [T, B, I]; bias = b_ih + b_hh or None; lengths int32 [B] (packed input) or None; y [T, B, H] (0 past a
+      sequence's end); hs [T+1, B, H], cs [T+1, B, H] fp32 and acts [T, B, 4H] fp32 (the gate activations) are
+      saved for backward (non-differentiable outputs).
+  pydlx::lstm_layer_bwd(dy, dh_n, dc_n, x, w_ih, w_hh, hs, cs, acts, lengths, reverse, has_bias, need_input,
+      need_weight) -> (dx, dw_ih, dw_hh, db, dh0, dc0)
+The Triton path (pydlx/triton/lstm.py): the input projection of all steps as one GEMM, then the recurrence as one
+sequence launch (or one launch a step); backward through time in one launch with fused pointwise gradients, then
+the weight gradients as GEMMs over all steps. Layers, directions, inter-layer dropout, batch_first, unbatched input
+and PackedSequence (per-sequence lengths: a mask per step, no re-batching) are handled here, around the ops.
+`auto` runs ATen's LSTM (cuDNN on GPUs) until GPU measurements say where the kernels win (bench/NOTES.md); the
+triton backend, forced, runs the kernels (projections, proj_size > 0, are not in them yet).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from .. import _backend
+from ._common import FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
+from ..reference import lstm as ref
+
+NAME = "pydlx.ops.lstm"
+
+
+# ----------------------------------------------------------------------------------------------- layer ops
+@torch.library.custom_op("pydlx::lstm_layer_fwd", mutates_args=())
+def lstm_layer_fwd(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0: Tensor, c0: Tensor,
+                   lengths: Optional[Tensor], reverse: bool, save: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from ..triton import linear as tri_linear
+    from ..triton import lstm as tri
+
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    G = tri_linear.linear_fwd(x.reshape(T * B, I), w_ih, bias, None, False)[0].view(T, B, 4 * H)
+    y, hs, cs, acts = tri.lstm_fwd(G, w_hh, h0, c0, lengths, reverse, save)
+    final = 0 if reverse else T
+    return y, hs[final].clone(), cs[final].to(x.dtype, copy=True), hs, cs, acts
+
+
+@lstm_layer_fwd.register_fake
+def _(x, w_ih, w_hh, bias, h0, c0, lengths, reverse, save):
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    f32 = dict(dtype=torch.float32)
+    return (x.new_empty((T, B, H)), x.new_empty((B, H)), x.new_empty((B, H)), x.new_empty((T + 1, B, H)),
+            x.new_empty((T + 1, B, H), **f32), x.new_empty((T, B, 4 * H), **f32) if save else x.new_empty(0, **f32))
+
+
+@torch.library.custom_op("pydlx::lstm_layer_bwd", mutates_args=())
+def lstm_layer_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, hs: Tensor,
+                   cs: Tensor, acts: Tensor, lengths: Optional[Tensor], reverse: bool, has_bias: bool,
+                   need_input: bool, need_weight: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from ..triton import linear as tri_linear
+    from ..triton import lstm as tri
+
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    dz, dh0, dc0 = tri.lstm_bwd(dy, dh_n, dc_n, acts, cs, w_hh, lengths, reverse)
+    dz2 = dz.view(T * B, 4 * H)
+    # the weight gradients and dx: GEMMs over all T*B rows at once
+    dx, dw_ih, db = tri_linear.linear_bwd(dz2, x.reshape(T * B, I), w_ih, dz2, None, has_bias, need_input,
+                                          need_weight)
+    empty = x.new_empty(0)
+    dw_hh = empty
+    if need_weight:
+        h_prev = (hs[1:] if reverse else hs[:T]).reshape(T * B, H)
+        dw_hh = tri_linear.linear_bwd(dz2, h_prev, w_hh, dz2, None, False, False, True)[1]
+    return (dx.view(T, B, I) if need_input else empty, dw_ih if need_weight else empty, dw_hh,
+            db if has_bias else empty, dh0.to(x.dtype), dc0.to(x.dtype))
+
+
+@lstm_layer_bwd.register_fake
+def _(dy, dh_n, dc_n, x, w_ih, w_hh, hs, cs, acts, lengths, reverse, has_bias, need_input, need_weight):
+    empty = x.new_empty(0)
+    return (torch.empty_like(x) if need_input else empty, torch.empty_like(w_ih) if need_weight else empty,
+            torch.empty_like(w_hh) if need_weight else empty, w_ih.new_empty(w_ih.shape[0]) if has_bias else empty,
+            torch.empty_like(dh_n), torch.empty_like(dc_n))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_ih, w_hh, bias, h0, c0, lengths, reverse, save = inputs
+    y, h_n, c_n, hs, cs, acts = output
+    ctx.mark_non_differentiable(hs, cs, acts)
+    ctx.save_for_backward(x, w_ih, w_hh, hs, cs, acts, lengths)
+    ctx.args = (reverse, bias is not None)
+
+
+def _backward(ctx, dy, dh_n, dc_n, _dhs, _dcs, _dacts):
+    x, w_ih, w_hh, hs, cs, acts, lengths = ctx.saved_tensors
+    reverse, has_bias = ctx.args
+    need_x, need_wih, need_whh, need_b, need_h0, need_c0 = ctx.needs_input_grad[:6]
+    dx, dw_ih, dw_hh, db, dh0, dc0 = lstm_layer_bwd(
+        dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), x, w_ih, w_hh, hs, cs, acts, lengths, reverse,
+        has_bias and need_b, need_x, need_wih or need_whh)
+    return (dx if need_x else None, dw_ih if need_wih else None, dw_hh if need_whh else None,
+            db if (has_bias and need_b) else None, dh0 if need_h0 else None, dc0 if need_c0 else None,
+            None, None, None)
+
+
+torch.library.register_autograd("pydlx::lstm_layer_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _per_layer(weights: Sequence[Tensor], num_layers: int, dirs: int, bias: bool, proj_size: int):
+    """nn.LSTM's _flat_weights order -> [(w_ih, w_hh, b_ih, b_hh, w_hr)] per (layer, direction)."""
+    per = 2 + 2 * bias + (proj_size > 0)
+    if len(weights) != num_layers * dirs * per:
+        raise ValueError(f"{NAME}: expected {num_layers * dirs * per} weight tensors (num_layers={num_layers}, "
+                         f"bidirectional={dirs == 2}, bias={bias}, proj_size={proj_size}: nn.LSTM's _flat_weights "
+                         f"order), got {len(weights)}")
+    out = []
+    for k in range(num_layers * dirs):
+        ws = list(weights[k * per:(k + 1) * per])
+        w_ih, w_hh = ws[0], ws[1]
+        b_ih, b_hh = (ws[2], ws[3]) if bias else (None, None)
+        w_hr = ws[-1] if proj_size > 0 else None
+        out.append((w_ih, w_hh, b_ih, b_hh, w_hr))
+    return out
+
+
+def _check_tensor(name: str, t: Tensor, like: Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{NAME}: {name} must be a floating-point tensor, got {t.dtype}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{NAME}: {name} has dtype {t.dtype} but input has {like.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{NAME}: {name} is on {t.device} but input is on {like.device}")
+
+
+def _why_not_triton(x: Tensor, proj_size: int) -> Optional[str]:
+    if proj_size > 0:
+        return "proj_size > 0 is not supported by the triton kernels yet (auto runs cuDNN for it)"
+    return why_not_kernel_dtype(x)
+
+
+# ----------------------------------------------------------------------------------------------- functional
+def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
+         hx: Optional[Tuple[Tensor, Tensor]] = None, *, num_layers: int = 1, bias: bool = True,
+         batch_first: bool = False, dropout: float = 0.0, training: bool = False, bidirectional: bool = False,
+         proj_size: int = 0):
+    """``torch.nn.LSTM``'s forward as a function: ``(output, (h_n, c_n))`` for ``input`` (L, N, H_in), (N, L, H_in)
+    with batch_first, unbatched (L, H_in), or a PackedSequence; ``weights`` in nn.LSTM's ``_flat_weights`` order
+    (per layer and direction: w_ih, w_hh[, b_ih, b_hh][, w_hr]); ``hx`` = (h0, c0) or None (zeros)."""
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
+    if not isinstance(data, Tensor):
+        raise TypeError(f"{NAME}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+    dirs = 2 if bidirectional else 1
+    layers = _per_layer(weights, num_layers, dirs, bias, proj_size)
+    H = layers[0][1].shape[1]
+    H_out = proj_size if proj_size > 0 else H
+    in_size = layers[0][0].shape[1]
+    if packed:
+        if data.dim() != 2:
+            raise ValueError(f"{NAME}: a PackedSequence's data must be 2-D (sum of lengths, input_size), got "
+                             f"{data.dim()}-D")
+        unbatched = False
+        B = int(input.batch_sizes[0])
+    else:
+        if data.dim() not in (2, 3):
+            raise ValueError(f"{NAME}: input must be 3-D (L, N, H_in) / (N, L, H_in) with batch_first, or 2-D "
+                             f"unbatched (L, H_in); got {data.dim()}-D")
+        unbatched = data.dim() == 2
+        B = 1 if unbatched else data.shape[0 if batch_first else 1]
+    if data.shape[-1] != in_size:
+        raise ValueError(f"{NAME}: input.size(-1) must be equal to input_size. Expected {in_size}, got "
+                         f"{data.shape[-1]}")
+    for k, ws in enumerate(layers):
+        for name, t in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"), ws):
+            if t is not None:
+                _check_tensor(f"{name} #{k}", t, data)
+    if hx is not None:
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise TypeError(f"{NAME}: hx must be a tuple (h0, c0), got {type(hx).__name__}")
+        h0, c0 = hx
+        state_dims = 2 if unbatched else 3
+        for name, t, width in (("h0", h0, H_out), ("c0", c0, H)):
+            want = (num_layers * dirs, width) if unbatched else (num_layers * dirs, B, width)
+            if not isinstance(t, Tensor) or t.dim() != state_dims or tuple(t.shape) != want:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{NAME}: expected {name} of shape {want}, got {got}")
+            _check_tensor(name, t, data)
+        if unbatched:
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        if packed and input.sorted_indices is not None:  # states follow the packed (sorted) batch order
+            h0, c0 = h0.index_select(1, input.sorted_indices), c0.index_select(1, input.sorted_indices)
+    else:
+        h0 = data.new_zeros((num_layers * dirs, B, H_out))
+        c0 = data.new_zeros((num_layers * dirs, B, H))
+    if unbatched:
+        data = data.unsqueeze(1)
+
+    backend = _backend.choose("lstm", data, lambda t: (), extra_check={
+        "triton": lambda: _why_not_triton(data, proj_size),
+        "cuda": lambda: "the cuda backend has no LSTM kernel yet"})
+    flat = [t for ws in layers for t in ws if t is not None]
+    if backend == "reference":
+        out, h_n, c_n = ref.lstm(data, (h0, c0), flat, bias, num_layers, float(dropout), training, bidirectional,
+                                 batch_first and not packed and not unbatched,
+                                 input.batch_sizes if packed else None)
+    else:
+        dev = data.device.type
+        data, h0, c0 = autocast_cast(dev, (data, h0, c0))
+        layers = [tuple(autocast_cast(dev, ws)) for ws in layers]
+        out, h_n, c_n = _lstm_kernels(data, input.batch_sizes if packed else None, h0, c0, layers, num_layers, dirs,
+                                      float(dropout), training, batch_first and not packed and not unbatched)
+    if packed:
+        if input.unsorted_indices is not None:
+            h_n, c_n = h_n.index_select(1, input.unsorted_indices), c_n.index_select(1, input.unsorted_indices)
+        return PackedSequence(out, input.batch_sizes, input.sorted_indices, input.unsorted_indices), (h_n, c_n)
+    if unbatched:
+        return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+    return out, (h_n, c_n)
+
+
+def _packed_layout(batch_sizes: Tensor, device) -> Tuple[int, int, Tensor, Tensor]:
+    """(T, B, flat row of each packed row in a [T * B] time-major padded buffer, lengths int32 [B]) from a
+    PackedSequence's (CPU) batch_sizes; the batch stays in the packed (sorted) order."""
+    bs = batch_sizes.to("cpu", torch.int64)
+    T, B = bs.numel(), int(bs[0])
+    t_idx = torch.repeat_interleave(torch.arange(T), bs)
+    offsets = torch.cumsum(bs, 0) - bs
+    j_idx = torch.arange(int(bs.sum())) - torch.repeat_interleave(offsets, bs)
+    lengths = (bs.unsqueeze(1) > torch.arange(B).unsqueeze(0)).sum(0).to(torch.int32)
+    return T, B, (t_idx * B + j_idx).to(device), lengths.to(device)
+
+
+def _lstm_kernels(data: Tensor, batch_sizes, h0: Tensor, c0: Tensor, layers, num_layers: int, dirs: int,
+                  dropout: float, training: bool, batch_first: bool):
+    lengths = None
+    if batch_sizes is not None:
+        T, B, flat_rows, lengths = _packed_layout(batch_sizes, data.device)
+        x = data.new_zeros((T * B, data.shape[-1])).index_copy(0, flat_rows, data).view(T, B, -1)
+    else:
+        x = data.transpose(0, 1) if batch_first else data
+    save = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (data, h0, c0, *[w for ws in layers for w in ws if w is not None]))
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            k = layer * dirs + d
+            w_ih, w_hh, b_ih, b_hh, _ = layers[k]
+            b = b_ih + b_hh if b_ih is not None else None
+            y, h, c, _, _, _ = lstm_layer_fwd(x.contiguous(), w_ih, w_hh, b, h0[k], c0[k], lengths, d == 1, save)
+            outs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+        x = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]
+        if dropout > 0 and training and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, training=True)
+    if lengths is not None:
+        out = x.reshape(-1, x.shape[-1]).index_select(0, flat_rows)
+    else:
+        out = x.transpose(0, 1) if batch_first else x
+    return out, torch.stack(h_n), torch.stack(c_n)
+
+
+def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
+              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``torch.nn.LSTMCell``'s forward as a function: (h_1, c_1) for input (N, H_in) or unbatched (H_in,)."""
+    name = "pydlx.ops.lstm_cell"
+    if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+        got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
+        raise ValueError(f"{name}: input must be 2-D (N, input_size) or 1-D unbatched, got {got}")
+    if input.shape[-1] != w_ih.shape[1]:
+        raise ValueError(f"{name}: input has {input.shape[-1]} features, expected input_size={w_ih.shape[1]}")
+    H = w_hh.shape[1]
+    unbatched = input.dim() == 1
+    x = input.unsqueeze(0) if unbatched else input
+    if hx is None:
+        h0 = c0 = x.new_zeros((x.shape[0], H))
+    else:
+        h0, c0 = hx
+        for nm, t in (("h0", h0), ("c0", c0)):
+            want = (H,) if unbatched else (x.shape[0], H)
+            if not isinstance(t, Tensor) or tuple(t.shape) != want:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected {nm} of shape {want}, got {got}")
+            _check_tensor(nm, t, input)
+        if unbatched:
+            h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
+    for nm, t in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)):
+        if t is not None:
+            _check_tensor(nm, t, input)
+    backend = _backend.choose("lstm_cell", x, lambda t: (), extra_check={
+        "triton": lambda: why_not_kernel_dtype(x), "cuda": lambda: "the cuda backend has no LSTM kernel yet"})
+    if backend == "reference":
+        h, c = ref.lstm_cell(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+    else:
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh = autocast_cast(x.device.type, (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+        b = b_ih + b_hh if b_ih is not None else None
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+        _, h, c, _, _, _ = lstm_layer_fwd(x.unsqueeze(0).contiguous(), w_ih, w_hh, b, h0, c0, None, False, save)
+    return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)
