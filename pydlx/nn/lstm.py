@@ -1,7 +1,10 @@
 """``pydlx.nn.LSTM`` / ``pydlx.nn.LSTMCell``: torch.nn.LSTM / LSTMCell on pydlx's kernels.
 
-Subclasses of the torch modules: constructor arguments, parameters (names, shapes, initialisation), state_dict,
-inputs (batched, unbatched, (h0, c0), PackedSequence) and outputs are torch.nn's; only forward differs.
+Constructor arguments, parameters (names, shapes, initialisation: the same random draws), state_dict, inputs
+(batched, unbatched, (h0, c0), PackedSequence) and outputs are torch.nn's; only forward differs. ``LSTM`` is an
+``nn.RNNBase`` built exactly as ``nn.LSTM`` builds itself (mode "LSTM") but not an ``nn.LSTM`` subclass:
+torch.compile refuses to trace ``nn.LSTM`` instances (Dynamo's "Attempted to wrap RNN, GRU, or LSTM") and pydlx's
+forward is traceable. ``LSTMCell`` subclasses ``nn.LSTMCell``.
 """
 from __future__ import annotations
 
@@ -22,12 +25,19 @@ def _adopt(cls, module: nn.Module, base: type, name: str):
     return new
 
 
-class LSTM(nn.LSTM):
+class LSTM(nn.RNNBase):
     """``torch.nn.LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
     bidirectional=False, proj_size=0, device=None, dtype=None)``, computed by ``pydlx.ops.lstm``."""
 
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None) -> None:
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype)
+
     @classmethod
     def from_module(cls, module: nn.LSTM) -> "LSTM":
+        """A pydlx LSTM sharing ``module``'s parameters and settings (no copy)."""
         return _adopt(cls, module, nn.LSTM, "LSTM")
 
     def forward(self, input, hx=None):
@@ -42,6 +52,7 @@ class LSTMCell(nn.LSTMCell):
 
     @classmethod
     def from_module(cls, module: nn.LSTMCell) -> "LSTMCell":
+        """A pydlx LSTMCell sharing ``module``'s parameters (no copy)."""
         return _adopt(cls, module, nn.LSTMCell, "LSTMCell")
 
     def forward(self, input, hx=None):

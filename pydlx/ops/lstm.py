@@ -155,7 +155,7 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
         raise TypeError(f"{NAME}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
     dirs = 2 if bidirectional else 1
     layers = _per_layer(weights, num_layers, dirs, bias, proj_size)
-    H = layers[0][1].shape[1]
+    H = layers[0][1].shape[0] // 4
     H_out = proj_size if proj_size > 0 else H
     in_size = layers[0][0].shape[1]
     if packed:
@@ -173,6 +173,8 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
     if data.shape[-1] != in_size:
         raise ValueError(f"{NAME}: input.size(-1) must be equal to input_size. Expected {in_size}, got "
                          f"{data.shape[-1]}")
+    if data.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{NAME}: input must be a floating-point tensor, got {data.dtype}")
     for k, ws in enumerate(layers):
         for name, t in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"), ws):
             if t is not None:
@@ -273,6 +275,8 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
         raise ValueError(f"{name}: input must be 2-D (N, input_size) or 1-D unbatched, got {got}")
     if input.shape[-1] != w_ih.shape[1]:
         raise ValueError(f"{name}: input has {input.shape[-1]} features, expected input_size={w_ih.shape[1]}")
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: input must be a floating-point tensor, got {input.dtype}")
     H = w_hh.shape[1]
     unbatched = input.dim() == 1
     x = input.unsqueeze(0) if unbatched else input
@@ -296,7 +300,8 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
     if backend == "reference":
         h, c = ref.lstm_cell(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
     else:
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh = autocast_cast(x.device.type, (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+        if x.device.type == "cuda":  # autocast lists lstm_cell for CUDA only (on the CPU it stays fp32)
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh = autocast_cast("cuda", (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
         b = b_ih + b_hh if b_ih is not None else None
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
