@@ -15,7 +15,7 @@ _lstm_fwd_kernel, two launch shapes of one kernel:
   * sequence: one program owns BLOCK_B batch rows and all hidden units and loops over every step in one launch;
     the h exchange between steps goes through hs (global memory, L1/L2-resident) behind a CTA barrier. When the
     whole of W_hh fits one tile set (H <= BLOCK_H, RESIDENT) it is loaded once and stays in registers for the whole
-    sequence; otherwise it streams from L2 every step.
+    sequence (H <= 32); otherwise it streams from L2 every step.
   * step: one launch per step, grid (batch tiles, hidden tiles), for large batch x hidden where the sequence
     launch would leave SMs idle. Launches are asynchronous (no host sync), so the host runs ahead of the GPU.
 _lstm_bwd_kernel (sequence only): per step, phase 1 forms dz = d(pre-activation gates) from dh, dc and the saved
@@ -218,12 +218,26 @@ def _lstm_bwd_kernel(
         tl.debug_barrier()
 
 
-def _block_b(B: int) -> int:
-    return 16 if B <= 16 else 32
+# Block sizes and warps: the choices that compile without register spills for sm_80 and sm_90 in every dtype
+# (tests/aot_compile.py compiles each launch in LAUNCHES). 16 batch rows a program (32 spill with four live gate
+# accumulators); W_hh stays in registers for the whole sequence up to H = 32 (at 64 the four resident gate tiles
+# spill), larger layers stream it from L2 in 64-wide tiles.
+BLOCK_B = 16
+RESIDENT_MAX_H = 32
 
 
 def _block_h(H: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(H)))
+    return 16 if H <= 16 else (32 if H <= 32 else 64)
+
+
+def _warps(kind: str, block_h: int) -> int:
+    return 4 if (kind == "bwd" and block_h == 32) else 8
+
+
+# Every (kernel, BLOCK_H, sequence launch, weights resident, warps) that lstm_fwd / lstm_bwd can launch.
+LAUNCHES = ([("fwd", bh, True, True, _warps("fwd", bh)) for bh in (16, 32)]
+            + [("fwd", 64, True, False, _warps("fwd", 64)), ("fwd", 64, False, False, _warps("fwd", 64))]
+            + [("bwd", bh, True, False, _warps("bwd", bh)) for bh in (16, 32, 64)])
 
 
 def step_path(B: int, H: int) -> bool:
@@ -254,17 +268,18 @@ def lstm_fwd(G: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Te
     if T == 0 or B == 0 or H == 0:
         return y, hs, cs, acts
     w_hh = w_hh.contiguous()
-    BB, BH = _block_b(B), _block_h(H)
+    BB, BH = BLOCK_B, _block_h(H)
     lens = lengths if lengths is not None else hs  # a valid pointer, never read without HAS_LEN
     common = dict(REVERSE=reverse, HAS_LEN=lengths is not None, SAVE=save, PRECISION=precision(dt),
-                  INTERP_BF16=interp_bf16(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=4)
+                  INTERP_BF16=interp_bf16(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("fwd", BH))
     args = (G, w_hh, hs, cs, y, acts if save else cs, lens, T, B, H)
     if (path or ("step" if step_path(B, H) else "sequence")) == "step":
         grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
         for s in range(T):
             _lstm_fwd_kernel[grid](*args, s, 1, ALL_HIDDEN=False, RESIDENT=False, **common)
     else:
-        _lstm_fwd_kernel[(triton.cdiv(B, BB), 1)](*args, 0, T, ALL_HIDDEN=True, RESIDENT=H <= BH, **common)
+        _lstm_fwd_kernel[(triton.cdiv(B, BB), 1)](*args, 0, T, ALL_HIDDEN=True, RESIDENT=H <= RESIDENT_MAX_H,
+                                                  **common)
     return y, hs, cs, acts
 
 
@@ -279,10 +294,10 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, acts: tor
     dc = dc_n.to(torch.float32).contiguous().clone()
     if T == 0 or B == 0 or H == 0:
         return dz.zero_(), dh, dc
-    BB, BH = _block_b(B), _block_h(H)
+    BB, BH = BLOCK_B, _block_h(H)
     dt = w_hh.dtype
     _lstm_bwd_kernel[(triton.cdiv(B, BB),)](
         dy.contiguous(), acts, cs, w_hh.contiguous(), dz, dh, dc, lengths if lengths is not None else dh, T, B, H,
         REVERSE=reverse, HAS_LEN=lengths is not None, PRECISION=precision(dt), INTERP_BF16=interp_bf16(dt),
-        BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=4)
+        BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("bwd", BH))
     return dz, dh, dc
