@@ -18,9 +18,9 @@ import torch
 
 import pydlx
 from pydlx import bench
-from pydlx.bench import conv_relu_pool, linear, mlp
+from pydlx.bench import conv_relu_pool, linear, lstm, mlp
 
-FAMILIES = {"linear": linear.cases, "mlp": mlp.cases, "conv_relu_pool": conv_relu_pool.cases}
+FAMILIES = {"linear": linear.cases, "mlp": mlp.cases, "conv_relu_pool": conv_relu_pool.cases, "lstm": lstm.cases}
 
 
 def _list(arg: str, allowed, what: str):

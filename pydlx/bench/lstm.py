@@ -1,0 +1,90 @@
+"""Benchmark cases for the lstm family: a one-layer LSTM (input_size = hidden_size), time-major.
+
+Shapes (``T:BxH``, packed: ``packed T:BxH``): hidden 128, 256, 512, 1024 x batch 1, 7, 16, 64, 256 x seq 100 and
+1000 (issue 5's grid), plus packed batches of mixed lengths (64 sequences, lengths drawn uniformly from 1..T)
+first, as they carry the packed-input goal. Providers: ``pydlx`` = pydlx.nn.LSTM with the triton backend forced
+(``auto`` runs cuDNN until these numbers say where the kernels win), ``eager`` = nn.LSTM (cuDNN),
+``compile`` = torch.compile(nn.LSTM): Dynamo does not trace nn.LSTM, so this is cuDNN behind a graph break.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from . import Case
+
+GPU_HIDDEN = (128, 256, 512, 1024)
+GPU_BATCH = (1, 7, 16, 64, 256)
+GPU_SEQ = (100, 1000)
+GPU_PACKED = [(100, 64, 256), (100, 64, 512), (1000, 64, 256)]  # (T, B, H)
+CPU_SHAPES = [(20, 4, 32)]
+CPU_PACKED = [(20, 8, 32)]
+GPU_DTYPES = [torch.bfloat16, torch.float32]
+CPU_DTYPES = [torch.float32]
+
+
+def _make_case(device: torch.device, T: int, B: int, H: int, dtype: torch.dtype, packed: bool) -> Case:
+    state = {}
+
+    def make(provider: str):
+        import pydlx
+
+        torch.manual_seed(0)
+        base = nn.LSTM(H, H, device=device, dtype=dtype)
+        backend = "triton" if device.type == "cuda" else "reference"
+        if provider == "pydlx":
+            model = pydlx.nn.LSTM.from_module(base)
+        elif provider == "eager":
+            model = base
+        elif provider == "compile":
+            if "compiled" not in state:
+                torch._dynamo.reset()
+                state["compiled"] = torch.compile(base, dynamic=False)
+            model = state["compiled"]
+        else:
+            raise ValueError(f"unknown provider {provider!r}")
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        x = torch.randn(T, B, H, generator=gen).to(device, dtype)
+        lengths = torch.randint(1, T + 1, (B,), generator=gen)
+        lengths[0] = T
+        xg = x.detach().requires_grad_()
+        params = list(model.parameters())
+
+        def inp(t):
+            return pack_padded_sequence(t, lengths, enforce_sorted=False) if packed else t
+
+        def call(t):
+            with pydlx.use_backend(backend if provider == "pydlx" else pydlx.current_backend()):
+                out, (h, c) = model(inp(t))
+            return out.data if packed else out
+
+        def fwd():
+            with torch.no_grad():
+                return call(x)
+
+        def fwdbwd():
+            for p in params:
+                p.grad = None
+            xg.grad = None
+            y = call(xg)
+            y.backward(torch.ones_like(y))
+            return y
+
+        return fwd, fwdbwd
+
+    return Case(family="lstm", op="lstm_packed" if packed else "lstm", shape=f"{T}:{B}x{H}", dtype=dtype,
+                make=make)
+
+
+def cases(device, small: bool) -> List[Case]:
+    device = torch.device(device)
+    if small:
+        return ([_make_case(device, T, B, H, dt, True) for dt in CPU_DTYPES for T, B, H in CPU_PACKED]
+                + [_make_case(device, T, B, H, dt, False) for dt in CPU_DTYPES for T, B, H in CPU_SHAPES])
+    out = [_make_case(device, T, B, H, dt, True) for dt in GPU_DTYPES for T, B, H in GPU_PACKED]
+    out += [_make_case(device, T, B, H, dt, False) for dt in GPU_DTYPES for T in GPU_SEQ for H in GPU_HIDDEN
+            for B in GPU_BATCH]
+    return out
