@@ -9,7 +9,9 @@ What is swapped today (the families of later issues add their patterns here):
     module becomes ``nn.Identity``;
   * an ``nn.Conv2d, nn.ReLU, nn.MaxPool2d`` run inside an ``nn.Sequential`` becomes ``pydlx.nn.ConvReLUPool2d``
     over the conv's own parameters at the conv's place, the ReLU and pool becoming ``nn.Identity``; unsupported
-    options (groups, dilation, ceil mode, ...) are kept as they are and ``explain`` says why.
+    options (groups, dilation, ceil mode, ...) are kept as they are and ``explain`` says why;
+  * every ``nn.LSTM`` / ``nn.LSTMCell`` anywhere in the tree becomes ``pydlx.nn.LSTM`` / ``pydlx.nn.LSTMCell``
+    over the same parameters.
 Parameter names, and so the state_dict, are unchanged. The walk is explicit (setattr on the parent); nothing
 global is patched.
 """
@@ -22,6 +24,7 @@ from torch import nn
 
 from .nn.conv_relu_pool import ConvReLUPool2d, unsupported as conv_unsupported
 from .nn.linear import Linear
+from .nn.lstm import LSTM, LSTMCell
 from .nn.mlp import MLP, _pattern_error, activation_name
 
 Filter = Optional[Callable[[nn.Module, str], bool]]
@@ -91,6 +94,16 @@ def _conv_plan(model: nn.Module, filter_fn: Filter):
     return found
 
 
+def _lstm_plan(model: nn.Module, filter_fn: Filter):
+    """(fqn, module, reason) for each nn.LSTM / nn.LSTMCell (reason None: swapped)."""
+    found = []
+    for fqn, mod in model.named_modules():
+        if type(mod) in (nn.LSTM, nn.LSTMCell) and fqn:
+            excluded = filter_fn is not None and not filter_fn(mod, fqn)
+            found.append((fqn, mod, "excluded by filter_fn" if excluded else None))
+    return found
+
+
 def _set(model: nn.Module, fqn: str, new: nn.Module) -> None:
     parent_name, _, name = fqn.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, name, new)
@@ -121,6 +134,9 @@ def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = Non
         setattr(parent, names[i], ConvReLUPool2d.from_modules(conv, pool))
         setattr(parent, names[i + 1], nn.Identity())
         setattr(parent, names[i + 2], nn.Identity())
+    for fqn, mod, why in _lstm_plan(model, filter_fn):
+        if why is None:
+            _set(model, fqn, (LSTM if type(mod) is nn.LSTM else LSTMCell).from_module(mod))
     for fqn, seq in mlps:
         if fqn == "":
             return MLP.from_sequential(seq)
@@ -155,4 +171,10 @@ def explain(model: nn.Module) -> str:
                          "kernel wins; pydlx.use_backend('triton') forces the kernel")
         else:
             lines.append(f"keep   {fqn}: Conv2d + ReLU + MaxPool2d ({why})")
-    return "\n".join(lines) if lines else "nothing to fuse: no Linear or Conv2d+ReLU+MaxPool2d inside an nn.Sequential"
+    for fqn, mod, _ in _lstm_plan(model, None):
+        kind = type(mod).__name__
+        lines.append(f"fuse   {fqn}: {kind} -> pydlx.nn.{kind}; auto runs cuDNN for it until GPU measurements show "
+                     "where the Triton kernels win; pydlx.use_backend('triton') forces them"
+                     + ("" if getattr(mod, "proj_size", 0) == 0 else " (proj_size > 0: cuDNN only for now)"))
+    return "\n".join(lines) if lines else ("nothing to fuse: no Linear or Conv2d+ReLU+MaxPool2d inside an "
+                                           "nn.Sequential, no LSTM")

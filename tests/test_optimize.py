@@ -138,3 +138,48 @@ def test_optimized_conv_chain_runs_the_triton_kernel_under_the_interpreter():
     with pydlx.use_backend("triton"):
         y = fast(x)
     assert_close(y.double(), net.double()(x.double()), dtype=torch.float32, name="triton via optimize")
+
+
+class _LSTMClassifier(nn.Module):
+    """The seed document's LSTM classifier: nn.LSTM(batch_first=True), zero h0/c0, fc on the last step."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+        self.cell = nn.LSTMCell(16, 16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h0 = torch.zeros(2, x.size(0), 16, dtype=x.dtype)
+        out, _ = self.lstm(x, (h0, torch.zeros_like(h0)))
+        h, _ = self.cell(out[:, -1, :])
+        return self.fc(h)
+
+
+def test_lstm_modules_are_swapped_with_state_dict_unchanged():
+    net = _LSTMClassifier().double()
+    text = pydlx.explain(net)
+    assert "fuse   lstm: LSTM -> pydlx.nn.LSTM" in text and "fuse   cell: LSTMCell -> pydlx.nn.LSTMCell" in text
+    fast = pydlx.optimize(net)
+    assert type(fast.lstm) is pydlx.nn.LSTM and type(fast.cell) is pydlx.nn.LSTMCell
+    assert type(net.lstm) is nn.LSTM
+    sd, original = fast.state_dict(), net.state_dict()
+    assert list(sd) == list(original) and all(torch.equal(sd[k], original[k]) for k in sd)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert_close(fast(x), net(x), name="lstm classifier")
+    g_fast = torch.autograd.grad(fast(x).sum(), [x, *fast.parameters()])
+    g_net = torch.autograd.grad(net(x).sum(), [x, *net.parameters()])
+    for a, b in zip(g_fast, g_net):
+        assert_close(a, b, name="grad")
+    kept = pydlx.optimize(net, filter_fn=lambda m, fqn: fqn != "lstm")
+    assert type(kept.lstm) is nn.LSTM and type(kept.cell) is pydlx.nn.LSTMCell
+
+
+@pytest.mark.interpreter
+def test_optimized_lstm_classifier_runs_the_triton_kernels():
+    net = _LSTMClassifier()
+    fast = pydlx.optimize(net)
+    x = torch.randn(2, 4, 8)
+    with pydlx.use_backend("triton"):
+        y = fast(x)
+    assert_close(y.double(), net.double()(x.double()), dtype=torch.float32, name="triton via optimize")
