@@ -331,3 +331,34 @@ def test_layer_op_with_lengths_matches_the_reference_layer(reverse, poison):
     for a, e, n in zip((y, h, c), want, ("y", "h_n", "c_n")):
         assert_close(a, e, dtype=torch.float32, name=n)
     assert (y[1:, 2] == 0).all()  # the length-1 row
+
+
+@pytest.mark.gpu
+def test_gpu_forward_is_cuda_graph_capturable():
+    """No host syncs in the kernels' forward: a CUDA graph captures every launch (the step launches included), so
+    replaying it takes the host off the critical path."""
+    torch.manual_seed(0)
+    for path in ("sequence", "step"):
+        m = pydlx.nn.LSTM(64, 96, num_layers=2).cuda().to(torch.bfloat16)
+        x = torch.randn(30, 8, 64, device="cuda", dtype=torch.bfloat16)
+        with pydlx.use_backend("triton"), torch.no_grad():
+            import os
+
+            os.environ["PYDLX_LSTM_PATH"] = path
+            try:
+                want = m(x)[0].clone()  # warm-up: compiles the kernels outside the capture
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    m(x)
+                torch.cuda.current_stream().wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    y = m(x)[0]
+                x.copy_(torch.randn_like(x))
+                g.replay()
+                torch.cuda.synchronize()
+                assert_close(y, m(x)[0], dtype=torch.bfloat16, name=f"replay {path}")
+                assert not torch.equal(y, want)
+            finally:
+                del os.environ["PYDLX_LSTM_PATH"]

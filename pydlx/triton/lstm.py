@@ -242,12 +242,14 @@ LAUNCHES = ([("fwd", bh, True, True, _warps("fwd", bh)) for bh in (16, 32)]
 
 def step_path(B: int, H: int) -> bool:
     """Whether the forward runs one launch per step (grid over batch and hidden tiles) rather than one sequence
-    launch. Not yet measured on a GPU (bench/NOTES.md): until then, the step launches are for batch tiles too few
-    to fill the GPU with wide layers (B > 64 and H > 256); PYDLX_LSTM_PATH=step|sequence forces one."""
+    launch. Not yet measured on a GPU; the rule is bench/NOTES.md's estimate: a sequence program streams all of
+    W_hh (8 H^2 bytes in 16-bit) through one SM every step, fine up to H = 128 (~128 KB, about a microsecond),
+    while wider layers need the step launches' hidden tiles spread over many SMs. PYDLX_LSTM_PATH=step|sequence
+    forces one."""
     forced = os.environ.get("PYDLX_LSTM_PATH", "")
     if forced in ("step", "sequence"):
         return forced == "step"
-    return B > 64 and H > 256
+    return H > 128
 
 
 def lstm_fwd(G: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
