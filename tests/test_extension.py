@@ -40,6 +40,14 @@ def test_extension_builds_and_registers_ops(built):
     assert str(op._schema) == ("pydlx::conv_relu_pool2d_fwd_cuda(Tensor input, Tensor weight, Tensor? bias, "
                                "int stride, int padding, int pool_size, int pool_stride) -> (Tensor, Tensor)")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
+    for name, schema in [
+            ("lstm_seq_fwd_cuda", "pydlx::lstm_seq_fwd_cuda(Tensor G, Tensor w_hh, Tensor h0, Tensor c0, "
+                                  "Tensor? lengths, bool reverse, bool save) -> (Tensor, Tensor, Tensor, Tensor)"),
+            ("lstm_seq_bwd_cuda", "pydlx::lstm_seq_bwd_cuda(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor acts, "
+                                  "Tensor cs, Tensor w_hh, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)")]:
+        op = getattr(torch.ops.pydlx, name).default
+        assert str(op._schema) == schema
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
     assert pydlx.backends()["cuda"].startswith("available")
 
 
@@ -50,7 +58,7 @@ def test_extension_ops_reject_cpu_tensors(built):
 
 def test_sources_are_all_built():
     names = sorted(os.path.basename(s) for s in _ext.sources())
-    assert names == ["conv_relu_pool.cu", "linear.cu", "mlp.cu"]
+    assert names == ["conv_relu_pool.cu", "linear.cu", "lstm.cu", "mlp.cu"]
 
 
 @pytest.mark.gpu

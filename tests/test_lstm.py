@@ -236,7 +236,7 @@ def test_opcheck_and_compile():
     h0, c0 = torch.randn(B, H, requires_grad=True), torch.randn(B, H, requires_grad=True)
     for lengths, reverse in ((None, False), (torch.tensor([3, 1], dtype=torch.int32), True)):
         torch.library.opcheck(torch.ops.pydlx.lstm_layer_fwd.default,
-                              (x, w_ih, w_hh, b, h0, c0, lengths, reverse, True))
+                              (x, w_ih, w_hh, b, h0, c0, lengths, reverse, True, "triton"))
     m = pydlx.nn.LSTM(I, H, num_layers=2)
     xin = torch.randn(T, B, I)
     with pydlx.use_backend("triton"):
@@ -325,7 +325,7 @@ def test_layer_op_with_lengths_matches_the_reference_layer(reverse, poison):
     x, h0, c0 = torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H)
     w_ih, w_hh, b = torch.randn(4 * H, I) / 2, torch.randn(4 * H, H) / 3, torch.randn(4 * H)
     lengths = torch.tensor([6, 2, 1, 6, 4], dtype=torch.int32)
-    y, h, c, hs, cs, acts = torch.ops.pydlx.lstm_layer_fwd(x, w_ih, w_hh, b, h0, c0, lengths, reverse, True)
+    y, h, c, hs, cs, acts = torch.ops.pydlx.lstm_layer_fwd(x, w_ih, w_hh, b, h0, c0, lengths, reverse, True, "triton")
     d = lambda t: t.double()  # noqa: E731
     want = ref.lstm_layer(d(x), d(w_ih), d(w_hh), d(b), d(h0), d(c0), lengths, reverse)
     for a, e, n in zip((y, h, c), want, ("y", "h_n", "c_n")):
@@ -362,3 +362,26 @@ def test_gpu_forward_is_cuda_graph_capturable():
                 assert not torch.equal(y, want)
             finally:
                 del os.environ["PYDLX_LSTM_PATH"]
+
+
+# ---------------------------------------------------------------------------------------------- C++/CUDA (GPU)
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GPU_CASES + [pytest.param((16, 768, 1, False, False, 16, [1024]),
+                                                           id="h768-b16-seq1024")])
+def test_gpu_cuda_persistent_against_reference(case, dtype, poison):
+    """csrc/lstm.cu (forced `cuda` backend): the persistent kernels, forward and backward, incl. 1000+ steps."""
+    check(case, dtype, "cuda", device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_refuses_what_does_not_fit():
+    from pydlx.ops.lstm import cuda_smem_bytes
+
+    props = torch.cuda.get_device_properties(0)
+    H = 256
+    while cuda_smem_bytes(H, 4, props.multi_processor_count) <= props.shared_memory_per_block_optin:
+        H *= 2
+    m = pydlx.nn.LSTM(8, H).cuda()
+    with pydlx.use_backend("cuda"), pytest.raises(pydlx.BackendUnavailableError, match="does not fit"):
+        m(torch.randn(3, 2, 8, device="cuda"))

@@ -1,18 +1,21 @@
 """``pydlx.ops.lstm`` / ``pydlx.ops.lstm_cell``: torch.nn.LSTM / LSTMCell as functions, on pydlx's kernels.
 
 Ops (schemas defined once, here), one layer in one direction, time-major:
-  pydlx::lstm_layer_fwd(x, w_ih, w_hh, bias, h0, c0, lengths, reverse, save) -> (y, h_n, c_n, hs, cs, acts)
+  pydlx::lstm_layer_fwd(x, w_ih, w_hh, bias, h0, c0, lengths, reverse, save, kernel)
+      -> (y, h_n, c_n, hs, cs, acts); kernel: "triton" or "cuda"
       x [T, B, I]; bias = b_ih + b_hh or None; lengths int32 [B] (packed input) or None; y [T, B, H] (0 past a
       sequence's end); hs [T+1, B, H], cs [T+1, B, H] fp32 and acts [T, B, 4H] fp32 (the gate activations) are
       saved for backward (non-differentiable outputs).
   pydlx::lstm_layer_bwd(dy, dh_n, dc_n, x, w_ih, w_hh, hs, cs, acts, lengths, reverse, has_bias, need_input,
-      need_weight) -> (dx, dw_ih, dw_hh, db, dh0, dc0)
+      need_weight, kernel) -> (dx, dw_ih, dw_hh, db, dh0, dc0)
 The Triton path (pydlx/triton/lstm.py): the input projection of all steps as one GEMM, then the recurrence as one
 sequence launch (or one launch a step); backward through time in one launch with fused pointwise gradients, then
 the weight gradients as GEMMs over all steps. Layers, directions, inter-layer dropout, batch_first, unbatched input
 and PackedSequence (per-sequence lengths: a mask per step, no re-batching) are handled here, around the ops.
+The cuda backend runs csrc/lstm.cu's persistent kernels instead (W_hh split across the SMs and kept in shared
+memory for the whole sequence, one grid-wide sync per step; cuBLAS for the GEMMs over all steps).
 `auto` runs ATen's LSTM (cuDNN on GPUs) until GPU measurements say where the kernels win (bench/NOTES.md); the
-triton backend, forced, runs the kernels (projections, proj_size > 0, are not in them yet).
+triton and cuda backends, forced, run the kernels (projections, proj_size > 0, are not in them yet).
 """
 from __future__ import annotations
 
@@ -32,21 +35,25 @@ NAME = "pydlx.ops.lstm"
 # ----------------------------------------------------------------------------------------------- layer ops
 @torch.library.custom_op("pydlx::lstm_layer_fwd", mutates_args=())
 def lstm_layer_fwd(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0: Tensor, c0: Tensor,
-                   lengths: Optional[Tensor], reverse: bool, save: bool
+                   lengths: Optional[Tensor], reverse: bool, save: bool, kernel: str
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from ..triton import linear as tri_linear
-    from ..triton import lstm as tri
-
     T, B, I = x.shape
     H = w_hh.shape[1]
-    G = tri_linear.linear_fwd(x.reshape(T * B, I), w_ih, bias, None, False)[0].view(T, B, 4 * H)
-    y, hs, cs, acts = tri.lstm_fwd(G, w_hh, h0, c0, lengths, reverse, save)
+    if kernel == "cuda":  # cuBLAS input projection + csrc/lstm.cu's persistent recurrence
+        G = torch.nn.functional.linear(x.reshape(T * B, I), w_ih, bias).view(T, B, 4 * H)
+        y, hs, cs, acts = torch.ops.pydlx.lstm_seq_fwd_cuda(G, w_hh, h0, c0, lengths, reverse, save)
+    else:
+        from ..triton import linear as tri_linear
+        from ..triton import lstm as tri
+
+        G = tri_linear.linear_fwd(x.reshape(T * B, I), w_ih, bias, None, False)[0].view(T, B, 4 * H)
+        y, hs, cs, acts = tri.lstm_fwd(G, w_hh, h0, c0, lengths, reverse, save)
     final = 0 if reverse else T
     return y, hs[final].clone(), cs[final].to(x.dtype, copy=True), hs, cs, acts
 
 
 @lstm_layer_fwd.register_fake
-def _(x, w_ih, w_hh, bias, h0, c0, lengths, reverse, save):
+def _(x, w_ih, w_hh, bias, h0, c0, lengths, reverse, save, kernel):
     T, B, _ = x.shape
     H = w_hh.shape[1]
     f32 = dict(dtype=torch.float32)
@@ -57,28 +64,38 @@ def _(x, w_ih, w_hh, bias, h0, c0, lengths, reverse, save):
 @torch.library.custom_op("pydlx::lstm_layer_bwd", mutates_args=())
 def lstm_layer_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, hs: Tensor,
                    cs: Tensor, acts: Tensor, lengths: Optional[Tensor], reverse: bool, has_bias: bool,
-                   need_input: bool, need_weight: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from ..triton import linear as tri_linear
-    from ..triton import lstm as tri
-
+                   need_input: bool, need_weight: bool, kernel: str
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     T, B, I = x.shape
     H = w_hh.shape[1]
-    dz, dh0, dc0 = tri.lstm_bwd(dy, dh_n, dc_n, acts, cs, w_hh, lengths, reverse)
-    dz2 = dz.view(T * B, 4 * H)
-    # the weight gradients and dx: GEMMs over all T*B rows at once
-    dx, dw_ih, db = tri_linear.linear_bwd(dz2, x.reshape(T * B, I), w_ih, dz2, None, has_bias, need_input,
-                                          need_weight)
+    x2 = x.reshape(T * B, I)
+    h_prev = (hs[1:] if reverse else hs[:T]).reshape(T * B, H)
     empty = x.new_empty(0)
     dw_hh = empty
-    if need_weight:
-        h_prev = (hs[1:] if reverse else hs[:T]).reshape(T * B, H)
-        dw_hh = tri_linear.linear_bwd(dz2, h_prev, w_hh, dz2, None, False, False, True)[1]
+    # backward through time, then the weight gradients and dx as GEMMs over all T*B rows at once
+    if kernel == "cuda":
+        dz, dh0, dc0 = torch.ops.pydlx.lstm_seq_bwd_cuda(dy, dh_n, dc_n, acts, cs, w_hh, lengths, reverse)
+        dz2 = dz.view(T * B, 4 * H)
+        dx = dz2 @ w_ih if need_input else None
+        dw_ih = dz2.t() @ x2 if need_weight else None
+        db = dz2.sum(0, dtype=torch.float32).to(x.dtype) if has_bias else None
+        if need_weight:
+            dw_hh = dz2.t() @ h_prev
+    else:
+        from ..triton import linear as tri_linear
+        from ..triton import lstm as tri
+
+        dz, dh0, dc0 = tri.lstm_bwd(dy, dh_n, dc_n, acts, cs, w_hh, lengths, reverse)
+        dz2 = dz.view(T * B, 4 * H)
+        dx, dw_ih, db = tri_linear.linear_bwd(dz2, x2, w_ih, dz2, None, has_bias, need_input, need_weight)
+        if need_weight:
+            dw_hh = tri_linear.linear_bwd(dz2, h_prev, w_hh, dz2, None, False, False, True)[1]
     return (dx.view(T, B, I) if need_input else empty, dw_ih if need_weight else empty, dw_hh,
             db if has_bias else empty, dh0.to(x.dtype), dc0.to(x.dtype))
 
 
 @lstm_layer_bwd.register_fake
-def _(dy, dh_n, dc_n, x, w_ih, w_hh, hs, cs, acts, lengths, reverse, has_bias, need_input, need_weight):
+def _(dy, dh_n, dc_n, x, w_ih, w_hh, hs, cs, acts, lengths, reverse, has_bias, need_input, need_weight, kernel):
     empty = x.new_empty(0)
     return (torch.empty_like(x) if need_input else empty, torch.empty_like(w_ih) if need_weight else empty,
             torch.empty_like(w_hh) if need_weight else empty, w_ih.new_empty(w_ih.shape[0]) if has_bias else empty,
@@ -86,23 +103,23 @@ def _(dy, dh_n, dc_n, x, w_ih, w_hh, hs, cs, acts, lengths, reverse, has_bias, n
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_ih, w_hh, bias, h0, c0, lengths, reverse, save = inputs
+    x, w_ih, w_hh, bias, h0, c0, lengths, reverse, save, kernel = inputs
     y, h_n, c_n, hs, cs, acts = output
     ctx.mark_non_differentiable(hs, cs, acts)
     ctx.save_for_backward(x, w_ih, w_hh, hs, cs, acts, lengths)
-    ctx.args = (reverse, bias is not None)
+    ctx.args = (reverse, bias is not None, kernel)
 
 
 def _backward(ctx, dy, dh_n, dc_n, _dhs, _dcs, _dacts):
     x, w_ih, w_hh, hs, cs, acts, lengths = ctx.saved_tensors
-    reverse, has_bias = ctx.args
+    reverse, has_bias, kernel = ctx.args
     need_x, need_wih, need_whh, need_b, need_h0, need_c0 = ctx.needs_input_grad[:6]
     dx, dw_ih, dw_hh, db, dh0, dc0 = lstm_layer_bwd(
         dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), x, w_ih, w_hh, hs, cs, acts, lengths, reverse,
-        has_bias and need_b, need_x, need_wih or need_whh)
+        has_bias and need_b, need_x, need_wih or need_whh, kernel)
     return (dx if need_x else None, dw_ih if need_wih else None, dw_hh if need_whh else None,
             db if (has_bias and need_b) else None, dh0 if need_h0 else None, dc0 if need_c0 else None,
-            None, None, None)
+            None, None, None, None)
 
 
 torch.library.register_autograd("pydlx::lstm_layer_fwd", _backward, setup_context=_setup_context)
@@ -139,6 +156,35 @@ def _why_not_triton(x: Tensor, proj_size: int) -> Optional[str]:
     if proj_size > 0:
         return "proj_size > 0 is not supported by the triton kernels yet (auto runs cuDNN for it)"
     return why_not_kernel_dtype(x)
+
+
+def _align16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def cuda_smem_bytes(H: int, elt: int, sms: int) -> int:
+    """Shared memory a block of csrc/lstm.cu's persistent kernels needs (the larger of forward and backward):
+    ceil(H / SMs) hidden units a block, their W_hh rows (forward) or columns (backward) plus the staged h / dz."""
+    HB = -(-H // sms)
+    r4 = lambda v: -(-v // 4) * 4  # noqa: E731
+    fwd = _align16(elt * 4 * HB * r4(H)) + 4 * 8 * r4(H)
+    bwd = _align16(elt * HB * 4 * H) + 4 * 4 * 4 * H
+    return max(fwd, bwd)
+
+
+def _why_not_cuda(x: Tensor, proj_size: int, H: int) -> Optional[str]:
+    if proj_size > 0:
+        return "proj_size > 0 is not supported by the C++/CUDA LSTM kernel (auto runs cuDNN for it)"
+    why = why_not_kernel_dtype(x)
+    if why is not None:
+        return why
+    props = torch.cuda.get_device_properties(x.device)
+    need = cuda_smem_bytes(H, x.element_size(), props.multi_processor_count)
+    if need > props.shared_memory_per_block_optin:
+        return (f"hidden_size {H} does not fit the persistent kernel: W_hh split over {props.multi_processor_count} "
+                f"SMs needs {need} bytes of shared memory a block, the GPU has "
+                f"{props.shared_memory_per_block_optin}; the triton backend takes it")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- functional
@@ -202,7 +248,7 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
 
     backend = _backend.choose("lstm", data, lambda t: (), extra_check={
         "triton": lambda: _why_not_triton(data, proj_size),
-        "cuda": lambda: "the cuda backend has no LSTM kernel yet"})
+        "cuda": lambda: _why_not_cuda(data, proj_size, H)})
     flat = [t for ws in layers for t in ws if t is not None]
     if backend == "reference":
         out, h_n, c_n = ref.lstm(data, (h0, c0), flat, bias, num_layers, float(dropout), training, bidirectional,
@@ -213,7 +259,8 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
         data, h0, c0 = autocast_cast(dev, (data, h0, c0))
         layers = [tuple(autocast_cast(dev, ws)) for ws in layers]
         out, h_n, c_n = _lstm_kernels(data, input.batch_sizes if packed else None, h0, c0, layers, num_layers, dirs,
-                                      float(dropout), training, batch_first and not packed and not unbatched)
+                                      float(dropout), training, batch_first and not packed and not unbatched,
+                                      backend)
     if packed:
         if input.unsorted_indices is not None:
             h_n, c_n = h_n.index_select(1, input.unsorted_indices), c_n.index_select(1, input.unsorted_indices)
@@ -236,7 +283,7 @@ def _packed_layout(batch_sizes: Tensor, device) -> Tuple[int, int, Tensor, Tenso
 
 
 def _lstm_kernels(data: Tensor, batch_sizes, h0: Tensor, c0: Tensor, layers, num_layers: int, dirs: int,
-                  dropout: float, training: bool, batch_first: bool):
+                  dropout: float, training: bool, batch_first: bool, kernel: str):
     lengths = None
     if batch_sizes is not None:
         T, B, flat_rows, lengths = _packed_layout(batch_sizes, data.device)
@@ -252,7 +299,8 @@ def _lstm_kernels(data: Tensor, batch_sizes, h0: Tensor, c0: Tensor, layers, num
             k = layer * dirs + d
             w_ih, w_hh, b_ih, b_hh, _ = layers[k]
             b = b_ih + b_hh if b_ih is not None else None
-            y, h, c, _, _, _ = lstm_layer_fwd(x.contiguous(), w_ih, w_hh, b, h0[k], c0[k], lengths, d == 1, save)
+            y, h, c, _, _, _ = lstm_layer_fwd(x.contiguous(), w_ih, w_hh, b, h0[k], c0[k], lengths, d == 1, save,
+                                              kernel)
             outs.append(y)
             h_n.append(h)
             c_n.append(c)
@@ -296,7 +344,8 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
         if t is not None:
             _check_tensor(nm, t, input)
     backend = _backend.choose("lstm_cell", x, lambda t: (), extra_check={
-        "triton": lambda: why_not_kernel_dtype(x), "cuda": lambda: "the cuda backend has no LSTM kernel yet"})
+        "triton": lambda: why_not_kernel_dtype(x),
+        "cuda": lambda: "the C++/CUDA LSTM kernel is for whole sequences (pydlx.nn.LSTM); cells run on triton"})
     if backend == "reference":
         h, c = ref.lstm_cell(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
     else:
@@ -305,5 +354,6 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
         b = b_ih + b_hh if b_ih is not None else None
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
-        _, h, c, _, _, _ = lstm_layer_fwd(x.unsqueeze(0).contiguous(), w_ih, w_hh, b, h0, c0, None, False, save)
+        _, h, c, _, _, _ = lstm_layer_fwd(x.unsqueeze(0).contiguous(), w_ih, w_hh, b, h0, c0, None, False, save,
+                                          "triton")
     return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)

@@ -1,0 +1,373 @@
+// pydlx: persistent whole-sequence LSTM recurrence in CUDA (one layer, one direction), forward and backward.
+//
+// The recurrent weights W_hh [4H, H] are split across the SMs and stay in shared memory for the whole sequence;
+// one cooperative launch walks every step with exactly one grid-wide synchronization per step (cooperative
+// groups' grid.sync(), whose co-residency the cooperative launch guarantees or refuses with an error).
+//
+// Forward: block p owns hidden units J_p = [p*HB, p*HB + HB) and the 4 gate rows of W_hh for each of them
+// (4*HB rows x H, in the input dtype). Per step it stages h_{t-1} (all H units, BC batch rows at a time, fp32) in
+// shared memory, computes its units' four gate pre-activations for every batch row (one warp per unit, lanes
+// split H in 4-wide vectors, fp32 FMAs), adds G[t] = x_t W_ih^T + b (one GEMM outside, for all steps), applies
+// sigmoid/tanh and the cell update, and writes h_t and c_t for its units; then grid.sync() publishes h_t.
+// Backward (reverse time): block p owns the same units and keeps the columns J_p of W_hh (4H x HB, transposed)
+// on chip. Per step: phase 1 forms dz (the gate pre-activation gradients) for its units from its own dh, dc and the
+// saved activations, and writes them; grid.sync(); phase 2 computes dh_{t-1}[:, J_p] = dz_t[:, all 4H] W_hh[:, J_p]
+// for its own units (which phase 1 of the next step reads: no second sync). The weight gradients are GEMMs over
+// all steps at once, outside (pydlx/ops/lstm.py), as for the Triton path.
+// Buffers and masks (per-sequence lengths: rows past their end keep h and c and output 0; a reverse direction
+// walks T-1..0) are those of pydlx/triton/lstm.py, so both backends share the Python side.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "dispatch.h"
+
+namespace pydlx {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBC = 8;   // batch rows of h staged per pass (forward)
+constexpr int kBCB = 4;  // batch rows of dz staged per pass (backward: 4H wide)
+
+struct Dims {
+  int T, B, H, HB, Hp, H4p;  // Hp / H4p: H and 4H rounded up to a multiple of 4 (vector loads in shared memory)
+  bool reverse, has_len, save;
+};
+
+__host__ __device__ __forceinline__ size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + __expf(-x)); }
+__device__ __forceinline__ float tanhf_(float x) { return tanhf(x); }
+
+template <typename T>
+__device__ __forceinline__ float4 load4(const T* p) {  // 4 consecutive elements, 4-element aligned
+  return make_float4(static_cast<float>(p[0]), static_cast<float>(p[1]), static_cast<float>(p[2]),
+                     static_cast<float>(p[3]));
+}
+template <>
+__device__ __forceinline__ float4 load4<float>(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+__device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
+  return fmaf(a.x, b.x, fmaf(a.y, b.y, fmaf(a.z, b.z, fmaf(a.w, b.w, acc))));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lstm_fwd_persistent(const T* __restrict__ G, const T* __restrict__ W,
+                                                                T* hs, float* cs, T* __restrict__ y,
+                                                                float* __restrict__ acts,
+                                                                const int* __restrict__ lengths, Dims d) {
+  cg::grid_group grid = cg::this_grid();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* w_s = reinterpret_cast<T*>(smem_raw);                                        // [4 * HB][Hp]
+  float* h_s = reinterpret_cast<float*>(smem_raw + align16(sizeof(T) * 4 * d.HB * d.Hp));  // [kBC][Hp]
+  const int j0 = blockIdx.x * d.HB;
+  const int nu = max(0, min(d.HB, d.H - j0));  // units this block owns (0 for a trailing block)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t BH = static_cast<int64_t>(d.B) * d.H;
+
+  for (int i = threadIdx.x; i < 4 * d.HB * d.Hp; i += kThreads) {  // this block's rows of W_hh, once
+    const int r = i / d.Hp, k = i % d.Hp, q = r / d.HB, u = r % d.HB;
+    w_s[i] = (u < nu && k < d.H) ? W[static_cast<int64_t>(q * d.H + j0 + u) * d.H + k] : static_cast<T>(0.0f);
+  }
+
+  for (int s = 0; s < d.T; ++s) {
+    const int t = d.reverse ? d.T - 1 - s : s;
+    const int prev = d.reverse ? t + 1 : t, cur = d.reverse ? t : t + 1;
+    for (int b0 = 0; b0 < d.B; b0 += kBC) {
+      const int nb = min(kBC, d.B - b0);
+      __syncthreads();  // h_s is free (and, the first time, w_s is written)
+      for (int i = threadIdx.x; i < kBC * d.Hp; i += kThreads) {
+        const int bb = i / d.Hp, k = i % d.Hp;
+        h_s[i] = (bb < nb && k < d.H) ? static_cast<float>(hs[prev * BH + static_cast<int64_t>(b0 + bb) * d.H + k])
+                                      : 0.0f;
+      }
+      __syncthreads();
+      for (int u = warp; u < nu; u += kWarps) {
+        float acc[4][kBC];
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+          for (int bb = 0; bb < kBC; ++bb) acc[q][bb] = 0.0f;
+        for (int k = 4 * lane; k < d.Hp; k += 128) {
+          float4 wv[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) wv[q] = load4(w_s + (q * d.HB + u) * d.Hp + k);
+#pragma unroll
+          for (int bb = 0; bb < kBC; ++bb) {
+            const float4 hv = *reinterpret_cast<const float4*>(h_s + bb * d.Hp + k);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[q][bb] = dot4(wv[q], hv, acc[q][bb]);
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+          for (int bb = 0; bb < kBC; ++bb) acc[q][bb] = warp_sum(acc[q][bb]);
+        // lane bb finishes batch row b0 + bb of unit j
+#pragma unroll
+        for (int bb = 0; bb < kBC; ++bb) {
+          if (lane != bb || bb >= nb) continue;
+          const int b = b0 + bb, j = j0 + u;
+          const int64_t hc = static_cast<int64_t>(b) * d.H + j;
+          const int64_t g = (static_cast<int64_t>(t) * d.B + b) * 4 * d.H + j;
+          const float gi = sigmoidf_(acc[0][bb] + static_cast<float>(G[g]));
+          const float gf = sigmoidf_(acc[1][bb] + static_cast<float>(G[g + d.H]));
+          const float gg = tanhf_(acc[2][bb] + static_cast<float>(G[g + 2 * d.H]));
+          const float go = sigmoidf_(acc[3][bb] + static_cast<float>(G[g + 3 * d.H]));
+          const float c_prev = cs[prev * BH + hc];
+          const bool on = !d.has_len || t < lengths[b];
+          if (on) {
+            const float c = gf * c_prev + gi * gg;
+            const T h = static_cast<T>(go * tanhf_(c));
+            cs[cur * BH + hc] = c;
+            hs[cur * BH + hc] = h;
+            y[t * BH + hc] = h;
+          } else {
+            cs[cur * BH + hc] = c_prev;
+            hs[cur * BH + hc] = hs[prev * BH + hc];
+            y[t * BH + hc] = static_cast<T>(0.0f);
+          }
+          if (d.save) {
+            acts[g] = gi;
+            acts[g + d.H] = gf;
+            acts[g + 2 * d.H] = gg;
+            acts[g + 3 * d.H] = go;
+          }
+        }
+      }
+    }
+    __threadfence();
+    grid.sync();  // h_t of every unit is visible to every block
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lstm_bwd_persistent(const T* __restrict__ dy,
+                                                                const float* __restrict__ acts,
+                                                                const float* __restrict__ cs,
+                                                                const T* __restrict__ W, T* dz, float* dh,
+                                                                float* dc, const int* __restrict__ lengths, Dims d) {
+  cg::grid_group grid = cg::this_grid();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* w_s = reinterpret_cast<T*>(smem_raw);                                          // [HB][H4p]: W_hh[:, J_p]^T
+  float* z_s = reinterpret_cast<float*>(smem_raw + align16(sizeof(T) * d.HB * d.H4p));  // [kBCB][H4p]
+  const int j0 = blockIdx.x * d.HB;
+  const int nu = max(0, min(d.HB, d.H - j0));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t BH = static_cast<int64_t>(d.B) * d.H;
+  const int H4 = 4 * d.H;
+
+  for (int i = threadIdx.x; i < d.HB * d.H4p; i += kThreads) {
+    const int u = i / d.H4p, r = i % d.H4p;
+    w_s[i] = (u < nu && r < H4) ? W[static_cast<int64_t>(r) * d.H + j0 + u] : static_cast<T>(0.0f);
+  }
+
+  for (int s = 0; s < d.T; ++s) {
+    const int t = d.reverse ? s : d.T - 1 - s;  // backward walks the forward's steps in reverse
+    const int prev = d.reverse ? t + 1 : t, cur = d.reverse ? t : t + 1;
+    // phase 1: dz for this block's units, every batch row; dc carried in place
+    for (int i = threadIdx.x; i < nu * d.B; i += kThreads) {
+      const int u = i % nu, b = i / nu, j = j0 + u;
+      const int64_t hc = static_cast<int64_t>(b) * d.H + j;
+      const int64_t g = (static_cast<int64_t>(t) * d.B + b) * H4 + j;
+      const bool on = !d.has_len || t < lengths[b];
+      float zi = 0.0f, zf = 0.0f, zg = 0.0f, zo = 0.0f;
+      if (on) {
+        const float dht = dh[hc] + static_cast<float>(dy[t * BH + hc]);
+        const float gi = acts[g], gf = acts[g + d.H], gg = acts[g + 2 * d.H], go = acts[g + 3 * d.H];
+        const float tc = tanhf_(cs[cur * BH + hc]);
+        const float dct = dc[hc] + dht * go * (1.0f - tc * tc);
+        zi = dct * gg * gi * (1.0f - gi);
+        zf = dct * cs[prev * BH + hc] * gf * (1.0f - gf);
+        zg = dct * gi * (1.0f - gg * gg);
+        zo = dht * tc * go * (1.0f - go);
+        dc[hc] = dct * gf;
+      }
+      dz[g] = static_cast<T>(zi);
+      dz[g + d.H] = static_cast<T>(zf);
+      dz[g + 2 * d.H] = static_cast<T>(zg);
+      dz[g + 3 * d.H] = static_cast<T>(zo);
+    }
+    __threadfence();
+    grid.sync();  // dz_t of every unit is visible to every block
+    // phase 2: dh_{t-1}[:, J_p] = dz_t W_hh[:, J_p] for the rows still running
+    for (int b0 = 0; b0 < d.B; b0 += kBCB) {
+      const int nb = min(kBCB, d.B - b0);
+      __syncthreads();
+      for (int i = threadIdx.x; i < kBCB * d.H4p; i += kThreads) {
+        const int bb = i / d.H4p, r = i % d.H4p;
+        z_s[i] = (bb < nb && r < H4) ? static_cast<float>(dz[(static_cast<int64_t>(t) * d.B + b0 + bb) * H4 + r])
+                                     : 0.0f;
+      }
+      __syncthreads();
+      for (int u = warp; u < nu; u += kWarps) {
+        float acc[kBCB];
+#pragma unroll
+        for (int bb = 0; bb < kBCB; ++bb) acc[bb] = 0.0f;
+        for (int r = 4 * lane; r < d.H4p; r += 128) {
+          const float4 wv = load4(w_s + u * d.H4p + r);
+#pragma unroll
+          for (int bb = 0; bb < kBCB; ++bb) acc[bb] = dot4(wv, *reinterpret_cast<const float4*>(z_s + bb * d.H4p + r),
+                                                          acc[bb]);
+        }
+#pragma unroll
+        for (int bb = 0; bb < kBCB; ++bb) acc[bb] = warp_sum(acc[bb]);
+#pragma unroll
+        for (int bb = 0; bb < kBCB; ++bb) {
+          if (lane != bb || bb >= nb) continue;
+          const int b = b0 + bb;
+          if (!d.has_len || t < lengths[b]) dh[static_cast<int64_t>(b) * d.H + j0 + u] = acc[bb];
+        }
+      }
+    }
+    // no grid sync here: the next step's phase 1 reads only this block's own units of dh (written above by
+    // other threads of this block, hence the block barrier)
+    __syncthreads();
+  }
+}
+
+int round4(int v) { return (v + 3) / 4 * 4; }
+
+// Blocks and units per block: HB = ceil(H / SMs) units a block, one block per SM; refuses what does not fit.
+template <typename T>
+std::tuple<int, int, size_t> plan(const char* name, const void* kernel, int H, bool fwd) {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  cudaDeviceProp prop{};
+  C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  const int HB = (H + prop.multiProcessorCount - 1) / prop.multiProcessorCount;
+  const int blocks = (H + HB - 1) / HB;
+  const size_t smem = fwd ? align16(sizeof(T) * 4 * HB * round4(H)) + sizeof(float) * kBC * round4(H)
+                          : align16(sizeof(T) * HB * round4(4 * H)) + sizeof(float) * kBCB * round4(4 * H);
+  TORCH_CHECK(smem <= static_cast<size_t>(prop.sharedMemPerBlockOptin), name, ": hidden_size ", H,
+              " does not fit the persistent kernel: ", HB, " units a block need ", smem, " bytes of shared memory, ",
+              "the GPU has ", prop.sharedMemPerBlockOptin, " (use the triton backend for this layer)");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  TORCH_CHECK(per_sm * prop.multiProcessorCount >= blocks, name, ": ", blocks,
+              " blocks cannot all be resident (", per_sm, " per SM)");
+  return {HB, blocks, smem};
+}
+
+void check_common(const char* name, const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths, int64_t B) {
+  TORCH_CHECK(w_hh.is_cuda() && w_hh.dim() == 2 && w_hh.size(0) == 4 * w_hh.size(1), name,
+              ": w_hh must be a CUDA (4H, H) tensor, got ", w_hh.sizes());
+  if (lengths.has_value()) {
+    TORCH_CHECK(lengths->scalar_type() == at::kInt && lengths->dim() == 1 && lengths->size(0) == B &&
+                    lengths->device() == w_hh.device(), name, ": lengths must be int32 (B,) on w_hh's device");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_seq_fwd_cuda(
+    const at::Tensor& G, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+    const std::optional<at::Tensor>& lengths, bool reverse, bool save) {
+  const char* name = "pydlx::lstm_seq_fwd_cuda";
+  TORCH_CHECK(G.dim() == 3, name, ": G must be (T, B, 4H), got ", G.sizes());
+  const int64_t T = G.size(0), B = G.size(1), H = w_hh.size(1);
+  check_common(name, w_hh, lengths, B);
+  TORCH_CHECK(G.size(2) == 4 * H && G.scalar_type() == w_hh.scalar_type() && G.device() == w_hh.device(), name,
+              ": G must be (T, B, 4H) of w_hh's dtype and device");
+  TORCH_CHECK(h0.sizes() == c0.sizes() && h0.dim() == 2 && h0.size(0) == B && h0.size(1) == H, name,
+              ": h0 and c0 must be (B, H)");
+  at::Tensor hs = at::empty({T + 1, B, H}, G.options());
+  at::Tensor cs = at::empty({T + 1, B, H}, G.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({T, B, H}, G.options());
+  at::Tensor acts = save ? at::empty({T, B, 4 * H}, G.options().dtype(at::kFloat))
+                         : at::empty({0}, G.options().dtype(at::kFloat));
+  const int64_t first = reverse ? T : 0;
+  hs[first].copy_(h0);
+  cs[first].copy_(c0);
+  if (T == 0 || B == 0 || H == 0) return {y, hs, cs, acts};
+  const c10::cuda::CUDAGuard guard(G.device());
+  const at::Tensor Gc = G.contiguous(), Wc = w_hh.contiguous();
+  PYDLX_DISPATCH_FLOAT(G.scalar_type(), name, [&] {
+    const void* kernel = reinterpret_cast<const void*>(&lstm_fwd_persistent<scalar_t>);
+    auto [HB, blocks, smem] = plan<scalar_t>(name, kernel, static_cast<int>(H), true);
+    Dims d{static_cast<int>(T), static_cast<int>(B), static_cast<int>(H), HB, round4(static_cast<int>(H)),
+           round4(static_cast<int>(4 * H)), reverse, lengths.has_value(), save};
+    const scalar_t* g_p = Gc.const_data_ptr<scalar_t>();
+    const scalar_t* w_p = Wc.const_data_ptr<scalar_t>();
+    scalar_t* hs_p = hs.mutable_data_ptr<scalar_t>();
+    float* cs_p = cs.mutable_data_ptr<float>();
+    scalar_t* y_p = y.mutable_data_ptr<scalar_t>();
+    float* a_p = save ? acts.mutable_data_ptr<float>() : nullptr;
+    const int* len_p = lengths.has_value() ? lengths->const_data_ptr<int>() : nullptr;
+    void* args[] = {&g_p, &w_p, &hs_p, &cs_p, &y_p, &a_p, &len_p, &d};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(blocks), dim3(kThreads), args, smem,
+                                               c10::cuda::getCurrentCUDAStream()));
+  });
+  return {y, hs, cs, acts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_seq_bwd_cuda(const at::Tensor& dy, const at::Tensor& dh_n,
+                                                                  const at::Tensor& dc_n, const at::Tensor& acts,
+                                                                  const at::Tensor& cs, const at::Tensor& w_hh,
+                                                                  const std::optional<at::Tensor>& lengths,
+                                                                  bool reverse) {
+  const char* name = "pydlx::lstm_seq_bwd_cuda";
+  TORCH_CHECK(acts.dim() == 3 && acts.scalar_type() == at::kFloat, name, ": acts must be fp32 (T, B, 4H)");
+  const int64_t T = acts.size(0), B = acts.size(1), H = w_hh.size(1);
+  check_common(name, w_hh, lengths, B);
+  TORCH_CHECK(acts.size(2) == 4 * H && cs.dim() == 3 && cs.size(0) == T + 1 && cs.scalar_type() == at::kFloat,
+              name, ": cs must be fp32 (T + 1, B, H)");
+  TORCH_CHECK(dy.dim() == 3 && dy.size(0) == T && dy.size(1) == B && dy.size(2) == H &&
+                  dy.scalar_type() == w_hh.scalar_type(), name, ": dy must be (T, B, H) of w_hh's dtype");
+  at::Tensor dz = at::empty({T, B, 4 * H}, w_hh.options());
+  at::Tensor dh = dh_n.to(at::kFloat).contiguous().clone();
+  at::Tensor dc = dc_n.to(at::kFloat).contiguous().clone();
+  if (T == 0 || B == 0 || H == 0) return {dz.zero_(), dh, dc};
+  const c10::cuda::CUDAGuard guard(w_hh.device());
+  const at::Tensor dyc = dy.contiguous(), Wc = w_hh.contiguous(), ac = acts.contiguous(), csc = cs.contiguous();
+  PYDLX_DISPATCH_FLOAT(w_hh.scalar_type(), name, [&] {
+    const void* kernel = reinterpret_cast<const void*>(&lstm_bwd_persistent<scalar_t>);
+    auto [HB, blocks, smem] = plan<scalar_t>(name, kernel, static_cast<int>(H), false);
+    Dims d{static_cast<int>(T), static_cast<int>(B), static_cast<int>(H), HB, round4(static_cast<int>(H)),
+           round4(static_cast<int>(4 * H)), reverse, lengths.has_value(), false};
+    const scalar_t* dy_p = dyc.const_data_ptr<scalar_t>();
+    const float* a_p = ac.const_data_ptr<float>();
+    const float* cs_p = csc.const_data_ptr<float>();
+    const scalar_t* w_p = Wc.const_data_ptr<scalar_t>();
+    scalar_t* dz_p = dz.mutable_data_ptr<scalar_t>();
+    float* dh_p = dh.mutable_data_ptr<float>();
+    float* dc_p = dc.mutable_data_ptr<float>();
+    const int* len_p = lengths.has_value() ? lengths->const_data_ptr<int>() : nullptr;
+    void* args[] = {&dy_p, &a_p, &cs_p, &w_p, &dz_p, &dh_p, &dc_p, &len_p, &d};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(blocks), dim3(kThreads), args, smem,
+                                               c10::cuda::getCurrentCUDAStream()));
+  });
+  return {dz, dh, dc};
+}
+
+}  // namespace
+}  // namespace pydlx
+
+TORCH_LIBRARY_FRAGMENT(pydlx, m) {
+  m.def("lstm_seq_fwd_cuda(Tensor G, Tensor w_hh, Tensor h0, Tensor c0, Tensor? lengths, bool reverse, bool save) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lstm_seq_bwd_cuda(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor acts, Tensor cs, Tensor w_hh, "
+        "Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pydlx, CUDA, m) {
+  m.impl("lstm_seq_fwd_cuda", &pydlx::lstm_seq_fwd_cuda);
+  m.impl("lstm_seq_bwd_cuda", &pydlx::lstm_seq_bwd_cuda);
+}
