@@ -5,6 +5,8 @@ Shapes (``T:BxH``, packed: ``packed T:BxH``): hidden 128, 256, 512, 1024 x batch
 first, as they carry the packed-input goal. Providers: ``pydlx`` = pydlx.nn.LSTM with the triton backend forced
 (``auto`` runs cuDNN until these numbers say where the kernels win), ``eager`` = nn.LSTM (cuDNN),
 ``compile`` = torch.compile(nn.LSTM): Dynamo does not trace nn.LSTM, so this is cuDNN behind a graph break.
+``lstm_cuda`` cases (GPU; pydlx against eager) time the persistent C++/CUDA kernels (the cuda backend forced) on
+issue 6's shapes: batch 1, 7, 16, 64 x hidden 256, 768, 1024, 1024 steps.
 """
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ GPU_HIDDEN = (128, 256, 512, 1024)
 GPU_BATCH = (1, 7, 16, 64, 256)
 GPU_SEQ = (100, 1000)
 GPU_PACKED = [(100, 64, 256), (100, 64, 512), (1000, 64, 256)]  # (T, B, H)
+GPU_CUDA = [(1024, B, H) for H in (256, 768, 1024) for B in (1, 7, 16, 64)]
 CPU_SHAPES = [(20, 4, 32)]
 CPU_PACKED = [(20, 8, 32)]
 GPU_DTYPES = [torch.bfloat16, torch.float32]
 CPU_DTYPES = [torch.float32]
 
 
-def _make_case(device: torch.device, T: int, B: int, H: int, dtype: torch.dtype, packed: bool) -> Case:
+def _make_case(device: torch.device, T: int, B: int, H: int, dtype: torch.dtype, packed: bool,
+               backend: str = "triton") -> Case:
     state = {}
 
     def make(provider: str):
@@ -34,7 +38,7 @@ def _make_case(device: torch.device, T: int, B: int, H: int, dtype: torch.dtype,
 
         torch.manual_seed(0)
         base = nn.LSTM(H, H, device=device, dtype=dtype)
-        backend = "triton" if device.type == "cuda" else "reference"
+        forced = backend if device.type == "cuda" else "reference"
         if provider == "pydlx":
             model = pydlx.nn.LSTM.from_module(base)
         elif provider == "eager":
@@ -57,7 +61,7 @@ def _make_case(device: torch.device, T: int, B: int, H: int, dtype: torch.dtype,
             return pack_padded_sequence(t, lengths, enforce_sorted=False) if packed else t
 
         def call(t):
-            with pydlx.use_backend(backend if provider == "pydlx" else pydlx.current_backend()):
+            with pydlx.use_backend(forced if provider == "pydlx" else pydlx.current_backend()):
                 out, (h, c) = model(inp(t))
             return out.data if packed else out
 
@@ -75,8 +79,9 @@ def _make_case(device: torch.device, T: int, B: int, H: int, dtype: torch.dtype,
 
         return fwd, fwdbwd
 
-    return Case(family="lstm", op="lstm_packed" if packed else "lstm", shape=f"{T}:{B}x{H}", dtype=dtype,
-                make=make)
+    op = "lstm_packed" if packed else ("lstm_cuda" if backend == "cuda" else "lstm")
+    return Case(family="lstm", op=op, shape=f"{T}:{B}x{H}", dtype=dtype, make=make,
+                providers=("pydlx", "eager") if backend == "cuda" else None)
 
 
 def cases(device, small: bool) -> List[Case]:
@@ -85,6 +90,7 @@ def cases(device, small: bool) -> List[Case]:
         return ([_make_case(device, T, B, H, dt, True) for dt in CPU_DTYPES for T, B, H in CPU_PACKED]
                 + [_make_case(device, T, B, H, dt, False) for dt in CPU_DTYPES for T, B, H in CPU_SHAPES])
     out = [_make_case(device, T, B, H, dt, True) for dt in GPU_DTYPES for T, B, H in GPU_PACKED]
+    out += [_make_case(device, T, B, H, dt, False, "cuda") for dt in GPU_DTYPES for T, B, H in GPU_CUDA]
     out += [_make_case(device, T, B, H, dt, False) for dt in GPU_DTYPES for T in GPU_SEQ for H in GPU_HIDDEN
             for B in GPU_BATCH]
     return out
