@@ -12,6 +12,11 @@ What is swapped today (the families of later issues add their patterns here):
     options (groups, dilation, ceil mode, ...) are kept as they are and ``explain`` says why;
   * every ``nn.LSTM`` / ``nn.LSTMCell`` anywhere in the tree becomes ``pydlx.nn.LSTM`` / ``pydlx.nn.LSTMCell``
     over the same parameters.
+  * chains written in the forward code rather than as modules (``self.pool(F.relu(self.conv1(x)))``,
+    ``F.relu(self.fc1(x))``, ``torch.relu`` / ``F.gelu`` / ``x.relu()`` / ``ReLU(True)`` modules called from
+    forward): found by tracing the model with torch.fx (pydlx/_fx_fuse.py); the module is replaced at its own name
+    and the result is a ``torch.fx.GraphModule`` over the model's own submodules. Where the model cannot be traced
+    the module swaps above still apply and ``explain`` says why tracing failed.
 Parameter names, and so the state_dict, are unchanged. The walk is explicit (setattr on the parent); nothing
 global is patched.
 """
@@ -22,6 +27,7 @@ from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
+from . import _fx_fuse
 from .nn.conv_relu_pool import ConvReLUPool2d, unsupported as conv_unsupported
 from .nn.linear import Linear
 from .nn.lstm import LSTM, LSTMCell
@@ -109,15 +115,8 @@ def _set(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, name, new)
 
 
-def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = None) -> nn.Module:
-    """Return ``model`` with fusable chains replaced by pydlx layers; state_dict keys and values unchanged.
-
-    inplace=False (default) works on a deep copy and leaves ``model`` untouched. ``filter_fn(module, fqn)``
-    returning False keeps that module as it is (an excluded nn.Sequential keeps its children too). (If ``model`` itself is an MLP-shaped nn.Sequential, the result is
-    a new pydlx.nn.MLP over its modules, also with inplace=True.)
-    """
-    if not inplace:
-        model = copy.deepcopy(model)
+def _module_pass(model: nn.Module, filter_fn: Filter) -> nn.Module:
+    """The module-chain swaps, in place (a model that is itself an MLP-shaped Sequential comes back new)."""
     mlps = _mlp_plan(model, filter_fn)
     for fqn, parent, i, act, why in _linear_plan(model, filter_fn, [f for f, _ in mlps]):
         if act is None:
@@ -142,6 +141,31 @@ def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = Non
             return MLP.from_sequential(seq)
         _set(model, fqn, MLP.from_sequential(seq))
     return model
+
+
+def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = None) -> nn.Module:
+    """Return ``model`` with fusable chains replaced by pydlx layers; state_dict keys and values unchanged.
+
+    inplace=False (default) works on a deep copy and leaves ``model`` untouched. ``filter_fn(module, fqn)``
+    returning False keeps that module as it is (an excluded nn.Sequential keeps its children too). Chains found in
+    the forward code (torch.fx) make the result a ``torch.fx.GraphModule`` over the model's submodules (with
+    inplace=True the module swaps happen in ``model`` itself, and the GraphModule shares its submodules). If
+    ``model`` itself is an MLP-shaped nn.Sequential, the result is a new pydlx.nn.MLP over its modules.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model = _module_pass(model, filter_fn)
+    if isinstance(model, MLP):
+        return model
+    graph, _ = _fx_fuse.trace(model)
+    if graph is None:
+        return model
+    todo = [apply for _, _, why, apply in _fx_fuse.plan(graph, model, filter_fn) if why is None]
+    if not todo:
+        return model
+    for apply in todo:
+        apply()
+    return _fx_fuse.graph_module(model, graph)
 
 
 def explain(model: nn.Module) -> str:
@@ -176,5 +200,14 @@ def explain(model: nn.Module) -> str:
         lines.append(f"fuse   {fqn}: {kind} -> pydlx.nn.{kind}; auto runs cuDNN for it until GPU measurements show "
                      "where the Triton kernels win; pydlx.use_backend('triton') forces them"
                      + ("" if getattr(mod, "proj_size", 0) == 0 else " (proj_size > 0: cuDNN only for now)"))
-    return "\n".join(lines) if lines else ("nothing to fuse: no Linear or Conv2d+ReLU+MaxPool2d inside an "
-                                           "nn.Sequential, no LSTM")
+    swapped = _module_pass(copy.deepcopy(model), None)
+    if not isinstance(swapped, MLP):
+        graph, why_not = _fx_fuse.trace(swapped)
+        if graph is None:
+            lines.append(f"note   forward code not traced by torch.fx ({why_not}): only the module chains above are "
+                         "fused")
+        else:
+            for fqn, desc, why, _ in _fx_fuse.plan(graph, swapped, None):
+                lines.append(f"fuse   {fqn}: {desc}" if why is None else f"keep   {fqn}: {desc} ({why})")
+    return "\n".join(lines) if lines else ("nothing to fuse: no Linear or Conv2d+ReLU+MaxPool2d chain (in an "
+                                           "nn.Sequential or in the forward code), no LSTM")
