@@ -11,13 +11,14 @@ import pydlx
 from tolerance import assert_close
 
 _spec = importlib.util.spec_from_file_location(
-    "swap_demo", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "swap_demo.py"))
-swap_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(swap_demo)
+    "seed_models", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                                "seed_models.py"))
+seed_models = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(seed_models)
 
 
 def seed_autoencoder():
-    return swap_demo.Autoencoder(input_size=784, encoding_dim=32, n_layers=3).double()
+    return seed_models.Autoencoder(input_size=784, encoding_dim=32, n_layers=3).double()
 
 
 def test_optimize_seed_autoencoder_keeps_state_dict_and_outputs():
