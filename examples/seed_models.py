@@ -131,9 +131,10 @@ def loss_fn(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
 
 
 def train(kind: str, model: nn.Module, data: Dict[str, torch.Tensor], epochs: int, batch: int,
-          max_steps: int = 0) -> Dict[str, object]:
-    """Train with the seed's optimizer and loss; returns the loss of every step, the mean step time (ms) and the
-    test metrics (accuracy and macro F1 for the classifiers, reconstruction MSE for the autoencoder)."""
+          max_steps: int = 0, metrics: bool = True) -> Dict[str, object]:
+    """Train with the seed's optimizer and loss; returns the loss of every step, the mean step time (ms) and (with
+    ``metrics``) the test metrics (accuracy and macro F1 for the classifiers, reconstruction MSE for the
+    autoencoder)."""
     opt = make_optimizer(kind, model)
     order = torch.Generator().manual_seed(1)
     losses: List[float] = []
@@ -156,7 +157,7 @@ def train(kind: str, model: nn.Module, data: Dict[str, torch.Tensor], epochs: in
         if max_steps and len(losses) >= max_steps:
             break
     return {"losses": losses, "step_ms": 1e3 * sum(times[1:]) / max(1, len(times) - 1),
-            **evaluate(kind, model, data)}
+            **(evaluate(kind, model, data) if metrics else {})}
 
 
 @torch.no_grad()

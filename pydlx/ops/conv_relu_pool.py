@@ -176,9 +176,10 @@ def conv_relu_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     input: (N, C, H, W) or (C, H, W); weight: (K, C, k, k); bias: (K,) or None. Square kernels 1..11, stride 1..4,
     padding 0..3, pool 2 or 3 with stride 1..3 (default: pool_size).
     """
+    if all(isinstance(t, Tensor) and t.is_floating_point() for t in (input, weight, bias) if t is not None):
+        # under torch.autocast, cast first (as F.conv2d does), so a bf16 activation meets fp32 weights
+        input, weight, bias = autocast_cast(input.device.type, (input, weight, bias))
     stride, padding, P, Q = check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, pool_stride)
-    dev = input.device.type
-    input, weight, bias = autocast_cast(dev, (input, weight, bias))
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

@@ -169,9 +169,10 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     Under torch.autocast the three tensors are cast to the autocast dtype, as F.linear's are.
     Backward saves y (relu, tanh, sigmoid) or the pre-activation z (gelu, gelu_tanh, silu); see module docs.
     """
+    if all(isinstance(t, Tensor) and t.is_floating_point() for t in (input, weight, bias) if t is not None):
+        # under torch.autocast, cast first (as F.linear does), so a bf16 activation meets fp32 weights
+        input, weight, bias = autocast_cast(input.device.type, (input, weight, bias))
     check_linear_args(input, weight, bias, activation)
-    dev = input.device.type
-    input, weight, bias = autocast_cast(dev, (input, weight, bias))
     if input.device.type == "cpu" and _backend.current_backend() == "auto":
         # auto runs the reference on CPU tensors; calling it directly skips the custom op's Python dispatch
         # (about 0.1 ms a call), which would make a swapped-in model slower than the original on the CPU.

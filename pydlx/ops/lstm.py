@@ -250,7 +250,14 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
         "triton": lambda: _why_not_triton(data, proj_size),
         "cuda": lambda: _why_not_cuda(data, proj_size, H)})
     flat = [t for ws in layers for t in ws if t is not None]
-    if backend == "reference":
+    if backend == "reference" and torch.compiler.is_compiling() and proj_size == 0:
+        # AOTAutograd cannot trace ATen's LSTM with gradients (torch 2.14: "expected all
+        # tensors_saved_with_vc_check to be Tensors"): under torch.compile the reference runs the per-layer math of
+        # pydlx.reference.lstm.lstm_layer, unrolled over the steps
+        out, h_n, c_n = _lstm_kernels(data, input.batch_sizes if packed else None, h0, c0, layers, num_layers, dirs,
+                                      float(dropout), training, batch_first and not packed and not unbatched,
+                                      "unrolled")
+    elif backend == "reference":
         out, h_n, c_n = ref.lstm(data, (h0, c0), flat, bias, num_layers, float(dropout), training, bidirectional,
                                  batch_first and not packed and not unbatched,
                                  input.batch_sizes if packed else None)
@@ -299,8 +306,11 @@ def _lstm_kernels(data: Tensor, batch_sizes, h0: Tensor, c0: Tensor, layers, num
             k = layer * dirs + d
             w_ih, w_hh, b_ih, b_hh, _ = layers[k]
             b = b_ih + b_hh if b_ih is not None else None
-            y, h, c, _, _, _ = lstm_layer_fwd(x.contiguous(), w_ih, w_hh, b, h0[k], c0[k], lengths, d == 1, save,
-                                              kernel)
+            if kernel == "unrolled":
+                y, h, c = ref.lstm_layer(x, w_ih, w_hh, b, h0[k], c0[k], lengths, d == 1)
+            else:
+                y, h, c, _, _, _ = lstm_layer_fwd(x.contiguous(), w_ih, w_hh, b, h0[k], c0[k], lengths, d == 1,
+                                                  save, kernel)
             outs.append(y)
             h_n.append(h)
             c_n.append(c)

@@ -242,10 +242,14 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     Layers all at most 128 wide run fused (one kernel forward, one backward walk + weight-gradient GEMMs);
     wider MLPs run as a chain of pydlx.ops.linear (GEMMs with the activation in their epilogues).
     """
+    tensors = (input, *weights, *biases)
+    if all(isinstance(t, Tensor) and t.is_floating_point() for t in tensors if t is not None) and \
+            len(weights) == len(biases):
+        # under torch.autocast, cast first (as F.linear does), so a bf16 activation meets fp32 weights
+        input, *params = autocast_cast(input.device.type, tensors)
+        weights, biases = params[:len(weights)], params[len(weights):]
     check_mlp_args(input, weights, biases, activation, last_activation)
     dev = input.device.type
-    input, *params = autocast_cast(dev, (input, *weights, *biases))
-    weights, biases = params[:len(weights)], params[len(weights):]
     if dev == "cpu" and _backend.current_backend() == "auto":
         return reference_mlp(input, weights, biases, activation, last_activation)  # see ops.linear
     if _why_not_fused(input, _sizes(input, weights)) is None:

@@ -1,0 +1,303 @@
+"""pydlx.optimize on the seed document's three models as written (examples/seed_models.py) and on functional
+forwards (torch.fx): what is fused, state_dict identical, same outputs and gradients, training curves that agree,
+and integration -- torch.compile(fullgraph=True), autocast, DistributedDataParallel over two CPU processes,
+deepcopy / pickle / torch.save, CUDA-graph capture of a training step (GPU)."""
+import copy
+import io
+import os
+import pickle
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import pydlx
+from tolerance import assert_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))  # importable by name: pickling the models needs it
+import seed_models as S  # noqa: E402
+
+KINDS = ["cnn", "rnn", "autoencoder"]
+
+
+def _inputs(kind, n=6, dtype=torch.float64):
+    data = S.make_data(kind, dtype=dtype)
+    return data["x_train"][:n], data["y_train"][:n]
+
+
+def _same_state_dict(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_seed_model_is_optimized_with_state_dict_outputs_and_gradients_unchanged(kind):
+    torch.manual_seed(0)
+    dtype = torch.float32 if kind == "rnn" else torch.float64  # the seed RNN makes fp32 h0/c0 (nn.LSTM: same dtype)
+    model = S.make_model(kind, small=True).to(dtype)
+    original = copy.deepcopy(model)
+    fast = pydlx.optimize(model)
+    _same_state_dict(fast, original)
+    _same_state_dict(model, original)  # inplace=False left it alone
+    fused = {type(m).__name__ for m in fast.modules()}
+    want = {"cnn": {"ConvReLUPool2d", "Linear"}, "rnn": {"LSTM"}, "autoencoder": {"MLP"}}[kind]
+    assert want <= {n for n in fused if n in ("ConvReLUPool2d", "Linear", "LSTM", "MLP")}
+    if kind == "cnn":
+        assert isinstance(fast, fx.GraphModule)
+        assert type(fast.conv1) is pydlx.nn.ConvReLUPool2d and type(fast.conv2) is pydlx.nn.ConvReLUPool2d
+        assert type(fast.fc1) is pydlx.nn.Linear and fast.fc1.activation == "relu" and type(fast.fc2) is nn.Linear
+    x, y = _inputs(kind, dtype=dtype)
+    x.requires_grad_()
+    assert_close(fast(x), model(x).double(), dtype=dtype, name=f"{kind} output")
+    g_fast = torch.autograd.grad(S.loss_fn(kind, fast, x, y), [x, *fast.parameters()])
+    g_model = torch.autograd.grad(S.loss_fn(kind, model, x, y), [x, *model.parameters()])
+    for a, b in zip(g_fast, g_model):
+        assert_close(a, b.double(), dtype=dtype, name=f"{kind} grad")
+    model.load_state_dict(fast.state_dict())  # checkpoints load both ways
+    fast.load_state_dict(original.state_dict())
+
+
+def test_explain_lists_the_seed_cnn_functional_chains():
+    text = pydlx.explain(S.CNN())
+    assert "fuse   conv1: Conv2d + ReLU + MaxPool2d (forward code) -> pydlx.nn.ConvReLUPool2d" in text
+    assert "fuse   conv2: Conv2d + ReLU + MaxPool2d (forward code)" in text
+    assert "fuse   fc1: Linear + activation (forward code) -> pydlx.nn.Linear(activation='relu')" in text
+    assert "fc2" not in text
+
+
+class _Variants(nn.Module):
+    """torch.relu, x.relu(), F.gelu(tanh), an in-place ReLU(True) module called from forward, F.max_pool2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3)
+        self.act = nn.ReLU(True)
+        self.fc1 = nn.Linear(4 * 2 * 2, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.a(x)), 2)
+        x = F.max_pool2d(self.b(x).relu(), 3, 2)
+        x = torch.flatten(x, 1)
+        x = self.act(self.fc1(x))
+        x = F.gelu(self.fc2(x), approximate="tanh")
+        return torch.sigmoid(self.fc3(x))
+
+
+def test_functional_variants_are_fused():
+    torch.manual_seed(0)
+    model = _Variants().double()
+    fast = pydlx.optimize(model)
+    assert type(fast.a) is pydlx.nn.ConvReLUPool2d and (fast.a.pool_size, fast.a.pool_stride) == (2, 2)
+    assert type(fast.b) is pydlx.nn.ConvReLUPool2d and (fast.b.pool_size, fast.b.pool_stride) == (3, 2)
+    assert [fast.fc1.activation, fast.fc2.activation, fast.fc3.activation] == ["relu", "gelu_tanh", "sigmoid"]
+    calls = [n.target for n in fast.graph.nodes if n.op in ("call_function", "call_method")]
+    assert calls == [torch.flatten]  # every activation and pool node is gone
+    _same_state_dict(fast, model)
+    x = torch.randn(3, 2, 15, 15, dtype=torch.float64, requires_grad=True)
+    assert_close(fast(x), model(x), name="variants")
+    for a, b in zip(torch.autograd.grad(fast(x).sum(), [x, *fast.parameters()]),
+                    torch.autograd.grad(model(x).sum(), [x, *model.parameters()])):
+        assert_close(a, b, name="grad")
+
+
+class _Unfusable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, dilation=2)
+        self.shared = nn.Linear(5, 5)
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(x)), 2)          # dilated: kept
+        x = F.relu(self.fc(x.mean((2, 3))))                 # fused
+        return torch.tanh(self.shared(x)) + self.shared(x)  # shared, only one call followed by tanh: kept
+
+
+def test_unsupported_and_shared_modules_are_kept_with_the_reason():
+    model = _Unfusable().double()
+    text = pydlx.explain(model)
+    assert "keep   conv: Conv2d + ReLU + MaxPool2d (forward code) -> pydlx.nn.ConvReLUPool2d (dilation=(2, 2)" in text
+    assert "keep   shared: Linear + activation (shared is called 2 times and not every call" in text
+    assert "fuse   fc: Linear + activation (forward code)" in text
+    fast = pydlx.optimize(model)
+    assert type(fast.conv) is nn.Conv2d and type(fast.shared) is nn.Linear and type(fast.fc) is pydlx.nn.Linear
+    x = torch.randn(2, 2, 9, 9, dtype=torch.float64)
+    assert_close(fast(x), model(x), name="unfusable")
+    kept = pydlx.optimize(model, filter_fn=lambda m, fqn: fqn != "fc")
+    assert not isinstance(kept, fx.GraphModule) and type(kept.fc) is nn.Linear  # nothing left to fuse
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = x * 2
+        return F.relu(self.fc(self.body(x)))
+
+
+def test_untraceable_model_keeps_module_swaps_and_explain_says_why():
+    model = _Untraceable().double()
+    text = pydlx.explain(model)
+    assert "fuse   body: Sequential of 2 Linear layers" in text
+    assert "note   forward code not traced by torch.fx (TraceError" in text
+    fast = pydlx.optimize(model)
+    assert not isinstance(fast, fx.GraphModule) and isinstance(fast.body, pydlx.nn.MLP)
+    assert type(fast.fc) is nn.Linear
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert_close(fast(x), model(x), name="untraceable")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_curves_agree(kind):
+    """A few steps of the seed's optimizer on digits, as written and optimized, from the same weights (auto)."""
+    torch.manual_seed(0)
+    model = S.make_model(kind, small=True)
+    fast = pydlx.optimize(model)
+    data = S.make_data(kind)
+    a = S.train(kind, model, data, epochs=1, batch=32, max_steps=8)
+    b = S.train(kind, fast, data, epochs=1, batch=32, max_steps=8)
+    assert len(a["losses"]) == 8
+    if kind != "cnn":  # Adam learns within 8 steps; the seed CNN's SGD (lr 0.001) barely moves the loss yet
+        assert a["losses"][-1] < a["losses"][0]
+    for la, lb in zip(a["losses"], b["losses"]):
+        assert abs(la - lb) <= 1e-4 * max(1.0, abs(la)), (a["losses"], b["losses"])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", ["rnn", "autoencoder"])
+def test_training_curves_agree_on_the_triton_kernels(kind):
+    """The same with the Triton kernels forced (under the interpreter here, compiled on a GPU): a small LSTM
+    classifier and the full autoencoder, 2 steps at batch 4."""
+    torch.manual_seed(0)
+    model = S.make_model(kind, small=True)
+    fast = pydlx.optimize(model)
+    data = S.make_data(kind)
+    a = S.train(kind, model, data, epochs=1, batch=4, max_steps=2, metrics=False)
+    with pydlx.use_backend("triton"):
+        b = S.train(kind, fast, data, epochs=1, batch=4, max_steps=2, metrics=False)
+    assert len(b["losses"]) == 2
+    for la, lb in zip(a["losses"], b["losses"]):
+        assert abs(la - lb) <= 2e-3 * max(1.0, abs(la)), (a["losses"], b["losses"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compile_fullgraph_of_optimized_model(kind):
+    torch.manual_seed(0)
+    fast = pydlx.optimize(S.make_model(kind, small=True))
+    x, y = _inputs(kind, dtype=torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), fast(x).double(), dtype=torch.float32, name=f"{kind} compiled")
+
+
+@pytest.mark.parametrize("kind", ["cnn", "autoencoder"])
+def test_autocast_bf16_on_cpu(kind):
+    torch.manual_seed(0)
+    model = S.make_model(kind)
+    fast = pydlx.optimize(model)
+    x, _ = _inputs(kind, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = fast(x), model(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert_close(got, model.double()(x.double()), dtype=torch.bfloat16, baseline=want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deepcopy_pickle_and_torch_save(kind):
+    torch.manual_seed(0)
+    fast = pydlx.optimize(S.make_model(kind, small=True))
+    x, _ = _inputs(kind, dtype=torch.float32)
+    want = fast(x)
+    copies = [copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))]
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    copies.append(torch.load(buf, weights_only=False))
+    for c in copies:
+        assert isinstance(c, fx.GraphModule) == isinstance(fast, fx.GraphModule)  # (pickle renames the class)
+        _same_state_dict(c, fast)
+        assert torch.equal(c(x), want)
+
+
+def _ddp_worker(rank, world, port, kind, x, y, out):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DDP(pydlx.optimize(S.make_model(kind, small=True)))
+    half = x.shape[0] // world
+    S.loss_fn(kind, model, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]).backward()
+    if rank == 0:
+        out.put([p.grad.numpy().copy() for p in model.module.parameters()])  # by value, not shared memory
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["cnn", "rnn"])
+def test_ddp_two_cpu_processes_match_one(kind):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    x, y = _inputs(kind, n=8, dtype=torch.float32)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, kind, x, y, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    grads = out.get(timeout=300)
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    torch.manual_seed(0)
+    single = pydlx.optimize(S.make_model(kind, small=True))
+    # DDP averages the two halves' gradients: the mean loss over the whole batch, when halves are equal
+    S.loss_fn(kind, single, x, y).backward()
+    assert len(grads) == len(list(single.parameters()))
+    for g, p in zip(grads, single.parameters()):
+        assert_close(torch.from_numpy(g).double(), p.grad.double(), dtype=torch.float32, name="ddp grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_cuda_graph_capture_of_a_training_step(kind):
+    torch.manual_seed(0)
+    fast = pydlx.optimize(S.make_model(kind)).cuda()
+    data = S.make_data(kind, "cuda")
+    x, y = data["x_train"][:64].clone(), data["y_train"][:64].clone()
+    opt = torch.optim.SGD(fast.parameters(), lr=0.01)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm-up: kernels compiled, gradients allocated
+            opt.zero_grad(set_to_none=False)
+            S.loss_fn(kind, fast, x, y).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=False)
+    with torch.cuda.graph(g):
+        loss = S.loss_fn(kind, fast, x, y)
+        loss.backward()
+        opt.step()
+    before = [p.detach().clone() for p in fast.parameters()]
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss).item()
+    assert any(not torch.equal(a, p) for a, p in zip(before, fast.parameters()))
