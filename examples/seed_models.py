@@ -180,6 +180,7 @@ def saved_activation_bytes(kind: str, model: nn.Module, x: torch.Tensor, y: torc
     counted once)."""
     params = {p.data_ptr() for p in model.parameters()}
     seen: Dict[int, int] = {}
+    x = x.clone()  # its own storage: a slice of the dataset would count the whole dataset
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()

@@ -116,10 +116,9 @@ def test_saved_tensors_at_most_half_of_eager():
         return sum(seen.values())
 
     eager = saved_bytes(lambda t: pool(torch.relu(conv(t))))
-    for backend in ("reference", "auto"):  # auto too: the eager forward runs inside the op
-        with pydlx.use_backend(backend):
-            ours = saved_bytes(fused)
-        assert ours <= eager / 2, f"pydlx ({backend}) saves {ours} bytes, eager {eager}"
+    with pydlx.use_backend("reference"):  # the op with the eager forward inside: what auto runs on GPUs
+        ours = saved_bytes(fused)
+    assert ours <= eager / 2, f"pydlx saves {ours} bytes, eager {eager}"
 
 
 BAD = [

@@ -301,3 +301,18 @@ def test_gpu_cuda_graph_capture_of_a_training_step(kind):
     torch.cuda.synchronize()
     assert torch.isfinite(loss).item()
     assert any(not torch.equal(a, p) for a, p in zip(before, fast.parameters()))
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_optimized_cnn_saves_at_most_half_the_activations(device):
+    """The seed CNN at batch 64: what autograd saves for backward, counted with saved_tensors_hooks. On a GPU under
+    auto; on the CPU with the reference backend forced (the same op: auto on a CPU runs plain eager PyTorch)."""
+    torch.manual_seed(0)
+    model = S.make_model("cnn").to(device)
+    fast = pydlx.optimize(model)
+    data = S.make_data("cnn", device)
+    x, y = data["x_train"][:64], data["y_train"][:64]
+    before = S.saved_activation_bytes("cnn", model, x, y)
+    with pydlx.use_backend("auto" if device == "cuda" else "reference"):
+        after = S.saved_activation_bytes("cnn", fast, x, y)
+    assert after <= before / 2, (after, before)

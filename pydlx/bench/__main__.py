@@ -18,9 +18,10 @@ import torch
 
 import pydlx
 from pydlx import bench
-from pydlx.bench import conv_relu_pool, linear, lstm, mlp
+from pydlx.bench import conv_relu_pool, linear, lstm, mlp, model
 
-FAMILIES = {"linear": linear.cases, "mlp": mlp.cases, "conv_relu_pool": conv_relu_pool.cases, "lstm": lstm.cases}
+FAMILIES = {"linear": linear.cases, "mlp": mlp.cases, "conv_relu_pool": conv_relu_pool.cases, "lstm": lstm.cases,
+            "model": model.cases}
 
 
 def _list(arg: str, allowed, what: str):

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import _backend
 from ._common import FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
+from ..reference.conv_relu_pool import conv_relu_pool2d as reference_conv_relu_pool2d
 
 NAME = "pydlx.ops.conv_relu_pool2d"
 
@@ -34,9 +35,9 @@ def _why_not_cuda(x: Tensor) -> Optional[str]:
 
 
 def _choose(x: Tensor) -> str:
-    # auto: the eager forward (cuDNN on GPUs) inside the op -- which still saves only the pooled map and int8
+    # auto on GPUs: the eager forward (cuDNN) inside the op -- which still saves only the pooled map and int8
     # indices for backward -- until GPU measurements show where the fused kernels win (bench/NOTES.md); the
-    # Triton and C++/CUDA kernels run when their backend is forced.
+    # Triton and C++/CUDA kernels run when their backend is forced. (CPU + auto never gets here: plain eager.)
     return _backend.choose("conv_relu_pool2d", x, lambda t: (), extra_check={
         "triton": lambda: why_not_kernel_dtype(x), "cuda": lambda: _why_not_cuda(x)})
 
@@ -180,6 +181,10 @@ def conv_relu_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         # under torch.autocast, cast first (as F.conv2d does), so a bf16 activation meets fp32 weights
         input, weight, bias = autocast_cast(input.device.type, (input, weight, bias))
     stride, padding, P, Q = check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, pool_stride)
+    if input.device.type == "cpu" and _backend.current_backend() == "auto":
+        # CPU + auto: plain eager PyTorch, the fastest there (the op's index bookkeeping costs ~1.4x on a CPU
+        # training step, bench/results/cpu.csv); the reference backend, forced, runs the op (and its memory saving)
+        return reference_conv_relu_pool2d(input, weight, bias, stride, padding, P, Q)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
