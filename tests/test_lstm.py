@@ -25,6 +25,7 @@ CASES = [
     pytest.param((6, 8, 2, True, False, 5, [3, 7, 1, 7, 5]), id="packed-2layer-bidir"),
     pytest.param((3, 5, 1, False, True, 2, [150]), id="seq150"),
     pytest.param((2, 6, 1, False, False, 40, [2]), id="batch40-three-tiles"),
+    pytest.param((3, 4, 2, True, False, 2, [1]), id="seq1-2layer-bidir"),
 ]
 
 

@@ -213,6 +213,24 @@ def test_autocast_bf16_on_cpu(kind):
     assert_close(got, model.double()(x.double()), dtype=torch.bfloat16, baseline=want)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_autocast(kind, dtype):
+    torch.manual_seed(0)
+    model = S.make_model(kind).cuda()
+    fast = pydlx.optimize(model)
+    x, y = _inputs(kind, n=32, dtype=torch.float32)
+    x, y = x.cuda(), y.cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        got, want = fast(x), model(x)
+        S.loss_fn(kind, fast, x, y).backward()
+    assert got.dtype == want.dtype
+    ref = torch.float32 if kind == "rnn" else torch.float64  # the seed RNN builds fp32 h0/c0
+    assert_close(got, model.to(ref)(x.to(ref)).double(), dtype=dtype, baseline=want)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters())
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_deepcopy_pickle_and_torch_save(kind):
     torch.manual_seed(0)
