@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) conv_relu_pool_kernel(const T* __res
   }
   __syncthreads();
 
-  // pool: first max wins; a NaN wins and stays (max_pool2d propagates NaN); then bias and ReLU (NaN kept)
+  // pool: first max wins, a NaN wins (the last one, as in max_pool2d); then bias and ReLU (NaN kept)
   for (int i = threadIdx.x; i < kGroup * g.tile * g.tile; i += kThreads) {
     const int k = i / (g.tile * g.tile), a = (i / g.tile) % g.tile, c = i % g.tile;
     const int ph = ph0 + a, pw = pw0 + c;
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) conv_relu_pool_kernel(const T* __res
     for (int u = 0; u < g.P; ++u) {
       for (int v = 0; v < g.P; ++v) {
         const float z = s_conv[(k * g.toh + a * g.Q + u) * g.toh + c * g.Q + v];
-        if (z > best || (z != z && best == best)) {
+        if (z > best || z != z) {  // max_pool2d's rule: the last NaN wins
           best = z;
           arg = u * g.P + v;
         }
@@ -158,6 +159,8 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(const at::Tensor& i
   g.pad = static_cast<int>(padding);
   g.P = static_cast<int>(pool_size);
   g.Q = static_cast<int>(pool_stride);
+  TORCH_CHECK(g.H + 2 * g.pad >= g.R && g.W + 2 * g.pad >= g.R, name, ": the kernel (", g.R,
+              ") is larger than the padded input (", g.H + 2 * g.pad, "x", g.W + 2 * g.pad, ")");
   const int HO = (g.H + 2 * g.pad - g.R) / g.S + 1, WO = (g.W + 2 * g.pad - g.R) / g.S + 1;
   TORCH_CHECK(HO >= g.P && WO >= g.P, name, ": the conv output (", HO, "x", WO, ") is smaller than the pool window");
   g.HP = (HO - g.P) / g.Q + 1;
@@ -167,20 +170,24 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(const at::Tensor& i
   g.sh = input.stride(2);
   g.sw = input.stride(3);
   // the largest square tile (8, 4, 2 or 1 pooled pixels a side) whose shared memory fits
+  const c10::cuda::CUDAGuard guard(input.device());
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  const size_t limit = std::min<size_t>(kMaxSmem, static_cast<size_t>(optin));
   for (g.tile = 8;; g.tile /= 2) {
     g.toh = (g.tile - 1) * g.Q + g.P;
     g.tih = (g.toh - 1) * g.S + g.R;
-    if (g.tile == 1 || smem_floats(g) * 4 <= kMaxSmem) break;
+    if (g.tile == 1 || static_cast<size_t>(smem_floats(g)) * 4 <= limit) break;
   }
   const size_t smem = static_cast<size_t>(smem_floats(g)) * sizeof(float);
-  TORCH_CHECK(smem <= kMaxSmem, name, ": needs ", smem, " bytes of shared memory; at most ", kMaxSmem);
+  TORCH_CHECK(smem <= limit, name, ": needs ", smem, " bytes of shared memory; this GPU allows ", limit);
 
   at::Tensor y = at::empty({input.size(0), g.K, g.HP, g.WP}, input.options());
   at::Tensor idx = at::empty({input.size(0), g.K, g.HP, g.WP}, input.options().dtype(at::kChar));
   if (y.numel() == 0) return {y, idx};
   TORCH_CHECK(input.size(0) <= 65535, name, ": batch must be at most 65535, got ", input.size(0));
   const at::Tensor wc = weight.contiguous();
-  const c10::cuda::CUDAGuard guard(input.device());
   const int tiles = ((g.HP + g.tile - 1) / g.tile) * ((g.WP + g.tile - 1) / g.tile);
   const dim3 grid(tiles, (g.K + kGroup - 1) / kGroup, static_cast<unsigned>(input.size(0)));
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -273,7 +273,8 @@ void check_common(const char* name, const at::Tensor& w_hh, const std::optional<
               ": w_hh must be a CUDA (4H, H) tensor, got ", w_hh.sizes());
   if (lengths.has_value()) {
     TORCH_CHECK(lengths->scalar_type() == at::kInt && lengths->dim() == 1 && lengths->size(0) == B &&
-                    lengths->device() == w_hh.device(), name, ": lengths must be int32 (B,) on w_hh's device");
+                    lengths->is_contiguous() && lengths->device() == w_hh.device(), name,
+                ": lengths must be a contiguous int32 (B,) tensor on w_hh's device");
   }
 }
 
@@ -331,6 +332,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_seq_bwd_cuda(const at::Tenso
               name, ": cs must be fp32 (T + 1, B, H)");
   TORCH_CHECK(dy.dim() == 3 && dy.size(0) == T && dy.size(1) == B && dy.size(2) == H &&
                   dy.scalar_type() == w_hh.scalar_type(), name, ": dy must be (T, B, H) of w_hh's dtype");
+  TORCH_CHECK(cs.size(1) == B && cs.size(2) == H, name, ": cs must be (T + 1, B, H)");
+  for (const at::Tensor* t : {&dh_n, &dc_n}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == H, name, ": dh_n and dc_n must be (B, H)");
+  }
+  for (const at::Tensor* t : {&dy, &acts, &cs, &dh_n, &dc_n}) {
+    TORCH_CHECK(t->device() == w_hh.device(), name, ": every tensor must be on w_hh's device");
+  }
   at::Tensor dz = at::empty({T, B, 4 * H}, w_hh.options());
   at::Tensor dh = dh_n.to(at::kFloat).contiguous().clone();
   at::Tensor dc = dc_n.to(at::kFloat).contiguous().clone();

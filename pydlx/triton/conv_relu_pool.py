@@ -62,7 +62,7 @@ def _conv_relu_pool_fwd_kernel(
             b = tl.load(w_ptr + (tap * C + c[:, None]) * K + rk[None, :], mask=c_ok[:, None] & k_ok[None, :],
                         other=0.0)  # w as [R*R, C, K] (K contiguous)
             acc = _dot(a, b, acc, PRECISION, INTERP_BF16)
-        take = (acc > best) | ((acc != acc) & (best == best))  # first max; a NaN wins and stays
+        take = (acc > best) | (acc != acc)  # first max; a NaN wins (the last one, as in max_pool2d)
         best = tl.where(take, acc, best)
         arg = tl.where(take, win, arg)
     if HAS_BIAS:
