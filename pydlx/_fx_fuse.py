@@ -5,6 +5,8 @@
 The model is traced with ``torch.fx`` (pydlx's and torch's RNN modules are leaves). A match replaces the module at
 its own name (so parameter names, and the state_dict, do not change) and removes the activation and pool nodes:
   Conv2d -> relu -> max_pool2d   becomes   pydlx.nn.ConvReLUPool2d.from_modules(conv, pool)
+  Linear -> act -> Linear ...    becomes   one pydlx.ops.mlp call over the Linears' own parameters (get_attr nodes:
+                                           the modules stay, so does the state_dict)
   Linear -> act                  becomes   pydlx.nn.Linear.from_module(linear, act)
 A module called from several places is fused only if every call is followed by the same pattern. The result is a
 ``torch.fx.GraphModule`` holding the model's own submodules in their original order.
@@ -87,6 +89,65 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
     return users[0] if len(users) == 1 and users[0].args and users[0].args[0] is node else None
 
 
+def _allowed(fqn: str, modules: Dict[str, nn.Module], filter_fn) -> bool:
+    """filter_fn accepts the module and each of its ancestors."""
+    if filter_fn is None:
+        return True
+    parts = fqn.split(".")
+    return all(filter_fn(modules[p], p) for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)))
+
+
+def _linear_chains(graph: fx.Graph, modules, calls, filter_fn):
+    """Runs ``Linear -> act -> Linear [-> act ...] [-> last act]`` in forward code, one hidden activation, every
+    Linear called once: [(linear nodes, act nodes, hidden act, last act node or None, last act)]."""
+    def single_linear(node):
+        return (node is not None and node.op == "call_module" and type(modules.get(node.target)) is nn.Linear
+                and len(calls[node.target]) == 1 and _allowed(node.target, modules, filter_fn))
+
+    chains, used = [], set()
+    for node in graph.nodes:
+        if node in used or not single_linear(node):
+            continue
+        linears, acts, hidden, cur = [node], [], None, node
+        while True:
+            act_node = _only_user(cur)
+            act = _activation(act_node, modules) if act_node is not None else None
+            nxt = _only_user(act_node) if act is not None else None
+            if act is None or not single_linear(nxt) or (hidden is not None and act != hidden):
+                break
+            hidden = act
+            acts.append(act_node)
+            linears.append(nxt)
+            cur = nxt
+        if len(linears) < 2:
+            continue
+        last_node = _only_user(linears[-1])
+        last = _activation(last_node, modules) if last_node is not None else None
+        chains.append((linears, acts, hidden, last_node if last else None, last))
+        used.update(linears)
+    return chains
+
+
+def _mlp_apply(graph: fx.Graph, model: nn.Module, linears, acts, hidden, last_node, last):
+    """Replace the chain by one pydlx.ops.mlp call over the Linear modules' own parameters (get_attr: the modules
+    stay where they are, so the state_dict does not change)."""
+    from .ops.mlp import mlp
+
+    first = linears[0]
+    with graph.inserting_before(first):
+        ws = [graph.get_attr(f"{n.target}.weight") for n in linears]
+        bs = [graph.get_attr(f"{n.target}.bias") if model.get_submodule(n.target).bias is not None else None
+              for n in linears]
+        new = graph.call_function(mlp, (first.args[0], ws, bs), {"activation": hidden, "last_activation": last})
+    tail = last_node if last_node is not None else linears[-1]
+    tail.replace_all_uses_with(new)
+    doomed = [last_node] if last_node is not None else []
+    for i in reversed(range(len(linears))):  # from the tail back: each node's users are gone before it
+        doomed += [linears[i]] + ([acts[i - 1]] if i > 0 else [])
+    for n in doomed:
+        graph.erase_node(n)
+
+
 def plan(graph: fx.Graph, model: nn.Module, filter_fn) -> List[Tuple[str, str, Optional[str], Callable]]:
     """(module fqn, description, skip reason or None, apply) for each functional candidate in ``graph``."""
     modules = dict(model.named_modules())
@@ -95,6 +156,17 @@ def plan(graph: fx.Graph, model: nn.Module, filter_fn) -> List[Tuple[str, str, O
         if node.op == "call_module" and type(modules.get(node.target)) in (nn.Conv2d, nn.Linear):
             calls.setdefault(node.target, []).append(node)
     found = []
+    for linears, acts, hidden, last_node, last in _linear_chains(graph, modules, calls, filter_fn):
+        mods = [modules[n.target] for n in linears]
+        sizes = [mods[0].in_features] + [m.out_features for m in mods]
+        how = ("one fused kernel on GPUs" if max(sizes[1:]) <= 128 and len(mods) <= 16 else
+               "a chain of fused Linear GEMMs: a layer is wider than 128")
+        desc = (f"Linear chain (forward code) -> pydlx.ops.mlp(sizes={sizes}, activation={hidden!r}, "
+                f"last_activation={last!r}) over the Linears' own parameters, {how}")
+        found.append((", ".join(n.target for n in linears), desc, None,
+                      lambda c=(linears, acts, hidden, last_node, last): _mlp_apply(graph, model, *c)))
+        for n in linears:
+            del calls[n.target]
     for fqn, nodes in calls.items():
         mod = modules[fqn]
         matches = []
@@ -119,11 +191,8 @@ def plan(graph: fx.Graph, model: nn.Module, filter_fn) -> List[Tuple[str, str, O
                 None if len(set(map(str, pools))) == 1 else f"{fqn}'s calls use different pools")
         elif len({m[3] for m in matches}) != 1:
             why = f"{fqn}'s calls use different activations"
-        if why is None and filter_fn is not None:
-            parts = fqn.split(".")
-            scopes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]  # the module and its ancestors
-            if not all(filter_fn(modules[p], p) for p in scopes):
-                why = "excluded by filter_fn"
+        if why is None and not _allowed(fqn, modules, filter_fn):
+            why = "excluded by filter_fn"
         if type(mod) is nn.Conv2d:
             desc = f"{kind} (forward code) -> pydlx.nn.ConvReLUPool2d"
         else:

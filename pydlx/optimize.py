@@ -13,7 +13,7 @@ What is swapped today (the families of later issues add their patterns here):
   * every ``nn.LSTM`` / ``nn.LSTMCell`` anywhere in the tree becomes ``pydlx.nn.LSTM`` / ``pydlx.nn.LSTMCell``
     over the same parameters.
   * chains written in the forward code rather than as modules (``self.pool(F.relu(self.conv1(x)))``,
-    ``F.relu(self.fc1(x))``, ``torch.relu`` / ``F.gelu`` / ``x.relu()`` / ``ReLU(True)`` modules called from
+    ``F.relu(self.fc1(x))``, ``fc2(F.relu(fc1(x)))`` as one ``pydlx.ops.mlp`` call, ``torch.relu`` / ``F.gelu`` / ``x.relu()`` / ``ReLU(True)`` modules called from
     forward): found by tracing the model with torch.fx (pydlx/_fx_fuse.py); the module is replaced at its own name
     and the result is a ``torch.fx.GraphModule`` over the model's own submodules. Where the model cannot be traced
     the module swaps above still apply and ``explain`` says why tracing failed.

@@ -49,7 +49,11 @@ def test_seed_model_is_optimized_with_state_dict_outputs_and_gradients_unchanged
     if kind == "cnn":
         assert isinstance(fast, fx.GraphModule)
         assert type(fast.conv1) is pydlx.nn.ConvReLUPool2d and type(fast.conv2) is pydlx.nn.ConvReLUPool2d
-        assert type(fast.fc1) is pydlx.nn.Linear and fast.fc1.activation == "relu" and type(fast.fc2) is nn.Linear
+        # fc1 -> relu -> fc2: one pydlx.ops.mlp call over the Linears' own parameters (the modules stay)
+        assert type(fast.fc1) is nn.Linear and type(fast.fc2) is nn.Linear
+        mlps = [n for n in fast.graph.nodes if n.op == "call_function" and n.target is pydlx.ops.mlp]
+        assert len(mlps) == 1 and mlps[0].kwargs == {"activation": "relu", "last_activation": None}
+        assert [a.target for a in mlps[0].args[1]] == ["fc1.weight", "fc2.weight"]
     x, y = _inputs(kind, dtype=dtype)
     x.requires_grad_()
     assert_close(fast(x), model(x).double(), dtype=dtype, name=f"{kind} output")
@@ -65,8 +69,9 @@ def test_explain_lists_the_seed_cnn_functional_chains():
     text = pydlx.explain(S.CNN())
     assert "fuse   conv1: Conv2d + ReLU + MaxPool2d (forward code) -> pydlx.nn.ConvReLUPool2d" in text
     assert "fuse   conv2: Conv2d + ReLU + MaxPool2d (forward code)" in text
-    assert "fuse   fc1: Linear + activation (forward code) -> pydlx.nn.Linear(activation='relu')" in text
-    assert "fc2" not in text
+    assert ("fuse   fc1, fc2: Linear chain (forward code) -> pydlx.ops.mlp(sizes=[2304, 128, 10], "
+            "activation='relu', last_activation=None) over the Linears' own parameters, one fused kernel on GPUs"
+            in text)
 
 
 class _Variants(nn.Module):
@@ -96,9 +101,10 @@ def test_functional_variants_are_fused():
     fast = pydlx.optimize(model)
     assert type(fast.a) is pydlx.nn.ConvReLUPool2d and (fast.a.pool_size, fast.a.pool_stride) == (2, 2)
     assert type(fast.b) is pydlx.nn.ConvReLUPool2d and (fast.b.pool_size, fast.b.pool_stride) == (3, 2)
-    assert [fast.fc1.activation, fast.fc2.activation, fast.fc3.activation] == ["relu", "gelu_tanh", "sigmoid"]
-    calls = [n.target for n in fast.graph.nodes if n.op in ("call_function", "call_method")]
-    assert calls == [torch.flatten]  # every activation and pool node is gone
+    # fc1 -> ReLU(True) -> fc2 -> gelu(tanh): one MLP (hidden relu, last gelu_tanh); fc3 -> sigmoid: a Linear
+    assert type(fast.fc1) is nn.Linear and type(fast.fc2) is nn.Linear and fast.fc3.activation == "sigmoid"
+    calls = [(n.target, n.kwargs) for n in fast.graph.nodes if n.op in ("call_function", "call_method")]
+    assert calls == [(torch.flatten, {}), (pydlx.ops.mlp, {"activation": "relu", "last_activation": "gelu_tanh"})]
     _same_state_dict(fast, model)
     x = torch.randn(3, 2, 15, 15, dtype=torch.float64, requires_grad=True)
     assert_close(fast(x), model(x), name="variants")

@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function
 
 from .. import _backend
 from ..reference.linear import ACTIVATIONS, SAVES_PREACT, activation_backward, activation_forward
@@ -242,6 +243,10 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     Layers all at most 128 wide run fused (one kernel forward, one backward walk + weight-gradient GEMMs);
     wider MLPs run as a chain of pydlx.ops.linear (GEMMs with the activation in their epilogues).
     """
+    relevant = (input, *weights, *[b for b in biases if b is not None])
+    if has_torch_function(relevant):  # e.g. torch.fx proxies: recorded as one call of this function
+        return handle_torch_function(mlp, relevant, input, weights, biases, activation=activation,
+                                     last_activation=last_activation)
     tensors = (input, *weights, *biases)
     if all(isinstance(t, Tensor) and t.is_floating_point() for t in tensors if t is not None) and \
             len(weights) == len(biases):
