@@ -90,28 +90,28 @@ def cases():
                         i = next(j for j, c in enumerate(cfgs) if c is cfg)
                         out.append((f"{kind}-{net}-sm{arch}-{dname}-{mlp_cfg_id(cfg)}", f"{kind}-{net}", arch,
                                     dname, i))
-            for i, (kind, bh, seq, resident, warps) in enumerate(tri_lstm.LAUNCHES):
+            for i, (kind, bh, seq, resident, proj, warps) in enumerate(tri_lstm.LAUNCHES):
                 how = ("seq-resident" if resident else "seq") if seq else "step"
-                name = f"lstm{kind}" + (f"-{how}" if kind == "fwd" else "")
+                name = f"lstm{kind}" + (f"-{how}" if kind == "fwd" else "") + ("-proj" if proj else "")
                 out.append((f"{name}-sm{arch}-{dname}-{tri_lstm.BLOCK_B}x{bh}w{warps}", "lstm", arch, dname, i))
     return out
 
 
 def _lstm_source(ptr, idx):
     """The LSTM kernels as lstm_fwd / lstm_bwd launch them, packed input (lengths), reverse direction."""
-    kind, bh, seq, resident, warps = tri_lstm.LAUNCHES[idx]
-    f32, scalars = "*fp32", {n: "i32" for n in ("T", "B", "H")}
+    kind, bh, seq, resident, proj, warps = tri_lstm.LAUNCHES[idx]
+    f32, scalars = "*fp32", {n: "i32" for n in ("T", "B", "H", "P")}
     if kind == "fwd":
         fn = tri_lstm._lstm_fwd_kernel
-        sig = {"g_ptr": ptr, "w_ptr": ptr, "hs_ptr": ptr, "cs_ptr": f32, "y_ptr": ptr, "a_ptr": f32,
-               "len_ptr": "*i32", **scalars, "t_first": "i32", "n_steps": "i32"}
+        sig = {"g_ptr": ptr, "w_ptr": ptr, "wr_ptr": ptr, "hs_ptr": ptr, "cs_ptr": f32, "y_ptr": ptr, "a_ptr": f32,
+               "r_ptr": ptr, "len_ptr": "*i32", **scalars, "t_first": "i32", "n_steps": "i32"}
         const = dict(SAVE=True, ALL_HIDDEN=seq, RESIDENT=resident)
     else:
         fn = tri_lstm._lstm_bwd_kernel
-        sig = {"dy_ptr": ptr, "a_ptr": f32, "cs_ptr": f32, "w_ptr": ptr, "dz_ptr": ptr, "dh_ptr": f32,
-               "dc_ptr": f32, "len_ptr": "*i32", **scalars}
+        sig = {"dy_ptr": ptr, "a_ptr": f32, "cs_ptr": f32, "w_ptr": ptr, "wr_ptr": ptr, "dz_ptr": ptr,
+               "dh_ptr": f32, "dc_ptr": f32, "dht_ptr": ptr, "len_ptr": "*i32", **scalars}
         const = {}
-    const.update(REVERSE=True, HAS_LEN=True, BLOCK_B=tri_lstm.BLOCK_B, BLOCK_H=bh, BLOCK_K=bh)
+    const.update(REVERSE=True, HAS_LEN=True, HAS_PROJ=proj, BLOCK_B=tri_lstm.BLOCK_B, BLOCK_H=bh, BLOCK_K=bh)
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
     return fn, triton.Config({}, num_warps=warps, num_stages=3), sig, attrs, const
 

@@ -16,8 +16,8 @@ from tolerance import assert_close
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
           pytest.param(torch.float16, id="fp16")]
 
-# (input_size, hidden_size, num_layers, bidirectional, batch_first, batch, lengths): lengths None = padded input
-# of length T = the first entry's; a list = a PackedSequence of those lengths (unsorted, repeats, a length 1)
+# (input_size, hidden_size, num_layers, bidirectional, batch_first, batch, lengths[, proj_size]): a one-entry
+# lengths = padded input of that length; a list = a PackedSequence of those lengths (unsorted, repeats, a 1)
 CASES = [
     pytest.param((5, 7, 1, False, False, 3, [13]), id="1layer-h7"),
     pytest.param((4, 9, 2, True, True, 1, [6]), id="2layer-bidir-batch1"),
@@ -26,6 +26,8 @@ CASES = [
     pytest.param((3, 5, 1, False, True, 2, [150]), id="seq150"),
     pytest.param((2, 6, 1, False, False, 40, [2]), id="batch40-three-tiles"),
     pytest.param((3, 4, 2, True, False, 2, [1]), id="seq1-2layer-bidir"),
+    pytest.param((6, 8, 2, True, False, 5, [3, 7, 1, 7, 5], 3), id="proj3-packed-2layer-bidir"),
+    pytest.param((3, 70, 1, False, True, 2, [9], 20), id="proj20-h70"),
 ]
 
 
@@ -38,7 +40,7 @@ def twin(m, dtype=None):
 
 
 def make_input(case, dtype, device="cpu"):
-    I, H, L, bidir, bf, B, lengths = case
+    I, H, L, bidir, bf, B, lengths = case[:7]
     gen = torch.Generator().manual_seed(1)
     if len(lengths) > 1:
         seqs = [torch.randn(n, I, generator=gen).to(device, dtype) for n in lengths]
@@ -66,13 +68,15 @@ def _with_grad(x):
 
 
 def check(case, dtype, backend, device="cpu", path=None, monkeypatch=None):
-    I, H, L, bidir, bf, B, lengths = case
+    I, H, L, bidir, bf, B, lengths = case[:7]
+    proj = case[7] if len(case) > 7 else 0
     torch.manual_seed(0)
-    base = nn.LSTM(I, H, num_layers=L, bidirectional=bidir, batch_first=bf).to(device)
+    base = nn.LSTM(I, H, num_layers=L, bidirectional=bidir, batch_first=bf, proj_size=proj).to(device)
     x = make_input(case, torch.float64, device)
     nb = x.batch_sizes[0].item() if hasattr(x, "batch_sizes") else B
     gen = torch.Generator().manual_seed(2)
-    hx = [torch.randn(L * (1 + bidir), nb, H, generator=gen, dtype=torch.float64).to(device) for _ in range(2)]
+    hx = [torch.randn(L * (1 + bidir), nb, width, generator=gen, dtype=torch.float64).to(device)
+          for width in (proj or H, H)]
     names = ["output", "h_n", "c_n", "d_input", "d_h0", "d_c0"] + [f"d_{n}" for n, _ in base.named_parameters()]
 
     def runs(dt, module_cls, be):
@@ -237,7 +241,7 @@ def test_opcheck_and_compile():
     h0, c0 = torch.randn(B, H, requires_grad=True), torch.randn(B, H, requires_grad=True)
     for lengths, reverse in ((None, False), (torch.tensor([3, 1], dtype=torch.int32), True)):
         torch.library.opcheck(torch.ops.pydlx.lstm_layer_fwd.default,
-                              (x, w_ih, w_hh, b, h0, c0, lengths, reverse, True, "triton"))
+                              (x, w_ih, w_hh, b, None, h0, c0, lengths, reverse, True, "triton"))
     m = pydlx.nn.LSTM(I, H, num_layers=2)
     xin = torch.randn(T, B, I)
     with pydlx.use_backend("triton"):
@@ -285,11 +289,8 @@ def test_bad_inputs_raise_clear_errors(backend, monkeypatch):
             pydlx.nn.LSTMCell(3, 4)(torch.randn(1, 2))
 
 
-def test_forced_triton_refuses_projections_with_the_reason(monkeypatch):
+def test_forced_triton_refuses_float64_with_the_reason(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    m = pydlx.nn.LSTM(3, 4, proj_size=2)
-    with pydlx.use_backend("triton"), pytest.raises(pydlx.BackendUnavailableError, match="proj_size > 0"):
-        m(torch.randn(2, 1, 3))
     with pydlx.use_backend("triton"), pytest.raises(pydlx.BackendUnavailableError, match="float64"):
         pydlx.nn.LSTM(3, 4).double()(torch.randn(2, 1, 3, dtype=torch.float64))
 
@@ -326,7 +327,8 @@ def test_layer_op_with_lengths_matches_the_reference_layer(reverse, poison):
     x, h0, c0 = torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H)
     w_ih, w_hh, b = torch.randn(4 * H, I) / 2, torch.randn(4 * H, H) / 3, torch.randn(4 * H)
     lengths = torch.tensor([6, 2, 1, 6, 4], dtype=torch.int32)
-    y, h, c, hs, cs, acts = torch.ops.pydlx.lstm_layer_fwd(x, w_ih, w_hh, b, h0, c0, lengths, reverse, True, "triton")
+    y, h, c, hs, cs, acts, rs = torch.ops.pydlx.lstm_layer_fwd(x, w_ih, w_hh, b, None, h0, c0, lengths, reverse, True,
+                                                               "triton")
     d = lambda t: t.double()  # noqa: E731
     want = ref.lstm_layer(d(x), d(w_ih), d(w_hh), d(b), d(h0), d(c0), lengths, reverse)
     for a, e, n in zip((y, h, c), want, ("y", "h_n", "c_n")):
@@ -368,8 +370,8 @@ def test_gpu_forward_is_cuda_graph_capturable():
 # ---------------------------------------------------------------------------------------------- C++/CUDA (GPU)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", GPU_CASES + [pytest.param((16, 768, 1, False, False, 16, [1024]),
-                                                           id="h768-b16-seq1024")])
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if len(c.values[0]) == 7]  # no projections in CUDA
+                         + [pytest.param((16, 768, 1, False, False, 16, [1024]), id="h768-b16-seq1024")])
 def test_gpu_cuda_persistent_against_reference(case, dtype, poison):
     """csrc/lstm.cu (forced `cuda` backend): the persistent kernels, forward and backward, incl. 1000+ steps."""
     check(case, dtype, "cuda", device="cuda")

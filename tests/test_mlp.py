@@ -58,6 +58,22 @@ def mlp_fp64_rounded(x, ws, bs, acts, dtype):
     return h
 
 
+def weight_grad_abs_sums(x, ws, bs, g, acts, dtype):
+    """|dZ_l|^T |H_{l-1}| per layer (float64): the sum of absolute terms of each weight-gradient element, the scale
+    at which rounding the terms to ``dtype`` shows when they cancel."""
+    h = x.detach().double().reshape(-1, x.shape[-1])
+    inputs, zs = [], []
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        inputs.append(h)
+        z = (h @ w.detach().double().t() + (b.detach().double() if b is not None else 0)).requires_grad_()
+        zs.append(z)
+        h = ref.activation_forward(z, acts[0] if i + 1 < len(ws) else acts[1])
+        if i + 1 < len(ws) and dtype != torch.float64:
+            h = h + (h.to(dtype).double() - h).detach()
+    dzs = torch.autograd.grad(h, zs, g.detach().double().reshape(h.shape))
+    return [dz.abs().t() @ hin.abs() for dz, hin in zip(dzs, inputs)]
+
+
 def check_against_fp64(fn, x, ws, bs, g, acts, dtype):
     got = fwd_bwd(fn, x, ws, bs, g)
     up = lambda t: t.detach().double().requires_grad_() if t is not None else None  # noqa: E731
@@ -65,9 +81,10 @@ def check_against_fp64(fn, x, ws, bs, g, acts, dtype):
     want = fwd_bwd(lambda a, b_, c: mlp_fp64_rounded(a, b_, c, acts, dtype), x64, ws64, bs64, g.double())
     eager = fwd_bwd(lambda a, b_, c: ref.mlp(a, b_, c, *acts), x, ws, bs, g)
     names = ["y", "dx"] + [f"dW{i}" for i in range(len(ws))] + [f"db{i}" for i, b in enumerate(bs) if b is not None]
-    for a, e, base, name in zip(got, want, eager, names):
+    sums = [None, None] + weight_grad_abs_sums(x, ws, bs, g, acts, dtype) + [None] * len(names)
+    for a, e, base, name, abs_sum in zip(got, want, eager, names, sums):
         assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
-        assert_close(a, e, dtype=dtype, name=name, baseline=base)
+        assert_close(a, e, dtype=dtype, name=name, baseline=base, abs_sum=abs_sum)
 
 
 def pydlx_mlp(acts):

@@ -1,13 +1,14 @@
 """``pydlx.ops.lstm`` / ``pydlx.ops.lstm_cell``: torch.nn.LSTM / LSTMCell as functions, on pydlx's kernels.
 
 Ops (schemas defined once, here), one layer in one direction, time-major:
-  pydlx::lstm_layer_fwd(x, w_ih, w_hh, bias, h0, c0, lengths, reverse, save, kernel)
-      -> (y, h_n, c_n, hs, cs, acts); kernel: "triton" or "cuda"
+  pydlx::lstm_layer_fwd(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, kernel)
+      -> (y, h_n, c_n, hs, cs, acts, rs); kernel: "triton" or "cuda"; w_hr [P, H] a projection (proj_size P) or
+      None; with it h, y and hs are P wide and rs [T, B, H] saves the unprojected o * tanh(c)
       x [T, B, I]; bias = b_ih + b_hh or None; lengths int32 [B] (packed input) or None; y [T, B, H] (0 past a
       sequence's end); hs [T+1, B, H], cs [T+1, B, H] fp32 and acts [T, B, 4H] fp32 (the gate activations) are
       saved for backward (non-differentiable outputs).
-  pydlx::lstm_layer_bwd(dy, dh_n, dc_n, x, w_ih, w_hh, hs, cs, acts, lengths, reverse, has_bias, need_input,
-      need_weight, kernel) -> (dx, dw_ih, dw_hh, db, dh0, dc0)
+  pydlx::lstm_layer_bwd(dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths, reverse, has_bias,
+      need_input, need_weight, kernel) -> (dx, dw_ih, dw_hh, dw_hr, db, dh0, dc0)
 The Triton path (pydlx/triton/lstm.py): the input projection of all steps as one GEMM, then the recurrence as one
 sequence launch (or one launch a step); backward through time in one launch with fused pointwise gradients, then
 the weight gradients as GEMMs over all steps. Layers, directions, inter-layer dropout, batch_first, unbatched input
@@ -15,7 +16,7 @@ and PackedSequence (per-sequence lengths: a mask per step, no re-batching) are h
 The cuda backend runs csrc/lstm.cu's persistent kernels instead (W_hh split across the SMs and kept in shared
 memory for the whole sequence, one grid-wide sync per step; cuBLAS for the GEMMs over all steps).
 `auto` runs ATen's LSTM (cuDNN on GPUs) until GPU measurements say where the kernels win (bench/NOTES.md); the
-triton and cuda backends, forced, run the kernels (projections, proj_size > 0, are not in them yet).
+triton and cuda backends, forced, run the kernels (projections, proj_size > 0: triton only, sequence launches).
 """
 from __future__ import annotations
 
@@ -34,44 +35,46 @@ NAME = "pydlx.ops.lstm"
 
 # ----------------------------------------------------------------------------------------------- layer ops
 @torch.library.custom_op("pydlx::lstm_layer_fwd", mutates_args=())
-def lstm_layer_fwd(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0: Tensor, c0: Tensor,
-                   lengths: Optional[Tensor], reverse: bool, save: bool, kernel: str
-                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def lstm_layer_fwd(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], w_hr: Optional[Tensor],
+                   h0: Tensor, c0: Tensor, lengths: Optional[Tensor], reverse: bool, save: bool, kernel: str
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     T, B, I = x.shape
-    H = w_hh.shape[1]
-    if kernel == "cuda":  # cuBLAS input projection + csrc/lstm.cu's persistent recurrence
+    H = w_hh.shape[0] // 4
+    if kernel == "cuda":  # cuBLAS input projection + csrc/lstm.cu's persistent recurrence (no projections)
         G = torch.nn.functional.linear(x.reshape(T * B, I), w_ih, bias).view(T, B, 4 * H)
         y, hs, cs, acts = torch.ops.pydlx.lstm_seq_fwd_cuda(G, w_hh, h0, c0, lengths, reverse, save)
+        rs = x.new_empty(0)
     else:
         from ..triton import linear as tri_linear
         from ..triton import lstm as tri
 
         G = tri_linear.linear_fwd(x.reshape(T * B, I), w_ih, bias, None, False)[0].view(T, B, 4 * H)
-        y, hs, cs, acts = tri.lstm_fwd(G, w_hh, h0, c0, lengths, reverse, save)
+        y, hs, cs, acts, rs = tri.lstm_fwd(G, w_hh, h0, c0, lengths, reverse, save, w_hr=w_hr)
     final = 0 if reverse else T
-    return y, hs[final].clone(), cs[final].to(x.dtype, copy=True), hs, cs, acts
+    return y, hs[final].clone(), cs[final].to(x.dtype, copy=True), hs, cs, acts, rs
 
 
 @lstm_layer_fwd.register_fake
-def _(x, w_ih, w_hh, bias, h0, c0, lengths, reverse, save, kernel):
+def _(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, kernel):
     T, B, _ = x.shape
-    H = w_hh.shape[1]
+    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     f32 = dict(dtype=torch.float32)
-    return (x.new_empty((T, B, H)), x.new_empty((B, H)), x.new_empty((B, H)), x.new_empty((T + 1, B, H)),
-            x.new_empty((T + 1, B, H), **f32), x.new_empty((T, B, 4 * H), **f32) if save else x.new_empty(0, **f32))
+    return (x.new_empty((T, B, P)), x.new_empty((B, P)), x.new_empty((B, H)), x.new_empty((T + 1, B, P)),
+            x.new_empty((T + 1, B, H), **f32), x.new_empty((T, B, 4 * H), **f32) if save else x.new_empty(0, **f32),
+            x.new_empty((T, B, H)) if w_hr is not None else x.new_empty(0))
 
 
 @torch.library.custom_op("pydlx::lstm_layer_bwd", mutates_args=())
-def lstm_layer_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, hs: Tensor,
-                   cs: Tensor, acts: Tensor, lengths: Optional[Tensor], reverse: bool, has_bias: bool,
-                   need_input: bool, need_weight: bool, kernel: str
-                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def lstm_layer_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor,
+                   w_hr: Optional[Tensor], hs: Tensor, cs: Tensor, acts: Tensor, rs: Tensor,
+                   lengths: Optional[Tensor], reverse: bool, has_bias: bool, need_input: bool, need_weight: bool,
+                   kernel: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     T, B, I = x.shape
-    H = w_hh.shape[1]
+    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     x2 = x.reshape(T * B, I)
-    h_prev = (hs[1:] if reverse else hs[:T]).reshape(T * B, H)
-    empty = x.new_empty(0)
-    dw_hh = empty
+    h_prev = (hs[1:] if reverse else hs[:T]).reshape(T * B, P)
+    empty = lambda: x.new_empty(0)  # noqa: E731  (a fresh one per output: outputs must not alias)
+    dw_hh = dw_hr = None
     # backward through time, then the weight gradients and dx as GEMMs over all T*B rows at once
     if kernel == "cuda":
         dz, dh0, dc0 = torch.ops.pydlx.lstm_seq_bwd_cuda(dy, dh_n, dc_n, acts, cs, w_hh, lengths, reverse)
@@ -85,41 +88,47 @@ def lstm_layer_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, w_ih: Tens
         from ..triton import linear as tri_linear
         from ..triton import lstm as tri
 
-        dz, dh0, dc0 = tri.lstm_bwd(dy, dh_n, dc_n, acts, cs, w_hh, lengths, reverse)
+        dz, dh0, dc0, dht = tri.lstm_bwd(dy, dh_n, dc_n, acts, cs, w_hh, lengths, reverse, w_hr=w_hr)
         dz2 = dz.view(T * B, 4 * H)
         dx, dw_ih, db = tri_linear.linear_bwd(dz2, x2, w_ih, dz2, None, has_bias, need_input, need_weight)
         if need_weight:
             dw_hh = tri_linear.linear_bwd(dz2, h_prev, w_hh, dz2, None, False, False, True)[1]
-    return (dx.view(T, B, I) if need_input else empty, dw_ih if need_weight else empty, dw_hh,
-            db if has_bias else empty, dh0.to(x.dtype), dc0.to(x.dtype))
+            if w_hr is not None:  # dW_hr = sum_t dL/dh_t^T r_t
+                dht2 = dht.view(T * B, P)
+                dw_hr = tri_linear.linear_bwd(dht2, rs.reshape(T * B, H), w_hr, dht2, None, False, False, True)[1]
+    return (dx.view(T, B, I) if need_input else empty(), dw_ih if need_weight else empty(),
+            dw_hh if dw_hh is not None else empty(), dw_hr if dw_hr is not None else empty(),
+            db if has_bias else empty(), dh0.to(x.dtype), dc0.to(x.dtype))
 
 
 @lstm_layer_bwd.register_fake
-def _(dy, dh_n, dc_n, x, w_ih, w_hh, hs, cs, acts, lengths, reverse, has_bias, need_input, need_weight, kernel):
+def _(dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths, reverse, has_bias, need_input, need_weight,
+      kernel):
     empty = x.new_empty(0)
     return (torch.empty_like(x) if need_input else empty, torch.empty_like(w_ih) if need_weight else empty,
-            torch.empty_like(w_hh) if need_weight else empty, w_ih.new_empty(w_ih.shape[0]) if has_bias else empty,
-            torch.empty_like(dh_n), torch.empty_like(dc_n))
+            torch.empty_like(w_hh) if need_weight else empty,
+            torch.empty_like(w_hr) if (need_weight and w_hr is not None) else empty,
+            w_ih.new_empty(w_ih.shape[0]) if has_bias else empty, torch.empty_like(dh_n), torch.empty_like(dc_n))
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_ih, w_hh, bias, h0, c0, lengths, reverse, save, kernel = inputs
-    y, h_n, c_n, hs, cs, acts = output
-    ctx.mark_non_differentiable(hs, cs, acts)
-    ctx.save_for_backward(x, w_ih, w_hh, hs, cs, acts, lengths)
+    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, kernel = inputs
+    y, h_n, c_n, hs, cs, acts, rs = output
+    ctx.mark_non_differentiable(hs, cs, acts, rs)
+    ctx.save_for_backward(x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths)
     ctx.args = (reverse, bias is not None, kernel)
 
 
-def _backward(ctx, dy, dh_n, dc_n, _dhs, _dcs, _dacts):
-    x, w_ih, w_hh, hs, cs, acts, lengths = ctx.saved_tensors
+def _backward(ctx, dy, dh_n, dc_n, _dhs, _dcs, _dacts, _drs):
+    x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths = ctx.saved_tensors
     reverse, has_bias, kernel = ctx.args
-    need_x, need_wih, need_whh, need_b, need_h0, need_c0 = ctx.needs_input_grad[:6]
-    dx, dw_ih, dw_hh, db, dh0, dc0 = lstm_layer_bwd(
-        dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), x, w_ih, w_hh, hs, cs, acts, lengths, reverse,
-        has_bias and need_b, need_x, need_wih or need_whh, kernel)
+    need_x, need_wih, need_whh, need_b, need_whr, need_h0, need_c0 = ctx.needs_input_grad[:7]
+    dx, dw_ih, dw_hh, dw_hr, db, dh0, dc0 = lstm_layer_bwd(
+        dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths,
+        reverse, has_bias and need_b, need_x, need_wih or need_whh or need_whr, kernel)
     return (dx if need_x else None, dw_ih if need_wih else None, dw_hh if need_whh else None,
-            db if (has_bias and need_b) else None, dh0 if need_h0 else None, dc0 if need_c0 else None,
-            None, None, None, None)
+            db if (has_bias and need_b) else None, dw_hr if (w_hr is not None and need_whr) else None,
+            dh0 if need_h0 else None, dc0 if need_c0 else None, None, None, None, None)
 
 
 torch.library.register_autograd("pydlx::lstm_layer_fwd", _backward, setup_context=_setup_context)
@@ -153,8 +162,6 @@ def _check_tensor(name: str, t: Tensor, like: Tensor) -> None:
 
 
 def _why_not_triton(x: Tensor, proj_size: int) -> Optional[str]:
-    if proj_size > 0:
-        return "proj_size > 0 is not supported by the triton kernels yet (auto runs cuDNN for it)"
     return why_not_kernel_dtype(x)
 
 
@@ -250,7 +257,7 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
         "triton": lambda: _why_not_triton(data, proj_size),
         "cuda": lambda: _why_not_cuda(data, proj_size, H)})
     flat = [t for ws in layers for t in ws if t is not None]
-    if backend == "reference" and torch.compiler.is_compiling() and proj_size == 0:
+    if backend == "reference" and torch.compiler.is_compiling():
         # AOTAutograd cannot trace ATen's LSTM with gradients (torch 2.14: "expected all
         # tensors_saved_with_vc_check to be Tensors"): under torch.compile the reference runs the per-layer math of
         # pydlx.reference.lstm.lstm_layer, unrolled over the steps
@@ -304,13 +311,13 @@ def _lstm_kernels(data: Tensor, batch_sizes, h0: Tensor, c0: Tensor, layers, num
         outs = []
         for d in range(dirs):
             k = layer * dirs + d
-            w_ih, w_hh, b_ih, b_hh, _ = layers[k]
+            w_ih, w_hh, b_ih, b_hh, w_hr = layers[k]
             b = b_ih + b_hh if b_ih is not None else None
             if kernel == "unrolled":
-                y, h, c = ref.lstm_layer(x, w_ih, w_hh, b, h0[k], c0[k], lengths, d == 1)
+                y, h, c = ref.lstm_layer(x, w_ih, w_hh, b, h0[k], c0[k], lengths, d == 1, w_hr)
             else:
-                y, h, c, _, _, _ = lstm_layer_fwd(x.contiguous(), w_ih, w_hh, b, h0[k], c0[k], lengths, d == 1,
-                                                  save, kernel)
+                y, h, c, _, _, _, _ = lstm_layer_fwd(x.contiguous(), w_ih, w_hh, b, w_hr, h0[k], c0[k], lengths,
+                                                     d == 1, save, kernel)
             outs.append(y)
             h_n.append(h)
             c_n.append(c)
@@ -364,6 +371,6 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
         b = b_ih + b_hh if b_ih is not None else None
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
-        _, h, c, _, _, _ = lstm_layer_fwd(x.unsqueeze(0).contiguous(), w_ih, w_hh, b, h0, c0, None, False, save,
-                                          "triton")
+        _, h, c, _, _, _, _ = lstm_layer_fwd(x.unsqueeze(0).contiguous(), w_ih, w_hh, b, None, h0, c0, None,
+                                             False, save, "triton")
     return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)

@@ -25,8 +25,10 @@ def lstm_cell(input: Tensor, hx: Tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tens
 
 
 def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0: Tensor, c0: Tensor,
-               lengths: Optional[Tensor] = None, reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """(y [T, B, H], h_n, c_n) for time-major x [T, B, I]; rows past their length keep h, c and output 0."""
+               lengths: Optional[Tensor] = None, reverse: bool = False, w_hr: Optional[Tensor] = None
+               ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y [T, B, P], h_n, c_n) for time-major x [T, B, I]; rows past their length keep h, c and output 0; w_hr
+    [P, H] projects h (proj_size = P), else P = H."""
     T = x.shape[0]
     G = x @ w_ih.t() + (bias if bias is not None else 0)
     h, c = h0, c0
@@ -35,6 +37,8 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0
         i, f, g, o = (G[t] + h @ w_hh.t()).chunk(4, dim=-1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()
         if lengths is None:
             h, c, ys[t] = h_new, c_new, h_new
         else:

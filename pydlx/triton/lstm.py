@@ -45,28 +45,31 @@ def _tanh(x):
 
 
 @triton.jit
-def _gate_acc(hs_ptr, w_ptr, rb, b_ok, rj, j_ok, prev_off, H, gate: tl.constexpr,
-              BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """h_prev[rb, :] @ W_hh[gate*H + rj, :]^T, fp32 [BLOCK_B, BLOCK_H]."""
-    acc = tl.zeros((rb.shape[0], BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+def _rows_times(a_ptr, a_stride, rb, b_ok, K, w_ptr, w_k, w_n, rn, n_ok,
+                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """A[rb, :K] @ W[:K, rn] in fp32, [BLOCK_B, BLOCK_N]: A row-major with row stride a_stride, W's element (k, n)
+    at w_ptr + k * w_k + n * w_n. Every GEMM of the recurrence is one of these."""
+    acc = tl.zeros((rb.shape[0], rn.shape[0]), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < H
-        h = tl.load(hs_ptr + prev_off + rb[:, None] * H + rk[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + (gate * H + rj[None, :]) * H + rk[:, None], mask=k_ok[:, None] & j_ok[None, :],
-                    other=0.0)
-        acc = _dot(h, w, acc, PRECISION, INTERP_BF16)
+        k_ok = rk < K
+        a = tl.load(a_ptr + rb[:, None] * a_stride + rk[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rk[:, None] * w_k + rn[None, :] * w_n, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, w, acc, PRECISION, INTERP_BF16)
     return acc
 
 
 @triton.jit
 def _lstm_fwd_kernel(
-    g_ptr, w_ptr, hs_ptr, cs_ptr, y_ptr, a_ptr, len_ptr,
-    T, B, H, t_first, n_steps,
+    g_ptr, w_ptr, wr_ptr, hs_ptr, cs_ptr, y_ptr, a_ptr, r_ptr, len_ptr,
+    T, B, H, P, t_first, n_steps,
     REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, SAVE: tl.constexpr, ALL_HIDDEN: tl.constexpr,
-    RESIDENT: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    RESIDENT: tl.constexpr, HAS_PROJ: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """P: the width of h (proj_size, or H without a projection); W_hh is [4H, P], hs and y hold P-wide rows.
+    With HAS_PROJ (sequence launches only) the unprojected r = o * tanh(c) goes to r_ptr [T, B, H] first, then,
+    after a barrier, h = r @ W_hr^T (W_hr [P, H]) is written."""
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = rb < B
     if HAS_LEN:
@@ -80,7 +83,8 @@ def _lstm_fwd_kernel(
         j_first = tl.program_id(1) * BLOCK_H
         j_step = H
     BH = B * H
-    if RESIDENT:  # all of W_hh in registers for the whole sequence (H <= BLOCK_H == BLOCK_K)
+    BP = B * P
+    if RESIDENT:  # all of W_hh in registers for the whole sequence (P == H <= BLOCK_H == BLOCK_K)
         rj0 = tl.arange(0, BLOCK_H)
         rk0 = tl.arange(0, BLOCK_K)
         wm = (rk0[:, None] < H) & (rj0[None, :] < H)
@@ -104,22 +108,23 @@ def _lstm_fwd_kernel(
             j_ok = rj < H
             if RESIDENT:
                 rk = tl.arange(0, BLOCK_K)
-                hp = tl.load(hs_ptr + prev * BH + rb[:, None] * H + rk[None, :],
-                             mask=b_ok[:, None] & (rk[None, :] < H), other=0.0)
+                hp = tl.load(hs_ptr + prev * BP + rb[:, None] * P + rk[None, :],
+                             mask=b_ok[:, None] & (rk[None, :] < P), other=0.0)
                 zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                 acc_i = _dot(hp, w_i, zero, PRECISION, INTERP_BF16)
                 acc_f = _dot(hp, w_f, zero, PRECISION, INTERP_BF16)
                 acc_g = _dot(hp, w_g, zero, PRECISION, INTERP_BF16)
                 acc_o = _dot(hp, w_o, zero, PRECISION, INTERP_BF16)
-            else:
-                acc_i = _gate_acc(hs_ptr, w_ptr, rb, b_ok, rj, j_ok, prev * BH, H, 0, BLOCK_H, BLOCK_K, PRECISION,
-                                  INTERP_BF16)
-                acc_f = _gate_acc(hs_ptr, w_ptr, rb, b_ok, rj, j_ok, prev * BH, H, 1, BLOCK_H, BLOCK_K, PRECISION,
-                                  INTERP_BF16)
-                acc_g = _gate_acc(hs_ptr, w_ptr, rb, b_ok, rj, j_ok, prev * BH, H, 2, BLOCK_H, BLOCK_K, PRECISION,
-                                  INTERP_BF16)
-                acc_o = _gate_acc(hs_ptr, w_ptr, rb, b_ok, rj, j_ok, prev * BH, H, 3, BLOCK_H, BLOCK_K, PRECISION,
-                                  INTERP_BF16)
+            else:  # gate q's columns: W(k, j) = W_hh[q*H + j, k]
+                h_prev_rows = hs_ptr + prev * BP
+                acc_i = _rows_times(h_prev_rows, P, rb, b_ok, P, w_ptr, 1, P, rj, j_ok, BLOCK_K, PRECISION,
+                                    INTERP_BF16)
+                acc_f = _rows_times(h_prev_rows, P, rb, b_ok, P, w_ptr + H * P, 1, P, rj, j_ok, BLOCK_K,
+                                    PRECISION, INTERP_BF16)
+                acc_g = _rows_times(h_prev_rows, P, rb, b_ok, P, w_ptr + 2 * H * P, 1, P, rj, j_ok, BLOCK_K,
+                                    PRECISION, INTERP_BF16)
+                acc_o = _rows_times(h_prev_rows, P, rb, b_ok, P, w_ptr + 3 * H * P, 1, P, rj, j_ok, BLOCK_K,
+                                    PRECISION, INTERP_BF16)
             m = b_ok[:, None] & j_ok[None, :]
             g_row = g_ptr + t * (4 * BH) + rb[:, None] * (4 * H) + rj[None, :]
             gi = _sigmoid(acc_i + tl.load(g_row, mask=m, other=0.0).to(tl.float32))
@@ -131,28 +136,47 @@ def _lstm_fwd_kernel(
             c = gf * c_prev + gi * gg
             h = go * _tanh(c)
             on = active[:, None] & j_ok[None, :]
-            h_prev = tl.load(hs_ptr + prev * BH + hc, mask=m, other=0.0)
-            h_out = _cast(h, hs_ptr.dtype.element_ty, INTERP_BF16)
             tl.store(cs_ptr + cur * BH + hc, tl.where(on, c, c_prev), mask=m)
-            tl.store(hs_ptr + cur * BH + hc, tl.where(on, h_out, h_prev), mask=m)
-            tl.store(y_ptr + t * BH + hc, tl.where(on, h_out, 0.0), mask=m)
+            if HAS_PROJ:
+                tl.store(r_ptr + t * BH + hc, _cast(h, r_ptr.dtype.element_ty, INTERP_BF16), mask=m)
+            else:
+                h_prev = tl.load(hs_ptr + prev * BH + hc, mask=m, other=0.0)
+                h_out = _cast(h, hs_ptr.dtype.element_ty, INTERP_BF16)
+                tl.store(hs_ptr + cur * BH + hc, tl.where(on, h_out, h_prev), mask=m)
+                tl.store(y_ptr + t * BH + hc, tl.where(on, h_out, 0.0), mask=m)
             if SAVE:
                 a_row = a_ptr + t * (4 * BH) + rb[:, None] * (4 * H) + rj[None, :]
                 tl.store(a_row, gi, mask=m)
                 tl.store(a_row + H, gf, mask=m)
                 tl.store(a_row + 2 * H, gg, mask=m)
                 tl.store(a_row + 3 * H, go, mask=m)
+        if HAS_PROJ:  # h = r @ W_hr^T once every unit of r is written: W(k, p) = W_hr[p, k]
+            tl.debug_barrier()
+            for p0 in range(0, P, BLOCK_H):
+                rp = p0 + tl.arange(0, BLOCK_H)
+                p_ok = rp < P
+                hp_new = _rows_times(r_ptr + t * BH, H, rb, b_ok, H, wr_ptr, 1, H, rp, p_ok, BLOCK_K, PRECISION,
+                                     INTERP_BF16)
+                mp = b_ok[:, None] & p_ok[None, :]
+                onp = active[:, None] & p_ok[None, :]
+                hpc = rb[:, None] * P + rp[None, :]
+                h_prev = tl.load(hs_ptr + prev * BP + hpc, mask=mp, other=0.0)
+                h_out = _cast(hp_new, hs_ptr.dtype.element_ty, INTERP_BF16)
+                tl.store(hs_ptr + cur * BP + hpc, tl.where(onp, h_out, h_prev), mask=mp)
+                tl.store(y_ptr + t * BP + hpc, tl.where(onp, h_out, 0.0), mask=mp)
         tl.debug_barrier()  # this step's h (hs[cur]) is read by every thread of the program in the next step
 
 
 @triton.jit
 def _lstm_bwd_kernel(
-    dy_ptr, a_ptr, cs_ptr, w_ptr, dz_ptr, dh_ptr, dc_ptr, len_ptr,
-    T, B, H,
-    REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    dy_ptr, a_ptr, cs_ptr, w_ptr, wr_ptr, dz_ptr, dh_ptr, dc_ptr, dht_ptr, len_ptr,
+    T, B, H, P,
+    REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, HAS_PROJ: tl.constexpr, PRECISION: tl.constexpr,
+    INTERP_BF16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dh_ptr/dc_ptr [B, H] fp32 hold dL/dh_n, dL/dc_n on entry and dL/dh0, dL/dc0 on exit; dz [T, B, 4H]."""
+    """dh_ptr [B, P] / dc_ptr [B, H] fp32 hold dL/dh_n, dL/dc_n on entry and dL/dh0, dL/dc0 on exit; dz [T, B, 4H].
+    With HAS_PROJ, dht [T, B, P] receives dL/dh_t (0 past a sequence's end) for dW_hr, and the cell sees
+    dL/dr = dL/dh_t @ W_hr."""
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = rb < B
     if HAS_LEN:
@@ -160,6 +184,7 @@ def _lstm_bwd_kernel(
     else:
         seq_len = tl.zeros((BLOCK_B,), dtype=tl.int32) + T
     BH = B * H
+    BP = B * P
     for s in range(0, T):
         if REVERSE:  # the forward walked T-1 .. 0: backward walks 0 .. T-1
             t = s
@@ -170,6 +195,17 @@ def _lstm_bwd_kernel(
             prev = t
             cur = t + 1
         active = (t < seq_len) & b_ok
+        if HAS_PROJ:  # phase 0: dL/dh_t for the projected rows
+            for p0 in range(0, P, BLOCK_H):
+                rp = p0 + tl.arange(0, BLOCK_H)
+                p_ok = rp < P
+                onp = active[:, None] & p_ok[None, :]
+                hpc = rb[:, None] * P + rp[None, :]
+                dht = tl.load(dh_ptr + hpc, mask=onp, other=0.0) + tl.load(dy_ptr + t * BP + hpc, mask=onp,
+                                                                           other=0.0).to(tl.float32)
+                tl.store(dht_ptr + t * BP + hpc, _cast(dht, dht_ptr.dtype.element_ty, INTERP_BF16),
+                         mask=b_ok[:, None] & p_ok[None, :])
+            tl.debug_barrier()
         # phase 1: dz for every hidden block (pointwise); dc carried in place
         for j0 in range(0, H, BLOCK_H):
             rj = j0 + tl.arange(0, BLOCK_H)
@@ -177,8 +213,12 @@ def _lstm_bwd_kernel(
             m = b_ok[:, None] & j_ok[None, :]
             on = active[:, None] & j_ok[None, :]
             hc = rb[:, None] * H + rj[None, :]
-            dh = tl.load(dh_ptr + hc, mask=m, other=0.0) + tl.load(dy_ptr + t * BH + hc, mask=on, other=0.0).to(
-                tl.float32)
+            if HAS_PROJ:  # dL/dr = dL/dh_t @ W_hr: W(k, j) = W_hr[k, j]
+                dh = _rows_times(dht_ptr + t * BP, P, rb, b_ok, P, wr_ptr, H, 1, rj, j_ok, BLOCK_K, PRECISION,
+                                 INTERP_BF16)
+            else:
+                dh = tl.load(dh_ptr + hc, mask=m, other=0.0) + tl.load(dy_ptr + t * BH + hc, mask=on,
+                                                                       other=0.0).to(tl.float32)
             dc = tl.load(dc_ptr + hc, mask=m, other=0.0)
             a_row = a_ptr + t * (4 * BH) + rb[:, None] * (4 * H) + rj[None, :]
             gi = tl.load(a_row, mask=m, other=0.0)
@@ -201,20 +241,14 @@ def _lstm_bwd_kernel(
             tl.store(z_row + 2 * H, _cast(tl.where(on, dzg, 0.0), DT, INTERP_BF16), mask=m)
             tl.store(z_row + 3 * H, _cast(tl.where(on, dzo, 0.0), DT, INTERP_BF16), mask=m)
         tl.debug_barrier()
-        # phase 2: dh_{t-1} = dz_t @ W_hh (a GEMM over the 4H gate units) for the rows still running
-        for j0 in range(0, H, BLOCK_H):
-            rj = j0 + tl.arange(0, BLOCK_H)
-            j_ok = rj < H
-            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            for k0 in range(0, 4 * H, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                k_ok = rk < 4 * H
-                dz = tl.load(dz_ptr + t * (4 * BH) + rb[:, None] * (4 * H) + rk[None, :],
-                             mask=b_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + rk[:, None] * H + rj[None, :], mask=k_ok[:, None] & j_ok[None, :], other=0.0)
-                acc = _dot(dz, w, acc, PRECISION, INTERP_BF16)
-            on = active[:, None] & j_ok[None, :]
-            tl.store(dh_ptr + rb[:, None] * H + rj[None, :], acc, mask=on)
+        # phase 2: dh_{t-1} = dz_t @ W_hh (a GEMM over the 4H gate units) for the rows still running:
+        # W(k, p) = W_hh[k, p]
+        for p0 in range(0, P, BLOCK_H):
+            rp = p0 + tl.arange(0, BLOCK_H)
+            p_ok = rp < P
+            acc = _rows_times(dz_ptr + t * (4 * BH), 4 * H, rb, b_ok, 4 * H, w_ptr, P, 1, rp, p_ok, BLOCK_K,
+                              PRECISION, INTERP_BF16)
+            tl.store(dh_ptr + rb[:, None] * P + rp[None, :], acc, mask=active[:, None] & p_ok[None, :])
         tl.debug_barrier()
 
 
@@ -234,10 +268,13 @@ def _warps(kind: str, block_h: int) -> int:
     return 4 if (kind == "bwd" and block_h == 32) else 8
 
 
-# Every (kernel, BLOCK_H, sequence launch, weights resident, warps) that lstm_fwd / lstm_bwd can launch.
-LAUNCHES = ([("fwd", bh, True, True, _warps("fwd", bh)) for bh in (16, 32)]
-            + [("fwd", 64, True, False, _warps("fwd", 64)), ("fwd", 64, False, False, _warps("fwd", 64))]
-            + [("bwd", bh, True, False, _warps("bwd", bh)) for bh in (16, 32, 64)])
+# Every (kernel, BLOCK_H, sequence launch, weights resident, projection, warps) that lstm_fwd / lstm_bwd can
+# launch. Streamed weights and step launches without a projection only happen with H > 64 (BLOCK_H = 64);
+# projections stream at every BLOCK_H.
+LAUNCHES = ([("fwd", bh, True, True, False, _warps("fwd", bh)) for bh in (16, 32)]
+            + [("fwd", 64, True, False, False, _warps("fwd", 64)), ("fwd", 64, False, False, False, _warps("fwd", 64))]
+            + [("fwd", bh, True, False, True, _warps("fwd", bh)) for bh in (16, 32, 64)]
+            + [("bwd", bh, True, False, proj, _warps("bwd", bh)) for proj in (False, True) for bh in (16, 32, 64)])
 
 
 def step_path(B: int, H: int) -> bool:
@@ -253,53 +290,65 @@ def step_path(B: int, H: int) -> bool:
 
 
 def lstm_fwd(G: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-             lengths: Optional[torch.Tensor], reverse: bool, save: bool, path: Optional[str] = None
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, hs, cs, acts) for G [T, B, 4H] (x @ W_ih^T + b, contiguous), w_hh [4H, H], h0/c0 [B, H],
-    lengths int32 [B] or None. path: "sequence", "step" or None (step_path's rule)."""
+             lengths: Optional[torch.Tensor], reverse: bool, save: bool, path: Optional[str] = None,
+             w_hr: Optional[torch.Tensor] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, hs, cs, acts, rs) for G [T, B, 4H] (x @ W_ih^T + b, contiguous), w_hh [4H, P], h0 [B, P], c0 [B, H],
+    lengths int32 [B] or None, w_hr [P, H] (a projection, proj_size = P) or None (P = H). rs [T, B, H] holds the
+    unprojected o * tanh(c) with a projection (else empty). path: "sequence", "step" or None (step_path's rule;
+    projections always take the sequence launch)."""
     T, B, H4 = G.shape
     H = H4 // 4
+    P = w_hh.shape[1]
+    proj = w_hr is not None
     dt = G.dtype
-    hs = G.new_empty((T + 1, B, H))
+    hs = G.new_empty((T + 1, B, P))
     cs = torch.empty((T + 1, B, H), device=G.device, dtype=torch.float32)
-    y = G.new_empty((T, B, H))
+    y = G.new_empty((T, B, P))
     acts = torch.empty((T, B, 4 * H), device=G.device, dtype=torch.float32) if save else cs.new_empty(0)
+    rs = G.new_empty((T, B, H)) if proj else G.new_empty(0)
     first = T if reverse else 0
     hs[first].copy_(h0)
     cs[first].copy_(c0)
     if T == 0 or B == 0 or H == 0:
-        return y, hs, cs, acts
+        return y, hs, cs, acts, rs
     w_hh = w_hh.contiguous()
     BB, BH = BLOCK_B, _block_h(H)
     lens = lengths if lengths is not None else hs  # a valid pointer, never read without HAS_LEN
-    common = dict(REVERSE=reverse, HAS_LEN=lengths is not None, SAVE=save, PRECISION=precision(dt),
+    common = dict(REVERSE=reverse, HAS_LEN=lengths is not None, SAVE=save, HAS_PROJ=proj, PRECISION=precision(dt),
                   INTERP_BF16=interp_bf16(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("fwd", BH))
-    args = (G, w_hh, hs, cs, y, acts if save else cs, lens, T, B, H)
-    if (path or ("step" if step_path(B, H) else "sequence")) == "step":
+    args = (G, w_hh, w_hr.contiguous() if proj else w_hh, hs, cs, y, acts if save else cs, rs if proj else cs, lens,
+            T, B, H, P)
+    if not proj and (path or ("step" if step_path(B, H) else "sequence")) == "step":
         grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
         for s in range(T):
             _lstm_fwd_kernel[grid](*args, s, 1, ALL_HIDDEN=False, RESIDENT=False, **common)
     else:
-        _lstm_fwd_kernel[(triton.cdiv(B, BB), 1)](*args, 0, T, ALL_HIDDEN=True, RESIDENT=H <= RESIDENT_MAX_H,
-                                                  **common)
-    return y, hs, cs, acts
+        resident = not proj and H <= RESIDENT_MAX_H
+        _lstm_fwd_kernel[(triton.cdiv(B, BB), 1)](*args, 0, T, ALL_HIDDEN=True, RESIDENT=resident, **common)
+    return y, hs, cs, acts, rs
 
 
 def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, acts: torch.Tensor, cs: torch.Tensor,
-             w_hh: torch.Tensor, lengths: Optional[torch.Tensor], reverse: bool
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dz [T, B, 4H] in w_hh's dtype, dh0 fp32 [B, H], dc0 fp32 [B, H])."""
+             w_hh: torch.Tensor, lengths: Optional[torch.Tensor], reverse: bool, w_hr: Optional[torch.Tensor] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dz [T, B, 4H] in w_hh's dtype, dh0 fp32 [B, P], dc0 fp32 [B, H], dht [T, B, P]: dL/dh_t for dW_hr with a
+    projection, else empty)."""
     T, B, H4 = acts.shape
     H = H4 // 4
+    P = w_hh.shape[1]
+    proj = w_hr is not None
     dz = w_hh.new_empty((T, B, 4 * H))
+    dht = w_hh.new_empty((T, B, P)) if proj else w_hh.new_empty(0)
     dh = dh_n.to(torch.float32).contiguous().clone()
     dc = dc_n.to(torch.float32).contiguous().clone()
     if T == 0 or B == 0 or H == 0:
-        return dz.zero_(), dh, dc
+        return dz.zero_(), dh, dc, dht.zero_()
     BB, BH = BLOCK_B, _block_h(H)
     dt = w_hh.dtype
     _lstm_bwd_kernel[(triton.cdiv(B, BB),)](
-        dy.contiguous(), acts, cs, w_hh.contiguous(), dz, dh, dc, lengths if lengths is not None else dh, T, B, H,
-        REVERSE=reverse, HAS_LEN=lengths is not None, PRECISION=precision(dt), INTERP_BF16=interp_bf16(dt),
-        BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("bwd", BH))
-    return dz, dh, dc
+        dy.contiguous(), acts, cs, w_hh.contiguous(), w_hr.contiguous() if proj else w_hh, dz, dh, dc,
+        dht if proj else dh, lengths if lengths is not None else dh, T, B, H, P,
+        REVERSE=reverse, HAS_LEN=lengths is not None, HAS_PROJ=proj, PRECISION=precision(dt),
+        INTERP_BF16=interp_bf16(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("bwd", BH))
+    return dz, dh, dc, dht
