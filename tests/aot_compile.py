@@ -113,7 +113,8 @@ def _lstm_source(ptr, idx):
         const = {}
     const.update(REVERSE=True, HAS_LEN=True, HAS_PROJ=proj, BLOCK_B=tri_lstm.BLOCK_B, BLOCK_H=bh, BLOCK_K=bh)
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
-    return fn, triton.Config({}, num_warps=warps, num_stages=3), sig, attrs, const
+    elt = {"*fp16": 2, "*bf16": 2, "*fp32": 4}[ptr]
+    return fn, triton.Config({}, num_warps=warps, num_stages=tri_lstm.stages(elt, bh)), sig, attrs, const
 
 
 def crp_cfg_id(cfg):

@@ -252,7 +252,7 @@ def _lstm_bwd_kernel(
         tl.debug_barrier()
 
 
-# Block sizes and warps: the choices that compile without register spills for sm_80 and sm_90 in every dtype
+# Block sizes, warps and stages: the choices that compile without register spills for sm_80 and sm_90 in every dtype
 # (tests/aot_compile.py compiles each launch in LAUNCHES). 16 batch rows a program (32 spill with four live gate
 # accumulators); W_hh stays in registers for the whole sequence up to H = 32 (at 64 the four resident gate tiles
 # spill), larger layers stream it from L2 in 64-wide tiles.
@@ -266,6 +266,14 @@ def _block_h(H: int) -> int:
 
 def _warps(kind: str, block_h: int) -> int:
     return 4 if (kind == "bwd" and block_h == 32) else 8
+
+
+def stages(elt_bytes: int, block_h: int) -> int:
+    """Software-pipelining depth of the K loops: 3 for 16-bit; fp32 (tf32) tiles take twice the registers and
+    spill when pipelined deeper than this (tests/aot_compile.py)."""
+    if elt_bytes < 4:
+        return 3
+    return 2 if block_h == 16 else 1
 
 
 # Every (kernel, BLOCK_H, sequence launch, weights resident, projection, warps) that lstm_fwd / lstm_bwd can
@@ -316,7 +324,8 @@ def lstm_fwd(G: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Te
     BB, BH = BLOCK_B, _block_h(H)
     lens = lengths if lengths is not None else hs  # a valid pointer, never read without HAS_LEN
     common = dict(REVERSE=reverse, HAS_LEN=lengths is not None, SAVE=save, HAS_PROJ=proj, PRECISION=precision(dt),
-                  INTERP_BF16=interp_bf16(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("fwd", BH))
+                  INTERP_BF16=interp_bf16(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("fwd", BH),
+                  num_stages=stages(G.element_size(), BH))
     args = (G, w_hh, w_hr.contiguous() if proj else w_hh, hs, cs, y, acts if save else cs, rs if proj else cs, lens,
             T, B, H, P)
     if not proj and (path or ("step" if step_path(B, H) else "sequence")) == "step":
@@ -350,5 +359,6 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, acts: tor
         dy.contiguous(), acts, cs, w_hh.contiguous(), w_hr.contiguous() if proj else w_hh, dz, dh, dc,
         dht if proj else dh, lengths if lengths is not None else dh, T, B, H, P,
         REVERSE=reverse, HAS_LEN=lengths is not None, HAS_PROJ=proj, PRECISION=precision(dt),
-        INTERP_BF16=interp_bf16(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("bwd", BH))
+        INTERP_BF16=interp_bf16(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("bwd", BH),
+        num_stages=stages(w_hh.element_size(), BH))
     return dz, dh, dc, dht
