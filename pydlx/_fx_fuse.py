@@ -13,7 +13,6 @@ A module called from several places is fused only if every call is followed by t
 """
 from __future__ import annotations
 
-import operator  # noqa: F401  (fx graphs of the models reference it)
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch

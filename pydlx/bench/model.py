@@ -10,7 +10,6 @@ the weights would not run as written). Needs the repository checkout (examples/ 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import sys
 from typing import List

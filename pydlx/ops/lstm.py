@@ -20,7 +20,7 @@ triton and cuda backends, forced, run the kernels (projections, proj_size > 0: t
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
