@@ -41,10 +41,12 @@ echo "== building pydlx._C ($(elapsed)s)" | tee -a "$OUT/env.txt"
 echo "== GPU tests ($(elapsed)s)"
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
-PYDLX_TRITON_AUTOTUNE=0 timeout 270 "$PY" -m pytest tests -m gpu $XDIST -q -rf -p no:cacheprovider \
+# -v: every result is printed as it lands, so a run cut short by the time limit still reports what it covered
+PYDLX_TRITON_AUTOTUNE=0 timeout 300 "$PY" -m pytest tests -m gpu $XDIST -v -rf -p no:cacheprovider \
   --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.txt" 2>&1
 echo "pytest exit $? after $(elapsed)s" >> "$OUT/gpu-tests.txt"
-tail -25 "$OUT/gpu-tests.txt"
+grep -E "FAILED|ERROR" "$OUT/gpu-tests.txt" | head -40
+tail -5 "$OUT/gpu-tests.txt"
 
 left=$(( (450 - $(elapsed)) / 60 ))
 [ "$left" -lt 1 ] && left=1
