@@ -388,3 +388,4 @@ def test_gpu_cuda_refuses_what_does_not_fit():
     m = pydlx.nn.LSTM(8, H).cuda()
     with pydlx.use_backend("cuda"), pytest.raises(pydlx.BackendUnavailableError, match="does not fit"):
         m(torch.randn(3, 2, 8, device="cuda"))
+

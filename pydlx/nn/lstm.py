@@ -41,6 +41,7 @@ class LSTM(nn.RNNBase):
         return _adopt(cls, module, nn.LSTM, "LSTM")
 
     def forward(self, input, hx=None):
+        self._update_flat_weights()  # as nn.LSTM does: a parameter replaced since (e.g. load_state_dict(assign=True))
         return lstm(input, self._flat_weights, hx, num_layers=self.num_layers, bias=self.bias,
                     batch_first=self.batch_first, dropout=self.dropout, training=self.training,
                     bidirectional=self.bidirectional, proj_size=self.proj_size)
