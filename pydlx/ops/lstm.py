@@ -161,10 +161,6 @@ def _check_tensor(name: str, t: Tensor, like: Tensor) -> None:
         raise ValueError(f"{NAME}: {name} is on {t.device} but input is on {like.device}")
 
 
-def _why_not_triton(x: Tensor, proj_size: int) -> Optional[str]:
-    return why_not_kernel_dtype(x)
-
-
 def _align16(n: int) -> int:
     return (n + 15) // 16 * 16
 
@@ -254,7 +250,7 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
         data = data.unsqueeze(1)
 
     backend = _backend.choose("lstm", data, lambda t: (), extra_check={
-        "triton": lambda: _why_not_triton(data, proj_size),
+        "triton": lambda: why_not_kernel_dtype(data),
         "cuda": lambda: _why_not_cuda(data, proj_size, H)})
     flat = [t for ws in layers for t in ws if t is not None]
     if backend == "reference" and torch.compiler.is_compiling():

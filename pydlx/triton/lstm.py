@@ -45,6 +45,28 @@ def _tanh(x):
 
 
 @triton.jit
+def _batch_rows(len_ptr, B, T, HAS_LEN: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's batch rows, their in-range mask and their sequence lengths (T without lengths)."""
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = rb < B
+    if HAS_LEN:
+        seq_len = tl.load(len_ptr + rb, mask=b_ok, other=0)
+    else:
+        seq_len = tl.zeros((BLOCK_B,), dtype=tl.int32) + T
+    return rb, b_ok, seq_len
+
+
+@triton.jit
+def _slots(t, REVERSE: tl.constexpr):
+    """(slot of h_{t-1}/c_{t-1}, slot of h_t/c_t) in hs/cs: forward reads t and writes t + 1 (slot 0 is the
+    initial state); reverse reads t + 1 and writes t (slot T is the initial state)."""
+    if REVERSE:
+        return t + 1, t
+    else:
+        return t, t + 1
+
+
+@triton.jit
 def _rows_times(a_ptr, a_stride, rb, b_ok, K, w_ptr, w_k, w_n, rn, n_ok,
                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
     """A[rb, :K] @ W[:K, rn] in fp32, [BLOCK_B, BLOCK_N]: A row-major with row stride a_stride, W's element (k, n)
@@ -70,12 +92,7 @@ def _lstm_fwd_kernel(
     """P: the width of h (proj_size, or H without a projection); W_hh is [4H, P], hs and y hold P-wide rows.
     With HAS_PROJ (sequence launches only) the unprojected r = o * tanh(c) goes to r_ptr [T, B, H] first, then,
     after a barrier, h = r @ W_hr^T (W_hr [P, H]) is written."""
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_ok = rb < B
-    if HAS_LEN:
-        seq_len = tl.load(len_ptr + rb, mask=b_ok, other=0)
-    else:
-        seq_len = tl.zeros((BLOCK_B,), dtype=tl.int32) + T
+    rb, b_ok, seq_len = _batch_rows(len_ptr, B, T, HAS_LEN, BLOCK_B)
     if ALL_HIDDEN:  # sequence launch: this program walks every hidden block
         j_first = 0
         j_step = BLOCK_H
@@ -94,14 +111,8 @@ def _lstm_fwd_kernel(
         w_o = tl.load(w_ptr + (3 * H + rj0[None, :]) * H + rk0[:, None], mask=wm, other=0.0)
     for s in range(0, n_steps):
         step = t_first + s
-        if REVERSE:
-            t = T - 1 - step
-            prev = t + 1
-            cur = t
-        else:
-            t = step
-            prev = t
-            cur = t + 1
+        t = T - 1 - step if REVERSE else step
+        prev, cur = _slots(t, REVERSE)
         active = (t < seq_len) & b_ok
         for j0 in range(j_first, H, j_step):
             rj = j0 + tl.arange(0, BLOCK_H)
@@ -177,23 +188,12 @@ def _lstm_bwd_kernel(
     """dh_ptr [B, P] / dc_ptr [B, H] fp32 hold dL/dh_n, dL/dc_n on entry and dL/dh0, dL/dc0 on exit; dz [T, B, 4H].
     With HAS_PROJ, dht [T, B, P] receives dL/dh_t (0 past a sequence's end) for dW_hr, and the cell sees
     dL/dr = dL/dh_t @ W_hr."""
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_ok = rb < B
-    if HAS_LEN:
-        seq_len = tl.load(len_ptr + rb, mask=b_ok, other=0)
-    else:
-        seq_len = tl.zeros((BLOCK_B,), dtype=tl.int32) + T
+    rb, b_ok, seq_len = _batch_rows(len_ptr, B, T, HAS_LEN, BLOCK_B)
     BH = B * H
     BP = B * P
     for s in range(0, T):
-        if REVERSE:  # the forward walked T-1 .. 0: backward walks 0 .. T-1
-            t = s
-            prev = t + 1
-            cur = t
-        else:
-            t = T - 1 - s
-            prev = t
-            cur = t + 1
+        t = s if REVERSE else T - 1 - s  # the reverse forward walked T-1 .. 0: its backward walks 0 .. T-1
+        prev, cur = _slots(t, REVERSE)
         active = (t < seq_len) & b_ok
         if HAS_PROJ:  # phase 0: dL/dh_t for the projected rows
             for p0 in range(0, P, BLOCK_H):
