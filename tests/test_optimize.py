@@ -184,3 +184,22 @@ def test_optimized_lstm_classifier_runs_the_triton_kernels():
     with pydlx.use_backend("triton"):
         y = fast(x)
     assert_close(y.double(), net.double()(x.double()), dtype=torch.float32, name="triton via optimize")
+
+
+@pytest.mark.parametrize("pool", [
+    pytest.param(nn.MaxPool2d(3, stride=2, padding=1), id="resnet-stem-pool-padding"),
+    pytest.param(nn.MaxPool2d(2, dilation=2), id="pool-dilation-int"),
+    pytest.param(nn.MaxPool2d((2, 3)), id="pool-non-square"),
+    pytest.param(nn.MaxPool2d(2, ceil_mode=True), id="pool-ceil"),
+])
+def test_unsupported_pools_are_kept_and_explained_never_a_crash(pool):
+    """torchvision's ResNet stem (int pool padding) crashed explain/optimize with a TypeError."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3), nn.ReLU(), pool)
+    text = pydlx.explain(net)
+    assert "keep   0: Conv2d + ReLU + MaxPool2d (" in text, text
+    fast = pydlx.optimize(net)
+    assert type(fast[0]) is nn.Conv2d and type(fast[2]) is nn.MaxPool2d
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fast(x), net(x))
+    with pytest.raises(ValueError, match=r"from_modules: (pool|ceil_mode|non-square)"):
+        pydlx.nn.ConvReLUPool2d.from_modules(net[0], pool)

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from ..ops.conv_relu_pool import check_conv_relu_pool_args, conv_relu_pool2d
 
@@ -39,10 +40,9 @@ class ConvReLUPool2d(nn.Module):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.weight, new.bias = conv.weight, conv.bias
-        new.stride, new.padding = conv.stride[0], conv.padding[0]
-        new.pool_size = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
-        ps = pool.stride if pool.stride is not None else pool.kernel_size
-        new.pool_stride = ps if isinstance(ps, int) else ps[0]
+        new.stride, new.padding = _square(conv.stride), _square(conv.padding)
+        new.pool_size = _square(pool.kernel_size)
+        new.pool_stride = _square(pool.stride) if pool.stride is not None else new.pool_size
         new.train(conv.training)
         return new
 
@@ -56,28 +56,31 @@ class ConvReLUPool2d(nn.Module):
                 f"bias={self.bias is not None}, pool_size={self.pool_size}, pool_stride={self.pool_stride}")
 
 
-def _pair_equal(v) -> bool:
-    return isinstance(v, int) or (len(v) == 2 and v[0] == v[1])
+def _square(v) -> Optional[int]:
+    """The one value of an int or a pair of equal ints (module attributes hold either), else None."""
+    v = _pair(v)
+    return v[0] if len(v) == 2 and v[0] == v[1] else None
 
 
 def unsupported(conv: nn.Conv2d, pool: nn.MaxPool2d) -> Optional[str]:
-    """None if the pair is fusable, else why not (used by from_modules and, later, optimize/explain)."""
+    """None if the pair is fusable, else why not (used by from_modules, optimize and explain). Never raises for a
+    Conv2d / MaxPool2d however their options are spelled (ints or pairs)."""
     if conv.groups != 1:
         return f"groups={conv.groups} (only 1)"
-    if tuple(conv.dilation) != (1, 1):
-        return f"dilation={tuple(conv.dilation)} (only 1)"
+    if _pair(conv.dilation) != (1, 1):
+        return f"dilation={conv.dilation} (only 1)"
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return f"padding {conv.padding!r} / padding_mode {conv.padding_mode!r} (only int zero padding)"
-    if conv.kernel_size[0] != conv.kernel_size[1] or not _pair_equal(conv.stride) or not _pair_equal(conv.padding):
+    if _square(conv.kernel_size) is None or _square(conv.stride) is None or _square(conv.padding) is None:
         return "non-square kernel, stride or padding"
     if pool.ceil_mode:
         return "ceil_mode=True (only floor mode)"
     if pool.return_indices:
         return "return_indices=True"
-    if not (isinstance(pool.dilation, int) and pool.dilation == 1) and tuple(pool.dilation) != (1, 1):
-        return "pool dilation (only 1)"
-    if not (isinstance(pool.padding, int) and pool.padding == 0) and tuple(pool.padding) != (0, 0):
-        return "pool padding (only 0)"
-    if not _pair_equal(pool.kernel_size) or (pool.stride is not None and not _pair_equal(pool.stride)):
+    if _pair(pool.dilation) != (1, 1):
+        return f"pool dilation={pool.dilation} (only 1)"
+    if _pair(pool.padding) != (0, 0):
+        return f"pool padding={pool.padding} (only 0)"
+    if _square(pool.kernel_size) is None or (pool.stride is not None and _square(pool.stride) is None):
         return "non-square pool"
     return None

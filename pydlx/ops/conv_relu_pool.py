@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ._common import FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
+from ._common import ArgumentError, DtypeError, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
 from ..reference.conv_relu_pool import conv_relu_pool2d as reference_conv_relu_pool2d
 
 NAME = "pydlx.ops.conv_relu_pool2d"
@@ -87,7 +87,7 @@ def conv_relu_pool2d_bwd(grad: Tensor, input: Tensor, weight: Tensor, y: Tensor,
     oh = torch.arange(HP, device=y.device).view(HP, 1) * pool_stride + idx // pool_size
     ow = torch.arange(WP, device=y.device).view(1, WP) * pool_stride + idx % pool_size
     g = torch.where(y > 0, grad, torch.zeros_like(grad))
-    dz = grad.new_zeros((N, K, HO * WO)).scatter_add_(2, (oh * WO + ow).view(N, K, -1), g.reshape(N, K, -1))
+    dz = grad.new_zeros((N, K, HO * WO)).scatter_add_(2, (oh * WO + ow).view(N, K, HP * WP), g.reshape(N, K, HP * WP))
     dx, dw, db = torch.ops.aten.convolution_backward(
         dz.view(N, K, HO, WO), input, weight, [K] if has_bias else None, [stride, stride], [padding, padding],
         [1, 1], False, [0, 0], 1, [need_input, need_weight, has_bias])
@@ -129,10 +129,10 @@ torch.library.register_autograd("pydlx::conv_relu_pool2d_fwd", _backward, setup_
 def _int_arg(value, name: str, low: int, high: int) -> int:
     if isinstance(value, (tuple, list)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"{NAME}: {name} must be an int or a pair of equal ints, got {value!r}")
+            raise ArgumentError(f"{NAME}: {name} must be an int or a pair of equal ints, got {value!r}")
         value = value[0]
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{NAME}: {name} must be an int in [{low}, {high}], got {value!r}")
+        raise ArgumentError(f"{NAME}: {name} must be an int in [{low}, {high}], got {value!r}")
     return value
 
 
@@ -140,25 +140,25 @@ def check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, p
     """Normalised (stride, padding, pool_size, pool_stride); raises a clear error naming the bad argument."""
     if not isinstance(input, Tensor) or input.dim() not in (3, 4):
         got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
-        raise ValueError(f"{NAME}: input must be (N, C, H, W) or unbatched (C, H, W), got {got}")
+        raise ArgumentError(f"{NAME}: input must be (N, C, H, W) or unbatched (C, H, W), got {got}")
     if not isinstance(weight, Tensor) or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
         got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"{NAME}: weight must be (out_channels, in_channels, k, k) with a square kernel, got {got}")
+        raise ArgumentError(f"{NAME}: weight must be (out_channels, in_channels, k, k) with a square kernel, got {got}")
     if weight.shape[1] != input.shape[-3]:
-        raise ValueError(f"{NAME}: weight.shape[1] ({weight.shape[1]}) must equal the input's channels "
+        raise ArgumentError(f"{NAME}: weight.shape[1] ({weight.shape[1]}) must equal the input's channels "
                          f"({input.shape[-3]}); groups other than 1 are not supported")
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{NAME}: {name} must be a floating-point tensor, got {t.dtype}")
+            raise DtypeError(f"{NAME}: {name} must be a floating-point tensor, got {t.dtype}")
         if t is not None and t.device != input.device:
-            raise ValueError(f"{NAME}: {name} is on {t.device} but input is on {input.device}")
+            raise ArgumentError(f"{NAME}: {name} is on {t.device} but input is on {input.device}")
         if t is not None and t.dtype != input.dtype:
-            raise TypeError(f"{NAME}: {name} has dtype {t.dtype} but input has {input.dtype}")
+            raise DtypeError(f"{NAME}: {name} has dtype {t.dtype} but input has {input.dtype}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"{NAME}: bias must be 1-D with {weight.shape[0]} elements, got {tuple(bias.shape)}")
+        raise ArgumentError(f"{NAME}: bias must be 1-D with {weight.shape[0]} elements, got {tuple(bias.shape)}")
     R = weight.shape[-1]
     if not 1 <= R <= 11:
-        raise ValueError(f"{NAME}: kernel size must be in [1, 11], got {R}")
+        raise ArgumentError(f"{NAME}: kernel size must be in [1, 11], got {R}")
     stride = _int_arg(stride, "stride", 1, 4)
     padding = _int_arg(padding, "padding", 0, 3)
     pool_size = _int_arg(pool_size, "pool_size", 2, 3)
@@ -166,7 +166,7 @@ def check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, p
     H, W = input.shape[-2:]
     HO, WO = (H + 2 * padding - R) // stride + 1, (W + 2 * padding - R) // stride + 1
     if min(HO, WO) < pool_size:
-        raise ValueError(f"{NAME}: the conv output ({HO}x{WO}) is smaller than the pool window ({pool_size})")
+        raise ArgumentError(f"{NAME}: the conv output ({HO}x{WO}) is smaller than the pool window ({pool_size})")
     return stride, padding, pool_size, pool_stride
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ._common import FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
+from ._common import ArgumentError, DtypeError, rows, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
 from ..reference.linear import ACTIVATIONS, SAVES_PREACT, activation_backward, linear_forward
 from ..reference.linear import linear as reference_linear
 
@@ -46,7 +46,7 @@ def linear_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation
                save_preact: bool) -> Tuple[Tensor, Tensor]:
     act = _act_name(activation)
     lead = input.shape[:-1]
-    x2d = input.reshape(-1, input.shape[-1])
+    x2d = rows(input)
     backend = _choose(input, weight)
     if backend == "triton":
         from ..triton import linear as tri
@@ -72,9 +72,9 @@ def linear_bwd(grad: Tensor, input: Tensor, weight: Tensor, saved: Tensor, activ
                need_dx: bool, need_dw: bool) -> Tuple[Tensor, Tensor, Tensor]:
     act = _act_name(activation)
     N, K = weight.shape
-    g2d = grad.reshape(-1, N)
-    x2d = input.reshape(-1, K)
-    s2d = saved.reshape(-1, N) if act is not None else saved
+    g2d = rows(grad)
+    x2d = rows(input)
+    s2d = rows(saved) if act is not None else saved
     backend = _choose(input, weight)
     if backend == "triton":
         from ..triton import linear as tri
@@ -134,29 +134,29 @@ def check_linear_args(input, weight, bias, activation) -> None:
         raise TypeError(f"pydlx.ops.linear: input must be a Tensor, got {type(input).__name__}")
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         got = f"shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"pydlx.ops.linear: weight must be a 2-D tensor (out_features, in_features), got {got}")
+        raise ArgumentError(f"pydlx.ops.linear: weight must be a 2-D tensor (out_features, in_features), got {got}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"pydlx.ops.linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise ArgumentError(f"pydlx.ops.linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if input.dim() == 0:
-        raise ValueError("pydlx.ops.linear: input must have at least 1 dimension, got a 0-D tensor")
+        raise ArgumentError("pydlx.ops.linear: input must have at least 1 dimension, got a 0-D tensor")
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"pydlx.ops.linear: {name} must be a floating-point tensor "
+            raise DtypeError(f"pydlx.ops.linear: {name} must be a floating-point tensor "
                             f"(float16, bfloat16, float32, float64), got {t.dtype}")
     if input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"pydlx.ops.linear: input's last dimension ({input.shape[-1]}) must equal "
+        raise ArgumentError(f"pydlx.ops.linear: input's last dimension ({input.shape[-1]}) must equal "
                          f"in_features = weight.shape[1] ({weight.shape[1]}); input shape {tuple(input.shape)}, "
                          f"weight shape {tuple(weight.shape)}")
     if bias is not None:
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"pydlx.ops.linear: bias must be 1-D with out_features = {weight.shape[0]} "
+            raise ArgumentError(f"pydlx.ops.linear: bias must be 1-D with out_features = {weight.shape[0]} "
                              f"elements, got shape {tuple(bias.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != input.device:
-            raise ValueError(f"pydlx.ops.linear: {name} is on {t.device} but input is on {input.device}; "
+            raise ArgumentError(f"pydlx.ops.linear: {name} is on {t.device} but input is on {input.device}; "
                              "all tensors must be on one device")
         if t is not None and t.dtype != input.dtype:
-            raise TypeError(f"pydlx.ops.linear: {name} has dtype {t.dtype} but input has {input.dtype}; "
+            raise DtypeError(f"pydlx.ops.linear: {name} has dtype {t.dtype} but input has {input.dtype}; "
                             "they must match (or run under torch.autocast)")
 
 

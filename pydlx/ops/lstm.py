@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import _backend
-from ._common import FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
+from ._common import ArgumentError, DtypeError, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
 from ..reference import lstm as ref
 
 NAME = "pydlx.ops.lstm"
@@ -139,7 +139,7 @@ def _per_layer(weights: Sequence[Tensor], num_layers: int, dirs: int, bias: bool
     """nn.LSTM's _flat_weights order -> [(w_ih, w_hh, b_ih, b_hh, w_hr)] per (layer, direction)."""
     per = 2 + 2 * bias + (proj_size > 0)
     if len(weights) != num_layers * dirs * per:
-        raise ValueError(f"{NAME}: expected {num_layers * dirs * per} weight tensors (num_layers={num_layers}, "
+        raise ArgumentError(f"{NAME}: expected {num_layers * dirs * per} weight tensors (num_layers={num_layers}, "
                          f"bidirectional={dirs == 2}, bias={bias}, proj_size={proj_size}: nn.LSTM's _flat_weights "
                          f"order), got {len(weights)}")
     out = []
@@ -154,11 +154,11 @@ def _per_layer(weights: Sequence[Tensor], num_layers: int, dirs: int, bias: bool
 
 def _check_tensor(name: str, t: Tensor, like: Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{NAME}: {name} must be a floating-point tensor, got {t.dtype}")
+        raise DtypeError(f"{NAME}: {name} must be a floating-point tensor, got {t.dtype}")
     if t.dtype != like.dtype:
-        raise TypeError(f"{NAME}: {name} has dtype {t.dtype} but input has {like.dtype}")
+        raise DtypeError(f"{NAME}: {name} has dtype {t.dtype} but input has {like.dtype}")
     if t.device != like.device:
-        raise ValueError(f"{NAME}: {name} is on {t.device} but input is on {like.device}")
+        raise ArgumentError(f"{NAME}: {name} is on {t.device} but input is on {like.device}")
 
 
 def _align16(n: int) -> int:
@@ -209,21 +209,24 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
     in_size = layers[0][0].shape[1]
     if packed:
         if data.dim() != 2:
-            raise ValueError(f"{NAME}: a PackedSequence's data must be 2-D (sum of lengths, input_size), got "
+            raise ArgumentError(f"{NAME}: a PackedSequence's data must be 2-D (sum of lengths, input_size), got "
                              f"{data.dim()}-D")
         unbatched = False
         B = int(input.batch_sizes[0])
     else:
         if data.dim() not in (2, 3):
-            raise ValueError(f"{NAME}: input must be 3-D (L, N, H_in) / (N, L, H_in) with batch_first, or 2-D "
+            raise ArgumentError(f"{NAME}: input must be 3-D (L, N, H_in) / (N, L, H_in) with batch_first, or 2-D "
                              f"unbatched (L, H_in); got {data.dim()}-D")
         unbatched = data.dim() == 2
         B = 1 if unbatched else data.shape[0 if batch_first else 1]
     if data.shape[-1] != in_size:
-        raise ValueError(f"{NAME}: input.size(-1) must be equal to input_size. Expected {in_size}, got "
+        raise ArgumentError(f"{NAME}: input.size(-1) must be equal to input_size. Expected {in_size}, got "
                          f"{data.shape[-1]}")
+    if not packed and data.shape[1 if (batch_first and not unbatched) else 0] == 0:
+        raise ArgumentError(f"{NAME}: expected sequence length to be larger than 0 (as torch.nn.LSTM), got input "
+                            f"of shape {tuple(data.shape)}")
     if data.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{NAME}: input must be a floating-point tensor, got {data.dtype}")
+        raise DtypeError(f"{NAME}: input must be a floating-point tensor, got {data.dtype}")
     for k, ws in enumerate(layers):
         for name, t in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"), ws):
             if t is not None:
@@ -237,7 +240,7 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
             want = (num_layers * dirs, width) if unbatched else (num_layers * dirs, B, width)
             if not isinstance(t, Tensor) or t.dim() != state_dims or tuple(t.shape) != want:
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{NAME}: expected {name} of shape {want}, got {got}")
+                raise ArgumentError(f"{NAME}: expected {name} of shape {want}, got {got}")
             _check_tensor(name, t, data)
         if unbatched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
@@ -333,11 +336,11 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
     name = "pydlx.ops.lstm_cell"
     if not isinstance(input, Tensor) or input.dim() not in (1, 2):
         got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
-        raise ValueError(f"{name}: input must be 2-D (N, input_size) or 1-D unbatched, got {got}")
+        raise ArgumentError(f"{name}: input must be 2-D (N, input_size) or 1-D unbatched, got {got}")
     if input.shape[-1] != w_ih.shape[1]:
-        raise ValueError(f"{name}: input has {input.shape[-1]} features, expected input_size={w_ih.shape[1]}")
+        raise ArgumentError(f"{name}: input has {input.shape[-1]} features, expected input_size={w_ih.shape[1]}")
     if input.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: input must be a floating-point tensor, got {input.dtype}")
+        raise DtypeError(f"{name}: input must be a floating-point tensor, got {input.dtype}")
     H = w_hh.shape[1]
     unbatched = input.dim() == 1
     x = input.unsqueeze(0) if unbatched else input
@@ -349,7 +352,7 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
             want = (H,) if unbatched else (x.shape[0], H)
             if not isinstance(t, Tensor) or tuple(t.shape) != want:
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name}: expected {nm} of shape {want}, got {got}")
+                raise ArgumentError(f"{name}: expected {nm} of shape {want}, got {got}")
             _check_tensor(nm, t, input)
         if unbatched:
             h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)

@@ -29,7 +29,7 @@ from .. import _backend
 from ..reference.linear import ACTIVATIONS, SAVES_PREACT, activation_backward, activation_forward
 from ..reference.mlp import mlp as reference_mlp
 from ..reference.mlp import saves_z
-from ._common import FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
+from ._common import ArgumentError, DtypeError, rows, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
 from .linear import _act_name, linear
 
 
@@ -92,7 +92,7 @@ def mlp_fused(input: Tensor, weights: List[Tensor], biases: List[Tensor], has_bi
     act, last = _act_name(activation), _act_name(last_activation)
     biases = _expand(biases, has_bias)
     lead = input.shape[:-1]
-    x2d = input.reshape(-1, input.shape[-1])
+    x2d = rows(input)
     backend = _choose(input, _sizes(input, weights), save)
     if backend == "triton":
         from ..triton import mlp as tri
@@ -124,9 +124,9 @@ def mlp_fused_bwd(grad: Tensor, input: Tensor, weights: List[Tensor], has_bias: 
     act, last = _act_name(activation), _act_name(last_activation)
     sizes = _sizes(input, weights)
     L = len(weights)
-    x2d = input.reshape(-1, sizes[0])
-    g2d = grad.reshape(-1, sizes[-1])
-    y2d = y.reshape(-1, sizes[-1])
+    x2d = rows(input)
+    g2d = rows(grad)
+    y2d = rows(y)
     hcols = [sum(sizes[1:1 + i]) for i in range(L)]  # column of layer i's output in H and in Z / DZ
     if _choose(input, sizes, True) == "triton":
         from ..triton import mlp as tri
@@ -200,37 +200,37 @@ def check_mlp_args(input, weights, biases, activation, last_activation) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
     if input.dim() == 0:
-        raise ValueError(f"{name}: input must have at least 1 dimension, got a 0-D tensor")
+        raise ArgumentError(f"{name}: input must have at least 1 dimension, got a 0-D tensor")
     if not isinstance(weights, (list, tuple)) or len(weights) == 0:
-        raise ValueError(f"{name}: weights must be a non-empty list of 2-D tensors (out_features, in_features)")
+        raise ArgumentError(f"{name}: weights must be a non-empty list of 2-D tensors (out_features, in_features)")
     if not isinstance(biases, (list, tuple)) or len(biases) != len(weights):
-        raise ValueError(f"{name}: biases must be a list with one tensor or None per weight ({len(weights)}), "
+        raise ArgumentError(f"{name}: biases must be a list with one tensor or None per weight ({len(weights)}), "
                          f"got {len(biases) if isinstance(biases, (list, tuple)) else type(biases).__name__}")
     for a, arg in ((activation, "activation"), (last_activation, "last_activation")):
         if a not in ACTIVATIONS:
-            raise ValueError(f"{name}: {arg} must be one of {ACTIVATIONS}, got {a!r}")
+            raise ArgumentError(f"{name}: {arg} must be one of {ACTIVATIONS}, got {a!r}")
     if input.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: input must be a floating-point tensor (float16, bfloat16, float32, float64), "
+        raise DtypeError(f"{name}: input must be a floating-point tensor (float16, bfloat16, float32, float64), "
                         f"got {input.dtype}")
     fan_in = input.shape[-1]
     for i, (w, b) in enumerate(zip(weights, biases)):
         if not isinstance(w, Tensor) or w.dim() != 2:
             got = f"shape {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
-            raise ValueError(f"{name}: weights[{i}] must be a 2-D tensor (out_features, in_features), got {got}")
+            raise ArgumentError(f"{name}: weights[{i}] must be a 2-D tensor (out_features, in_features), got {got}")
         if w.shape[1] != fan_in:
             what = "input's last dimension" if i == 0 else f"weights[{i - 1}].shape[0]"
-            raise ValueError(f"{name}: weights[{i}].shape[1] ({w.shape[1]}) must equal {what} ({fan_in})")
+            raise ArgumentError(f"{name}: weights[{i}].shape[1] ({w.shape[1]}) must equal {what} ({fan_in})")
         if b is not None and (not isinstance(b, Tensor) or b.dim() != 1 or b.shape[0] != w.shape[0]):
             got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
-            raise ValueError(f"{name}: biases[{i}] must be None or 1-D with {w.shape[0]} elements, got {got}")
+            raise ArgumentError(f"{name}: biases[{i}] must be None or 1-D with {w.shape[0]} elements, got {got}")
         for t, arg in ((w, f"weights[{i}]"), (b, f"biases[{i}]")):
             if t is None:
                 continue
             if t.device != input.device:
-                raise ValueError(f"{name}: {arg} is on {t.device} but input is on {input.device}; "
+                raise ArgumentError(f"{name}: {arg} is on {t.device} but input is on {input.device}; "
                                  "all tensors must be on one device")
             if t.dtype != input.dtype:
-                raise TypeError(f"{name}: {arg} has dtype {t.dtype} but input has {input.dtype}; "
+                raise DtypeError(f"{name}: {arg} has dtype {t.dtype} but input has {input.dtype}; "
                                 "they must match (or run under torch.autocast)")
         fan_in = w.shape[0]
 

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.linear import activation_backward
 from .common import (ACT_CODES, SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, arch, interp_bf16, launch,
                      precision)
 
@@ -281,15 +282,18 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, saved: torch.
     dx = dw = db = None
     if need_dx:
         dx = x.new_empty((M, K))
-        if M > 0 and K > 0:
+        if M > 0 and K > 0 and N > 0:
             _gemm_dact(dy, s, w, dx, None, M, K, N, (dy.stride(0), dy.stride(1)),
-                       (w.stride(0), w.stride(1)), (0, dx.stride(0), dx.stride(1)), max(N, 1), act)
-        elif M > 0:
+                       (w.stride(0), w.stride(1)), (0, dx.stride(0), dx.stride(1)), N, act)
+        else:  # an empty sum (N == 0), or nothing to write
             dx.zero_()
     if need_dw or has_bias:
-        if M == 0:
+        if M == 0 or N == 0:
             dw = w.new_zeros((N, K))
             db = w.new_zeros((N,)) if has_bias else None
+        elif K == 0:  # no dw tile to carry db: the row sums of dy * act'(saved) directly
+            dw = w.new_zeros((N, K))
+            db = activation_backward(dy, s, activation).sum(0, dtype=torch.float32).to(w.dtype) if has_bias else None
         else:
             rows = split_rows(N, K, M, x.device)
             split = triton.cdiv(M, rows)
