@@ -2,54 +2,258 @@
 ``nn.Sequential`` — the seed CNN's ``self.pool(F.relu(self.conv1(x)))`` (one pool module reused twice) and
 ``F.relu(self.fc1(x))``, with ``torch.relu`` / ``F.gelu`` / ``x.relu()`` / in-place ``ReLU(True)`` variants.
 
-The model is traced with ``torch.fx`` (pydlx's and torch's RNN modules are leaves). A match replaces the module at
-its own name (so parameter names, and the state_dict, do not change) and removes the activation and pool nodes:
-  Conv2d -> relu -> max_pool2d   becomes   pydlx.nn.ConvReLUPool2d.from_modules(conv, pool)
-  Linear -> act -> Linear ...    becomes   one pydlx.ops.mlp call over the Linears' own parameters (get_attr nodes:
-                                           the modules stay, so does the state_dict)
-  Linear -> act                  becomes   pydlx.nn.Linear.from_module(linear, act)
-A module called from several places is fused only if every call is followed by the same pattern. The result is a
-``torch.fx.GraphModule`` holding the model's own submodules in their original order.
+The forward is traced with ``torch.fx`` (pydlx's and torch's RNN modules are leaves) and the fusable chains in the
+graph become calls of pydlx's ops over the modules' own parameters (``get_attr``); no module is replaced, so the
+model's modules, attributes and state_dict stay exactly as they are:
+  Conv2d -> relu -> max_pool2d   becomes   pydlx.ops.conv_relu_pool2d(x, conv.weight, conv.bias, ...)
+  Linear -> act -> Linear ...    becomes   one pydlx.ops.mlp(x, [weights], [biases], ...) call
+  Linear -> act                  becomes   pydlx.ops.linear(x, linear.weight, linear.bias, activation)
+A module called from several places is fused only if every call is followed by the same pattern.
+
+A trace is specialised: Python in the forward ran once, on the values it read then. So the trace records what it
+read — every plain attribute of a traced module (``self.training``, ``self.ngpu``, ...), which module objects it
+traced through, whether an optional argument was left at its default — and the fused forward is kept per set of
+those values (guards). The optimized model is the model itself with its class switched to a subclass whose
+``forward`` looks the guards up and runs the matching fused code; when they differ (``.eval()`` after optimizing
+in training mode, a changed attribute, a new optional argument) it traces again, and where a trace fails (control
+flow on tensor values or shapes) it runs the model's own forward, unfused. Pickling and deepcopy keep the class
+and re-trace on first use.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import itertools
+import linecache
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .nn.conv_relu_pool import ConvReLUPool2d, unsupported as conv_unsupported
+from .nn.conv_relu_pool import ConvReLUPool2d, fused_args, unsupported as conv_unsupported
 from .nn.linear import Linear
 from .nn.lstm import LSTM, LSTMCell
 from .nn.mlp import MLP, activation_name
+from .ops.mlp import fuses_in_one_kernel
 
-_LEAVES = (Linear, MLP, ConvReLUPool2d, LSTM, LSTMCell, nn.RNNBase, nn.LSTMCell, nn.Sequential)
+_LEAVES = (Linear, MLP, ConvReLUPool2d, LSTM, LSTMCell, nn.RNNBase, nn.LSTMCell)
 
 _FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.silu: "silu",
               torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid"}
 _METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid",
             "sigmoid_": "sigmoid"}
 
+MAX_SPECIALISATIONS = 8  # fused forwards kept per model; past that, new guard values run the unfused forward
+
+Allowed = Callable[[str], bool]
+
+
+# ----------------------------------------------------------------------------------------------- tracing
+class TraceFailed(Exception):
+    """The forward could not be traced (or must not be fused); ``guards`` are what it had read by then."""
+
+    def __init__(self, why: str, guards: list):
+        super().__init__(why)
+        self.why, self.guards = why, guards
+
+
+_INTERNAL = frozenset(nn.Module().__dict__) - {"training"}  # nn.Module's own bookkeeping, read by its machinery
+_SIMPLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size, torch.layout,
+           torch.memory_format)
+_recording: List["_Recorder"] = []
+_recording_classes: Dict[type, type] = {}
+
+
+_FX_CONSTANTS = ("_tensor_constant", "_param_constant")
+
+
+class _Assigns(Exception):
+    """The traced forward assigns a module attribute: a side effect the fused code would not repeat."""
+
+
+class _Recorder:
+    """What a trace read from (and wrote to) the plain attributes of the modules it traced through."""
+
+    def __init__(self, paths: Dict[int, str]):
+        self.paths, self.reads = paths, {}
+
+    def read(self, module: nn.Module, name: str, value) -> None:
+        key = (self.paths[id(module)], name)
+        if key not in self.reads and not isinstance(value, torch.Tensor):  # tensors: get_attr, read at run time
+            self.reads[key] = value
+
+    def guards(self) -> list:
+        return [(path, name, _snapshot(value)) for (path, name), value in self.reads.items()]
+
+
+def _recording_class(cls: type) -> type:
+    """A subclass of ``cls`` that reports reads and writes of instance attributes to the active recorder. It
+    stands in for a traced module's class during the trace only; same name and module, so fx sees no change."""
+    if cls not in _recording_classes:
+        def __getattribute__(self, name):
+            value = cls.__getattribute__(self, name)
+            if _recording and name not in _INTERNAL and not name.startswith("__") \
+                    and name in object.__getattribute__(self, "__dict__"):
+                _recording[-1].read(self, name, value)
+            return value
+
+        def __setattr__(self, name, value):
+            if _recording and not name.startswith(_FX_CONSTANTS):  # fx keeps tensor constants on the root
+                raise _Assigns(f"{_recording[-1].paths[id(self)] + '.' if _recording[-1].paths[id(self)] else ''}"
+                               f"{name}")
+            cls.__setattr__(self, name, value)
+
+        _recording_classes[cls] = type(cls.__name__, (cls,), {
+            "__getattribute__": __getattribute__, "__setattr__": __setattr__, "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__})
+    return _recording_classes[cls]
+
+
+def _is_leaf(tracer: fx.Tracer, m: nn.Module, qualname: str) -> bool:
+    return isinstance(m, _LEAVES) or fx.Tracer.is_leaf_module(tracer, m, qualname)
+
 
 class _Tracer(fx.Tracer):
-    """Leaves: pydlx's modules, torch's recurrent modules, and MLP-shaped Sequentials already swapped."""
+    """Leaves: pydlx's modules, torch's recurrent modules and torch.nn's own (fx's rule), decided before the trace
+    switches the traced modules' classes."""
+
+    def __init__(self, leaves: set):
+        super().__init__()
+        self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, _LEAVES) and not type(m) is nn.Sequential:
-            return True
-        return super().is_leaf_module(m, qualname)
+        return id(m) in self.leaves
 
 
-def trace(model: nn.Module) -> Tuple[Optional[fx.Graph], Optional[str]]:
-    """(graph, None), or (None, why tracing failed)."""
+def traced_modules(model: nn.Module) -> Tuple[Dict[str, nn.Module], set]:
+    """(fqn -> module for the modules a trace runs the forward of, ids of the leaf modules it calls as is)."""
+    probe = fx.Tracer()
+    traced, leaves = {}, set()
+
+    def walk(m, fqn):
+        if fqn and _is_leaf(probe, m, fqn):
+            leaves.add(id(m))
+            return
+        if id(m) in {id(t) for t in traced.values()}:
+            return
+        traced[fqn] = m
+        for name, child in m.named_children():
+            walk(child, f"{fqn}.{name}" if fqn else name)
+
+    walk(model, "")
+    return traced, leaves
+
+
+def _forward_parameters(cls: type) -> Tuple[Optional[str], List[str], Dict[str, object]]:
+    """(why the forward's signature cannot be traced or None, its parameter names after self, {name: default} of
+    its optional parameters)."""
     try:
-        return _Tracer().trace(model), None
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError) as e:
+        return f"forward's signature cannot be read ({e})", [], {}
+    if {p.kind for p in params} - {inspect.Parameter.POSITIONAL_OR_KEYWORD}:
+        return "forward takes *args, **kwargs or keyword-only parameters", [], {}
+    return None, [p.name for p in params], {p.name: p.default for p in params
+                                            if p.default is not inspect.Parameter.empty}
+
+
+def trace(model: nn.Module, at_default: Tuple[str, ...] = ()) -> Tuple[fx.Graph, list]:
+    """(graph, guards) of ``model``'s forward with the optional parameters in ``at_default`` fixed at their
+    defaults (the others traced as inputs); raises TraceFailed."""
+    why, _, defaults = _forward_parameters(type(model))
+    if why:
+        raise TraceFailed(why, [])
+    traced, leaves = traced_modules(model)
+    hooked = [fqn for fqn, m in traced.items() if fqn and (m._forward_hooks or m._forward_pre_hooks)]
+    recorder = _Recorder({id(m): fqn for fqn, m in traced.items()})
+    # which modules were traced through, and whether they have hooks, are guards too
+    module_guards = [(fqn, None, _Same(m)) for fqn, m in traced.items() if fqn]
+    hook_guards = [(fqn, _HOOKS, bool(m._forward_hooks or m._forward_pre_hooks)) for fqn, m in traced.items() if fqn]
+    if hooked:
+        raise TraceFailed(f"forward hooks on {', '.join(hooked)} (they would run on the trace's proxies)",
+                          module_guards + hook_guards)
+    classes = {fqn: type(m) for fqn, m in traced.items()}
+    _recording.append(recorder)
+    try:
+        for m in traced.values():
+            m.__class__ = _recording_class(type(m))
+        graph = _Tracer(leaves).trace(model, concrete_args={n: defaults[n] for n in at_default} or None)
+    except _Assigns as e:  # (before it happens: the trace leaves the model as it was)
+        raise TraceFailed(f"forward assigns attributes ({e})", module_guards + hook_guards + recorder.guards())
     except Exception as e:  # data-dependent control flow, unsupported calls, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return None, f"{type(e).__name__}: {msg[:200]}"
+        raise TraceFailed(f"{type(e).__name__}: {msg[:200]}", module_guards + hook_guards + recorder.guards())
+    finally:
+        _recording.pop()
+        for fqn, m in traced.items():
+            m.__class__ = classes[fqn]
+    return graph, module_guards + hook_guards + recorder.guards()
 
 
+# ----------------------------------------------------------------------------------------------- guards
+_HOOKS = object()  # guard name: whether the module has forward hooks
+
+
+class _Same:
+    """A guard value compared by identity (module objects, functions, other objects)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+def _snapshot(value):
+    """A comparable copy of an attribute's value: simple values as they are, lists/tuples/dicts item by item (so
+    an in-place change is seen), anything else by identity."""
+    if isinstance(value, _SIMPLE):
+        return value
+    if type(value) in (list, tuple):
+        return (type(value), tuple(_snapshot(v) for v in value))
+    if type(value) is dict:
+        return (dict, tuple((k, _snapshot(v)) for k, v in value.items()))
+    return _Same(value)
+
+
+def _resolve(model: nn.Module, path: str):
+    m = model
+    for part in path.split(".") if path else ():
+        m = m._modules.get(part) if part in m._modules else getattr(m, part, None)
+        if m is None:
+            return None
+    return m
+
+
+def guards_hold(model: nn.Module, guards: list) -> bool:
+    for path, name, want in guards:
+        m = _resolve(model, path)
+        if name is None:
+            got = _Same(m)
+        elif name is _HOOKS:
+            got = m is not None and bool(m._forward_hooks or m._forward_pre_hooks)
+        else:
+            got = _snapshot(getattr(m, name, _MISSING)) if m is not None else _MISSING
+        if got != want:
+            return False
+    return True
+
+
+_MISSING = object()
+
+
+def describe_guards(guards: list) -> str:
+    names = [f"self.{p + '.' if p else ''}{n}" for p, n, _ in guards if isinstance(n, str)]
+    return ", ".join(names)
+
+
+# ----------------------------------------------------------------------------------------------- patterns
 def _activation(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
     """pydlx's activation name for what ``node`` computes from its first argument alone, else None."""
     if node.op == "call_module":
@@ -88,20 +292,21 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
     return users[0] if len(users) == 1 and users[0].args and users[0].args[0] is node else None
 
 
-def _allowed(fqn: str, modules: Dict[str, nn.Module], filter_fn) -> bool:
-    """filter_fn accepts the module and each of its ancestors."""
-    if filter_fn is None:
-        return True
-    parts = fqn.split(".")
-    return all(filter_fn(modules[p], p) for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)))
+def _module_input(node: fx.Node):
+    """The input of a call_module node of a Conv2d or Linear (positional or ``input=``), else None."""
+    if len(node.args) == 1 and not node.kwargs:
+        return node.args[0]
+    if not node.args and set(node.kwargs) == {"input"}:
+        return node.kwargs["input"]
+    return None
 
 
-def _linear_chains(graph: fx.Graph, modules, calls, filter_fn):
+def _linear_chains(graph: fx.Graph, modules, calls, allowed: Allowed):
     """Runs ``Linear -> act -> Linear [-> act ...] [-> last act]`` in forward code, one hidden activation, every
     Linear called once: [(linear nodes, act nodes, hidden act, last act node or None, last act)]."""
     def single_linear(node):
         return (node is not None and node.op == "call_module" and type(modules.get(node.target)) is nn.Linear
-                and len(calls[node.target]) == 1 and _allowed(node.target, modules, filter_fn))
+                and len(calls[node.target]) == 1 and _module_input(node) is not None and allowed(node.target))
 
     chains, used = [], set()
     for node in graph.nodes:
@@ -127,17 +332,19 @@ def _linear_chains(graph: fx.Graph, modules, calls, filter_fn):
     return chains
 
 
-def _mlp_apply(graph: fx.Graph, model: nn.Module, linears, acts, hidden, last_node, last):
-    """Replace the chain by one pydlx.ops.mlp call over the Linear modules' own parameters (get_attr: the modules
-    stay where they are, so the state_dict does not change)."""
+def _params(graph: fx.Graph, fqn: str, mod: nn.Module):
+    return graph.get_attr(f"{fqn}.weight"), graph.get_attr(f"{fqn}.bias") if mod.bias is not None else None
+
+
+def _mlp_apply(graph: fx.Graph, modules, linears, acts, hidden, last_node, last):
+    """Replace the chain by one pydlx.ops.mlp call over the Linear modules' own parameters."""
     from .ops.mlp import mlp
 
     first = linears[0]
     with graph.inserting_before(first):
-        ws = [graph.get_attr(f"{n.target}.weight") for n in linears]
-        bs = [graph.get_attr(f"{n.target}.bias") if model.get_submodule(n.target).bias is not None else None
-              for n in linears]
-        new = graph.call_function(mlp, (first.args[0], ws, bs), {"activation": hidden, "last_activation": last})
+        wbs = [_params(graph, n.target, modules[n.target]) for n in linears]
+        new = graph.call_function(mlp, (_module_input(first), [w for w, _ in wbs], [b for _, b in wbs]),
+                                  {"activation": hidden, "last_activation": last})
     tail = last_node if last_node is not None else linears[-1]
     tail.replace_all_uses_with(new)
     doomed = [last_node] if last_node is not None else []
@@ -147,30 +354,51 @@ def _mlp_apply(graph: fx.Graph, model: nn.Module, linears, acts, hidden, last_no
         graph.erase_node(n)
 
 
-def plan(graph: fx.Graph, model: nn.Module, filter_fn) -> List[Tuple[str, str, Optional[str], Callable]]:
-    """(module fqn, description, skip reason or None, apply) for each functional candidate in ``graph``."""
+def _single_apply(graph: fx.Graph, fqn: str, mod: nn.Module, matches) -> None:
+    """Each call of ``mod`` and the activation (and pool) after it become one pydlx op call."""
+    from .ops.conv_relu_pool import conv_relu_pool2d
+    from .ops.linear import linear
+
+    for node, act_node, pool_node, extra in matches:
+        with graph.inserting_before(node):
+            w, b = _params(graph, fqn, mod)
+            if pool_node is not None:
+                new = graph.call_function(conv_relu_pool2d, (_module_input(node), w, b), fused_args(mod, extra))
+            else:
+                new = graph.call_function(linear, (_module_input(node), w, b), {"activation": extra})
+        last = pool_node if pool_node is not None else act_node
+        last.replace_all_uses_with(new)
+        graph.erase_node(last)
+        if pool_node is not None:
+            graph.erase_node(act_node)
+        graph.erase_node(node)
+
+
+def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed) -> List[Tuple[str, str, Optional[str], Callable]]:
+    """(module fqn, description, skip reason or None, apply) for each functional candidate in ``graph``; ``apply``
+    rewrites the graph only."""
     modules = dict(model.named_modules())
     calls: Dict[str, List[fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module" and type(modules.get(node.target)) in (nn.Conv2d, nn.Linear):
             calls.setdefault(node.target, []).append(node)
     found = []
-    for linears, acts, hidden, last_node, last in _linear_chains(graph, modules, calls, filter_fn):
+    for linears, acts, hidden, last_node, last in _linear_chains(graph, modules, calls, allowed):
         mods = [modules[n.target] for n in linears]
         sizes = [mods[0].in_features] + [m.out_features for m in mods]
-        how = ("one fused kernel on GPUs" if max(sizes[1:]) <= 128 and len(mods) <= 16 else
+        how = ("one fused kernel on GPUs" if fuses_in_one_kernel(sizes) else
                "a chain of fused Linear GEMMs: a layer is wider than 128")
         desc = (f"Linear chain (forward code) -> pydlx.ops.mlp(sizes={sizes}, activation={hidden!r}, "
                 f"last_activation={last!r}) over the Linears' own parameters, {how}")
         found.append((", ".join(n.target for n in linears), desc, None,
-                      lambda c=(linears, acts, hidden, last_node, last): _mlp_apply(graph, model, *c)))
+                      lambda c=(linears, acts, hidden, last_node, last): _mlp_apply(graph, modules, *c)))
         for n in linears:
             del calls[n.target]
     for fqn, nodes in calls.items():
         mod = modules[fqn]
         matches = []
         for node in nodes:
-            act_node = _only_user(node)
+            act_node = _only_user(node) if _module_input(node) is not None else None
             act = _activation(act_node, modules) if act_node is not None else None
             if type(mod) is nn.Conv2d:
                 pool_node = _only_user(act_node) if act == "relu" else None
@@ -185,47 +413,196 @@ def plan(graph: fx.Graph, model: nn.Module, filter_fn) -> List[Tuple[str, str, O
         if not all(matches):
             why = f"{fqn} is called {len(nodes)} times and not every call is followed by the pattern"
         elif type(mod) is nn.Conv2d:
-            pools = [(m[3].kernel_size, m[3].stride, m[3].ceil_mode) for m in matches]
+            pools = [(m[3].kernel_size, m[3].stride, m[3].padding, m[3].ceil_mode) for m in matches]
             why = conv_unsupported(mod, matches[0][3]) or (
                 None if len(set(map(str, pools))) == 1 else f"{fqn}'s calls use different pools")
         elif len({m[3] for m in matches}) != 1:
             why = f"{fqn}'s calls use different activations"
-        if why is None and not _allowed(fqn, modules, filter_fn):
+        if why is None and not allowed(fqn):
             why = "excluded by filter_fn"
         if type(mod) is nn.Conv2d:
-            desc = f"{kind} (forward code) -> pydlx.nn.ConvReLUPool2d"
+            desc = f"{kind} (forward code) -> pydlx.ops.conv_relu_pool2d"
         else:
-            desc = f"{kind} (forward code) -> pydlx.nn.Linear(activation={matches[0][3]!r})" if all(matches) \
+            desc = f"{kind} (forward code) -> pydlx.ops.linear(activation={matches[0][3]!r})" if all(matches) \
                 else kind
-
-        def apply(fqn=fqn, mod=mod, matches=matches):
-            if type(mod) is nn.Conv2d:
-                new = ConvReLUPool2d.from_modules(mod, matches[0][3])
-            else:
-                new = Linear.from_module(mod, activation=matches[0][3])
-            parent, _, name = fqn.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, name, new)
-            for node, act_node, pool_node, _ in matches:
-                last = pool_node if pool_node is not None else act_node
-                last.replace_all_uses_with(node)
-                graph.erase_node(last)
-                if pool_node is not None:
-                    graph.erase_node(act_node)
-
-        found.append((fqn, desc, why, apply))
+        found.append((fqn, desc, why, lambda fqn=fqn, mod=mod, m=matches: _single_apply(graph, fqn, mod, m)))
     return found
 
 
-def graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """A GraphModule running ``graph`` over ``model``'s own submodules, parameters and buffers, registered in their
-    original order (so the state_dict's keys and their order are the model's)."""
+# ----------------------------------------------------------------------------------------------- fused forward
+_counter = itertools.count()
+
+
+def compile_graph(graph: fx.Graph, name: str) -> Callable:
+    """The graph as a Python function ``forward(self, ...)`` over the model itself (the generated code reads
+    ``self.<module>`` and ``self.<module>.weight`` as a GraphModule's does)."""
     graph.lint()
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    gm._modules.clear()
-    gm._modules.update(model._modules)
-    gm._parameters.clear()
-    gm._parameters.update(model._parameters)
-    gm._buffers.clear()
-    gm._buffers.update(model._buffers)
-    gm.train(model.training)
-    return gm
+    code = graph.python_code(root_module="self")
+    filename = f"<pydlx fused {name}.forward #{next(_counter)}>"
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+    namespace = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102  (code generated by torch.fx)
+    return namespace["forward"]
+
+
+class Specialisation:
+    """One fused forward (or None: run the model's own) and the guards under which it is right."""
+
+    def __init__(self, at_default: Tuple[str, ...], guards: list, fn: Optional[Callable], fused: List[str],
+                 why: Optional[str], graph: Optional[fx.Graph] = None):
+        self.at_default, self.guards, self.fn, self.fused, self.why = at_default, guards, fn, fused, why
+        self.graph = graph  # the fused graph (for explain and the tests)
+
+
+class FxState:
+    """What a fused model keeps: its original class, which modules may be fused, and its specialisations."""
+
+    def __init__(self, base: type, allowed: frozenset):
+        self.base, self.allowed = base, allowed
+        _, self.names, self.optional = _forward_parameters(base)
+        self.specs: List[Specialisation] = []
+
+    def __getstate__(self):  # specialisations hold module objects and generated code: re-traced after a copy
+        return {"base": self.base, "allowed": self.allowed}
+
+    def __setstate__(self, state):
+        self.__init__(state["base"], state["allowed"])
+
+    def at_default(self, model, args, kwargs) -> Tuple[str, ...]:
+        """The optional parameters this call leaves at their defaults (passing the default itself counts)."""
+        if not self.optional:
+            return ()
+        given = dict(zip(self.names, args))
+        given.update(kwargs)
+        return tuple(n for n, d in self.optional.items() if n not in given or given[n] is d)
+
+    def positional(self, args, kwargs) -> Optional[tuple]:
+        """The call's arguments in the forward's parameter order (defaults filled in), or None if it is not a
+        valid call of the forward."""
+        if any(k not in self.names[len(args):] for k in kwargs):
+            return None
+        out = list(args)
+        for name in self.names[len(args):]:
+            if name in kwargs:
+                out.append(kwargs[name])
+            elif name in self.optional:
+                out.append(self.optional[name])
+            else:
+                return None
+        return tuple(out)
+
+    def lookup(self, model: nn.Module, args=(), kwargs=None) -> Specialisation:
+        """The specialisation a call of ``model`` with these arguments runs (made now if there is none)."""
+        at_default = self.at_default(model, args, kwargs or {})
+        for s in self.specs:
+            if s.at_default == at_default and guards_hold(model, s.guards):
+                return s
+        return self.specialise(model, at_default)
+
+    def select(self, model: nn.Module, args, kwargs) -> Callable:
+        return self.lookup(model, args, kwargs).fn or self.base.forward
+
+    @torch.compiler.disable
+    def specialise(self, model: nn.Module, at_default: Tuple[str, ...]) -> Specialisation:
+        if len(self.specs) >= MAX_SPECIALISATIONS:
+            return Specialisation(at_default, [], None, [], f"more than {MAX_SPECIALISATIONS} specialisations")
+        spec = build(model, self.base, at_default, lambda fqn: fqn in self.allowed)
+        self.specs.append(spec)
+        return spec
+
+
+@contextlib.contextmanager
+def _as(model: nn.Module, cls: type):
+    """``model`` seen as an instance of ``cls`` for the duration (tracing runs the original forward)."""
+    prev = model.__class__
+    model.__class__ = cls
+    try:
+        yield
+    finally:
+        model.__class__ = prev
+
+
+def build(model: nn.Module, base: type, at_default: Tuple[str, ...], allowed: Allowed) -> Specialisation:
+    """Trace ``model`` (as a ``base``) now, fuse what ``allowed`` permits; the specialisation for its current
+    attribute values."""
+    with _as(model, base):
+        try:
+            graph, guards = trace(model, at_default)
+        except TraceFailed as e:
+            return Specialisation(at_default, e.guards, None, [], e.why)
+        todo = [(fqn, apply) for fqn, _, why, apply in plan(graph, model, allowed) if why is None]
+    for _, apply in todo:
+        apply()
+    fn = compile_graph(graph, base.__qualname__) if todo else None
+    return Specialisation(at_default, guards, fn, [fqn for fqn, _ in todo], None, graph if todo else None)
+
+
+class FusedForward:
+    """Mixed into a fused model's class (first in its MRO): ``forward`` runs the fused code that matches the
+    model's current attributes and arguments. Pickling and copying go through the original class."""
+
+    def forward(self, *args, **kwargs):
+        state = self._pydlx_fx
+        fn = state.select(self, args, kwargs)
+        if kwargs and fn is not state.base.forward:  # the generated code may rename parameters: pass by position
+            ordered = state.positional(args, kwargs)
+            if ordered is None:  # a call the forward itself refuses (unknown or missing argument): let it say so
+                return state.base.forward(self, *args, **kwargs)
+            return fn(self, *ordered)
+        return fn(self, *args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        state = self._pydlx_fx
+        plain = state.base.__new__(state.base)
+        plain.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_pydlx_fx"})
+        return _refuse, (plain, state)
+
+
+_fused_classes: Dict[type, type] = {}
+
+
+def fused_class(base: type) -> type:
+    if base not in _fused_classes:
+        _fused_classes[base] = type(base.__name__, (FusedForward, base), {
+            "__module__": base.__module__, "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__, "_pydlx_base": base})
+    return _fused_classes[base]
+
+
+def _refuse(plain: nn.Module, state: FxState) -> nn.Module:
+    """Unpickling / deepcopy: the model again with its fused class (specialisations re-traced on first use)."""
+    plain.__dict__["_pydlx_fx"] = state
+    plain.__class__ = fused_class(state.base)
+    return plain
+
+
+def install(model: nn.Module, allowed_fqns: frozenset) -> List[Specialisation]:
+    """Fuse ``model``'s forward code in place (its class becomes the fused subclass) if a trace in the current
+    training mode, or in the other one, fuses anything; returns the specialisations made."""
+    base = type(model)
+    if isinstance(model, FusedForward):
+        return []
+    state = FxState(base, allowed_fqns)
+    first = build(model, base, tuple(state.optional), lambda fqn: fqn in allowed_fqns)
+    specs = [first]
+    if any(name == "training" for _, name, _ in first.guards):  # ready for .eval() / .train() as well
+        modes = {id(m): m.training for m in model.modules()}
+        model.train(not model.training)
+        try:
+            specs.append(build(model, base, tuple(state.optional), lambda fqn: fqn in allowed_fqns))
+        finally:
+            for m in model.modules():
+                m.training = modes[id(m)]
+    if not any(s.fused for s in specs):
+        return specs
+    state.specs = specs
+    model.__dict__["_pydlx_fx"] = state
+    model.__class__ = fused_class(base)
+    return specs
+
+
+def current(model: nn.Module, *args, **kwargs) -> Optional[Specialisation]:
+    """The specialisation a call ``model(*args, **kwargs)`` would run now, or None for a model whose forward code
+    is not fused."""
+    state = model.__dict__.get("_pydlx_fx")
+    return state.lookup(model, args, kwargs) if state is not None else None

@@ -13,10 +13,13 @@ What is swapped today (the families of later issues add their patterns here):
   * every ``nn.LSTM`` / ``nn.LSTMCell`` anywhere in the tree becomes ``pydlx.nn.LSTM`` / ``pydlx.nn.LSTMCell``
     over the same parameters.
   * chains written in the forward code rather than as modules (``self.pool(F.relu(self.conv1(x)))``,
-    ``F.relu(self.fc1(x))``, ``fc2(F.relu(fc1(x)))`` as one ``pydlx.ops.mlp`` call, ``torch.relu`` / ``F.gelu`` / ``x.relu()`` / ``ReLU(True)`` modules called from
-    forward): found by tracing the model with torch.fx (pydlx/_fx_fuse.py); the module is replaced at its own name
-    and the result is a ``torch.fx.GraphModule`` over the model's own submodules. Where the model cannot be traced
-    the module swaps above still apply and ``explain`` says why tracing failed.
+    ``F.relu(self.fc1(x))``, ``fc2(F.relu(fc1(x)))`` as one ``pydlx.ops.mlp`` call, ``torch.relu`` / ``F.gelu`` /
+    ``x.relu()`` / ``ReLU(True)`` modules called from forward): found by tracing the forward with torch.fx
+    (pydlx/_fx_fuse.py) and run as pydlx op calls over the modules' own parameters, the model keeping its class
+    (a subclass of it), modules and attributes; the fused code is kept per value of what the forward read
+    (``self.training``, other attributes, optional arguments) and traced again when those change. Where the
+    forward cannot be traced the module swaps above still apply, the forward runs as written, and ``explain``
+    says why.
 Parameter names, and so the state_dict, are unchanged. The walk is explicit (setattr on the parent); nothing
 global is patched.
 """
@@ -32,6 +35,7 @@ from .nn.conv_relu_pool import ConvReLUPool2d, unsupported as conv_unsupported
 from .nn.linear import Linear
 from .nn.lstm import LSTM, LSTMCell
 from .nn.mlp import MLP, _pattern_error, activation_name
+from .ops.mlp import fuses_in_one_kernel
 
 Filter = Optional[Callable[[nn.Module, str], bool]]
 
@@ -143,71 +147,108 @@ def _module_pass(model: nn.Module, filter_fn: Filter) -> nn.Module:
     return model
 
 
+def _allowed_fqns(model: nn.Module, filter_fn: Filter) -> frozenset:
+    """The modules the forward-code pass may fuse: those that ``filter_fn`` accepts with all their ancestors."""
+    ok = {"": filter_fn is None or filter_fn(model, "")}
+    for fqn, mod in model.named_modules():
+        if fqn:
+            parent = fqn.rpartition(".")[0]
+            ok[fqn] = ok.get(parent, True) and (filter_fn is None or filter_fn(mod, fqn))
+    return frozenset(f for f, v in ok.items() if v and f)
+
+
 def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = None) -> nn.Module:
     """Return ``model`` with fusable chains replaced by pydlx layers; state_dict keys and values unchanged.
 
     inplace=False (default) works on a deep copy and leaves ``model`` untouched. ``filter_fn(module, fqn)``
     returning False keeps that module as it is (an excluded nn.Sequential keeps its children too). Chains found in
-    the forward code (torch.fx) make the result a ``torch.fx.GraphModule`` over the model's submodules (with
-    inplace=True the module swaps happen in ``model`` itself, and the GraphModule shares its submodules). If
-    ``model`` itself is an MLP-shaped nn.Sequential, the result is a new pydlx.nn.MLP over its modules.
+    the forward code (torch.fx) are fused by switching the model's class to a subclass of its own whose forward
+    runs the fused code (pydlx/_fx_fuse.py): the result is still an instance of the model's class, with all its
+    attributes and methods, and follows ``.train()``/``.eval()``, attribute changes and optional arguments
+    exactly as the original forward does. If ``model`` itself is an MLP-shaped nn.Sequential, the result is a new
+    pydlx.nn.MLP over its modules.
     """
     if not inplace:
         model = copy.deepcopy(model)
     model = _module_pass(model, filter_fn)
     if isinstance(model, MLP):
         return model
-    graph, _ = _fx_fuse.trace(model)
-    if graph is None:
-        return model
-    todo = [apply for _, _, why, apply in _fx_fuse.plan(graph, model, filter_fn) if why is None]
-    if not todo:
-        return model
-    for apply in todo:
-        apply()
-    return _fx_fuse.graph_module(model, graph)
+    _fx_fuse.install(model, _allowed_fqns(model, filter_fn))
+    return model
+
+
+def _guarded(lines: List[str], what: str, fn: Callable[[], None]) -> None:
+    """explain never fails on a model: a part that cannot be analysed is reported as such."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        lines.append(f"note   {what} could not be analysed ({type(e).__name__}: {e}); optimize keeps it as it is")
 
 
 def explain(model: nn.Module) -> str:
     """What ``optimize`` would fuse, and for each candidate it skips, why."""
-    lines = []
-    mlps = _mlp_plan(model, None)
-    for fqn, seq in mlps:
-        m = MLP.from_sequential(seq)
-        sizes = [l.in_features for l in m if isinstance(l, nn.Linear)] + [
-            [l for l in m if isinstance(l, nn.Linear)][-1].out_features]
-        how = ("one fused kernel on GPUs" if max(sizes[1:]) <= 128 and len(sizes) - 1 <= 16 else
-               "a chain of fused Linear GEMMs: a layer is wider than 128")
-        lines.append(f"fuse   {fqn or '(model)'}: Sequential of {len(sizes) - 1} Linear layers -> "
-                     f"pydlx.nn.MLP(sizes={sizes}, activation={m.activation!r}, "
-                     f"last_activation={m.last_activation!r}), {how}")
-    for fqn, parent, i, act, why in _linear_plan(model, None, [f for f, _ in mlps]):
-        if act is not None:
-            lines.append(f"fuse   {fqn}: Linear + {act} -> pydlx.nn.Linear(activation={act!r})")
-        else:
-            lines.append(f"keep   {fqn}: Linear ({why})")
-    for fqn, parent, i, why in _conv_plan(model, None):
-        if why is None:
-            conv, pool = parent[i], parent[i + 2]
-            fused = ConvReLUPool2d.from_modules(conv, pool)
-            lines.append(f"fuse   {fqn}: Conv2d + ReLU + MaxPool2d -> pydlx.nn.ConvReLUPool2d({fused.extra_repr()}); "
-                         "auto runs eager PyTorch (cuDNN) for it until GPU measurements show where the fused "
-                         "kernel wins; pydlx.use_backend('triton') forces the kernel")
-        else:
-            lines.append(f"keep   {fqn}: Conv2d + ReLU + MaxPool2d ({why})")
-    for fqn, mod, _ in _lstm_plan(model, None):
-        kind = type(mod).__name__
-        lines.append(f"fuse   {fqn}: {kind} -> pydlx.nn.{kind}; auto runs cuDNN for it until GPU measurements show "
-                     "where the Triton kernels win; pydlx.use_backend('triton') forces them"
-                     + ("" if getattr(mod, "proj_size", 0) == 0 else " (proj_size > 0: cuDNN only for now)"))
-    swapped = _module_pass(copy.deepcopy(model), None)
-    if not isinstance(swapped, MLP):
-        graph, why_not = _fx_fuse.trace(swapped)
-        if graph is None:
-            lines.append(f"note   forward code not traced by torch.fx ({why_not}): only the module chains above are "
-                         "fused")
-        else:
-            for fqn, desc, why, _ in _fx_fuse.plan(graph, swapped, None):
+    lines: List[str] = []
+    mlps: List[Tuple[str, nn.Sequential]] = []
+
+    def mlp_lines():
+        mlps.extend(_mlp_plan(model, None))
+        for fqn, seq in mlps:
+            m = MLP.from_sequential(seq)
+            linears = [l for l in m if isinstance(l, nn.Linear)]
+            sizes = [l.in_features for l in linears] + [linears[-1].out_features]
+            how = ("one fused kernel on GPUs" if fuses_in_one_kernel(sizes) else
+                   "a chain of fused Linear GEMMs: a layer is wider than 128")
+            lines.append(f"fuse   {fqn or '(model)'}: Sequential of {len(sizes) - 1} Linear layers -> "
+                         f"pydlx.nn.MLP(sizes={sizes}, activation={m.activation!r}, "
+                         f"last_activation={m.last_activation!r}), {how}")
+
+    def linear_lines():
+        for fqn, parent, i, act, why in _linear_plan(model, None, [f for f, _ in mlps]):
+            if act is not None:
+                lines.append(f"fuse   {fqn}: Linear + {act} -> pydlx.nn.Linear(activation={act!r})")
+            else:
+                lines.append(f"keep   {fqn}: Linear ({why})")
+
+    def conv_lines():
+        for fqn, parent, i, why in _conv_plan(model, None):
+            if why is None:
+                fused = ConvReLUPool2d.from_modules(parent[i], parent[i + 2])
+                lines.append(f"fuse   {fqn}: Conv2d + ReLU + MaxPool2d -> pydlx.nn.ConvReLUPool2d("
+                             f"{fused.extra_repr()}); auto runs eager PyTorch (cuDNN) for it until GPU measurements "
+                             "show where the fused kernel wins; pydlx.use_backend('triton') forces the kernel")
+            else:
+                lines.append(f"keep   {fqn}: Conv2d + ReLU + MaxPool2d ({why})")
+
+    def lstm_lines():
+        for fqn, mod, _ in _lstm_plan(model, None):
+            kind = type(mod).__name__
+            lines.append(f"fuse   {fqn}: {kind} -> pydlx.nn.{kind}; auto runs cuDNN for it until GPU measurements "
+                         "show where the Triton kernels win; pydlx.use_backend('triton') forces them")
+
+    def forward_lines():
+        swapped = _module_pass(copy.deepcopy(model), None)
+        if isinstance(swapped, MLP):
+            return
+        base = type(swapped)._pydlx_base if isinstance(swapped, _fx_fuse.FusedForward) else type(swapped)
+        optional = tuple(_fx_fuse._forward_parameters(base)[2])
+        with _fx_fuse._as(swapped, base):
+            try:
+                graph, guards = _fx_fuse.trace(swapped, optional)
+            except _fx_fuse.TraceFailed as e:
+                lines.append(f"note   forward code not traced by torch.fx ({e.why}): only the module chains above "
+                             "are fused; the forward runs as written")
+                return
+            found = _fx_fuse.plan(graph, swapped, lambda f: True)
+            for fqn, desc, why, _ in found:
                 lines.append(f"fuse   {fqn}: {desc}" if why is None else f"keep   {fqn}: {desc} ({why})")
+        read = _fx_fuse.describe_guards(guards)
+        if read and any(why is None for _, _, why, _ in found):
+            lines.append(f"note   the forward code reads {read}: the fused forward is kept per value of these "
+                         "(train and eval traced separately) and traced again when they change")
+
+    for what, fn in (("the nn.Sequential MLPs", mlp_lines), ("Linear + activation modules", linear_lines),
+                     ("Conv2d + ReLU + MaxPool2d modules", conv_lines), ("LSTM modules", lstm_lines),
+                     ("the forward code", forward_lines)):
+        _guarded(lines, what, fn)
     return "\n".join(lines) if lines else ("nothing to fuse: no Linear or Conv2d+ReLU+MaxPool2d chain (in an "
                                            "nn.Sequential or in the forward code), no LSTM")

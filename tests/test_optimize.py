@@ -203,3 +203,190 @@ def test_unsupported_pools_are_kept_and_explained_never_a_crash(pool):
     torch.testing.assert_close(fast(x), net(x))
     with pytest.raises(ValueError, match=r"from_modules: (pool|ceil_mode|non-square)"):
         pydlx.nn.ConvReLUPool2d.from_modules(net[0], pool)
+
+
+# ------------------------------------------------------------------- forward code that reads modes, attributes, args
+import pickle  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from pydlx import _fx_fuse  # noqa: E402
+
+
+class _DropoutNet(nn.Module):
+    """The pattern of many published examples: F.dropout(x, training=self.training) in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu(self.fc1(x))
+        x = F.dropout(x, training=self.training)
+        return self.fc2(x)
+
+
+class _BranchNet(nn.Module):
+    """Branches on self.training and on a plain attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.use_tanh = False
+
+    def forward(self, x):
+        x = x * 0.5 if self.training else x + 1
+        x = F.relu(self.fc(x))
+        return torch.tanh(x) if self.use_tanh else x
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return F.dropout(F.relu(self.fc(x)), 0.3, self.training)
+
+
+class _Nested(nn.Module):
+    """A custom submodule the trace runs through, with a mode of its own; an optional argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.block, self.head = _Block(), nn.Linear(8, 3)
+
+    def forward(self, x, scale=None):
+        if scale is not None:
+            x = x * scale
+        return torch.sigmoid(self.head(self.block(x)))
+
+
+class _ShapeBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[0] > 4:  # torch.fx cannot trace a branch on a shape: the forward must run as written
+            x = x.flip(0)
+        return F.relu(self.fc(x))
+
+
+class _Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.calls = nn.Linear(8, 8), 0
+
+    def forward(self, x):
+        self.calls += 1  # a side effect a fused forward would lose: not fused
+        return F.relu(self.fc(x))
+
+
+def _same(fast, model, *args, seed=None, **kwargs):
+    """fast(*args) == model(*args), with the same random stream when the forward draws (dropout)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    got = fast(*args, **kwargs)
+    if seed is not None:
+        torch.manual_seed(seed)
+    want = model(*args, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _fused(fast, *args):
+    spec = _fx_fuse.current(fast, *args)
+    return spec is not None and bool(spec.fused)
+
+
+@pytest.mark.parametrize("start", ["train", "eval"])
+def test_optimized_model_follows_train_and_eval_like_the_original(start):
+    """Issue 11: a forward reading self.training was frozen at the mode optimize() saw (dropout after eval())."""
+    for cls in (_DropoutNet, _BranchNet, _Nested):
+        model = cls()
+        model.train(start == "train")
+        fast = pydlx.optimize(model)
+        assert isinstance(fast, cls) and _fused(fast), cls.__name__
+        x = torch.randn(5, 8)
+        for mode in ("eval", "train", "eval", "train"):
+            getattr(model, mode)()
+            getattr(fast, mode)()
+            _same(fast, model, x, seed=7)
+            assert _fused(fast), f"{cls.__name__}: {mode} ran unfused"
+        assert len(fast._pydlx_fx.specs) == 2  # one per mode, made at optimize time, reused
+
+
+def test_mixed_modes_attributes_and_optional_arguments_are_followed():
+    model = _Nested()
+    fast = pydlx.optimize(model)
+    x = torch.randn(4, 8)
+    model.block.eval()  # a submodule in eval, the model in train
+    fast.block.eval()
+    _same(fast, model, x, seed=3)
+    _same(fast, model, x, torch.tensor(2.0), seed=3)  # the optional argument given
+    _same(fast, model, x, scale=None, seed=3)
+    assert _fused(fast, x) and _fused(fast, x, torch.tensor(2.0))
+    branch = _BranchNet()
+    fast_branch = pydlx.optimize(branch)
+    for flag in (True, False, True):
+        branch.use_tanh = fast_branch.use_tanh = flag
+        _same(fast_branch, branch, x)
+    assert "self.training, self.use_tanh" in pydlx.explain(branch)
+
+
+def test_replaced_submodules_and_later_hooks_are_followed():
+    model = _Nested()
+    fast = pydlx.optimize(model)
+    x = torch.randn(4, 8)
+    seen = []
+    fast.block.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model.block.register_forward_hook(lambda m, i, o: None)
+    _same(fast, model, x, seed=1)
+    assert seen == [torch.Size([4, 8])]  # the hook ran (the forward runs as written while it is there)
+    fast.block = model.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh())  # a new submodule: traced again
+    _same(fast, model, x)
+    assert _fused(fast, x)
+
+
+def test_shape_branches_and_side_effects_run_the_forward_as_written():
+    for cls in (_ShapeBranch, _Counter):
+        model = cls()
+        fast = pydlx.optimize(model)
+        for n in (3, 6):
+            _same(fast, model, torch.randn(n, 8))
+        assert not _fused(fast, torch.randn(3, 8))
+    counter = pydlx.optimize(_Counter())
+    counter(torch.randn(2, 8))
+    assert counter.calls == 1
+    assert "forward code not traced by torch.fx" in pydlx.explain(_ShapeBranch())
+    assert "forward assigns attributes (calls)" in pydlx.explain(_Counter())
+
+
+def test_fused_model_survives_pickle_deepcopy_and_compile_in_both_modes():
+    model = _DropoutNet()
+    fast = pydlx.optimize(model)
+    x = torch.randn(5, 8)
+    for copy_of in (lambda m: pickle.loads(pickle.dumps(m)), copy.deepcopy):
+        c = copy_of(fast)
+        assert type(c) is type(fast) and isinstance(c, _DropoutNet)
+        c.eval()
+        model.eval()
+        _same(c, model, x)
+        assert _fused(c, x)
+        model.train()
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    for mode in ("eval", "train"):
+        getattr(fast, mode)()
+        getattr(model, mode)()
+        _same(compiled, model, x, seed=5)
+
+
+def test_bad_calls_of_a_fused_forward_raise_what_the_forward_raises():
+    model = _Nested()
+    fast = pydlx.optimize(model)
+    x = torch.randn(2, 8)
+    for args, kwargs in (((), {}), ((x,), {"bogus": 1}), ((x, 2.0), {"scale": 2.0}), ((x, 1, 2), {})):
+        with pytest.raises(TypeError):
+            model(*args, **kwargs)
+        with pytest.raises(TypeError):
+            fast(*args, **kwargs)

@@ -40,9 +40,8 @@ class ConvReLUPool2d(nn.Module):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.weight, new.bias = conv.weight, conv.bias
-        new.stride, new.padding = _square(conv.stride), _square(conv.padding)
-        new.pool_size = _square(pool.kernel_size)
-        new.pool_stride = _square(pool.stride) if pool.stride is not None else new.pool_size
+        for name, value in fused_args(conv, pool).items():
+            setattr(new, name, value)
         new.train(conv.training)
         return new
 
@@ -60,6 +59,14 @@ def _square(v) -> Optional[int]:
     """The one value of an int or a pair of equal ints (module attributes hold either), else None."""
     v = _pair(v)
     return v[0] if len(v) == 2 and v[0] == v[1] else None
+
+
+def fused_args(conv: nn.Conv2d, pool: nn.MaxPool2d) -> dict:
+    """pydlx.ops.conv_relu_pool2d's options (stride, padding, pool_size, pool_stride) for a pair that
+    ``unsupported`` accepts."""
+    size = _square(pool.kernel_size)
+    return dict(stride=_square(conv.stride), padding=_square(conv.padding), pool_size=size,
+                pool_stride=_square(pool.stride) if pool.stride is not None else size)
 
 
 def unsupported(conv: nn.Conv2d, pool: nn.MaxPool2d) -> Optional[str]:

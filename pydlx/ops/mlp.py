@@ -33,6 +33,15 @@ from ._common import ArgumentError, DtypeError, rows, FLOAT_DTYPES, autocast_cas
 from .linear import _act_name, linear
 
 
+FUSED_MAX_WIDTH, FUSED_MAX_LAYERS = 128, 16  # the fused kernels' limits (pydlx/triton/mlp.py, csrc/mlp.cu)
+
+
+def fuses_in_one_kernel(sizes: Sequence[int]) -> bool:
+    """Whether an MLP of these sizes (in, ..., out) runs as one fused kernel on GPUs (else a chain of fused
+    Linear GEMMs)."""
+    return len(sizes) - 1 <= FUSED_MAX_LAYERS and max(sizes[1:]) <= FUSED_MAX_WIDTH
+
+
 def _why_not_fused(x: Tensor, sizes: Sequence[int]) -> Optional[str]:
     """None if the fused MLP kernels take this call, else why not (triton missing included)."""
     reason = why_not_kernel_dtype(x)
@@ -50,8 +59,9 @@ def _why_not_cuda(x: Tensor, sizes: Sequence[int], training: bool) -> Optional[s
         return "the C++/CUDA fused MLP is forward-only (inference) for now; training runs the triton backend"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the C++/CUDA fused MLP takes float16 or bfloat16, got {x.dtype}"
-    if len(sizes) - 1 > 16 or max(sizes[1:]) > 128:
-        return f"the C++/CUDA fused MLP takes at most 16 layers, each at most 128 wide; got sizes {list(sizes)}"
+    if not fuses_in_one_kernel(sizes):
+        return (f"the C++/CUDA fused MLP takes at most {FUSED_MAX_LAYERS} layers, each at most {FUSED_MAX_WIDTH} "
+                f"wide; got sizes {list(sizes)}")
     return None
 
 
