@@ -3,6 +3,9 @@ gradient (input, h0, c0, all weights and biases); the Triton kernels under the i
 both launch paths (one sequence launch, one launch a step), packed sequences of mixed lengths, multi-layer,
 bidirectional, batch 1, sequences up to 150 steps (1000 on GPU); modules, errors, opcheck, compile."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -92,7 +95,8 @@ def check(case, dtype, backend, device="cpu", path=None, monkeypatch=None):
         monkeypatch.setenv("PYDLX_LSTM_PATH", path)
     got = runs(dtype, pydlx.nn.LSTM, backend)
     want = runs(torch.float64, None, "reference")
-    baseline = runs(dtype, None, "reference") if dtype != torch.float64 else None
+    # the same precision computed by pydlx's reference (fp32 math from 16-bit inputs: no oneDNN, any CPU)
+    baseline = runs(dtype, pydlx.nn.LSTM, "reference") if dtype != torch.float64 else None
     for i, (a, e, n) in enumerate(zip(got, want, names)):
         assert a.dtype == dtype, n
         assert_close(a, e, dtype=dtype, name=n, baseline=baseline[i] if baseline else None)
@@ -188,7 +192,7 @@ def test_lstm_cell_triton(dtype, poison):
         return [h1, c1, *torch.autograd.grad(loss, [xx, *h, *m.parameters()])]
 
     got, want, base = go(dtype, "triton", pydlx.nn.LSTMCell), go(torch.float64, "reference", None), \
-        go(dtype, "reference", None)
+        go(dtype, "reference", pydlx.nn.LSTMCell)
     for a, e, b in zip(got, want, base):
         assert_close(a, e, dtype=dtype, baseline=b)
     with pydlx.use_backend("triton"):  # unbatched, no state
@@ -217,16 +221,63 @@ def test_dropout_between_layers():
 
 
 @pytest.mark.interpreter
-def test_autocast_bf16_on_cpu():
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_autocast_bf16_on_cpu(backend):
+    """torch's own nn.LSTM fails under CPU autocast bf16 on CPUs without AVX-512 (oneDNN); pydlx's runs anywhere.
+    The oracle: float64 math from the bf16-rounded input and weights (what autocast computes from)."""
     torch.manual_seed(0)
-    m = pydlx.nn.LSTM(3, 5)
+    m = pydlx.nn.LSTM(3, 5, num_layers=2, bidirectional=True)
     x = torch.randn(4, 2, 3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        want = twin(m)(x)[0]
-        with pydlx.use_backend("triton"):
-            got = m(x)[0]
-    assert got.dtype == want.dtype == torch.bfloat16
-    assert_close(got, twin(m, torch.float64)(x.double())[0], dtype=torch.bfloat16, baseline=want)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pydlx.use_backend(backend):
+        out, (h, c) = m(x)
+    want = twin(m).to(torch.bfloat16).double()(x.to(torch.bfloat16).double())
+    for got, exp, name in ((out, want[0], "output"), (h, want[1][0], "h_n"), (c, want[1][1], "c_n")):
+        assert got.dtype == torch.bfloat16, name
+        assert_close(got, exp, dtype=torch.bfloat16, name=name)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=["2layer-bidir-batch1", "proj3-packed-2layer-bidir"])
+def test_cpu_16bit_reference_runs_on_any_cpu(case, dtype):
+    """16-bit weights on the CPU (auto = reference): pydlx runs its own per-layer math in fp32, not oneDNN's RNN
+    (which needs AVX-512 for bf16), forward and every gradient, against float64 from the same rounded values."""
+    I, H, L, bidir, bf, B, lengths = case[:7]
+    proj = case[7] if len(case) > 7 else 0
+    torch.manual_seed(0)
+    base = nn.LSTM(I, H, num_layers=L, bidirectional=bidir, batch_first=bf, proj_size=proj).to(dtype)
+    x = make_input(case, dtype)
+    nb = x.batch_sizes[0].item() if hasattr(x, "batch_sizes") else B
+    hx = [torch.randn(L * (1 + bidir), nb, w).to(dtype) for w in (proj or H, H)]
+
+    def go(dt, module):
+        m = copy.deepcopy(base).to(dt)
+        m = pydlx.nn.LSTM.from_module(m) if module else m
+        xx = _with_grad(x.to(dt) if not hasattr(x, "batch_sizes") else x._replace(data=x.data.to(dt)))
+        return run(m, xx, [t.to(dt).requires_grad_() for t in hx])
+
+    got, want = go(dtype, True), go(torch.float64, False)
+    for a, e in zip(got, want):
+        assert a.dtype == dtype
+        assert_close(a, e, dtype=dtype)
+    cell = nn.LSTMCell(I, H).to(dtype)
+    xc, hc = torch.randn(3, I).to(dtype), [torch.randn(3, H).to(dtype) for _ in range(2)]
+    h1, c1 = pydlx.nn.LSTMCell.from_module(cell)(xc, hc)
+    h64, c64 = copy.deepcopy(cell).double()(xc.double(), [t.double() for t in hc])
+    assert h1.dtype == dtype
+    assert_close(h1, h64, dtype=dtype, name="cell h")
+    assert_close(c1, c64, dtype=dtype, name="cell c")
+
+
+def test_cpu_16bit_paths_pass_without_avx512():
+    """The CPU 16-bit tests again with oneDNN held to AVX2 (what a CPU without AVX-512 gives): none of them may
+    depend on the host's instruction set."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        os.path.join(here, "test_seed_models.py"), "-k",
+                        "cpu_16bit_reference or autocast_bf16_on_cpu"], env=env, capture_output=True, text=True,
+                       cwd=here, timeout=600)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 @pytest.mark.interpreter

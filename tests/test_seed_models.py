@@ -219,16 +219,20 @@ def test_compile_fullgraph_of_optimized_model(kind):
     assert_close(compiled(x), fast(x).double(), dtype=torch.float32, name=f"{kind} compiled")
 
 
-@pytest.mark.parametrize("kind", ["cnn", "autoencoder"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_autocast_bf16_on_cpu(kind):
     torch.manual_seed(0)
     model = S.make_model(kind)
     fast = pydlx.optimize(model)
     x, _ = _inputs(kind, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, want = fast(x), model(x)
-    assert got.dtype == want.dtype == torch.bfloat16
-    assert_close(got, model.double()(x.double()), dtype=torch.bfloat16, baseline=want)
+        got = fast(x)
+        # torch's own LSTM under CPU autocast needs AVX-512 (oneDNN): no eager baseline for the RNN on every CPU
+        want = model(x) if kind != "rnn" else None
+    assert got.dtype == torch.bfloat16 and (want is None or want.dtype == torch.bfloat16)
+    # (the seed RNN makes fp32 h0/c0 in its forward, so it cannot run in float64: its oracle is fp32)
+    oracle = model.double()(x.double()) if kind != "rnn" else model(x)
+    assert_close(got, oracle, dtype=torch.bfloat16, baseline=want)
 
 
 @pytest.mark.gpu

@@ -161,6 +161,19 @@ def _check_tensor(name: str, t: Tensor, like: Tensor) -> None:
         raise ArgumentError(f"{NAME}: {name} is on {t.device} but input is on {like.device}")
 
 
+_16BIT = (torch.float16, torch.bfloat16)
+
+
+def cpu_16bit(x: Tensor) -> bool:
+    """A CPU call computed in 16 bits: 16-bit tensors, or CPU autocast to a 16-bit dtype."""
+    return x.device.type == "cpu" and (x.dtype in _16BIT or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _16BIT))
+
+
+def _math_dtype(t: Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in _16BIT else t.dtype
+
+
 def _align16(n: int) -> int:
     return (n + 15) // 16 * 16
 
@@ -256,13 +269,20 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
         "triton": lambda: why_not_kernel_dtype(data),
         "cuda": lambda: _why_not_cuda(data, proj_size, H)})
     flat = [t for ws in layers for t in ws if t is not None]
-    if backend == "reference" and torch.compiler.is_compiling():
-        # AOTAutograd cannot trace ATen's LSTM with gradients (torch 2.14: "expected all
-        # tensors_saved_with_vc_check to be Tensors"): under torch.compile the reference runs the per-layer math of
-        # pydlx.reference.lstm.lstm_layer, unrolled over the steps
-        out, h_n, c_n = _lstm_kernels(data, input.batch_sizes if packed else None, h0, c0, layers, num_layers, dirs,
-                                      float(dropout), training, batch_first and not packed and not unbatched,
-                                      "unrolled")
+    if backend == "reference" and (torch.compiler.is_compiling() or cpu_16bit(data)):
+        # The per-layer math of pydlx.reference.lstm.lstm_layer, unrolled over the steps, instead of ATen's LSTM:
+        # * under torch.compile: AOTAutograd cannot trace ATen's LSTM with gradients (torch 2.14: "expected all
+        #   tensors_saved_with_vc_check to be Tensors");
+        # * in 16 bits on a CPU (bf16/fp16 weights, or CPU autocast): ATen's goes to oneDNN, whose bf16 RNN needs
+        #   AVX-512 ("could not create a primitive descriptor for the LSTM forward propagation primitive"
+        #   elsewhere); this one runs on any CPU, in fp32 from the 16-bit inputs, outputs rounded once.
+        dev = data.device.type
+        data, h0, c0 = autocast_cast(dev, (data, h0, c0))
+        layers = [tuple(autocast_cast(dev, ws)) for ws in layers]
+        with torch.autocast(dev, enabled=False):
+            out, h_n, c_n = _lstm_kernels(data, input.batch_sizes if packed else None, h0, c0, layers, num_layers,
+                                          dirs, float(dropout), training,
+                                          batch_first and not packed and not unbatched, "unrolled")
     elif backend == "reference":
         out, h_n, c_n = ref.lstm(data, (h0, c0), flat, bias, num_layers, float(dropout), training, bidirectional,
                                  batch_first and not packed and not unbatched,
@@ -311,7 +331,12 @@ def _lstm_kernels(data: Tensor, batch_sizes, h0: Tensor, c0: Tensor, layers, num
         for d in range(dirs):
             k = layer * dirs + d
             w_ih, w_hh, b_ih, b_hh, w_hr = layers[k]
-            b = b_ih + b_hh if b_ih is not None else None
+            if b_ih is None:
+                b = None
+            elif kernel == "unrolled":  # (the per-layer math runs in fp32 or fp64: sum the biases there)
+                b = b_ih.to(_math_dtype(b_ih)) + b_hh.to(_math_dtype(b_hh))
+            else:
+                b = b_ih + b_hh
             if kernel == "unrolled":
                 y, h, c = ref.lstm_layer(x, w_ih, w_hh, b, h0[k], c0[k], lengths, d == 1, w_hr)
             else:
@@ -362,7 +387,10 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
     backend = _backend.choose("lstm_cell", x, lambda t: (), extra_check={
         "triton": lambda: why_not_kernel_dtype(x),
         "cuda": lambda: "the C++/CUDA LSTM kernel is for whole sequences (pydlx.nn.LSTM); cells run on triton"})
-    if backend == "reference":
+    if backend == "reference" and cpu_16bit(x):  # as in lstm(): fp32 math from the 16-bit inputs, any CPU
+        b = b_ih.float() + b_hh.float() if b_ih is not None else None
+        _, h, c = ref.lstm_layer(x.unsqueeze(0), w_ih, w_hh, b, h0, c0)
+    elif backend == "reference":
         h, c = ref.lstm_cell(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
     else:
         if x.device.type == "cuda":  # autocast lists lstm_cell for CUDA only (on the CPU it stays fp32)

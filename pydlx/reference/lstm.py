@@ -28,7 +28,12 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0
                lengths: Optional[Tensor] = None, reverse: bool = False, w_hr: Optional[Tensor] = None
                ) -> Tuple[Tensor, Tensor, Tensor]:
     """(y [T, B, P], h_n, c_n) for time-major x [T, B, I]; rows past their length keep h, c and output 0; w_hr
-    [P, H] projects h (proj_size = P), else P = H."""
+    [P, H] projects h (proj_size = P), else P = H. 16-bit inputs are computed in fp32 (as pydlx's kernels compute
+    them), the outputs rounded to the input's dtype once."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        up = [t.float() if t is not None else None for t in (x, w_ih, w_hh, bias, h0, c0, w_hr)]
+        y, h, c = lstm_layer(*up[:6], lengths, reverse, up[6])
+        return y.to(x.dtype), h.to(x.dtype), c.to(x.dtype)
     T = x.shape[0]
     G = x @ w_ih.t() + (bias if bias is not None else 0)
     h, c = h0, c0
