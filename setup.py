@@ -73,9 +73,10 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pydlx", "pydlx.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'", "ninja"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib", "numpy"],
-                    "bench": ["pytest-benchmark", "matplotlib", "numpy"]},
+    # numpy: Triton's interpreter (TRITON_INTERPRET=1, the triton backend on CPU tensors) computes with it
+    install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'", "ninja", "numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib"],
+                    "bench": ["pytest-benchmark", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -69,6 +69,17 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreter_error() -> Optional[str]:
+    """Why Triton's interpreter (TRITON_INTERPRET=1) cannot run here, or None: it computes with numpy."""
+    try:
+        import numpy  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return (f"Triton's interpreter needs numpy, which cannot be imported ({type(e).__name__}: {e}); "
+                "pip install numpy")
+    return None
+
+
 def triton_status() -> str:
     err = _triton_import_error()
     if err:
@@ -76,9 +87,13 @@ def triton_status() -> str:
     import triton
 
     if triton_interpret():
+        if _interpreter_error():
+            return f"unavailable (triton {triton.__version__}, TRITON_INTERPRET=1): {_interpreter_error()}"
         return f"available (triton {triton.__version__}, TRITON_INTERPRET=1: CPU tensors via the interpreter)"
     if not torch.cuda.is_available():
-        return f"installed (triton {triton.__version__}) but no CUDA device; set TRITON_INTERPRET=1 to run on CPU"
+        hint = ("set TRITON_INTERPRET=1 to run on CPU" if not _interpreter_error() else
+                f"TRITON_INTERPRET=1 would run on CPU, but {_interpreter_error()}")
+        return f"installed (triton {triton.__version__}) but no CUDA device; {hint}"
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         return f"installed (triton {triton.__version__}) but the GPU is sm_{major}{minor}; pydlx needs sm_80+"
@@ -102,7 +117,9 @@ def why_triton_cannot(t: torch.Tensor) -> Optional[str]:
     if err:
         return err
     if t.device.type == "cpu":
-        return None if triton_interpret() else "CPU tensors need TRITON_INTERPRET=1 for the triton backend"
+        if not triton_interpret():
+            return "CPU tensors need TRITON_INTERPRET=1 for the triton backend"
+        return _interpreter_error()
     if t.device.type != "cuda":
         return f"device {t.device} is not supported by the triton backend"
     if triton_interpret():

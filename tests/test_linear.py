@@ -6,6 +6,9 @@ GPU (marked gpu): every backend against the float64 reference, bf16 included, at
 """
 import importlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -284,6 +287,32 @@ def test_backend_names_and_env(monkeypatch):
     assert set(info) == {"reference", "triton", "cuda"} and info["reference"] == "available"
     # loaded (tests/test_extension.py builds it) or, when missing, says why
     assert info["cuda"].startswith("available") or (info["cuda"].startswith("not built") and ":" in info["cuda"])
+
+
+def test_backends_tell_the_truth_about_the_interpreter_without_numpy():
+    """Triton's interpreter computes with numpy: without it, backends() must not advertise TRITON_INTERPRET=1, and
+    a forced triton backend on CPU tensors refuses with the reason (not a ModuleNotFoundError from inside Triton)."""
+    code = """
+import sys
+sys.modules["numpy"] = None  # as if numpy were not installed
+import torch, pydlx
+print("STATUS", pydlx.backends()["triton"])
+try:
+    with pydlx.use_backend("triton"):
+        pydlx.ops.linear(torch.randn(2, 3), torch.randn(4, 3))
+except pydlx.BackendUnavailableError as e:
+    print("REFUSED", e)
+"""
+    for interpret in ("0", "1"):
+        env = dict(os.environ, TRITON_INTERPRET=interpret)
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        status = r.stdout.split("STATUS ", 1)[1].splitlines()[0]
+        # a triton that imports numpy itself (3.8) cannot be imported; 3.9 imports, its interpreter needs numpy
+        assert ("cannot be imported" in status and "numpy" in status) or \
+            ("needs numpy" in status and "set TRITON_INTERPRET=1 to run" not in status), status
+        refusal = r.stdout.split("REFUSED", 1)[1] if "REFUSED" in r.stdout else ""
+        assert ("numpy" if interpret == "1" else "TRITON_INTERPRET=1") in refusal, r.stdout
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------
