@@ -29,7 +29,7 @@
 #include <optional>
 #include <tuple>
 
-#include "dispatch.h"
+#include "activations.cuh"  // sigmoid_ (and dispatch.h)
 
 namespace pydlx {
 namespace {
@@ -48,8 +48,6 @@ struct Dims {
 
 __host__ __device__ __forceinline__ size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
-__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + __expf(-x)); }
-__device__ __forceinline__ float tanhf_(float x) { return tanhf(x); }
 
 template <typename T>
 __device__ __forceinline__ float4 load4(const T* p) {  // 4 consecutive elements, 4-element aligned
@@ -128,15 +126,15 @@ __global__ void __launch_bounds__(kThreads) lstm_fwd_persistent(const T* __restr
           const int b = b0 + bb, j = j0 + u;
           const int64_t hc = static_cast<int64_t>(b) * d.H + j;
           const int64_t g = (static_cast<int64_t>(t) * d.B + b) * 4 * d.H + j;
-          const float gi = sigmoidf_(acc[0][bb] + static_cast<float>(G[g]));
-          const float gf = sigmoidf_(acc[1][bb] + static_cast<float>(G[g + d.H]));
-          const float gg = tanhf_(acc[2][bb] + static_cast<float>(G[g + 2 * d.H]));
-          const float go = sigmoidf_(acc[3][bb] + static_cast<float>(G[g + 3 * d.H]));
+          const float gi = sigmoid_(acc[0][bb] + static_cast<float>(G[g]));
+          const float gf = sigmoid_(acc[1][bb] + static_cast<float>(G[g + d.H]));
+          const float gg = tanhf(acc[2][bb] + static_cast<float>(G[g + 2 * d.H]));
+          const float go = sigmoid_(acc[3][bb] + static_cast<float>(G[g + 3 * d.H]));
           const float c_prev = cs[prev * BH + hc];
           const bool on = !d.has_len || t < lengths[b];
           if (on) {
             const float c = gf * c_prev + gi * gg;
-            const T h = static_cast<T>(go * tanhf_(c));
+            const T h = static_cast<T>(go * tanhf(c));
             cs[cur * BH + hc] = c;
             hs[cur * BH + hc] = h;
             y[t * BH + hc] = h;
@@ -193,7 +191,7 @@ __global__ void __launch_bounds__(kThreads) lstm_bwd_persistent(const T* __restr
       if (on) {
         const float dht = dh[hc] + static_cast<float>(dy[t * BH + hc]);
         const float gi = acts[g], gf = acts[g + d.H], gg = acts[g + 2 * d.H], go = acts[g + 3 * d.H];
-        const float tc = tanhf_(cs[cur * BH + hc]);
+        const float tc = tanhf(cs[cur * BH + hc]);
         const float dct = dc[hc] + dht * go * (1.0f - tc * tc);
         zi = dct * gg * gi * (1.0f - gi);
         zf = dct * cs[prev * BH + hc] * gf * (1.0f - gf);

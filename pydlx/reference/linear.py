@@ -42,30 +42,38 @@ def activation_forward(z: torch.Tensor, activation: Optional[str]) -> torch.Tens
 
 
 def activation_backward(grad: torch.Tensor, saved: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
-    """dL/dz from dL/dy. ``saved`` is z for SAVES_PREACT activations, else the output y."""
+    """dL/dz from dL/dy. ``saved`` is z for SAVES_PREACT activations, else the output y. Computed in fp32 for
+    16-bit tensors (rounded once, as torch's own backward kernels do), in forms that do not cancel: 1 - sigmoid(v)
+    as sigmoid(-v), 1 - y^2 as (1 - y)(1 + y), the normal CDF of z < 0 as erfc (the kernels use the same)."""
     if activation is None:
         return grad
-    s = saved
     if activation == "relu":
         # NaN in y propagates like torch's threshold_backward (grad * (y > 0) would also zero NaN: keep torch's)
-        return torch.where(s > 0, grad, torch.zeros_like(grad))
+        return torch.where(saved > 0, grad, torch.zeros_like(grad))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    dtype = torch.promote_types(grad.dtype, saved.dtype)
+    math_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    g, s = grad.to(math_dtype), saved.to(math_dtype)
     if activation == "tanh":
-        return grad * (1 - s * s)
-    if activation == "sigmoid":
-        return grad * s * (1 - s)
-    if activation == "gelu":
-        cdf = 0.5 * (1 + torch.erf(s * _INV_SQRT_2))
-        pdf = torch.exp(-0.5 * s * s) / math.sqrt(2 * math.pi)
-        return grad * (cdf + s * pdf)
-    if activation == "gelu_tanh":
-        inner = _SQRT_2_OVER_PI * (s + 0.044715 * s * s * s)
-        t = torch.tanh(inner)
-        dinner = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * s * s)
-        return grad * (0.5 * (1 + t) + 0.5 * s * (1 - t * t) * dinner)
-    if activation == "silu":
-        sg = torch.sigmoid(s)
-        return grad * sg * (1 + s * (1 - sg))
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        d = (1 - s) * (1 + s)
+    elif activation == "sigmoid":
+        d = s * (1 - s)
+    elif activation == "gelu":
+        d = normal_cdf(s) + s * torch.exp(-0.5 * s * s) / math.sqrt(2 * math.pi)
+    elif activation == "gelu_tanh":
+        v = 2 * _SQRT_2_OVER_PI * (s + 0.044715 * s * s * s)
+        dv = 2 * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * s * s)
+        sg = torch.sigmoid(v)
+        d = sg + s * dv * sg * torch.sigmoid(-v)
+    else:  # silu
+        d = torch.sigmoid(s) * (1 + s * torch.sigmoid(-s))
+    return (g * d).to(dtype)
+
+
+def normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    """0.5 (1 + erf(z / sqrt 2)), as 0.5 erfc(-z / sqrt 2) for z < 0 where 1 + erf cancels."""
+    return torch.where(z >= 0, 0.5 * (1 + torch.erf(z * _INV_SQRT_2)), 0.5 * torch.special.erfc(-z * _INV_SQRT_2))
 
 
 def linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -17,43 +17,81 @@ PREACT_CODES = (2, 3, 4)
 
 
 @triton.jit
+def _sigmoid(x):
+    """1 / (1 + e^-x): relative accuracy at every magnitude (e^-x overflows to inf below -88: 0, as in torch)."""
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    """tanh keeping its relative accuracy near zero, where 2 sigmoid(2x) - 1 cancels (1e-8: 100% off): below
+    |x| = 0.25 the odd Taylor polynomial to x^11 (the next term is 2e-10 of the value), above it
+    sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) <= 0.61 (no overflow; (1 - e) loses at most a bit). NaN stays."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x + x * x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197))))
+    return tl.where(a < 0.25, small, tl.where(x < 0.0, -big, big))
+
+
+@triton.jit
+def _erfc_pos(x):
+    """erfc(x) for x >= 0 with relative accuracy (fractional error of the approximation < 1.2e-7, Numerical
+    Recipes' Chebyshev fit), where 1 - erf(x) would round to 0 beyond x = 3.9 in fp32."""
+    t = 1.0 / (1.0 + 0.5 * x)
+    p = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * (
+        0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
+    return t * tl.exp(p - x * x)
+
+
+@triton.jit
+def _normal_cdf(z):
+    """Phi(z) = 0.5 (1 + erf(z / sqrt 2)); for z < 0 as 0.5 erfc(-z / sqrt 2), where 1 + erf cancels."""
+    return tl.where(z >= 0.0, 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)),
+                    0.5 * _erfc_pos(-z * 0.7071067811865476))
+
+
+@triton.jit
 def _act_fwd(z, ACT: tl.constexpr):
-    """act(z) in fp32. NaN propagates (relu keeps NaN like torch.relu)."""
+    """act(z) in fp32, in forms that keep relative accuracy at every magnitude and do not overflow
+    (tests/test_activations.py sweeps 1e-8 .. 1e2, both signs). NaN propagates (relu keeps NaN like torch.relu)."""
     if ACT == 1:
         return tl.where(z < 0.0, 0.0, z)
     elif ACT == 2:
-        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        return z * _normal_cdf(z)
     elif ACT == 3:
         inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        return z * tl.sigmoid(2.0 * inner)  # 0.5 z (1 + tanh(u)) == z sigmoid(2u)
+        return z * _sigmoid(2.0 * inner)  # 0.5 z (1 + tanh(u)) == z sigmoid(2u), which does not cancel for z << 0
     elif ACT == 4:
-        return z * tl.sigmoid(z)
+        return z * _sigmoid(z)
     elif ACT == 5:
-        return 2.0 * tl.sigmoid(2.0 * z) - 1.0
+        return _tanh(z)
     elif ACT == 6:
-        return tl.sigmoid(z)
+        return _sigmoid(z)
     else:
         return z
 
 
 @triton.jit
 def _act_bwd(g, s, ACT: tl.constexpr):
-    """dL/dz from g = dL/dy in fp32; s is z for gelu/gelu_tanh/silu, y for the others."""
+    """dL/dz from g = dL/dy in fp32; s is z for gelu/gelu_tanh/silu, y for the others. 1 - sigmoid(v) is taken
+    as sigmoid(-v) and 1 - y^2 as (1 - y)(1 + y), which do not cancel."""
     if ACT == 1:
         return tl.where(s > 0.0, g, 0.0)
     elif ACT == 2:
-        cdf = 0.5 * (1.0 + tl.math.erf(s * 0.7071067811865476))
         pdf = tl.exp(-0.5 * s * s) * 0.3989422804014327
-        return g * (cdf + s * pdf)
+        return g * (_normal_cdf(s) + s * pdf)
     elif ACT == 3:
-        t = 2.0 * tl.sigmoid(1.5957691216057308 * (s + 0.044715 * s * s * s)) - 1.0
-        dinner = 0.7978845608028654 * (1.0 + 0.134145 * s * s)
-        return g * (0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * dinner)
+        v = 1.5957691216057308 * (s + 0.044715 * s * s * s)  # 2u
+        dv = 1.5957691216057308 * (1.0 + 0.134145 * s * s)
+        sg = _sigmoid(v)
+        return g * (sg + s * dv * sg * _sigmoid(-v))
     elif ACT == 4:
-        sg = tl.sigmoid(s)
-        return g * sg * (1.0 + s * (1.0 - sg))
+        return g * _sigmoid(s) * (1.0 + s * _sigmoid(-s))
     elif ACT == 5:
-        return g * (1.0 - s * s)
+        return g * ((1.0 - s) * (1.0 + s))
     elif ACT == 6:
         return g * s * (1.0 - s)
     else:

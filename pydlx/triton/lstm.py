@@ -31,17 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _cast, _dot, interp_bf16, precision
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+from .common import _cast, _dot, _sigmoid, _tanh, interp_bf16, precision
 
 
 @triton.jit
