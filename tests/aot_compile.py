@@ -114,7 +114,9 @@ def _lstm_source(ptr, idx):
     const.update(REVERSE=True, HAS_LEN=True, HAS_PROJ=proj, BLOCK_B=tri_lstm.BLOCK_B, BLOCK_H=bh, BLOCK_K=bh)
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
     elt = {"*fp16": 2, "*bf16": 2, "*fp32": 4}[ptr]
-    return fn, triton.Config({}, num_warps=warps, num_stages=tri_lstm.stages(elt, bh)), sig, attrs, const
+    cfg = triton.Config({}, num_warps=warps, num_stages=tri_lstm.stages(elt, bh),
+                        maxnreg=tri_lstm.FWD_MAXNREG if kind == "fwd" else None)
+    return fn, cfg, sig, attrs, const
 
 
 def crp_cfg_id(cfg):
@@ -182,7 +184,8 @@ def compile_one(case):
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
     try:
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                    **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})})
     except Exception as e:  # reported per case: the test fails with the compiler's message
         return cid, {"error": f"{type(e).__name__}: {e}"[:2000]}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -199,6 +202,9 @@ def compile_one(case):
 
 def main():
     all_cases = cases()
+    if "--only" in sys.argv:  # --only dx,lstm: the cases whose id starts with one of these (for development)
+        want = sys.argv[sys.argv.index("--only") + 1].split(",")
+        all_cases = [c for c in all_cases if c[0].startswith(tuple(want))]
     with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         results = dict(pool.map(compile_one, all_cases))
     if "--json" in sys.argv:

@@ -1,5 +1,7 @@
 """The benchmark families build their cases (GPU lists too, without allocating) and each family's first CPU case
 runs for pydlx and eager, forward and forward+backward, through the runner the main job uses."""
+import time
+
 import pytest
 import torch
 
@@ -17,3 +19,45 @@ def test_family_cases_build_and_run(family):
                            progress=False, warmup=1, rep=1)
     assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("pydlx", "eager") for m in bench.MODES}
     assert all(float(r["median_ms"]) > 0 for r in rows)
+
+
+def test_providers_are_measured_interleaved_so_drift_falls_on_all_alike():
+    """Identical work: a slow phase (warm-up, a neighbour's load) must not show up as a speedup of one provider."""
+    state = {"calls": 0, "slow_until": 0}
+
+    def work():
+        state["calls"] += 1
+        time.sleep(0.004 if state["calls"] <= state["slow_until"] else 0.001)
+
+    def a():
+        work()
+
+    def b():
+        work()
+
+    state.update(calls=0, slow_until=2 + 30)  # the two warm-up calls, then the first 30 timed calls are slow
+    t = bench.measure({"a": a, "b": b}, "cpu", warmup=1, rep=40)
+    assert 0.8 < t["a"][0] / t["b"][0] < 1.25, t
+    # measured one after the other (what the runner did before): every slow call falls on a
+    state.update(calls=0, slow_until=1 + 30)
+    ta, tb = bench.time_fn(a, "cpu", warmup=1, rep=40), bench.time_fn(b, "cpu", warmup=1, rep=40)
+    assert ta[0] / tb[0] > 2
+
+
+def _row(provider, med, p20, p80):
+    return {"op": "linear_relu", "shape": "8x8x8", "dtype": "fp32", "mode": "fwd", "provider": provider,
+            "median_ms": med, "p20_ms": p20, "p80_ms": p80, "gpu": "cpu", "torch": "t", "triton": "t", "cuda": "c",
+            "commit": "abc", "timestamp": "now", "family": "linear"}
+
+
+def test_a_ratio_within_the_noise_is_marked_unstable_in_table_and_plot(tmp_path, capsys):
+    eager = _row("eager", 1.0, 0.9, 1.3)
+    noisy = _row("pydlx", 0.5, 0.2, 1.5)  # median 2x faster, but the spreads overlap
+    clear = _row("compile", 0.5, 0.48, 0.55)  # 2x, resolved
+    assert bench.speedup(eager, noisy) == (2.0, False)
+    assert bench.speedup(eager, clear) == (2.0, True)
+    bench.print_table([eager, noisy, clear])
+    out = capsys.readouterr().out
+    assert "2.00x?" in out and "unstable (1)" in out
+    png = bench.plot([eager, noisy, clear], tmp_path / "chart.png")
+    assert png is not None and png.stat().st_size > 0

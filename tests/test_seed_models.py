@@ -140,7 +140,8 @@ class _Unfusable(nn.Module):
 def test_unsupported_and_shared_modules_are_kept_with_the_reason():
     model = _Unfusable().double()
     text = pydlx.explain(model)
-    assert "keep   conv: Conv2d + ReLU + MaxPool2d (forward code) -> pydlx.ops.conv_relu_pool2d (dilation=(2, 2)" in text
+    assert ("keep   conv: Conv2d + ReLU + MaxPool2d (forward code) -> pydlx.ops.conv_relu_pool2d "
+            "(dilation=(2, 2)") in text
     assert "keep   shared: Linear + activation (shared is called 2 times and not every call" in text
     assert "fuse   fc: Linear + activation (forward code)" in text
     fast = pydlx.optimize(model)

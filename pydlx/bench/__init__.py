@@ -1,8 +1,10 @@
 """Shared benchmark machinery for ``python -m pydlx.bench`` and bench/bench_*.py.
 
 A family module (pydlx/bench/linear.py, ...) lists ``Case``s; ``run_cases`` times each case for each provider
-(``pydlx``, ``eager``, ``compile``) and mode (``fwd``, ``fwdbwd``) and returns CSV rows (``CSV_COLUMNS``), which
-``print_table``, ``append_csv`` and ``plot`` consume. Importing this module does no work.
+(``pydlx``, ``eager``, ``compile``) and mode (``fwd``, ``fwdbwd``), all of a case's providers and modes interleaved
+in rounds after each has warmed up (``measure``), and returns CSV rows (``CSV_COLUMNS``), which ``print_table``,
+``append_csv`` and ``plot`` consume; a speedup whose p20..p80 spreads overlap is marked unstable (``speedup``).
+Importing this module does no work.
 """
 from __future__ import annotations
 
@@ -67,57 +69,103 @@ def env_info(device) -> Dict[str, str]:
             "cuda": torch.version.cuda or "none", "commit": commit, "timestamp": stamp}
 
 
-def time_fn(fn: Callable[[], object], device, warmup: Optional[int] = None,
-            rep: Optional[int] = None) -> Tuple[float, float, float]:
-    """(median, p20, p80) of ``fn()`` in milliseconds.
+class _Sampler:
+    """Times single calls: CUDA events around each call with L2 flushed before it (as triton.testing.do_bench
+    does), or the wall clock around a call and a device sync on the CPU. Events are read after the round's sync."""
 
-    CUDA: ``triton.testing.do_bench``; ``warmup`` and ``rep`` are milliseconds of warm-up and timing
-    (default 25 and 100). CPU: wall clock; ``warmup`` and ``rep`` are numbers of calls (default 3 and 20).
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        warmup = 25 if warmup is None else warmup
-        rep = 100 if rep is None else rep
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            do_bench = None
-        if do_bench is not None:
-            res = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-            if isinstance(res, (list, tuple)):
-                return float(res[0]), float(res[1]), float(res[2])
-            return float(res), float(res), float(res)
-        # no triton: CUDA events, ~rep ms of calls after ~warmup ms of calls
-        fn()
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        est_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
-        for _ in range(max(1, int(warmup / est_ms))):
-            fn()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(max(1, int(rep / est_ms)))]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in events]
-    else:
-        warmup = 3 if warmup is None else warmup
-        rep = 20 if rep is None else rep
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(max(1, rep)):
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cache = (torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
+                      if device.type == "cuda" else None)
+
+    def __call__(self, fn: Callable[[], object]):
+        if self.cache is None:
             t0 = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            return (time.perf_counter() - t0) * 1e3
+        self.cache.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        return (start, end)
+
+    def ms(self, sample) -> float:
+        return sample if self.cache is None else sample[0].elapsed_time(sample[1])
+
+
+def _quantiles(times: Sequence[float]) -> Tuple[float, float, float]:
     if len(times) < 2:
         return times[0], times[0], times[0]
     q = statistics.quantiles(times, n=10, method="inclusive")
     return statistics.median(times), q[1], q[7]
+
+
+def measure(fns: Dict[object, Callable[[], object]], device, warmup: Optional[int] = None,
+            rep: Optional[int] = None, rounds: int = 10) -> Dict[object, Tuple[float, float, float]]:
+    """{key: (median, p20, p80) in ms} of each ``fns[key]()``, the functions measured *interleaved*: after each has
+    warmed up, ``rounds`` rounds each time every function (in a rotating order), so that warm-up drift, clock
+    changes and a neighbour's load fall on all of them alike rather than on whichever ran first.
+
+    CUDA: ``warmup`` and ``rep`` are milliseconds per function (default 25 and 100). CPU: numbers of calls per
+    function (default 3 and 20; one call per function per round).
+    """
+    device = torch.device(device)
+    keys = list(fns)
+    sampler = _Sampler(device)
+    gpu = device.type == "cuda"
+    if gpu:
+        warmup = 25 if warmup is None else warmup
+        rep = 100 if rep is None else rep
+        per_round = {}
+        for k in keys:  # estimate a call's time, then warm up for ``warmup`` ms
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[k]()
+            _sync(device)
+            est = max((time.perf_counter() - t0) * 1e3, 1e-3)
+            for _ in range(max(1, int(warmup / est))):
+                fns[k]()
+            per_round[k] = max(1, min(100, int(rep / rounds / est)))
+        _sync(device)
+    else:
+        warmup = 3 if warmup is None else warmup
+        rep = 20 if rep is None else rep
+        for k in keys:
+            for _ in range(warmup):
+                fns[k]()
+        rounds = max(1, rep)
+        per_round = {k: 1 for k in keys}
+    samples: Dict[object, list] = {k: [] for k in keys}
+    for r in range(rounds):
+        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        pending = []
+        for k in order:
+            for _ in range(per_round[k]):
+                pending.append((k, sampler(fns[k])))
+        _sync(device)
+        for k, sample in pending:
+            samples[k].append(sampler.ms(sample))
+    return {k: _quantiles(v) for k, v in samples.items()}
+
+
+def time_fn(fn: Callable[[], object], device, warmup: Optional[int] = None,
+            rep: Optional[int] = None) -> Tuple[float, float, float]:
+    """(median, p20, p80) of ``fn()`` in milliseconds, alone (``measure`` times several interleaved)."""
+    return measure({0: fn}, device, warmup, rep)[0]
+
+
+# A ratio is "unstable" when the two rows' p20..p80 ranges do not resolve it: the ratio of eager's to the
+# provider's time could be 1 within them (eager_p20 / p80 <= 1 <= eager_p80 / p20). Such a ratio is shown, marked,
+# and never plotted or reported as a speedup.
+def speedup(eager: Dict, row: Dict) -> Tuple[Optional[float], bool]:
+    """(eager's median / the row's median, whether that ratio is stable) for two CSV rows of one case and mode."""
+    med, p20, p80 = float(row["median_ms"]), float(row["p20_ms"]), float(row["p80_ms"])
+    e_med, e20, e80 = float(eager["median_ms"]), float(eager["p20_ms"]), float(eager["p80_ms"])
+    if med <= 0 or p20 <= 0 or p80 <= 0:
+        return None, False
+    lo, hi = e20 / p80, e80 / p20
+    return e_med / med, not (lo <= 1.0 <= hi)
 
 
 def append_csv(path, rows: Sequence[Dict]) -> None:
@@ -134,27 +182,29 @@ def append_csv(path, rows: Sequence[Dict]) -> None:
 
 
 def _speedups(rows: Sequence[Dict]):
-    """{(op, shape, dtype, provider): {mode: (median_ms, speedup vs eager or None)}}, in row order."""
-    eager = {(r["op"], r["shape"], r["dtype"], r["mode"]): float(r["median_ms"])
-             for r in rows if r["provider"] == "eager"}
+    """{(op, shape, dtype, provider): {mode: (median_ms, speedup vs eager or None, stable)}}, in row order."""
+    eager = {(r["op"], r["shape"], r["dtype"], r["mode"]): r for r in rows if r["provider"] == "eager"}
     out: Dict[tuple, Dict[str, tuple]] = {}
     for r in rows:
-        ms = float(r["median_ms"])
         base = eager.get((r["op"], r["shape"], r["dtype"], r["mode"]))
+        sp, stable = speedup(base, r) if base is not None and r["provider"] != "eager" else (None, True)
         out.setdefault((r["op"], r["shape"], r["dtype"], r["provider"]), {})[r["mode"]] = (
-            ms, base / ms if base is not None and ms > 0 else None)
+            float(r["median_ms"]), sp, stable)
     return out
 
 
 def print_table(rows: Sequence[Dict]) -> None:
-    """One line per (op, shape, dtype, provider): fwd and fwd+bwd medians, and speedups over eager."""
+    """One line per (op, shape, dtype, provider): fwd and fwd+bwd medians, and speedups over eager; a ratio the
+    p20..p80 spreads do not resolve is marked ``?`` (unstable)."""
     header = ("op", "shape", "dtype", "provider", "fwd ms", "fwd x", "fwd+bwd ms", "fwd+bwd x")
-    lines = []
+    lines, unstable = [], 0
     for (op, shape, dtype, provider), by_mode in _speedups(rows).items():
         cells = [op, shape, dtype, provider]
         for mode in MODES:
-            ms, sp = by_mode.get(mode, (None, None))
-            cells += ["-" if ms is None else f"{ms:.3f}", "-" if sp is None else f"{sp:.2f}x"]
+            ms, sp, stable = by_mode.get(mode, (None, None, True))
+            unstable += sp is not None and not stable
+            cells += ["-" if ms is None else f"{ms:.3f}",
+                      "-" if sp is None else f"{sp:.2f}x" + ("" if stable else "?")]
         lines.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
     fmt = lambda cells: "  ".join(  # noqa: E731
@@ -163,15 +213,21 @@ def print_table(rows: Sequence[Dict]) -> None:
     print("  ".join("-" * w for w in widths))
     for cells in lines:
         print(fmt(cells))
+    if unstable:
+        print(f"? unstable ({unstable}): eager's and the provider's p20..p80 ranges overlap, so the ratio is within "
+              "the measurement's noise, not a speedup")
     print(flush=True)
 
 
 def plot(rows: Sequence[Dict], png_path) -> Optional[Path]:
-    """Bar chart of speedup over eager, per (op, shape, dtype), one bar per provider; a subplot per mode."""
+    """Speedup over eager on a log axis, a bar per provider for each (op, shape, dtype), a subplot per mode;
+    unstable ratios (``speedup``) are drawn hollow and hatched, without a value: never as a speedup."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import FuncFormatter
     except Exception as e:
         print(f"note: no plot ({type(e).__name__}: {e})", flush=True)
         return None
@@ -179,26 +235,44 @@ def plot(rows: Sequence[Dict], png_path) -> Optional[Path]:
     groups = list(dict.fromkeys(k[:3] for k in table))
     providers = [p for p in dict.fromkeys(k[3] for k in table) if p != "eager"]
     modes = [m for m in MODES if any(m in v for v in table.values())]
-    if not providers or not modes or not any(sp for v in table.values() for _, sp in v.values()):
+    if not providers or not modes or not any(sp for v in table.values() for _, sp, _ in v.values()):
         print("note: no plot (needs eager and at least one other provider)", flush=True)
         return None
-    fig, axes = plt.subplots(len(modes), 1, figsize=(max(6.0, 1.1 * len(groups) + 2), 3.6 * len(modes)),
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(7.0, 0.9 * len(groups) + 3), 4.2 * len(modes)),
                              squeeze=False)
     width = 0.8 / len(providers)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, mode in zip(axes[:, 0], modes):
         for i, prov in enumerate(providers):
-            vals = [table.get((*g, prov), {}).get(mode, (None, None))[1] or 0.0 for g in groups]
-            xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(groups))]
-            bars = ax.bar(xs, vals, width, label=prov)
-            ax.bar_label(bars, labels=[f"{v:.2f}" if v else "" for v in vals], fontsize=7)
+            for j, g in enumerate(groups):
+                _, sp, stable = table.get((*g, prov), {}).get(mode, (None, None, True))
+                if not sp:
+                    continue
+                x = j + (i - (len(providers) - 1) / 2) * width
+                color = colors[i % len(colors)]
+                # bars grow from 1x (no change) up or down, on a log axis
+                bar = ax.bar(x, sp - 1.0, width, bottom=1.0, color=color if stable else "none", edgecolor=color,
+                             hatch=None if stable else "///")
+                ax.bar_label(bar, labels=[f"{sp:.2f}" if stable else "?"], fontsize=7)
+        ax.set_yscale("log")
+        vals = [sp for v in table.values() for m, (_, sp, _) in v.items() if m == mode and sp]
+        ax.set_ylim(min(0.5, min(vals) / 1.3), max(2.0, max(vals) * 1.3))
+        label = FuncFormatter(lambda v, _: f"{v:g}x")
+        ax.yaxis.set_major_formatter(label)
+        ax.yaxis.set_minor_formatter(label)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{op}\n{shape}\n{dt}" for op, shape, dt in groups], fontsize=7)
-        ax.set_ylabel("speedup over eager")
-        ax.set_title({"fwd": "forward", "fwdbwd": "forward + backward"}[mode])
-        ax.legend(fontsize=8)
+        ax.set_xticklabels([f"{op} {shape} {dt}" for op, shape, dt in groups], fontsize=7, rotation=35,
+                           ha="right")
+        ax.set_ylabel("speedup over eager (log)")
+        ax.set_title({"fwd": "forward", "fwdbwd": "forward + backward"}[mode]
+                      + "   (hatched, '?': unstable, within the noise)", fontsize=9)
+        ax.legend(handles=[Patch(color=colors[i % len(colors)], label=p) for i, p in enumerate(providers)],
+                  fontsize=8)
     r0 = rows[0]
-    fig.suptitle(f"pydlx vs eager: {r0['gpu']}, torch {r0['torch']}, commit {r0['commit']}", fontsize=9)
+    fig.suptitle(f"pydlx vs eager: {r0['gpu']}, torch {r0['torch']}, triton {r0['triton']}, CUDA {r0['cuda']}, "
+                 f"commit {r0['commit']}", fontsize=9)
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,33 +306,44 @@ def run_cases(cases: Sequence[Case], providers: Sequence[str] = PROVIDERS, modes
             print(f"time budget spent: skipped {case.op} {case.shape} {case.dtype_name}", flush=True)
             n += len(case_providers) * len(case_modes)
             continue
+        # build every provider x mode of the case, run each once (compiling / autotuning outside the timing),
+        # then time them interleaved (``measure``)
+        fns = {}
         for provider in case_providers:
-            fns, build_err = None, None
             try:
-                fns = dict(zip(MODES, case.make(provider)))
+                built = dict(zip(MODES, case.make(provider)))
+                err = None
             except Exception as e:
-                build_err = e
+                built, err = {}, e
             for mode in case_modes:
-                n += 1
-                if progress:
-                    print(f"[{n}/{total}] {case.op} {case.shape} {case.dtype_name} {provider} {mode} ... ",
-                          end="", flush=True)
                 try:
-                    if build_err is not None:
-                        raise build_err
-                    fn = fns[mode]
-                    fn()  # first call: compiles / autotunes outside the timing
+                    if err is not None:
+                        raise err
+                    built[mode]()
                     _sync(device)
-                    med, p20, p80 = time_fn(fn, device, warmup=warmup, rep=rep)
+                    fns[(provider, mode)] = built[mode]
                 except Exception as e:
+                    n += 1
                     msg = (str(e).strip().splitlines() or [""])[0][:200]
                     if progress:
-                        print(f"FAILED ({type(e).__name__}: {msg})", flush=True)
-                    continue
-                if progress:
-                    print(f"{med:.3f} ms", flush=True)
-                rows.append({"family": case.family, "op": case.op, "provider": provider, "mode": mode,
-                             "dtype": case.dtype_name, "shape": case.shape, "median_ms": f"{med:.6f}",
-                             "p20_ms": f"{p20:.6f}", "p80_ms": f"{p80:.6f}", **env})
-            del fns
+                        print(f"[{n}/{total}] {case.op} {case.shape} {case.dtype_name} {provider} {mode} ... "
+                              f"FAILED ({type(e).__name__}: {msg})", flush=True)
+        if not fns:
+            continue
+        try:
+            timed = measure(fns, device, warmup=warmup, rep=rep)
+        except Exception as e:
+            msg = (str(e).strip().splitlines() or [""])[0][:200]
+            print(f"{case.op} {case.shape} {case.dtype_name}: timing FAILED ({type(e).__name__}: {msg})", flush=True)
+            n += len(fns)
+            continue
+        for (provider, mode), (med, p20, p80) in timed.items():
+            n += 1
+            if progress:
+                print(f"[{n}/{total}] {case.op} {case.shape} {case.dtype_name} {provider} {mode} ... {med:.3f} ms "
+                      f"(p20 {p20:.3f}, p80 {p80:.3f})", flush=True)
+            rows.append({"family": case.family, "op": case.op, "provider": provider, "mode": mode,
+                         "dtype": case.dtype_name, "shape": case.shape, "median_ms": f"{med:.6f}",
+                         "p20_ms": f"{p20:.6f}", "p80_ms": f"{p80:.6f}", **env})
+        del fns
     return rows

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import _backend
 from ._common import ArgumentError, DtypeError, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
-from ..reference.conv_relu_pool import conv_relu_pool2d as reference_conv_relu_pool2d
+from ..reference.conv_relu_pool import conv_relu_pool2d as reference_conv_relu_pool2d, out_shape
 
 NAME = "pydlx.ops.conv_relu_pool2d"
 
@@ -34,12 +34,20 @@ def _why_not_cuda(x: Tensor) -> Optional[str]:
     return why_not_kernel_dtype(x)
 
 
-def _choose(x: Tensor) -> str:
+def _why_not_triton(x: Tensor, weight: Tensor, HP: int, WP: int) -> Optional[str]:
+    why = why_not_kernel_dtype(x)
+    if why is not None:
+        return why
+    from ..triton import conv_relu_pool as tri  # (choose() has checked that triton imports)
+    return tri.why_too_large(x.shape, x.stride(), weight.shape[0], weight.shape[-1], HP, WP)
+
+
+def _choose(x: Tensor, weight: Tensor, HP: int, WP: int) -> str:
     # auto on GPUs: the eager forward (cuDNN) inside the op -- which still saves only the pooled map and int8
     # indices for backward -- until GPU measurements show where the fused kernels win (bench/NOTES.md); the
     # Triton and C++/CUDA kernels run when their backend is forced. (CPU + auto never gets here: plain eager.)
     return _backend.choose("conv_relu_pool2d", x, lambda t: (), extra_check={
-        "triton": lambda: why_not_kernel_dtype(x), "cuda": lambda: _why_not_cuda(x)})
+        "triton": lambda: _why_not_triton(x, weight, HP, WP), "cuda": lambda: _why_not_cuda(x)})
 
 
 def _window_index(y_idx_flat: Tensor, WO: int, HP: int, WP: int, P: int, Q: int) -> Tensor:
@@ -53,7 +61,8 @@ def _window_index(y_idx_flat: Tensor, WO: int, HP: int, WP: int, P: int, Q: int)
 @torch.library.custom_op("pydlx::conv_relu_pool2d_fwd", mutates_args=())
 def conv_relu_pool2d_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
                          pool_size: int, pool_stride: int) -> Tuple[Tensor, Tensor]:
-    backend = _choose(input)
+    _, _, HP, WP = out_shape(*input.shape[-2:], weight.shape[-1], stride, padding, pool_size, pool_stride)
+    backend = _choose(input, weight, HP, WP)
     if backend == "triton":
         from ..triton import conv_relu_pool as tri
         return tri.conv_relu_pool_fwd(input, weight, bias, stride, padding, pool_size, pool_stride)
@@ -67,10 +76,8 @@ def conv_relu_pool2d_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], 
 
 @conv_relu_pool2d_fwd.register_fake
 def _(input, weight, bias, stride, padding, pool_size, pool_stride):
-    N, _, H, W = input.shape
-    R = weight.shape[-1]
-    HO, WO = (H + 2 * padding - R) // stride + 1, (W + 2 * padding - R) // stride + 1
-    shape = (N, weight.shape[0], (HO - pool_size) // pool_stride + 1, (WO - pool_size) // pool_stride + 1)
+    _, _, HP, WP = out_shape(*input.shape[-2:], weight.shape[-1], stride, padding, pool_size, pool_stride)
+    shape = (input.shape[0], weight.shape[0], HP, WP)
     return input.new_empty(shape), input.new_empty(shape, dtype=torch.int8)
 
 
@@ -79,9 +86,7 @@ def conv_relu_pool2d_bwd(grad: Tensor, input: Tensor, weight: Tensor, y: Tensor,
                          stride: int, padding: int, pool_size: int, pool_stride: int, need_input: bool,
                          need_weight: bool) -> Tuple[Tensor, Tensor, Tensor]:
     N, K, HP, WP = y.shape
-    H, W = input.shape[-2:]
-    R = weight.shape[-1]
-    HO, WO = (H + 2 * padding - R) // stride + 1, (W + 2 * padding - R) // stride + 1
+    HO, WO, _, _ = out_shape(*input.shape[-2:], weight.shape[-1], stride, padding, pool_size, pool_stride)
     # route dy to each max's conv-output position, through the ReLU mask; overlapping windows accumulate
     idx = idx.long()
     oh = torch.arange(HP, device=y.device).view(HP, 1) * pool_stride + idx // pool_size
@@ -163,8 +168,7 @@ def check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, p
     padding = _int_arg(padding, "padding", 0, 3)
     pool_size = _int_arg(pool_size, "pool_size", 2, 3)
     pool_stride = _int_arg(pool_stride if pool_stride is not None else pool_size, "pool_stride", 1, 3)
-    H, W = input.shape[-2:]
-    HO, WO = (H + 2 * padding - R) // stride + 1, (W + 2 * padding - R) // stride + 1
+    HO, WO, _, _ = out_shape(*input.shape[-2:], R, stride, padding, pool_size, pool_stride)
     if min(HO, WO) < pool_size:
         raise ArgumentError(f"{NAME}: the conv output ({HO}x{WO}) is smaller than the pool window ({pool_size})")
     return stride, padding, pool_size, pool_stride

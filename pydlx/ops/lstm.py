@@ -188,6 +188,14 @@ def cuda_smem_bytes(H: int, elt: int, sms: int) -> int:
     return max(fwd, bwd)
 
 
+def _why_not_triton(x: Tensor, B: int, H: int, P: int) -> Optional[str]:
+    why = why_not_kernel_dtype(x)
+    if why is not None:
+        return why
+    from ..triton import lstm as tri  # (choose() has checked that triton imports)
+    return tri.why_too_large(B, H, P)
+
+
 def _why_not_cuda(x: Tensor, proj_size: int, H: int) -> Optional[str]:
     if proj_size > 0:
         return "proj_size > 0 is not supported by the C++/CUDA LSTM kernel (auto runs cuDNN for it)"
@@ -266,7 +274,7 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
         data = data.unsqueeze(1)
 
     backend = _backend.choose("lstm", data, lambda t: (), extra_check={
-        "triton": lambda: why_not_kernel_dtype(data),
+        "triton": lambda: _why_not_triton(data, B, H, H_out),
         "cuda": lambda: _why_not_cuda(data, proj_size, H)})
     flat = [t for ws in layers for t in ws if t is not None]
     if backend == "reference" and (torch.compiler.is_compiling() or cpu_16bit(data)):
@@ -385,7 +393,7 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
         if t is not None:
             _check_tensor(nm, t, input)
     backend = _backend.choose("lstm_cell", x, lambda t: (), extra_check={
-        "triton": lambda: why_not_kernel_dtype(x),
+        "triton": lambda: _why_not_triton(x, x.shape[0], H, H),
         "cuda": lambda: "the C++/CUDA LSTM kernel is for whole sequences (pydlx.nn.LSTM); cells run on triton"})
     if backend == "reference" and cpu_16bit(x):  # as in lstm(): fp32 math from the 16-bit inputs, any CPU
         b = b_ih.float() + b_hh.float() if b_ih is not None else None

@@ -24,16 +24,16 @@ def _sigmoid(x):
 
 @triton.jit
 def _tanh(x):
-    """tanh keeping its relative accuracy near zero, where 2 sigmoid(2x) - 1 cancels (1e-8: 100% off): below
-    |x| = 0.25 the odd Taylor polynomial to x^11 (the next term is 2e-10 of the value), above it
-    sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) <= 0.61 (no overflow; (1 - e) loses at most a bit). NaN stays."""
+    """tanh keeping its relative accuracy near zero, where 2 sigmoid(2x) - 1 cancels (1e-8: 100% off):
+    sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) <= 1 (no overflow), and 1 - e = -expm1(-2|x|) from its series
+    below |x| = 0.125 (6 terms; the next is 5e-8 of the value), where 1 - e would cancel. NaN stays NaN."""
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    small = x + x * x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
-        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197))))
-    return tl.where(a < 0.25, small, tl.where(x < 0.0, -big, big))
+    y = 2.0 * a
+    num = tl.where(a < 0.125, y * (1.0 - y * (0.5 - y * (0.16666666666666666 - y * (0.041666666666666664 - y * (
+        0.008333333333333333 - y * 0.001388888888888889))))), 1.0 - e)
+    t = num / (1.0 + e)
+    return tl.where(x < 0.0, -t, t)
 
 
 @triton.jit
@@ -48,9 +48,10 @@ def _erfc_pos(x):
 
 @triton.jit
 def _normal_cdf(z):
-    """Phi(z) = 0.5 (1 + erf(z / sqrt 2)); for z < 0 as 0.5 erfc(-z / sqrt 2), where 1 + erf cancels."""
-    return tl.where(z >= 0.0, 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)),
-                    0.5 * _erfc_pos(-z * 0.7071067811865476))
+    """Phi(z) from one erfc of |z| / sqrt 2: e = 0.5 erfc(|z| / sqrt 2) is Phi(-|z|), small and exact in relative
+    terms (0.5 (1 + erf(z / sqrt 2)) cancels for z << 0); Phi(z) = 1 - e for z >= 0 (no cancellation, e <= 0.5)."""
+    e = 0.5 * _erfc_pos(tl.abs(z) * 0.7071067811865476)
+    return tl.where(z >= 0.0, 1.0 - e, e)
 
 
 @triton.jit

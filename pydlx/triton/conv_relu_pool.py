@@ -14,12 +14,13 @@ NaN propagates as in max_pool2d.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..reference.conv_relu_pool import out_shape
 from .common import _cast, _dot, interp_bf16, launch, precision
 
 
@@ -105,11 +106,19 @@ def _launch(tuned, raw, grid, args, kwargs):
     launch(tuned, raw, grid, args, kwargs, INTERPRET_CONFIG)
 
 
-def out_shape(H: int, W: int, R: int, stride: int, padding: int, P: int, Q: int) -> Tuple[int, int, int, int]:
-    """(HO, WO, HP, WP): the conv output and pooled sizes (floor mode)."""
-    HO = (H + 2 * padding - R) // stride + 1
-    WO = (W + 2 * padding - R) // stride + 1
-    return HO, WO, (HO - P) // Q + 1, (WO - P) // Q + 1
+def why_too_large(x_shape, x_strides, K: int, R: int, HP: int, WP: int) -> Optional[str]:
+    """None if the kernel addresses this call correctly, else why not. The image (n) offset is 64-bit; the
+    offsets inside one image of x, of y / idx, and into the weights are 32-bit, so each (padded to whole blocks)
+    must stay below 2^31 elements."""
+    _, C, H, W = x_shape
+    _, sc, sh, sw = (abs(s) for s in x_strides)
+    image = (C + 32) * sc + (H + 16) * sh + (W + 16) * sw
+    out = (K + 64) * (HP * WP + 128)
+    weights = R * R * (C + 32) * K
+    if max(image, out, weights) >= 2**31:
+        return (f"one image of {C}x{H}x{W} in, {K}x{HP}x{WP} out, kernel {R}: the Triton kernel addresses one "
+                "image with 32-bit offsets (at most 2^31 elements)")
+    return None
 
 
 def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b, stride: int, padding: int, P: int, Q: int):

@@ -257,7 +257,14 @@ def split_rows(out_rows: int, out_cols: int, red: int, device: torch.device) -> 
     else:
         tiles = triton.cdiv(out_rows, 128) * triton.cdiv(out_cols, 128)
         want = max(1, min(_sm_count(device.index or 0) // tiles, red // 512, 64))
-    return triton.cdiv(triton.cdiv(red, want), 64) * 64  # rows per split, a multiple of every BLOCK_K
+    rows = triton.cdiv(triton.cdiv(red, want), 64) * 64  # rows per split, a multiple of every BLOCK_K
+    return min(rows, max_split_rows(out_rows))
+
+
+def max_split_rows(row_stride: int) -> int:
+    """The most reduction rows one program of the dw GEMM may walk: it advances a 32-bit offset into dy (rows
+    ``row_stride`` elements apart) along its split, which must stay below 2^31 (a block past the end included)."""
+    return max(64, ((2**31 - 1 - 256) // max(row_stride, 1) - 64) // 64 * 64)
 
 
 def _gemm_dact(g, s, b, c, db, M, N, K, g_strides, b_strides, c_strides, k_per_split, act_code):

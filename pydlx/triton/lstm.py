@@ -101,7 +101,7 @@ def _lstm_fwd_kernel(
         w_o = tl.load(w_ptr + (3 * H + rj0[None, :]) * H + rk0[:, None], mask=wm, other=0.0)
     for s in range(0, n_steps):
         step = t_first + s
-        t = T - 1 - step if REVERSE else step
+        t = tl.cast(T - 1 - step if REVERSE else step, tl.int64)  # t * (4 B H) passes 2^31 on long sequences
         prev, cur = _slots(t, REVERSE)
         active = (t < seq_len) & b_ok
         for j0 in range(j_first, H, j_step):
@@ -182,7 +182,7 @@ def _lstm_bwd_kernel(
     BH = B * H
     BP = B * P
     for s in range(0, T):
-        t = s if REVERSE else T - 1 - s  # the reverse forward walked T-1 .. 0: its backward walks 0 .. T-1
+        t = tl.cast(s if REVERSE else T - 1 - s, tl.int64)  # (a reverse forward walked T-1 .. 0)
         prev, cur = _slots(t, REVERSE)
         active = (t < seq_len) & b_ok
         if HAS_PROJ:  # phase 0: dL/dh_t for the projected rows
@@ -218,10 +218,10 @@ def _lstm_bwd_kernel(
             c = tl.load(cs_ptr + cur * BH + hc, mask=m, other=0.0)
             c_prev = tl.load(cs_ptr + prev * BH + hc, mask=m, other=0.0)
             tc = _tanh(c)
-            dc = dc + dh * go * (1.0 - tc * tc)
+            dc = dc + dh * go * ((1.0 - tc) * (1.0 + tc))
             dzi = dc * gg * gi * (1.0 - gi)
             dzf = dc * c_prev * gf * (1.0 - gf)
-            dzg = dc * gi * (1.0 - gg * gg)
+            dzg = dc * gi * ((1.0 - gg) * (1.0 + gg))
             dzo = dh * tc * go * (1.0 - go)
             tl.store(dc_ptr + hc, dc * gf, mask=on)  # rows past their end keep dc (and dh) unchanged
             z_row = dz_ptr + t * (4 * BH) + rb[:, None] * (4 * H) + rj[None, :]
@@ -258,6 +258,12 @@ def _warps(kind: str, block_h: int) -> int:
     return 4 if (kind == "bwd" and block_h == 32) else 8
 
 
+# Registers a thread of the forward kernel may use (.maxnreg): left to itself ptxas held some forward variants to
+# 80 registers and spilled (tf32 projections at BLOCK_H = 32, after the accurate tanh); the sequence launch has one
+# program per 16 batch rows, so occupancy does not need the cap (tests/aot_compile.py: no spills at 128).
+FWD_MAXNREG = 255
+
+
 def stages(elt_bytes: int, block_h: int) -> int:
     """Software-pipelining depth of the K loops: 3 for 16-bit; fp32 (tf32) tiles take twice the registers and
     spill when pipelined deeper than this (tests/aot_compile.py)."""
@@ -273,6 +279,17 @@ LAUNCHES = ([("fwd", bh, True, True, False, _warps("fwd", bh)) for bh in (16, 32
             + [("fwd", 64, True, False, False, _warps("fwd", 64)), ("fwd", 64, False, False, False, _warps("fwd", 64))]
             + [("fwd", bh, True, False, True, _warps("fwd", bh)) for bh in (16, 32, 64)]
             + [("bwd", bh, True, False, proj, _warps("bwd", bh)) for proj in (False, True) for bh in (16, 32, 64)])
+
+
+def why_too_large(B: int, H: int, P: int) -> Optional[str]:
+    """None if the kernels address a layer of this batch and width correctly, else why not. A step's offset
+    (t * 4BH, t * BP) is 64-bit, the offsets inside a step 32-bit: one step of G / the gate activations (4 B H,
+    padded to whole blocks) and W_hh (4 H P) must stay below 2^31 elements."""
+    rows, cols = B + BLOCK_B, 4 * (max(H, P) + 64)
+    if rows * cols >= 2**31 or 4 * H * P >= 2**31:
+        return (f"batch {B} x 4 x hidden {H} (proj {P}) elements in one step: the Triton LSTM kernels address "
+                "one step with 32-bit offsets (at most 2^31 elements)")
+    return None
 
 
 def step_path(B: int, H: int) -> bool:
@@ -315,7 +332,7 @@ def lstm_fwd(G: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Te
     lens = lengths if lengths is not None else hs  # a valid pointer, never read without HAS_LEN
     common = dict(REVERSE=reverse, HAS_LEN=lengths is not None, SAVE=save, HAS_PROJ=proj, PRECISION=precision(dt),
                   INTERP_BF16=interp_bf16(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("fwd", BH),
-                  num_stages=stages(G.element_size(), BH))
+                  num_stages=stages(G.element_size(), BH), maxnreg=FWD_MAXNREG)
     args = (G, w_hh, w_hr.contiguous() if proj else w_hh, hs, cs, y, acts if save else cs, rs if proj else cs, lens,
             T, B, H, P)
     if not proj and (path or ("step" if step_path(B, H) else "sequence")) == "step":

@@ -165,10 +165,11 @@ FWD_NARROW = [_cfg(128, 64, 8), _cfg(64, 64, 4), _cfg(64, 32, 4), _cfg(128, 32, 
 FWD_WIDE = [_cfg(64, 64, 8), _cfg(64, 64, 4), _cfg(32, 64, 4)]
 FWD_WIDE_FP32 = [_cfg(32, 64, 4), _cfg(16, 64, 4)]
 BWD_NARROW = [_cfg(64, 64, 4), _cfg(128, 32, 8), _cfg(32, 64, 4)]
+BWD_NARROW_FP32 = [_cfg(128, 32, 8), _cfg(32, 64, 4)]  # 64x64 on 4 warps spills in tf32 with the GELU derivative
 BWD_WIDE = [_cfg(32, 64, 4), _cfg(16, 64, 4)]
 BWD_WIDE_FP32 = [_cfg(16, 64, 4)]
 FWD_CONFIGS: List[triton.Config] = FWD_NARROW + FWD_WIDE + FWD_WIDE_FP32
-BWD_CONFIGS: List[triton.Config] = BWD_NARROW + BWD_WIDE + BWD_WIDE_FP32
+BWD_CONFIGS: List[triton.Config] = BWD_NARROW + BWD_NARROW_FP32 + BWD_WIDE + BWD_WIDE_FP32
 INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
 
 
@@ -178,7 +179,9 @@ def configs_for(kind: str, pads: Sequence[int], elt_bytes: int) -> List[triton.C
     wide = max(pads[1:]) > 64
     if kind == "fwd":
         return (FWD_WIDE_FP32 if elt_bytes == 4 else FWD_WIDE) if wide else FWD_NARROW
-    return (BWD_WIDE_FP32 if elt_bytes == 4 else BWD_WIDE) if wide else BWD_NARROW
+    if wide:
+        return BWD_WIDE_FP32 if elt_bytes == 4 else BWD_WIDE
+    return BWD_NARROW_FP32 if elt_bytes == 4 else BWD_NARROW
 
 
 def _prune(kind, ptr_arg):
@@ -205,7 +208,15 @@ def why_cannot(sizes: Sequence[int]) -> Optional[str]:
         return f"{len(sizes) - 1} layers: the fused MLP kernel takes at most {MAX_LAYERS}"
     if max(sizes[1:]) > MAX_WIDTH:
         return f"layer sizes {list(sizes[1:])}: the fused MLP kernel takes layers at most {MAX_WIDTH} wide"
+    if sizes[0] > MAX_STRIDE:
+        return (f"input width {sizes[0]}: the fused MLP kernel addresses a block of rows with 32-bit offsets (at "
+                f"most {MAX_STRIDE} wide)")
     return None
+
+
+# Row offsets are 64-bit to each block of rows, 32-bit inside it (at most 256 rows): no row stride of x may exceed
+# this (larger strides are made contiguous, wider inputs refused).
+MAX_STRIDE = (2**31 - 1) // 256
 
 
 def _pad(n: int) -> int:
@@ -237,6 +248,8 @@ def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[O
     """(y, H, Z) for 2-D x; H and Z are empty unless ``save`` (Z also unless an activation needs z)."""
     M = x.shape[0]
     plan = Plan([x.shape[1]] + [w.shape[0] for w in weights])
+    if max(x.stride(), default=0) > MAX_STRIDE:
+        x = x.contiguous()
     ws = tuple(w.contiguous() for w in weights)
     bs = tuple(b.contiguous() if b is not None else w for b, w in zip(biases, ws))
     y = x.new_empty((M, plan.sizes[-1]))
