@@ -72,6 +72,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pydlx", "pydlx.*"]),
+    package_data={"pydlx": ["policies/*.json"]},  # the measured dispatch policies (pydlx/_policy.py)
     python_requires=">=3.10",
     # numpy: Triton's interpreter (TRITON_INTERPRET=1, the triton backend on CPU tensors) computes with it
     install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'", "ninja", "numpy"],

@@ -247,21 +247,22 @@ int round4(int v) { return (v + 3) / 4 * 4; }
 // Blocks and units per block: HB = ceil(H / SMs) units a block, one block per SM; refuses what does not fit.
 template <typename T>
 std::tuple<int, int, size_t> plan(const char* name, const void* kernel, int H, bool fwd) {
-  int dev = 0;
+  int dev = 0, sms = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  cudaDeviceProp prop{};
-  C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
-  const int HB = (H + prop.multiProcessorCount - 1) / prop.multiProcessorCount;
+  // two attribute queries (cheap), not cudaGetDeviceProperties (which fills every field, milliseconds a call)
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  const int HB = (H + sms - 1) / sms;
   const int blocks = (H + HB - 1) / HB;
   const size_t smem = fwd ? align16(sizeof(T) * 4 * HB * round4(H)) + sizeof(float) * kBC * round4(H)
                           : align16(sizeof(T) * HB * round4(4 * H)) + sizeof(float) * kBCB * round4(4 * H);
-  TORCH_CHECK(smem <= static_cast<size_t>(prop.sharedMemPerBlockOptin), name, ": hidden_size ", H,
+  TORCH_CHECK(smem <= static_cast<size_t>(optin), name, ": hidden_size ", H,
               " does not fit the persistent kernel: ", HB, " units a block need ", smem, " bytes of shared memory, ",
-              "the GPU has ", prop.sharedMemPerBlockOptin, " (use the triton backend for this layer)");
+              "the GPU has ", optin, " (use the triton backend for this layer)");
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  TORCH_CHECK(per_sm * prop.multiProcessorCount >= blocks, name, ": ", blocks,
+  TORCH_CHECK(per_sm * sms >= blocks, name, ": ", blocks,
               " blocks cannot all be resident (", per_sm, " per SM)");
   return {HB, blocks, smem};
 }

@@ -5,12 +5,14 @@
     y = pydlx.ops.linear(x, w, b, activation="relu")
     layer = pydlx.nn.Linear(784, 400, activation="relu")
     with pydlx.use_backend("reference"): ...
+    with pydlx.use_policy("off"): ...   # auto without the GPU's measured policy (or a policy file of your own)
 """
 from . import nn, ops, reference
 from ._backend import BackendUnavailableError, backends, current_backend, use_backend
+from ._policy import use_policy
 from .optimize import explain, optimize
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "backends", "use_backend", "current_backend", "BackendUnavailableError", "optimize",
-           "explain", "nn", "ops", "reference"]
+__all__ = ["__version__", "backends", "use_backend", "current_backend", "use_policy", "BackendUnavailableError",
+           "optimize", "explain", "nn", "ops", "reference"]

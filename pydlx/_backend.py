@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Callable, Dict, Iterator, Optional
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -107,8 +109,11 @@ def cuda_status() -> str:
 
 
 def backends() -> Dict[str, str]:
-    """What each backend can do on this machine, and for those that cannot run, why."""
-    return {"reference": "available", "triton": triton_status(), "cuda": cuda_status()}
+    """What each backend can do on this machine, and for those that cannot run, why; and the measured policy
+    ``auto`` follows on this machine's GPU (or why there is none)."""
+    from . import _policy
+
+    return {"reference": "available", "triton": triton_status(), "cuda": cuda_status(), "policy": _policy.status()}
 
 
 def why_triton_cannot(t: torch.Tensor) -> Optional[str]:
@@ -140,32 +145,101 @@ def why_cuda_cannot(t: torch.Tensor) -> Optional[str]:
     return None
 
 
-def choose(op: str, t: torch.Tensor, auto_order: Callable[[torch.Tensor], tuple],
-           extra_check: Optional[Dict[str, Callable[[], Optional[str]]]] = None) -> str:
-    """Pick the backend that runs one call of ``op`` on tensors like ``t``.
+# ------------------------------------------------------------------------------------------------ the dispatcher
+@dataclass(frozen=True)
+class Family:
+    """One family's table row: its implementations are pydlx/{reference,triton,cuda}/<name>.py (one signature per
+    family, e.g. linear_fwd / linear_bwd in each), and what ``auto`` runs on a GPU that has no measured policy."""
+    name: str
+    unmeasured_auto: Tuple[str, ...]  # best first; then the reference (eager PyTorch: cuDNN / cuBLAS)
 
-    ``auto_order(t)`` lists the backends to try under ``auto``, best first, from measurements;
-    ``extra_check[backend]()`` returns why that backend cannot run this call's options (or None).
+
+FAMILIES: Dict[str, Family] = {
+    # the Triton GEMM with the activation in its epilogue; the cuda backend is cuBLAS + a fused pointwise kernel
+    "linear": Family("linear", ("triton", "cuda")),
+    # the fused MLP kernels (layers <= 128 wide); csrc/mlp.cu's forward is not chosen until measured
+    "mlp": Family("mlp", ("triton",)),
+    # eager (cuDNN) until measured: the kernels run when forced or when a policy measured them faster
+    "conv_relu_pool": Family("conv_relu_pool", ()),
+    "lstm": Family("lstm", ()),
+}
+
+
+def implementation(family: str, backend: str) -> ModuleType:
+    """The module implementing ``family`` on ``backend``: pydlx/<backend>/<family>.py (imported on first use, by
+    import statements that torch.compile can trace)."""
+    if backend == "reference":
+        from .reference import MODULES
+        return MODULES[family]
+    if backend == "triton":
+        from .triton import conv_relu_pool, linear, lstm, mlp
+    elif backend == "cuda":
+        from .cuda import conv_relu_pool, linear, lstm, mlp
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    return {"linear": linear, "mlp": mlp, "conv_relu_pool": conv_relu_pool, "lstm": lstm}[family]
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+def cpu_auto(t: torch.Tensor) -> bool:
+    """A CPU tensor under ``auto``: the entry points call the reference directly (plain eager PyTorch: a custom
+    op's Python dispatch costs ~0.1 ms a call, which would make a swapped-in model slower on the CPU)."""
+    return t.device.type == "cpu" and current_backend() == "auto"
+
+
+def choose(family: str, t: torch.Tensor, op: Optional[str] = None,
+           checks: Optional[Dict[str, Callable[[], Optional[str]]]] = None,
+           call: Optional["CallKey"] = None) -> str:
+    """The backend that runs one call of ``family`` on tensors like ``t``.
+
+    ``checks[backend]()`` says why that backend cannot run this call's options (or None). Forced backend: that
+    one, or BackendUnavailableError with the reason. ``auto``: CPU tensors -> reference; CUDA tensors -> what the
+    GPU's measured policy says for ``call`` (dtype, mode, size; pydlx/_policy.py) when it has a rule, else the
+    family's unmeasured default; a backend that cannot run the call is passed over, the reference last.
     """
+    return decide(family, t, op, checks, call)[0]
+
+
+def decide(family: str, t: torch.Tensor, op: Optional[str] = None,
+           checks: Optional[Dict[str, Callable[[], Optional[str]]]] = None,
+           call: Optional["CallKey"] = None) -> Tuple[str, str]:
+    """(backend, why): ``choose`` with its reason, in words (explain() shows it)."""
     name = current_backend()
-    checks = {
-        "reference": lambda: None,
-        "triton": lambda: why_triton_cannot(t),
-        "cuda": lambda: why_cuda_cannot(t),
-    }
-    extra_check = extra_check or {}
+    base = {"reference": lambda: None, "triton": lambda: why_triton_cannot(t), "cuda": lambda: why_cuda_cannot(t)}
+    checks = checks or {}
 
     def why(b: str) -> Optional[str]:
-        return checks[b]() or (extra_check[b]() if b in extra_check else None)
+        return base[b]() or (checks[b]() if b in checks else None)
 
     if name != "auto":
         reason = why(name)
         if reason is not None:
-            raise BackendUnavailableError(f"pydlx.{op}: backend {name!r} cannot run this call: {reason}")
-        return name
-    if t.device.type == "cpu":
-        return "reference"
-    for b in auto_order(t):
+            raise BackendUnavailableError(f"pydlx.{op or family}: backend {name!r} cannot run this call: {reason}")
+        return name, f"{name}: forced"
+    if not on_gpu(t):
+        return "reference", "reference: not a CUDA tensor"
+    from . import _policy
+
+    rule = _policy.lookup(family, t.device, call) if call is not None else None
+    if rule is not None:
+        if rule.backend == "reference" or why(rule.backend) is None:
+            return rule.backend, rule.describe()
+    for b in FAMILIES[family].unmeasured_auto:
         if why(b) is None:
-            return b
-    return "reference"
+            reason = "no rule of the policy for this call" if _policy.for_device(t.device) else \
+                "not measured on this GPU"
+            return b, f"{b}: {reason} (default)"
+    return "reference", "eager: not measured on this GPU" if not _policy.for_device(t.device) else \
+        "eager: the policy measured no faster implementation for this call"
+
+
+@dataclass(frozen=True)
+class CallKey:
+    """What the measured policy is keyed by: the computing dtype, inference or training, and a size (the
+    family's work measure: pydlx/_policy.py ``size_of``)."""
+    dtype: torch.dtype
+    mode: str  # "inference" | "training"
+    size: float

@@ -35,7 +35,7 @@ from .nn.conv_relu_pool import ConvReLUPool2d, fused_args, unsupported as conv_u
 from .nn.linear import Linear
 from .nn.lstm import LSTM, LSTMCell
 from .nn.mlp import MLP, activation_name
-from .ops.mlp import fuses_in_one_kernel
+from .reference.mlp import fuses_in_one_kernel
 
 _LEAVES = (Linear, MLP, ConvReLUPool2d, LSTM, LSTMCell, nn.RNNBase, nn.LSTMCell)
 

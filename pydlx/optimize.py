@@ -30,12 +30,12 @@ from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
-from . import _fx_fuse
+from . import _fx_fuse, _policy
 from .nn.conv_relu_pool import ConvReLUPool2d, unsupported as conv_unsupported
 from .nn.linear import Linear
 from .nn.lstm import LSTM, LSTMCell
 from .nn.mlp import MLP, _pattern_error, activation_name
-from .ops.mlp import fuses_in_one_kernel
+from .reference.mlp import fuses_in_one_kernel
 
 Filter = Optional[Callable[[nn.Module, str], bool]]
 
@@ -177,6 +177,11 @@ def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = Non
     return model
 
 
+def _auto(family: str, param) -> str:
+    """What auto runs for this family's calls in the parameter's dtype on this machine, and why."""
+    return _policy.summary(family, param.dtype)
+
+
 def _guarded(lines: List[str], what: str, fn: Callable[[], None]) -> None:
     """explain never fails on a model: a part that cannot be analysed is reported as such."""
     try:
@@ -200,12 +205,14 @@ def explain(model: nn.Module) -> str:
                    "a chain of fused Linear GEMMs: a layer is wider than 128")
             lines.append(f"fuse   {fqn or '(model)'}: Sequential of {len(sizes) - 1} Linear layers -> "
                          f"pydlx.nn.MLP(sizes={sizes}, activation={m.activation!r}, "
-                         f"last_activation={m.last_activation!r}), {how}")
+                         f"last_activation={m.last_activation!r}), {how}; "
+                         + _auto("mlp" if fuses_in_one_kernel(sizes) else "linear", linears[0].weight))
 
     def linear_lines():
         for fqn, parent, i, act, why in _linear_plan(model, None, [f for f, _ in mlps]):
             if act is not None:
-                lines.append(f"fuse   {fqn}: Linear + {act} -> pydlx.nn.Linear(activation={act!r})")
+                lines.append(f"fuse   {fqn}: Linear + {act} -> pydlx.nn.Linear(activation={act!r}); "
+                             + _auto("linear", parent[i].weight))
             else:
                 lines.append(f"keep   {fqn}: Linear ({why})")
 
@@ -214,16 +221,17 @@ def explain(model: nn.Module) -> str:
             if why is None:
                 fused = ConvReLUPool2d.from_modules(parent[i], parent[i + 2])
                 lines.append(f"fuse   {fqn}: Conv2d + ReLU + MaxPool2d -> pydlx.nn.ConvReLUPool2d("
-                             f"{fused.extra_repr()}); auto runs eager PyTorch (cuDNN) for it until GPU measurements "
-                             "show where the fused kernel wins; pydlx.use_backend('triton') forces the kernel")
+                             f"{fused.extra_repr()}); {_auto('conv_relu_pool', fused.weight)}; "
+                             "pydlx.use_backend('triton') forces the kernel")
             else:
                 lines.append(f"keep   {fqn}: Conv2d + ReLU + MaxPool2d ({why})")
 
     def lstm_lines():
         for fqn, mod, _ in _lstm_plan(model, None):
             kind = type(mod).__name__
-            lines.append(f"fuse   {fqn}: {kind} -> pydlx.nn.{kind}; auto runs cuDNN for it until GPU measurements "
-                         "show where the Triton kernels win; pydlx.use_backend('triton') forces them")
+            weight = mod.weight_ih_l0 if kind == "LSTM" else mod.weight_ih
+            lines.append(f"fuse   {fqn}: {kind} -> pydlx.nn.{kind}; {_auto('lstm', weight)}; "
+                         "pydlx.use_backend('triton') forces the kernels")
 
     def forward_lines():
         swapped = _module_pass(copy.deepcopy(model), None)
@@ -240,7 +248,13 @@ def explain(model: nn.Module) -> str:
                 return
             found = _fx_fuse.plan(graph, swapped, lambda f: True)
             for fqn, desc, why, _ in found:
-                lines.append(f"fuse   {fqn}: {desc}" if why is None else f"keep   {fqn}: {desc} ({why})")
+                if why is not None:
+                    lines.append(f"keep   {fqn}: {desc} ({why})")
+                    continue
+                family = ("conv_relu_pool" if desc.startswith("Conv2d") else
+                          "mlp" if "one fused kernel" in desc else "linear")
+                weight = swapped.get_submodule(fqn.split(", ")[0]).weight
+                lines.append(f"fuse   {fqn}: {desc}; {_auto(family, weight)}")
         read = _fx_fuse.describe_guards(guards)
         if read and any(why is None for _, _, why, _ in found):
             lines.append(f"note   the forward code reads {read}: the fused forward is kept per value of these "

@@ -3,8 +3,8 @@
 #   1. the GPU tests: every backend against the float64 reference (pytest -m gpu), the extension JIT-built first;
 #   2. the benchmarks (python -m pydlx.bench --family all), time-boxed so the whole check ends within ~8 minutes.
 # Offline: uses the machine's python3 with its own torch/triton/pytest (nothing installed), PYTHONPATH=repo.
-# Writes env.txt, gpu-tests.txt/.xml, bench.txt and the CSV/PNG under $OUT (default ./gpu-report); copy the CSV
-# into bench/results/ and commit it.
+# Writes env.txt, gpu-tests.txt/.xml, bench.txt, the CSV/PNG and the measured policy (policy.txt, <card>.json) under
+# $OUT (default ./gpu-report); copy the CSV into bench/results/ and the JSON into pydlx/policies/, and commit them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-report}"
@@ -55,4 +55,11 @@ timeout $(( left * 60 + 60 )) "$PY" -m pydlx.bench --family all --device cuda --
   --out-dir "$OUT" > "$OUT/bench.txt" 2>&1   # writes $OUT/gpu_<card>.csv and .png
 echo "bench exit $? after $(elapsed)s" >> "$OUT/bench.txt"
 tail -40 "$OUT/bench.txt"
+echo "== measured policy ($(elapsed)s)"
+# only implementations whose GPU tests passed above are eligible; writes $OUT/<card>_sm<cc>.json: commit it under
+# pydlx/policies/
+"$PY" -m pydlx.bench --make-policy "$OUT"/gpu_*.csv --tests "$OUT/gpu-tests.xml" --policy-dir "$OUT" \
+  > "$OUT/policy.txt" 2>&1
+echo "make-policy exit $?" >> "$OUT/policy.txt"
+tail -30 "$OUT/policy.txt"
 echo "== done in $(elapsed)s; report in $OUT"

@@ -21,6 +21,14 @@ def pytest_collection_modifyitems(config, items):
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     no_interp = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (run the interpreter pass separately)")
     for item in items:
+        if "gpu" in item.keywords:
+            # which backend a GPU test verifies goes into the junit report (pydlx/_policy.py passed_backends: only
+            # an implementation whose GPU tests passed may enter a measured policy)
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            backend = params.get("backend") or next((b for b in ("triton", "cuda") if b in item.name.split("[")[0]
+                                                     or f"-{b}" in item.name or f"[{b}" in item.name), None)
+            if backend in ("triton", "cuda"):
+                item.user_properties.append(("pydlx_backend", backend))
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
         if "interpreter" in item.keywords and not interp:

@@ -171,8 +171,8 @@ def test_module_matches_torch_and_state_dict():
 def test_opcheck_and_compile():
     x, w, b, args = make(CASES[0].values[0], torch.float32)
     with pydlx.use_backend("reference"):
-        torch.library.opcheck(torch.ops.pydlx.conv_relu_pool2d_fwd.default, (x, w, b, *args))
-        torch.library.opcheck(torch.ops.pydlx.conv_relu_pool2d_fwd.default, (x, w, None, *args))
+        torch.library.opcheck(torch.ops.pydlx.conv_relu_pool2d_fwd.default, (x, w, b, *args, "reference"))
+        torch.library.opcheck(torch.ops.pydlx.conv_relu_pool2d_fwd.default, (x, w, None, *args, "reference"))
         torch._dynamo.reset()
         m = pydlx.nn.ConvReLUPool2d(3, 5, 3, padding=1)
         y = torch.compile(m, fullgraph=True, backend="aot_eager")(x)

@@ -221,8 +221,9 @@ def test_triton_forced_backend_runs_triton(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("reference ran under a forced triton backend")
 
-    monkeypatch.setattr(ops_linear, "linear_forward", boom)
-    monkeypatch.setattr(ops_linear, "activation_backward", boom)
+    ref_linear = importlib.import_module("pydlx.reference.linear")
+    monkeypatch.setattr(ref_linear, "linear_fwd", boom)
+    monkeypatch.setattr(ref_linear, "linear_bwd", boom)
     x, w, b = make((9,), 11, 13, torch.float32)
     with pydlx.use_backend("triton"):
         pydlx.ops.linear(x, w, b, "silu").sum().backward()
@@ -284,7 +285,7 @@ def test_backend_names_and_env(monkeypatch):
         assert pydlx.current_backend() == "triton"
     assert pydlx.current_backend() == "reference"
     info = pydlx.backends()
-    assert set(info) == {"reference", "triton", "cuda"} and info["reference"] == "available"
+    assert set(info) == {"reference", "triton", "cuda", "policy"} and info["reference"] == "available"
     # loaded (tests/test_extension.py builds it) or, when missing, says why
     assert info["cuda"].startswith("available") or (info["cuda"].startswith("not built") and ":" in info["cuda"])
 
@@ -373,15 +374,14 @@ def test_from_module_rejects_other_modules():
 def test_opcheck(act):
     x, w, b = make((2, 7), 11, 5, torch.float32)
     save = act == "gelu"
-    with pydlx.use_backend("reference"):
-        torch.library.opcheck(torch.ops.pydlx.linear_fwd.default, (x, w, b, act, save))
-        torch.library.opcheck(torch.ops.pydlx.linear_fwd.default, (x, w, None, act, save))
-        g = torch.randn(2, 7, 5)
-        saved = torch.randn(2, 7, 5) if act != "none" else x.new_empty(0)
-        torch.library.opcheck(torch.ops.pydlx.linear_bwd.default, (g, x.detach(), w.detach(), saved, act, True,
-                                                                   True, True))
-        torch.library.opcheck(torch.ops.pydlx.linear_bwd.default, (g, x.detach(), w.detach(), saved, act, False,
-                                                                   False, True))
+    torch.library.opcheck(torch.ops.pydlx.linear_fwd.default, (x, w, b, act, save, "reference"))
+    torch.library.opcheck(torch.ops.pydlx.linear_fwd.default, (x, w, None, act, save, "reference"))
+    g = torch.randn(2, 7, 5)
+    saved = torch.randn(2, 7, 5) if act != "none" else x.new_empty(0)
+    torch.library.opcheck(torch.ops.pydlx.linear_bwd.default, (g, x.detach(), w.detach(), saved, act, True,
+                                                               True, True, "reference"))
+    torch.library.opcheck(torch.ops.pydlx.linear_bwd.default, (g, x.detach(), w.detach(), saved, act, False,
+                                                               False, True, "reference"))
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])

@@ -430,7 +430,7 @@ def test_gpu_cuda_persistent_against_reference(case, dtype, poison):
 
 @pytest.mark.gpu
 def test_gpu_cuda_refuses_what_does_not_fit():
-    from pydlx.ops.lstm import cuda_smem_bytes
+    from pydlx.cuda.lstm import smem_bytes as cuda_smem_bytes
 
     props = torch.cuda.get_device_properties(0)
     H = 256

@@ -166,8 +166,9 @@ def test_fused_triton_runs_one_kernel_each_way(monkeypatch):
     real = tri._launch
     monkeypatch.setattr(tri, "_launch", lambda tuned, raw, *a: launches.append(raw.__name__) or real(tuned, raw, *a))
     monkeypatch.setattr(tri_lin, "linear_fwd", lambda *a, **k: pytest.fail("a chain of linears ran"))
-    ops_mlp = importlib.import_module("pydlx.ops.mlp")
-    monkeypatch.setattr(ops_mlp, "_reference_fwd", lambda *a, **k: pytest.fail("the reference ran"))
+    ref_mlp = importlib.import_module("pydlx.reference.mlp")
+    monkeypatch.setattr(ref_mlp, "mlp_fwd", lambda *a, **k: pytest.fail("the reference ran"))
+    monkeypatch.setattr(ref_mlp, "mlp_bwd", lambda *a, **k: pytest.fail("the reference ran"))
     x, ws, bs = make([20, 32, 32, 4], None, torch.float32)
     with pydlx.use_backend("triton"):
         pydlx.ops.mlp(x, ws, bs, "relu").sum().backward()
@@ -209,11 +210,11 @@ def test_forced_cuda_backend_raises_where_it_cannot_run():
     x, ws, bs = make([6, 16, 3], None, torch.float32)
     with pydlx.use_backend("cuda"), pytest.raises(pydlx.BackendUnavailableError, match="backend .cuda. cannot run"):
         pydlx.ops.mlp(x, ws, bs)
-    ops_mlp = importlib.import_module("pydlx.ops.mlp")
-    assert "forward-only" in ops_mlp._why_not_cuda(x.half(), [6, 16, 3], training=True)
-    assert "float16 or bfloat16" in ops_mlp._why_not_cuda(x, [6, 16, 3], training=False)
-    assert "at most 16 layers" in ops_mlp._why_not_cuda(x.half(), [6, 200, 3], training=False)
-    assert ops_mlp._why_not_cuda(x.half(), [6, 16, 3], training=False) is None
+    cuda_mlp = importlib.import_module("pydlx.cuda.mlp")
+    assert "forward-only" in cuda_mlp.why_cannot([6, 16, 3], torch.float16, training=True)
+    assert "float16 or bfloat16" in cuda_mlp.why_cannot([6, 16, 3], torch.float32, training=False)
+    assert "at most 16 layers" in cuda_mlp.why_cannot([6, 200, 3], torch.float16, training=False)
+    assert cuda_mlp.why_cannot([6, 16, 3], torch.float16, training=False) is None
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------------
@@ -299,17 +300,16 @@ def test_module_rejects_bad_arguments():
 @pytest.mark.parametrize("acts", [("relu", "none"), ("gelu", "sigmoid"), ("none", "silu")])
 def test_opcheck(acts):
     x, ws, bs = make([9, 16, 12, 3], (True, False, True), torch.float32, lead=(2, 5))
-    with pydlx.use_backend("reference"):
-        present, has = [b for b in bs if b is not None], [b is not None for b in bs]
-        torch.library.opcheck(torch.ops.pydlx.mlp_fused.default, (x, ws, present, has, *acts, True))
-        # save=False is the inference form: its backward raises by design, so no autograd checks there
-        torch.library.opcheck(torch.ops.pydlx.mlp_fused.default, (x, ws, present, has, *acts, False),
-                              test_utils=("test_schema", "test_faketensor"))
-        y, H, Z = torch.ops.pydlx.mlp_fused(x, ws, present, has, *acts, True)
-        g = torch.randn_like(y)
-        args = (g, x.detach(), [w.detach() for w in ws], [True, False, True], y.detach(), H, Z, *acts)
-        torch.library.opcheck(torch.ops.pydlx.mlp_fused_bwd.default, args + (True,))
-        torch.library.opcheck(torch.ops.pydlx.mlp_fused_bwd.default, args + (False,))
+    present, has = [b for b in bs if b is not None], [b is not None for b in bs]
+    torch.library.opcheck(torch.ops.pydlx.mlp_fused.default, (x, ws, present, has, *acts, True, "reference"))
+    # save=False is the inference form: its backward raises by design, so no autograd checks there
+    torch.library.opcheck(torch.ops.pydlx.mlp_fused.default, (x, ws, present, has, *acts, False, "reference"),
+                          test_utils=("test_schema", "test_faketensor"))
+    y, H, Z = torch.ops.pydlx.mlp_fused(x, ws, present, has, *acts, True, "reference")
+    g = torch.randn_like(y)
+    args = (g, x.detach(), [w.detach() for w in ws], [True, False, True], y.detach(), H, Z, *acts)
+    torch.library.opcheck(torch.ops.pydlx.mlp_fused_bwd.default, args + (True, "reference"))
+    torch.library.opcheck(torch.ops.pydlx.mlp_fused_bwd.default, args + (False, "reference"))
 
 
 def test_torch_compile_fullgraph_no_graph_break():

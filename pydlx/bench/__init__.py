@@ -21,7 +21,10 @@ import torch
 
 CSV_COLUMNS = ["family", "op", "provider", "mode", "dtype", "shape", "median_ms", "p20_ms", "p80_ms",
                "gpu", "torch", "triton", "cuda", "commit", "timestamp"]
-PROVIDERS = ("pydlx", "eager", "compile")
+# pydlx: pydlx under ``auto`` (what a user gets); pydlx-triton / pydlx-cuda: that implementation forced (the rows
+# a measured policy is made from, pydlx/_policy.py); eager: PyTorch (cuBLAS / cuDNN); compile: torch.compile of eager
+PROVIDERS = ("pydlx", "eager", "compile", "pydlx-triton", "pydlx-cuda")
+CPU_PROVIDERS = ("pydlx", "eager", "compile")
 MODES = ("fwd", "fwdbwd")
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
@@ -49,9 +52,12 @@ def _git(args: Sequence[str], cwd: Path) -> str:
 
 
 def env_info(device) -> Dict[str, str]:
-    """gpu, torch, triton, cuda, commit and timestamp columns for this run."""
+    """gpu ("<name> (sm_<cc>)", or "cpu"), torch, triton, cuda, commit and timestamp columns for this run."""
     device = torch.device(device)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = "cpu"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        gpu = f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
     try:
         import triton
         triton_version = triton.__version__
@@ -286,6 +292,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _make(case: Case, provider: str):
+    """The case's (fwd, fwdbwd) closures for a provider; ``pydlx-<backend>`` runs the ``pydlx`` ones with that
+    backend forced (a call it cannot run raises BackendUnavailableError: shown as n/a)."""
+    if not provider.startswith("pydlx-"):
+        return case.make(provider)
+    import pydlx
+
+    backend = provider[len("pydlx-"):]
+    fns = case.make("pydlx")
+
+    def forced(fn):
+        def run():
+            with pydlx.use_backend(backend):
+                return fn()
+        return run
+
+    return tuple(forced(f) for f in fns)
+
+
 def run_cases(cases: Sequence[Case], providers: Sequence[str] = PROVIDERS, modes: Sequence[str] = MODES,
               device="cpu", progress: bool = True, warmup: Optional[int] = None,
               rep: Optional[int] = None, deadline: Optional[float] = None) -> List[Dict]:
@@ -311,7 +336,7 @@ def run_cases(cases: Sequence[Case], providers: Sequence[str] = PROVIDERS, modes
         fns = {}
         for provider in case_providers:
             try:
-                built = dict(zip(MODES, case.make(provider)))
+                built = dict(zip(MODES, _make(case, provider)))
                 err = None
             except Exception as e:
                 built, err = {}, e
@@ -325,9 +350,11 @@ def run_cases(cases: Sequence[Case], providers: Sequence[str] = PROVIDERS, modes
                 except Exception as e:
                     n += 1
                     msg = (str(e).strip().splitlines() or [""])[0][:200]
+                    from pydlx import BackendUnavailableError
+                    what = "n/a" if isinstance(e, BackendUnavailableError) else f"FAILED ({type(e).__name__}"
                     if progress:
                         print(f"[{n}/{total}] {case.op} {case.shape} {case.dtype_name} {provider} {mode} ... "
-                              f"FAILED ({type(e).__name__}: {msg})", flush=True)
+                              f"{what}: {msg}{'' if what == 'n/a' else ')'}", flush=True)
         if not fns:
             continue
         try:

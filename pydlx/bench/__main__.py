@@ -2,6 +2,7 @@
 
     python -m pydlx.bench                                  # linear family, cuda if available, else cpu (small)
     python -m pydlx.bench --device cpu --providers pydlx,eager --name cpu_smoke --out-dir /tmp/benchout
+    python -m pydlx.bench --make-policy bench/results/gpu_<card>.csv --tests junit.xml   # pydlx/policies/<card>.json
 
 Rows are appended to <out-dir>/<name>.csv (columns: pydlx.bench.CSV_COLUMNS) and a speedup chart is written to
 <out-dir>/<name>.png.
@@ -42,15 +43,25 @@ def main(argv=None) -> int:
     p.add_argument("--family", default="linear", choices=[*FAMILIES, "all"])
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--small", action="store_true", help="CPU-sized shapes, float32 only (implied on cpu)")
-    p.add_argument("--providers", default=",".join(bench.PROVIDERS),
-                   type=lambda s: _list(s, bench.PROVIDERS, "--providers"))
+    p.add_argument("--providers", default=None, type=lambda s: _list(s, bench.PROVIDERS, "--providers"),
+                   help=f"comma list of {', '.join(bench.PROVIDERS)} (default: all on a GPU; "
+                        f"{', '.join(bench.CPU_PROVIDERS)} on the CPU)")
     p.add_argument("--modes", default=",".join(bench.MODES), type=lambda s: _list(s, bench.MODES, "--modes"))
     p.add_argument("--name", default=None, help="output file stem (default: gpu_<gpu name>, or cpu)")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no new case after this many minutes (what was measured is still written)")
+    p.add_argument("--make-policy", nargs="+", metavar="CSV", default=None,
+                   help="write the measured dispatch policy of the GPU these benchmark CSVs were taken on "
+                        "(pydlx/_policy.py) and exit; needs --tests")
+    p.add_argument("--tests", nargs="+", metavar="JUNIT_XML", default=None,
+                   help="with --make-policy: the GPU test results of the same run (pytest --junitxml): only "
+                        "implementations whose GPU tests passed are eligible")
+    p.add_argument("--policy-dir", default=None, help="with --make-policy: where to write (default: the package's)")
     args = p.parse_args(argv)
+    if args.make_policy:
+        return _make_policy(p, args)
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,6 +69,8 @@ def main(argv=None) -> int:
         p.error("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
     small = args.small or device.type == "cpu"
+    if args.providers is None:
+        args.providers = list(bench.PROVIDERS if device.type == "cuda" else bench.CPU_PROVIDERS)
     families = list(FAMILIES) if args.family == "all" else [args.family]
 
     env = bench.env_info(device)
@@ -89,6 +102,25 @@ def main(argv=None) -> int:
         png = bench.plot(rows, out_dir / f"{name}.png")
         if png is not None:
             print(f"wrote {png}")
+    return 0
+
+
+def _make_policy(p: argparse.ArgumentParser, args) -> int:
+    from pydlx import _policy
+
+    if not args.tests:
+        p.error("--make-policy needs --tests: the GPU test results of the same run (pytest --junitxml)")
+    rows = _policy.read_rows(args.make_policy)
+    passed = _policy.passed_backends(args.tests)
+    policy = _policy.make_policy(rows, passed)
+    path = _policy.write(policy, args.policy_dir or _policy.POLICY_DIR)
+    ok = ", ".join(f"{f}:{b}" for f in sorted(passed) for b in sorted(passed[f])) or "nothing"
+    print(f"policy for {policy['device']} (sm_{policy['capability'].replace('.', '')}): {len(policy['rules'])} "
+          f"rules, GPU tests passed for {ok}")
+    for r in policy["rules"]:
+        print(f"  {r['family']:15s} {r['dtype']:5s} {r['mode']:9s} {r['shape']:32s} -> {r['backend']} "
+              f"({r['ratio']:.2f}x eager)")
+    print(f"wrote {path}")
     return 0
 
 

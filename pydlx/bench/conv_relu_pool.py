@@ -2,10 +2,9 @@
 
 Shapes (``N,C,H,W->K kxk sS pP poolA/B``): the seed CNN's layers (batch 256: 3->32 at 32x32 and 32->64 at 16x16,
 3x3 pad 1, pool 2/2), VGG-style 64->128 at 112x112 and 256->256 at 28x28, AlexNet-style 3->64 11x11 stride 4 pad 2
-at 224x224 with a 3/2 pool. Providers: ``pydlx`` runs the fused Triton kernel (the triton backend forced: ``auto``
-keeps eager for this op until these numbers say where the kernel wins), ``eager`` (cuDNN) and ``compile``.
-``seed_conv1_cuda`` and ``alexnet_conv1_cuda`` (GPU; pydlx against eager) time the first layers on the forced
-``cuda`` backend: csrc/conv_relu_pool.cu's direct convolution.
+at 224x224 with a 3/2 pool. Providers: ``pydlx`` (auto: eager inside the op until a measured policy says otherwise),
+``pydlx-triton`` (the fused Triton kernel), ``pydlx-cuda`` (csrc/conv_relu_pool.cu's direct convolution, first
+layers: at most 8 input channels; n/a elsewhere), ``eager`` (cuDNN) and ``compile``.
 """
 from __future__ import annotations
 
@@ -31,7 +30,6 @@ def _eager(x, w, b, s, p, P, Q):
 
 def _make_case(device: torch.device, op: str, shape, dtype: torch.dtype) -> Case:
     N, C, H, W, K, R, s, p, P, Q = shape
-    backend = "cuda" if op.endswith("_cuda") else "triton"
     state = {}
 
     def make(provider: str):
@@ -39,9 +37,7 @@ def _make_case(device: torch.device, op: str, shape, dtype: torch.dtype) -> Case
 
         if provider == "pydlx":
             def f(x, w, b):
-                # forced: on the CPU this is the reference backend (no interpreter in benchmarks)
-                with pydlx.use_backend(backend if device.type == "cuda" else "reference"):
-                    return pydlx.ops.conv_relu_pool2d(x, w, b, s, p, P, Q)
+                return pydlx.ops.conv_relu_pool2d(x, w, b, s, p, P, Q)
         elif provider == "eager":
             def f(x, w, b):
                 return _eager(x, w, b, s, p, P, Q)
@@ -74,14 +70,10 @@ def _make_case(device: torch.device, op: str, shape, dtype: torch.dtype) -> Case
         return fwd, fwdbwd
 
     return Case(family="conv_relu_pool", op=op, shape=f"{N},{C},{H},{W}->{K} {R}x{R} s{s} p{p} pool{P}/{Q}",
-                dtype=dtype, make=make, providers=("pydlx", "eager") if backend == "cuda" else None)
+                dtype=dtype, make=make)
 
 
 def cases(device, small: bool) -> List[Case]:
     device = torch.device(device)
     shapes, dtypes = (CPU_SHAPES, CPU_DTYPES) if small else (GPU_SHAPES, GPU_DTYPES)
-    out = [_make_case(device, op, shape, dt) for dt in dtypes for op, shape in shapes.items()]
-    if not small:
-        out += [_make_case(device, f"{op}_cuda", GPU_SHAPES[op], dt) for dt in dtypes
-                for op in ("seed_conv1", "alexnet_conv1")]
-    return out
+    return [_make_case(device, op, shape, dt) for dt in dtypes for op, shape in shapes.items()]

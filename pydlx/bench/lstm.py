@@ -2,11 +2,11 @@
 
 Shapes (``T:BxH``, packed: ``packed T:BxH``): hidden 128, 256, 512, 1024 x batch 1, 7, 16, 64, 256 x seq 100 and
 1000 (issue 5's grid), plus packed batches of mixed lengths (64 sequences, lengths drawn uniformly from 1..T)
-first, as they carry the packed-input goal. Providers: ``pydlx`` = pydlx.nn.LSTM with the triton backend forced
-(``auto`` runs cuDNN until these numbers say where the kernels win), ``eager`` = nn.LSTM (cuDNN),
-``compile`` = torch.compile(nn.LSTM): Dynamo does not trace nn.LSTM, so this is cuDNN behind a graph break.
-``lstm_cuda`` cases (GPU; pydlx against eager) time the persistent C++/CUDA kernels (the cuda backend forced) on
-issue 6's shapes: batch 1, 7, 16, 64 x hidden 256, 768, 1024, 1024 steps.
+first, as they carry the packed-input goal; then issue 6's shapes for the persistent C++/CUDA kernels (batch 1, 7,
+16, 64 x hidden 256, 768, 1024, 1024 steps; no compile provider). Providers: ``pydlx`` = pydlx.nn.LSTM under auto
+(cuDNN until a measured policy says where the kernels win), ``pydlx-triton`` / ``pydlx-cuda`` = the kernels
+forced, ``eager`` = nn.LSTM (cuDNN), ``compile`` = torch.compile(nn.LSTM): Dynamo does not trace nn.LSTM, so this
+is cuDNN behind a graph break.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ CPU_DTYPES = [torch.float32]
 
 
 def _make_case(device: torch.device, T: int, B: int, H: int, dtype: torch.dtype, packed: bool,
-               backend: str = "triton") -> Case:
+               providers=None) -> Case:
     state = {}
 
     def make(provider: str):
@@ -38,7 +38,6 @@ def _make_case(device: torch.device, T: int, B: int, H: int, dtype: torch.dtype,
 
         torch.manual_seed(0)
         base = nn.LSTM(H, H, device=device, dtype=dtype)
-        forced = backend if device.type == "cuda" else "reference"
         if provider == "pydlx":
             model = pydlx.nn.LSTM.from_module(base)
         elif provider == "eager":
@@ -61,8 +60,7 @@ def _make_case(device: torch.device, T: int, B: int, H: int, dtype: torch.dtype,
             return pack_padded_sequence(t, lengths, enforce_sorted=False) if packed else t
 
         def call(t):
-            with pydlx.use_backend(forced if provider == "pydlx" else pydlx.current_backend()):
-                out, (h, c) = model(inp(t))
+            out, (h, c) = model(inp(t))
             return out.data if packed else out
 
         def fwd():
@@ -79,9 +77,8 @@ def _make_case(device: torch.device, T: int, B: int, H: int, dtype: torch.dtype,
 
         return fwd, fwdbwd
 
-    op = "lstm_packed" if packed else ("lstm_cuda" if backend == "cuda" else "lstm")
-    return Case(family="lstm", op=op, shape=f"{T}:{B}x{H}", dtype=dtype, make=make,
-                providers=("pydlx", "eager") if backend == "cuda" else None)
+    return Case(family="lstm", op="lstm_packed" if packed else "lstm", shape=f"{T}:{B}x{H}", dtype=dtype, make=make,
+                providers=providers)
 
 
 def cases(device, small: bool) -> List[Case]:
@@ -90,7 +87,8 @@ def cases(device, small: bool) -> List[Case]:
         return ([_make_case(device, T, B, H, dt, True) for dt in CPU_DTYPES for T, B, H in CPU_PACKED]
                 + [_make_case(device, T, B, H, dt, False) for dt in CPU_DTYPES for T, B, H in CPU_SHAPES])
     out = [_make_case(device, T, B, H, dt, True) for dt in GPU_DTYPES for T, B, H in GPU_PACKED]
-    out += [_make_case(device, T, B, H, dt, False, "cuda") for dt in GPU_DTYPES for T, B, H in GPU_CUDA]
+    out += [_make_case(device, T, B, H, dt, False, ("pydlx", "pydlx-cuda", "pydlx-triton", "eager"))
+            for dt in GPU_DTYPES for T, B, H in GPU_CUDA]
     out += [_make_case(device, T, B, H, dt, False) for dt in GPU_DTYPES for T in GPU_SEQ for H in GPU_HIDDEN
             for B in GPU_BATCH]
     return out

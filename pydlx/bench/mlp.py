@@ -3,10 +3,9 @@
   autoencoder  the seed guide's 784-400-200-32-200-400-784 (ReLU, no last activation): the chain of fused linears
   mlp_64x4     64 -> 64 x4 -> 16 (ReLU): the fused small-MLP kernels
   mlp_128x4    32 -> 128 x4 -> 3 (ReLU): the fused small-MLP kernels
-  mlp_64x4_cuda, mlp_128x4_cuda   (GPU, bf16, forward, provider pydlx only) the same MLPs on the forced cuda
-               backend: the C++/CUDA fused forward, to compare with the Triton kernel's pydlx rows
-Shape strings are ``batch:sizes``. Providers: ``pydlx`` (pydlx.nn.MLP over the Sequential's own modules),
-``eager`` (the nn.Sequential) and ``compile`` (torch.compile of the Sequential, compiled once per case).
+Shape strings are ``batch:sizes``. Providers: ``pydlx`` (pydlx.nn.MLP over the Sequential's own modules, auto),
+``pydlx-triton`` / ``pydlx-cuda`` (that backend forced: the cuda one is the C++/CUDA fused forward, fp16/bf16
+inference only, n/a elsewhere), ``eager`` (the nn.Sequential) and ``compile`` (torch.compile of the Sequential).
 """
 from __future__ import annotations
 
@@ -35,8 +34,7 @@ def _sequential(sizes, device, dtype) -> nn.Sequential:
 
 
 def _make_case(device: torch.device, op: str, batch: int, dtype: torch.dtype) -> Case:
-    cuda_variant = op.endswith("_cuda")
-    sizes = NETS[op[:-len("_cuda")] if cuda_variant else op]
+    sizes = NETS[op]
     state = {}
 
     def make(provider: str):
@@ -44,8 +42,6 @@ def _make_case(device: torch.device, op: str, batch: int, dtype: torch.dtype) ->
 
         torch.manual_seed(0)
         seq = _sequential(sizes, device, dtype)
-        # the *_cuda cases time the C++/CUDA forward: the cuda backend forced (forward-only cases)
-        backend = "cuda" if cuda_variant else pydlx.current_backend()
         if provider == "pydlx":
             model = pydlx.nn.MLP.from_sequential(seq)
         elif provider == "eager":
@@ -63,7 +59,7 @@ def _make_case(device: torch.device, op: str, batch: int, dtype: torch.dtype) ->
         params = list(model.parameters())
 
         def fwd():
-            with torch.no_grad(), pydlx.use_backend(backend):
+            with torch.no_grad():
                 return model(x)
 
         def fwdbwd():
@@ -75,15 +71,10 @@ def _make_case(device: torch.device, op: str, batch: int, dtype: torch.dtype) ->
 
         return fwd, fwdbwd
 
-    return Case(family="mlp", op=op, shape=f"{batch}:{'-'.join(map(str, sizes))}", dtype=dtype, make=make,
-                providers=("pydlx",) if cuda_variant else None, modes=("fwd",) if cuda_variant else None)
+    return Case(family="mlp", op=op, shape=f"{batch}:{'-'.join(map(str, sizes))}", dtype=dtype, make=make)
 
 
 def cases(device, small: bool) -> List[Case]:
     device = torch.device(device)
     batches, dtypes = (CPU_BATCHES, CPU_DTYPES) if small else (GPU_BATCHES, GPU_DTYPES)
-    out = [_make_case(device, op, b, dt) for dt in dtypes for op in NETS for b in batches[op]]
-    if not small:  # the C++/CUDA fused forward, bf16
-        out += [_make_case(device, f"{op}_cuda", b, torch.bfloat16) for op in ("mlp_64x4", "mlp_128x4")
-                for b in batches[op]]
-    return out
+    return [_make_case(device, op, b, dt) for dt in dtypes for op in NETS for b in batches[op]]

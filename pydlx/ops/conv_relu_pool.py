@@ -1,7 +1,7 @@
 """``pydlx.ops.conv_relu_pool2d``: MaxPool2d(ReLU(Conv2d(x))) in one kernel that writes only the pooled map.
 
 Ops (schemas defined once, here):
-  pydlx::conv_relu_pool2d_fwd(input, weight, bias, stride, padding, pool_size, pool_stride) -> (y, idx)
+  pydlx::conv_relu_pool2d_fwd(input, weight, bias, stride, padding, pool_size, pool_stride, backend) -> (y, idx)
       y: the pooled output [N, K, HP, WP]; idx: int8, each max's position in its pool window (non-differentiable).
   pydlx::conv_relu_pool2d_bwd(grad, input, weight, y, idx, has_bias, stride, padding, pool_size, pool_stride,
       need_input, need_weight) -> (dx, dw, db)
@@ -19,63 +19,37 @@ from torch import Tensor
 
 from .. import _backend
 from ._common import ArgumentError, DtypeError, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
-from ..reference.conv_relu_pool import conv_relu_pool2d as reference_conv_relu_pool2d, out_shape
+from .._policy import size_of
+from ..reference.conv_relu_pool import conv_relu_pool2d as reference_conv_relu_pool2d, conv_relu_pool_bwd, out_shape
 
 NAME = "pydlx.ops.conv_relu_pool2d"
 
 
-CUDA_MAX_CHANNELS = 8  # csrc/conv_relu_pool.cu's direct convolution is for first layers
+def _impl(backend: str):
+    return _backend.implementation("conv_relu_pool", backend)
 
 
-def _why_not_cuda(x: Tensor) -> Optional[str]:
-    if x.shape[1] > CUDA_MAX_CHANNELS:
-        return (f"the C++/CUDA direct convolution is for first layers (at most {CUDA_MAX_CHANNELS} input channels), "
-                f"got {x.shape[1]}; the triton backend takes any")
-    return why_not_kernel_dtype(x)
-
-
-def _why_not_triton(x: Tensor, weight: Tensor, HP: int, WP: int) -> Optional[str]:
-    why = why_not_kernel_dtype(x)
-    if why is not None:
-        return why
-    from ..triton import conv_relu_pool as tri  # (choose() has checked that triton imports)
-    return tri.why_too_large(x.shape, x.stride(), weight.shape[0], weight.shape[-1], HP, WP)
-
-
-def _choose(x: Tensor, weight: Tensor, HP: int, WP: int) -> str:
-    # auto on GPUs: the eager forward (cuDNN) inside the op -- which still saves only the pooled map and int8
-    # indices for backward -- until GPU measurements show where the fused kernels win (bench/NOTES.md); the
-    # Triton and C++/CUDA kernels run when their backend is forced. (CPU + auto never gets here: plain eager.)
-    return _backend.choose("conv_relu_pool2d", x, lambda t: (), extra_check={
-        "triton": lambda: _why_not_triton(x, weight, HP, WP), "cuda": lambda: _why_not_cuda(x)})
-
-
-def _window_index(y_idx_flat: Tensor, WO: int, HP: int, WP: int, P: int, Q: int) -> Tensor:
-    """max_pool2d's flat conv-output indices -> the position inside each pool window (int8)."""
-    oh, ow = y_idx_flat // WO, y_idx_flat % WO
-    ph = torch.arange(HP, device=oh.device).view(HP, 1) * Q
-    pw = torch.arange(WP, device=oh.device).view(1, WP) * Q
-    return ((oh - ph) * P + (ow - pw)).to(torch.int8)
+def choose(x: Tensor, weight: Tensor, stride: int, padding: int, P: int, Q: int, training: bool) -> str:
+    """The backend for one call (pydlx/_backend.py). Without a measured policy, auto on GPUs runs the eager
+    forward (cuDNN) inside the op -- which still saves only the pooled map and int8 indices for backward -- and
+    the Triton and C++/CUDA kernels run when forced or when the GPU's policy measured them faster."""
+    HO, WO, HP, WP = out_shape(*x.shape[-2:], weight.shape[-1], stride, padding, P, Q)
+    call = _backend.CallKey(x.dtype, "training" if training else "inference", size_of(
+        "conv_relu_pool", N=x.shape[0], K=weight.shape[0], C=x.shape[1], R=weight.shape[-1], HO=HO, WO=WO))
+    return _backend.choose("conv_relu_pool", x, NAME[len("pydlx."):], checks={
+        "triton": lambda: why_not_kernel_dtype(x) or _impl("triton").why_too_large(
+            x.shape, x.stride(), weight.shape[0], weight.shape[-1], HP, WP),
+        "cuda": lambda: _impl("cuda").why_cannot(x.shape[1]) or why_not_kernel_dtype(x)}, call=call)
 
 
 @torch.library.custom_op("pydlx::conv_relu_pool2d_fwd", mutates_args=())
 def conv_relu_pool2d_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
-                         pool_size: int, pool_stride: int) -> Tuple[Tensor, Tensor]:
-    _, _, HP, WP = out_shape(*input.shape[-2:], weight.shape[-1], stride, padding, pool_size, pool_stride)
-    backend = _choose(input, weight, HP, WP)
-    if backend == "triton":
-        from ..triton import conv_relu_pool as tri
-        return tri.conv_relu_pool_fwd(input, weight, bias, stride, padding, pool_size, pool_stride)
-    if backend == "cuda":
-        return torch.ops.pydlx.conv_relu_pool2d_fwd_cuda(input, weight, bias, stride, padding, pool_size,
-                                                         pool_stride)
-    z = torch.relu(torch.nn.functional.conv2d(input, weight, bias, stride=stride, padding=padding))
-    y, flat = torch.nn.functional.max_pool2d(z, pool_size, pool_stride, return_indices=True)
-    return y.contiguous(), _window_index(flat, z.shape[-1], y.shape[-2], y.shape[-1], pool_size, pool_stride)
+                         pool_size: int, pool_stride: int, backend: str) -> Tuple[Tensor, Tensor]:
+    return _impl(backend).conv_relu_pool_fwd(input, weight, bias, stride, padding, pool_size, pool_stride)
 
 
 @conv_relu_pool2d_fwd.register_fake
-def _(input, weight, bias, stride, padding, pool_size, pool_stride):
+def _(input, weight, bias, stride, padding, pool_size, pool_stride, backend):
     _, _, HP, WP = out_shape(*input.shape[-2:], weight.shape[-1], stride, padding, pool_size, pool_stride)
     shape = (input.shape[0], weight.shape[0], HP, WP)
     return input.new_empty(shape), input.new_empty(shape, dtype=torch.int8)
@@ -85,17 +59,8 @@ def _(input, weight, bias, stride, padding, pool_size, pool_stride):
 def conv_relu_pool2d_bwd(grad: Tensor, input: Tensor, weight: Tensor, y: Tensor, idx: Tensor, has_bias: bool,
                          stride: int, padding: int, pool_size: int, pool_stride: int, need_input: bool,
                          need_weight: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    N, K, HP, WP = y.shape
-    HO, WO, _, _ = out_shape(*input.shape[-2:], weight.shape[-1], stride, padding, pool_size, pool_stride)
-    # route dy to each max's conv-output position, through the ReLU mask; overlapping windows accumulate
-    idx = idx.long()
-    oh = torch.arange(HP, device=y.device).view(HP, 1) * pool_stride + idx // pool_size
-    ow = torch.arange(WP, device=y.device).view(1, WP) * pool_stride + idx % pool_size
-    g = torch.where(y > 0, grad, torch.zeros_like(grad))
-    dz = grad.new_zeros((N, K, HO * WO)).scatter_add_(2, (oh * WO + ow).view(N, K, HP * WP), g.reshape(N, K, HP * WP))
-    dx, dw, db = torch.ops.aten.convolution_backward(
-        dz.view(N, K, HO, WO), input, weight, [K] if has_bias else None, [stride, stride], [padding, padding],
-        [1, 1], False, [0, 0], 1, [need_input, need_weight, has_bias])
+    dx, dw, db = conv_relu_pool_bwd(grad, input, weight, y, idx, has_bias, stride, padding, pool_size, pool_stride,
+                                    need_input, need_weight)
     empty = lambda: input.new_empty(0)  # noqa: E731
     return (dx if need_input else empty(), dw if need_weight else empty(), db if has_bias else empty())
 
@@ -108,7 +73,7 @@ def _(grad, input, weight, y, idx, has_bias, stride, padding, pool_size, pool_st
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, pool_size, pool_stride = inputs
+    input, weight, bias, stride, padding, pool_size, pool_stride, backend = inputs
     y, idx = output
     ctx.mark_non_differentiable(idx)
     ctx.set_materialize_grads(False)
@@ -119,13 +84,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_idx):
     input, weight, y, idx = ctx.saved_tensors
     if grad_y is None:
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     has_bias, stride, padding, P, Q = ctx.args
     dx, dw, db = conv_relu_pool2d_bwd(grad_y.contiguous(), input, weight, y, idx, has_bias and need_b, stride,
                                       padding, P, Q, need_x, need_w)
     return (dx if need_x else None, dw if need_w else None, db if (has_bias and need_b) else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 torch.library.register_autograd("pydlx::conv_relu_pool2d_fwd", _backward, setup_context=_setup_context)
@@ -185,14 +150,16 @@ def conv_relu_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         # under torch.autocast, cast first (as F.conv2d does), so a bf16 activation meets fp32 weights
         input, weight, bias = autocast_cast(input.device.type, (input, weight, bias))
     stride, padding, P, Q = check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, pool_stride)
-    if input.device.type == "cpu" and _backend.current_backend() == "auto":
+    if _backend.cpu_auto(input):
         # CPU + auto: plain eager PyTorch, the fastest there (the op's index bookkeeping costs ~1.4x on a CPU
         # training step, bench/results/cpu.csv); the reference backend, forced, runs the op (and its memory saving)
         return reference_conv_relu_pool2d(input, weight, bias, stride, padding, P, Q)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    y, _ = conv_relu_pool2d_fwd(x, weight, bias, stride, padding, P, Q)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    y, _ = conv_relu_pool2d_fwd(x, weight, bias, stride, padding, P, Q, choose(x, weight, stride, padding, P, Q,
+                                                                              training))
     if channels_last:
         y = y.contiguous(memory_format=torch.channels_last)
     return y.squeeze(0) if unbatched else y

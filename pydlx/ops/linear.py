@@ -1,17 +1,19 @@
 """``pydlx.ops.linear``: act(input @ weight.T + bias) as torch.library ops with autograd.
 
 Ops (schemas defined once, here):
-  pydlx::linear_fwd(input, weight, bias, activation, save_preact) -> (y, z)
+  pydlx::linear_fwd(input, weight, bias, activation, save_preact, backend) -> (y, z)
       y = act(input @ weight.T + bias), any leading dims; z = the pre-activation when ``save_preact``, else an
       empty tensor. z is non-differentiable: it exists only to be saved for backward.
-  pydlx::linear_bwd(grad, input, weight, saved, activation, has_bias, need_dx, need_dw) -> (dx, dw, db)
+  pydlx::linear_bwd(grad, input, weight, saved, activation, has_bias, need_dx, need_dw, backend) -> (dx, dw, db)
       empty tensors stand for gradients that are not needed.
 
 Saved for backward: input, weight and one M×N tensor: y for relu/tanh/sigmoid (their derivative is a function
 of y), z for gelu/gelu_tanh/silu (it is not; recomputing z would cost a second forward GEMM). With no
 activation nothing but input and weight is saved.
 
-Each call picks its backend (pydlx/_backend.py) when it runs: torch.compile sees one opaque op and no graph break.
+Each call's backend is chosen by the dispatcher (pydlx/_backend.py: forced, or auto by the GPU's measured policy)
+before the op runs and passed to it (``backend``): the backward runs on the forward's backend, and torch.compile
+sees one opaque op and no graph break. The implementations are pydlx/{reference,triton,cuda}/linear.py.
 """
 from __future__ import annotations
 
@@ -21,86 +23,67 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._policy import size_of
 from ._common import ArgumentError, DtypeError, rows, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
-from ..reference.linear import ACTIVATIONS, SAVES_PREACT, activation_backward, linear_forward
+from ..reference.linear import ACTIVATIONS, SAVES_PREACT
 from ..reference.linear import linear as reference_linear
-
 
 
 def _act_name(activation: str) -> Optional[str]:
     return None if activation == "none" else activation
 
 
-def _choose(x: Tensor, weight: Tensor) -> str:
-    def triton_ok():
-        from ..triton import linear as tri
+def _impl(backend: str):
+    return _backend.implementation("linear", backend)
 
-        return why_not_kernel_dtype(x) or tri.why_cannot(weight.shape[1], weight.shape[0])
 
-    return _backend.choose("linear", x, lambda t: ("triton", "cuda"),
-                           extra_check={"triton": triton_ok, "cuda": lambda: why_not_kernel_dtype(x)})
+def choose(x: Tensor, weight: Tensor, training: bool) -> str:
+    """The backend for one call (pydlx/_backend.py): forced, or auto by the GPU's policy / defaults."""
+    def kernel_check(backend):
+        return lambda: why_not_kernel_dtype(x) or _impl(backend).why_cannot(weight.shape[1], weight.shape[0])
+
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    call = _backend.CallKey(x.dtype, "training" if training else "inference",
+                            size_of("linear", M=M, N=weight.shape[0], K=weight.shape[1]))
+    return _backend.choose("linear", x, checks={"triton": kernel_check("triton"), "cuda": kernel_check("cuda")},
+                           call=call)
 
 
 @torch.library.custom_op("pydlx::linear_fwd", mutates_args=())
 def linear_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
-               save_preact: bool) -> Tuple[Tensor, Tensor]:
-    act = _act_name(activation)
+               save_preact: bool, backend: str) -> Tuple[Tensor, Tensor]:
     lead = input.shape[:-1]
-    x2d = rows(input)
-    backend = _choose(input, weight)
-    if backend == "triton":
-        from ..triton import linear as tri
-        y, z = tri.linear_fwd(x2d, weight, bias, act, save_preact)
-    elif backend == "cuda":
-        z = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
-        y = torch.ops.pydlx.act_fwd_cuda(z, activation) if act is not None else (z.clone() if save_preact else z)
-        z = z if save_preact else z.new_empty(0)
-    else:
-        y, z = linear_forward(x2d, weight, bias, act, save_preact)
+    y, z = _impl(backend).linear_fwd(rows(input), weight, bias, _act_name(activation), save_preact)
     y = y.reshape(*lead, weight.shape[0])
     return y, (z.reshape(*lead, weight.shape[0]) if save_preact else z)
 
 
 @linear_fwd.register_fake
-def _(input, weight, bias, activation, save_preact):
+def _(input, weight, bias, activation, save_preact, backend):
     y = input.new_empty((*input.shape[:-1], weight.shape[0]))
     return y, (torch.empty_like(y) if save_preact else input.new_empty(0))
 
 
 @torch.library.custom_op("pydlx::linear_bwd", mutates_args=())
 def linear_bwd(grad: Tensor, input: Tensor, weight: Tensor, saved: Tensor, activation: str, has_bias: bool,
-               need_dx: bool, need_dw: bool) -> Tuple[Tensor, Tensor, Tensor]:
+               need_dx: bool, need_dw: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     act = _act_name(activation)
-    N, K = weight.shape
-    g2d = rows(grad)
-    x2d = rows(input)
     s2d = rows(saved) if act is not None else saved
-    backend = _choose(input, weight)
-    if backend == "triton":
-        from ..triton import linear as tri
-        dx, dw, db = tri.linear_bwd(g2d, x2d, weight, s2d, act, has_bias, need_dx, need_dw)
-    else:
-        if backend == "cuda":
-            dz = torch.ops.pydlx.act_bwd_cuda(g2d.contiguous(), s2d, activation) if act is not None else g2d
-        else:
-            dz = activation_backward(g2d, s2d, act)
-        dx = dz @ weight if need_dx else None
-        dw = dz.t() @ x2d if need_dw else None
-        db = dz.sum(0) if has_bias else None
+    dx, dw, db = _impl(backend).linear_bwd(rows(grad), rows(input), weight, s2d, act, has_bias, need_dx, need_dw)
     return (dx.reshape(input.shape) if dx is not None else input.new_empty(0),
             dw if dw is not None else input.new_empty(0),
             db if db is not None else input.new_empty(0))
 
 
 @linear_bwd.register_fake
-def _(grad, input, weight, saved, activation, has_bias, need_dx, need_dw):
+def _(grad, input, weight, saved, activation, has_bias, need_dx, need_dw, backend):
     return (torch.empty_like(input) if need_dx else input.new_empty(0),
             torch.empty_like(weight) if need_dw else input.new_empty(0),
             weight.new_empty(weight.shape[0]) if has_bias else input.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, activation, save_preact = inputs
+    input, weight, bias, activation, save_preact, backend = inputs
     y, z = output
     ctx.mark_non_differentiable(z)
     ctx.set_materialize_grads(False)
@@ -109,20 +92,21 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, saved)
     ctx.activation = activation
     ctx.has_bias = bias is not None
+    ctx.backend = backend  # the backward runs where the forward ran (their saved tensors match)
 
 
 def _backward(ctx, grad_y, grad_z):
     input, weight, saved = ctx.saved_tensors
     if grad_y is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     if _act_name(ctx.activation) in SAVES_PREACT and saved.numel() == 0 and grad_y.numel() != 0:
         raise RuntimeError("pydlx.ops.linear: backward needs the pre-activation, but the forward ran with "
                            "save_preact=False; call pydlx.ops.linear, which sets it when gradients are needed")
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     dx, dw, db = linear_bwd(grad_y, input, weight, saved, ctx.activation, ctx.has_bias and need_db,
-                            need_dx, need_dw)
+                            need_dx, need_dw, ctx.backend)
     return (dx if need_dx else None, dw if need_dw else None, db if (ctx.has_bias and need_db) else None,
-            None, None)
+            None, None, None)
 
 
 torch.library.register_autograd("pydlx::linear_fwd", _backward, setup_context=_setup_context)
@@ -173,12 +157,10 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         # under torch.autocast, cast first (as F.linear does), so a bf16 activation meets fp32 weights
         input, weight, bias = autocast_cast(input.device.type, (input, weight, bias))
     check_linear_args(input, weight, bias, activation)
-    if input.device.type == "cpu" and _backend.current_backend() == "auto":
-        # auto runs the reference on CPU tensors; calling it directly skips the custom op's Python dispatch
-        # (about 0.1 ms a call), which would make a swapped-in model slower than the original on the CPU.
+    if _backend.cpu_auto(input):
         return reference_linear(input, weight, bias, activation)
     needs_grad = torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     save_preact = needs_grad and activation in SAVES_PREACT
-    y, _ = linear_fwd(input, weight, bias, activation or "none", save_preact)
+    y, _ = linear_fwd(input, weight, bias, activation or "none", save_preact, choose(input, weight, needs_grad))
     return y

@@ -8,12 +8,12 @@ Two paths, chosen per call:
     a GEMM with bias and activation in its epilogue and the activation's derivative fused into its backward.
 
 Ops (schemas defined once, here):
-  pydlx::mlp_fused(input, weights, biases, has_bias, activation, last_activation, save) -> (y, H, Z)
+  pydlx::mlp_fused(input, weights, biases, has_bias, activation, last_activation, save, backend) -> (y, H, Z)
       ``biases`` lists only the layers that have one (``has_bias`` says which): a list holding None would not
       be differentiable through torch.library's autograd.
       H = hidden layers' outputs [M, sum of hidden sizes], Z = pre-activations [M, sum of layer sizes] (only when
       an activation's derivative needs z); both empty unless ``save``. Non-differentiable: saved for backward.
-  pydlx::mlp_fused_bwd(grad, input, weights, has_bias, y, H, Z, activation, last_activation, need_dx)
+  pydlx::mlp_fused_bwd(grad, input, weights, has_bias, y, H, Z, activation, last_activation, need_dx, backend)
       -> (dx, dweights, dbiases)       empty tensors stand for gradients that are not needed.
 Saved for backward: input, weights, y, H (and Z): the activations eager PyTorch also keeps, nothing more.
 """
@@ -26,69 +26,28 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
 from .. import _backend
-from ..reference.linear import ACTIVATIONS, SAVES_PREACT, activation_backward, activation_forward
-from ..reference.mlp import mlp as reference_mlp
-from ..reference.mlp import saves_z
+from .._policy import size_of
+from ..reference.linear import ACTIVATIONS
+from ..reference.mlp import fuses_in_one_kernel, mlp as reference_mlp, saves_z
 from ._common import ArgumentError, DtypeError, rows, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
 from .linear import _act_name, linear
 
 
-FUSED_MAX_WIDTH, FUSED_MAX_LAYERS = 128, 16  # the fused kernels' limits (pydlx/triton/mlp.py, csrc/mlp.cu)
+def _impl(backend: str):
+    return _backend.implementation("mlp", backend)
 
 
-def fuses_in_one_kernel(sizes: Sequence[int]) -> bool:
-    """Whether an MLP of these sizes (in, ..., out) runs as one fused kernel on GPUs (else a chain of fused
-    Linear GEMMs)."""
-    return len(sizes) - 1 <= FUSED_MAX_LAYERS and max(sizes[1:]) <= FUSED_MAX_WIDTH
-
-
-def _why_not_fused(x: Tensor, sizes: Sequence[int]) -> Optional[str]:
-    """None if the fused MLP kernels take this call, else why not (triton missing included)."""
-    reason = why_not_kernel_dtype(x)
-    if reason:
-        return reason
-    try:
-        from ..triton import mlp as tri
-    except Exception as e:  # no (working) triton: the chain of linears runs instead
-        return f"triton cannot be imported: {type(e).__name__}: {e}"
-    return tri.why_cannot(sizes)
-
-
-def _why_not_cuda(x: Tensor, sizes: Sequence[int], training: bool) -> Optional[str]:
-    if training:
-        return "the C++/CUDA fused MLP is forward-only (inference) for now; training runs the triton backend"
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"the C++/CUDA fused MLP takes float16 or bfloat16, got {x.dtype}"
-    if not fuses_in_one_kernel(sizes):
-        return (f"the C++/CUDA fused MLP takes at most {FUSED_MAX_LAYERS} layers, each at most {FUSED_MAX_WIDTH} "
-                f"wide; got sizes {list(sizes)}")
-    return None
-
-
-def _choose(x: Tensor, sizes: Sequence[int], training: bool) -> str:
-    # auto: triton only. The C++/CUDA forward is chosen by auto only where GPU measurements show it faster, and
-    # none exist yet (bench/NOTES.md).
-    return _backend.choose("mlp", x, lambda t: ("triton",), extra_check={
-        "triton": lambda: _why_not_fused(x, sizes),
-        "cuda": lambda: _why_not_cuda(x, sizes, training)})
+def choose(x: Tensor, sizes: Sequence[int], training: bool) -> str:
+    """The backend of one fused-MLP call (pydlx/_backend.py): forced, or auto by the GPU's policy / defaults."""
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    call = _backend.CallKey(x.dtype, "training" if training else "inference", size_of("mlp", M=M, sizes=sizes))
+    return _backend.choose("mlp", x, checks={
+        "triton": lambda: why_not_kernel_dtype(x) or _impl("triton").why_cannot(sizes),
+        "cuda": lambda: _impl("cuda").why_cannot(sizes, x.dtype, training)}, call=call)
 
 
 def _sizes(input: Tensor, weights: Sequence[Tensor]) -> List[int]:
     return [input.shape[-1]] + [w.shape[0] for w in weights]
-
-
-def _reference_fwd(x2d, weights, biases, act, last, save):
-    """(y, H, Z) computed eagerly, laid out as the fused kernel lays them out."""
-    hs, zs, h = [], [], x2d
-    for i, (w, b) in enumerate(zip(weights, biases)):
-        z = torch.nn.functional.linear(h, w, b)
-        h = activation_forward(z, act if i + 1 < len(weights) else last)
-        zs.append(z)
-        if i + 1 < len(weights):
-            hs.append(h)
-    H = torch.cat(hs, 1) if save and hs else x2d.new_empty(0)
-    Z = torch.cat(zs, 1) if save and saves_z(act, last) else x2d.new_empty(0)
-    return h, H, Z
 
 
 def _expand(biases: Sequence[Tensor], has_bias: Sequence[bool]) -> List[Optional[Tensor]]:
@@ -98,26 +57,14 @@ def _expand(biases: Sequence[Tensor], has_bias: Sequence[bool]) -> List[Optional
 
 @torch.library.custom_op("pydlx::mlp_fused", mutates_args=())
 def mlp_fused(input: Tensor, weights: List[Tensor], biases: List[Tensor], has_bias: List[bool], activation: str,
-              last_activation: str, save: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    act, last = _act_name(activation), _act_name(last_activation)
-    biases = _expand(biases, has_bias)
-    lead = input.shape[:-1]
-    x2d = rows(input)
-    backend = _choose(input, _sizes(input, weights), save)
-    if backend == "triton":
-        from ..triton import mlp as tri
-        y, H, Z = tri.mlp_fwd(x2d, weights, biases, act, last, save)
-    elif backend == "cuda":
-        y = torch.ops.pydlx.mlp_fwd_cuda(x2d, weights, [b for b in biases if b is not None], list(has_bias),
-                                         activation, last_activation)
-        H, Z = x2d.new_empty(0), x2d.new_empty(0)
-    else:
-        y, H, Z = _reference_fwd(x2d, weights, biases, act, last, save)
-    return y.reshape(*lead, weights[-1].shape[0]), H, Z
+              last_activation: str, save: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    y, H, Z = _impl(backend).mlp_fwd(rows(input), weights, _expand(biases, has_bias), _act_name(activation),
+                                     _act_name(last_activation), save)
+    return y.reshape(*input.shape[:-1], weights[-1].shape[0]), H, Z
 
 
 @mlp_fused.register_fake
-def _(input, weights, biases, has_bias, activation, last_activation, save):
+def _(input, weights, biases, has_bias, activation, last_activation, save, backend):
     M = input.numel() // input.shape[-1] if input.shape[-1] else 0
     sizes = [w.shape[0] for w in weights]
     y = input.new_empty((*input.shape[:-1], sizes[-1]))
@@ -129,33 +76,14 @@ def _(input, weights, biases, has_bias, activation, last_activation, save):
 
 @torch.library.custom_op("pydlx::mlp_fused_bwd", mutates_args=())
 def mlp_fused_bwd(grad: Tensor, input: Tensor, weights: List[Tensor], has_bias: List[bool], y: Tensor, H: Tensor,
-                  Z: Tensor, activation: str, last_activation: str, need_dx: bool
+                  Z: Tensor, activation: str, last_activation: str, need_dx: bool, backend: str
                   ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-    act, last = _act_name(activation), _act_name(last_activation)
     sizes = _sizes(input, weights)
     L = len(weights)
     x2d = rows(input)
-    g2d = rows(grad)
-    y2d = rows(y)
     hcols = [sum(sizes[1:1 + i]) for i in range(L)]  # column of layer i's output in H and in Z / DZ
-    if _choose(input, sizes, True) == "triton":
-        from ..triton import mlp as tri
-        dx, DZ = tri.mlp_bwd(g2d, x2d, weights, y2d, H, Z, act, last, need_dx)
-    else:  # the same walk, eagerly
-        dzs, g = [None] * L, g2d
-        for i in reversed(range(L)):
-            a = last if i == L - 1 else act
-            if a is None:
-                dz = g
-            elif a in SAVES_PREACT:
-                dz = activation_backward(g, Z[:, hcols[i]:hcols[i] + sizes[i + 1]], a)
-            else:
-                saved = y2d if i == L - 1 else H[:, hcols[i]:hcols[i] + sizes[i + 1]]
-                dz = activation_backward(g, saved, a)
-            dzs[i] = dz
-            g = dz @ weights[i]
-        dx = g if need_dx else None
-        DZ = torch.cat(dzs, 1)
+    dx, DZ = _impl(backend).mlp_bwd(rows(grad), x2d, weights, rows(y), H, Z, _act_name(activation),
+                                    _act_name(last_activation), need_dx)
     # weight gradients: GEMMs over all rows; bias gradients: one reduction for every layer
     dws = []
     for i in range(L):
@@ -169,14 +97,14 @@ def mlp_fused_bwd(grad: Tensor, input: Tensor, weights: List[Tensor], has_bias: 
 
 
 @mlp_fused_bwd.register_fake
-def _(grad, input, weights, has_bias, y, H, Z, activation, last_activation, need_dx):
+def _(grad, input, weights, has_bias, y, H, Z, activation, last_activation, need_dx, backend):
     dx = torch.empty_like(input) if need_dx else input.new_empty(0)
     return dx, [torch.empty_like(w) for w in weights], [
         w.new_empty(w.shape[0]) if hb else input.new_empty(0) for w, hb in zip(weights, has_bias)]
 
 
 def _setup_context(ctx, inputs, output):
-    input, weights, biases, has_bias, activation, last_activation, save = inputs
+    input, weights, biases, has_bias, activation, last_activation, save, backend = inputs
     y, H, Z = output
     ctx.mark_non_differentiable(H, Z)
     ctx.set_materialize_grads(False)
@@ -184,6 +112,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = list(has_bias)
     ctx.acts = (activation, last_activation)
     ctx.saved_all = save
+    ctx.backend = backend  # the backward runs where the forward ran
 
 
 def _backward(ctx, grad_y, grad_h, grad_z):
@@ -191,14 +120,14 @@ def _backward(ctx, grad_y, grad_h, grad_z):
     L = len(weights)
     nb = sum(ctx.has_bias)
     if grad_y is None:
-        return None, [None] * L, [None] * nb, None, None, None, None
+        return None, [None] * L, [None] * nb, None, None, None, None, None
     if not ctx.saved_all and grad_y.numel():
         raise RuntimeError("pydlx.ops.mlp: backward needs the saved activations, but the forward ran with "
                            "save=False; call pydlx.ops.mlp, which sets it when gradients are needed")
     need_dx = ctx.needs_input_grad[0]
-    dx, dws, dbs = mlp_fused_bwd(grad_y, input, weights, ctx.has_bias, y, H, Z, *ctx.acts, need_dx)
+    dx, dws, dbs = mlp_fused_bwd(grad_y, input, weights, ctx.has_bias, y, H, Z, *ctx.acts, need_dx, ctx.backend)
     return (dx if need_dx else None, list(dws), [db for db, hb in zip(dbs, ctx.has_bias) if hb],
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 torch.library.register_autograd("pydlx::mlp_fused", _backward, setup_context=_setup_context)
@@ -264,15 +193,15 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         input, *params = autocast_cast(input.device.type, tensors)
         weights, biases = params[:len(weights)], params[len(weights):]
     check_mlp_args(input, weights, biases, activation, last_activation)
-    dev = input.device.type
-    if dev == "cpu" and _backend.current_backend() == "auto":
+    if _backend.cpu_auto(input):
         return reference_mlp(input, weights, biases, activation, last_activation)  # see ops.linear
-    if _why_not_fused(input, _sizes(input, weights)) is None:
+    sizes = _sizes(input, weights)
+    if why_not_kernel_dtype(input) is None and fuses_in_one_kernel(sizes):
         needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
             t.requires_grad for t in (*weights, *[b for b in biases if b is not None])))
         y, _, _ = mlp_fused(input, list(weights), [b for b in biases if b is not None],
                             [b is not None for b in biases], activation or "none", last_activation or "none",
-                            needs_grad)
+                            needs_grad, choose(input, sizes, needs_grad))
         return y
     h = input
     for i, (w, b) in enumerate(zip(weights, biases)):

@@ -1,7 +1,15 @@
-"""Eager PyTorch implementations of every pydlx op: the CPU fallback and the test oracle."""
+"""Eager PyTorch implementations of every pydlx op: the CPU fallback, the ``reference`` backend (each family's
+module has the signatures of pydlx/triton/<family>.py; ``MODULES`` maps the family names to them) and the test
+oracle."""
+from . import conv_relu_pool as _conv_relu_pool_module, linear as _linear_module, lstm as _lstm_module
+from . import mlp as _mlp_module
 from .conv_relu_pool import conv_relu_pool2d
-from .linear import ACTIVATIONS, activation_backward, activation_forward, linear, linear_backward, linear_forward
+from .linear import ACTIVATIONS, activation_backward, activation_forward, linear, linear_bwd, linear_fwd
 from .mlp import mlp
 
-__all__ = ["ACTIVATIONS", "activation_forward", "activation_backward", "linear", "linear_forward",
-           "linear_backward", "mlp", "conv_relu_pool2d"]
+# the family modules (pydlx.reference.linear etc.; the package's ``linear`` and ``mlp`` names are the functions)
+MODULES = {"linear": _linear_module, "mlp": _mlp_module, "conv_relu_pool": _conv_relu_pool_module,
+           "lstm": _lstm_module}
+
+__all__ = ["ACTIVATIONS", "activation_forward", "activation_backward", "linear", "linear_fwd", "linear_bwd", "mlp",
+           "conv_relu_pool2d", "MODULES"]

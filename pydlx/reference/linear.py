@@ -76,9 +76,13 @@ def normal_cdf(z: torch.Tensor) -> torch.Tensor:
     return torch.where(z >= 0, 0.5 * (1 + torch.erf(z * _INV_SQRT_2)), 0.5 * torch.special.erfc(-z * _INV_SQRT_2))
 
 
-def linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   activation: Optional[str], save_preact: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y, z) for a 2-D input; z is an empty tensor unless ``save_preact``."""
+def why_cannot(in_features: int, out_features: int) -> Optional[str]:
+    return None  # eager PyTorch runs any size
+
+
+def linear_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               activation: Optional[str], save_preact: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, z) for a 2-D input; z is an empty tensor unless ``save_preact`` (the signature of every backend's)."""
     z = F.linear(x2d, weight, bias)
     y = activation_forward(z, activation)
     if not save_preact:
@@ -86,15 +90,12 @@ def linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return y, (z.clone() if y is z else z)  # two outputs of one op must not alias
 
 
-def linear_backward(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor,
-                    activation: Optional[str], has_bias: bool
-                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(dx, dw, db) for a 2-D input, with ``saved`` as in ``activation_backward``."""
+def linear_bwd(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor,
+               activation: Optional[str], has_bias: bool, need_dx: bool = True, need_dw: bool = True
+               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dx, dw, db) for a 2-D input (None where not needed), with ``saved`` as in ``activation_backward``."""
     dz = activation_backward(grad_y, saved, activation)
-    dx = dz @ weight
-    dw = dz.t() @ x2d
-    db = dz.sum(0) if has_bias else None
-    return dx, dw, db
+    return (dz @ weight if need_dx else None, dz.t() @ x2d if need_dw else None, dz.sum(0) if has_bias else None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -1,10 +1,13 @@
 """Reference LSTM: eager PyTorch. ``lstm``/``lstm_cell`` are ATen's own (what torch.nn.LSTM runs: cuDNN on GPUs),
 the CPU fallback and the `auto` path; ``lstm_layer`` is the per-layer math that pydlx's kernels implement, spelled
 out step by step (time-major, per-sequence lengths by masking, the reverse direction starting at each sequence's
-own last step): the readable oracle of the decomposition, checked against torch.nn.LSTM in the tests."""
+own last step): the readable oracle of the decomposition, checked against torch.nn.LSTM in the tests.
+``lstm_layers`` runs a multi-layer (bidirectional, packed, dropout) LSTM from any such per-layer function: the
+kernels' layer op (pydlx/ops/lstm.py) or ``lstm_layer`` itself (``lstm_unrolled``: the reference backend under
+torch.compile, and in 16 bits on a CPU, where ATen's LSTM goes to oneDNN, whose bf16 RNN needs AVX-512)."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -51,3 +54,74 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0
             h, c = torch.where(on, h_new, h), torch.where(on, c_new, c)
             ys[t] = torch.where(on, h_new, torch.zeros_like(h_new))
     return torch.stack(ys) if T else x.new_empty((0, *h0.shape)), h, c
+
+
+_16BIT = (torch.float16, torch.bfloat16)
+
+
+def packed_layout(batch_sizes: Tensor, device) -> Tuple[int, int, Tensor, Tensor]:
+    """(T, B, flat row of each packed row in a [T * B] time-major padded buffer, lengths int32 [B]) from a
+    PackedSequence's (CPU) batch_sizes; the batch stays in the packed (sorted) order."""
+    bs = batch_sizes.to("cpu", torch.int64)
+    T, B = bs.numel(), int(bs[0])
+    t_idx = torch.repeat_interleave(torch.arange(T), bs)
+    offsets = torch.cumsum(bs, 0) - bs
+    j_idx = torch.arange(int(bs.sum())) - torch.repeat_interleave(offsets, bs)
+    lengths = (bs.unsqueeze(1) > torch.arange(B).unsqueeze(0)).sum(0).to(torch.int32)
+    return T, B, (t_idx * B + j_idx).to(device), lengths.to(device)
+
+
+# layer(x [T, B, I], w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths or None, reverse) -> (y, h_n, c_n)
+Layer = Callable[..., Tuple[Tensor, Tensor, Tensor]]
+
+
+def lstm_layers(data: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor, layers: Sequence[tuple],
+                num_layers: int, dirs: int, dropout: float, training: bool, batch_first: bool, layer: Layer
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(output, h_n, c_n) of a multi-layer LSTM from a per-layer function; ``layers[k]`` = (w_ih, w_hh, b_ih,
+    b_hh, w_hr) for layer k // dirs, direction k % dirs; a PackedSequence's data is padded time-major and its
+    lengths masked, not re-batched."""
+    lengths = None
+    if batch_sizes is not None:
+        T, B, flat_rows, lengths = packed_layout(batch_sizes, data.device)
+        x = data.new_zeros((T * B, data.shape[-1])).index_copy(0, flat_rows, data).view(T, B, -1)
+    else:
+        x = data.transpose(0, 1) if batch_first else data
+    h_n, c_n = [], []
+    for li in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            k = li * dirs + d
+            y, h, c = layer(x, *layers[k], h0[k], c0[k], lengths, d == 1)
+            outs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+        x = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]
+        if dropout > 0 and training and li < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, training=True)
+    if lengths is not None:
+        out = x.reshape(-1, x.shape[-1]).index_select(0, flat_rows)
+    else:
+        out = x.transpose(0, 1) if batch_first else x
+    return out, torch.stack(h_n), torch.stack(c_n)
+
+
+def _unrolled_layer(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths, reverse):
+    math_dtype = lambda t: torch.float32 if t.dtype in _16BIT else t.dtype  # noqa: E731
+    b = b_ih.to(math_dtype(b_ih)) + b_hh.to(math_dtype(b_hh)) if b_ih is not None else None
+    return lstm_layer(x, w_ih, w_hh, b, h0, c0, lengths, reverse, w_hr)
+
+
+def lstm_unrolled(data: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor, layers: Sequence[tuple],
+                  num_layers: int, dirs: int, dropout: float, training: bool, batch_first: bool
+                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``lstm_layers`` over ``lstm_layer`` (16-bit inputs computed in fp32)."""
+    return lstm_layers(data, batch_sizes, h0, c0, layers, num_layers, dirs, dropout, training, batch_first,
+                       _unrolled_layer)
+
+
+def cpu_16bit(x: Tensor) -> bool:
+    """A CPU call computed in 16 bits: 16-bit tensors, or CPU autocast to a 16-bit dtype (oneDNN's bf16 RNN, which
+    ATen's LSTM would run, needs AVX-512)."""
+    return x.device.type == "cpu" and (x.dtype in _16BIT or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _16BIT))

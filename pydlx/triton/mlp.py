@@ -27,10 +27,10 @@ import triton
 import triton.language as tl
 
 from ..reference.mlp import saves_z
+from ..reference.mlp import FUSED_MAX_LAYERS, FUSED_MAX_WIDTH
 from .common import ACT_CODES, PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, interp_bf16, launch, precision
 
-MAX_WIDTH = 128  # widest layer (output side) the fused kernel takes
-MAX_LAYERS = 16
+MAX_WIDTH, MAX_LAYERS = FUSED_MAX_WIDTH, FUSED_MAX_LAYERS  # widest layer (output side), most layers
 
 
 @triton.jit

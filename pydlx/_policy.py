@@ -1,0 +1,351 @@
+"""Measured dispatch policies: what ``auto`` runs on a GPU, from benchmark rows taken on that GPU.
+
+A policy is a small JSON file (package data under pydlx/policies/, one per GPU, named by the device's name and
+compute capability) written by ``python -m pydlx.bench --make-policy <csv>... --tests <junit.xml>`` from the
+benchmark CSV rows (pydlx.bench.CSV_COLUMNS) of one GPU run:
+
+    {"version": 1, "device": "NVIDIA H100 80GB HBM3", "capability": "9.0", "torch": ..., "triton": ...,
+     "commit": ..., "min_ratio": 1.05,
+     "rules": [{"family": "linear", "dtype": "bf16", "mode": "training", "size": 6.9e10, "shape": "4096x4096x4096",
+                "backend": "triton", "ratio": 1.31}, ...]}
+
+Each rule is one measured case: family x dtype x mode (inference = forward, training = forward + backward) x size
+(the family's work measure, ``size_of``). Its backend is the implementation measured fastest, or "reference"
+(eager PyTorch) when none beat eager beyond the measurement's spread: a candidate must have passed its GPU tests in
+the same run, be at least ``min_ratio`` times faster than eager by the medians, and have its p80 below eager's
+median.
+
+A call between two measured sizes takes their backend when both agree, else eager (the safe choice); a call
+outside the measured range takes the nearest rule when within a factor of 2 of its size, else no rule (the
+family's unmeasured default, pydlx/_backend.py). ``PYDLX_POLICY=off`` ignores policies; ``PYDLX_POLICY=<path>``
+uses that file on every GPU; ``pydlx.use_policy(...)`` does either for a block.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import csv
+import json
+import math
+import os
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+
+VERSION = 1
+POLICY_DIR = Path(__file__).resolve().parent / "policies"
+MIN_RATIO = 1.05
+REACH = 2.0  # a rule speaks for sizes within this factor of its own beyond the measured range
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FAMILIES = ("linear", "mlp", "conv_relu_pool", "lstm")
+BACKENDS = ("triton", "cuda")  # the candidates; "reference" (eager) is the baseline
+
+
+# ----------------------------------------------------------------------------------------------- sizes
+def size_of(family: str, **dims) -> float:
+    """The work measure a family's rules are keyed by: linear M*N*K; mlp M * sum of s_i * s_(i+1);
+    conv_relu_pool N*K*C*R*R*HO*WO; lstm T*B*H*H (the recurrence)."""
+    if family == "linear":
+        return float(dims["M"]) * dims["N"] * dims["K"]
+    if family == "mlp":
+        s = dims["sizes"]
+        return float(dims["M"]) * sum(a * b for a, b in zip(s, s[1:]))
+    if family == "conv_relu_pool":
+        return float(dims["N"]) * dims["K"] * dims["C"] * dims["R"] ** 2 * dims["HO"] * dims["WO"]
+    if family == "lstm":
+        return float(dims["T"]) * dims["B"] * dims["H"] ** 2
+    raise ValueError(f"unknown family {family!r}")
+
+
+def size_from_shape(family: str, shape: str) -> Optional[float]:
+    """``size_of`` for a benchmark row's shape string (pydlx/bench/<family>.py writes them), or None."""
+    try:
+        if family == "linear":  # "MxNxK"
+            M, N, K = map(int, shape.split("x"))
+            return size_of("linear", M=M, N=N, K=K)
+        if family == "mlp":  # "batch:s0-s1-..."
+            batch, sizes = shape.split(":")
+            return size_of("mlp", M=int(batch), sizes=[int(v) for v in sizes.split("-")])
+        if family == "conv_relu_pool":  # "N,C,H,W->K RxR sS pP poolP/Q"
+            m = re.match(r"(\d+),(\d+),(\d+),(\d+)->(\d+) (\d+)x\d+ s(\d+) p(\d+)", shape)
+            N, C, H, W, K, R, st, pad = map(int, m.groups())
+            return size_of("conv_relu_pool", N=N, K=K, C=C, R=R, HO=(H + 2 * pad - R) // st + 1,
+                           WO=(W + 2 * pad - R) // st + 1)
+        if family == "lstm":  # "T:BxH"
+            T, rest = shape.split(":")
+            B, H = rest.split("x")
+            return size_of("lstm", T=int(T), B=int(B), H=int(H))
+    except (ValueError, AttributeError):
+        return None
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- policies
+@dataclass(frozen=True)
+class Rule:
+    family: str
+    dtype: str
+    mode: str
+    size: float
+    shape: str
+    backend: str
+    ratio: float
+    device: str = ""
+    capability: str = ""
+    commit: str = ""
+
+    def describe(self) -> str:
+        what = "eager" if self.backend == "reference" else self.backend
+        if self.backend == "reference":
+            return (f"eager: no implementation measured faster on {self.device} (sm_{self.capability.replace('.', '')})"
+                    f" at {self.commit} ({self.family} {self.shape} {self.dtype} {self.mode})")
+        return (f"{what}: {self.ratio:.2f}x eager on {self.device} (sm_{self.capability.replace('.', '')}) at "
+                f"{self.commit} ({self.family} {self.shape} {self.dtype} {self.mode})")
+
+
+class Policy:
+    def __init__(self, data: dict, path: Optional[Path] = None):
+        if data.get("version") != VERSION:
+            raise ValueError(f"pydlx policy {path or ''}: version {data.get('version')!r}, expected {VERSION}")
+        self.data, self.path = data, path
+        self.device, self.capability = data["device"], str(data["capability"])
+        self._rules: Dict[Tuple[str, str, str], List[Rule]] = {}
+        for r in data["rules"]:
+            rule = Rule(r["family"], r["dtype"], r["mode"], float(r["size"]), r.get("shape", ""), r["backend"],
+                        float(r["ratio"]), self.device, self.capability, data.get("commit", ""))
+            self._rules.setdefault((rule.family, rule.dtype, rule.mode), []).append(rule)
+        for rules in self._rules.values():
+            rules.sort(key=lambda r: r.size)
+
+    def __repr__(self):
+        return f"Policy({self.device}, sm_{self.capability.replace('.', '')}, {self.path or 'in memory'})"
+
+    def lookup(self, family: str, dtype: str, mode: str, size: float) -> Optional[Rule]:
+        """The rule for a call: see the module docstring for sizes between and beyond the measured ones."""
+        rules = self._rules.get((family, dtype, mode))
+        if not rules or size <= 0:
+            return None
+        sizes = [r.size for r in rules]
+        i = bisect.bisect_left(sizes, size)
+        if i < len(rules) and rules[i].size == size:
+            return rules[i]
+        if i == 0:
+            return rules[0] if rules[0].size / size <= REACH else None
+        if i == len(rules):
+            return rules[-1] if size / rules[-1].size <= REACH else None
+        lo, hi = rules[i - 1], rules[i]
+        if lo.backend == hi.backend:
+            return lo if math.log(size / lo.size) <= math.log(hi.size / size) else hi
+        safe = lo if lo.backend == "reference" else hi  # the neighbours disagree: eager, if either is
+        if safe.backend != "reference":
+            return Rule(family, dtype, mode, size, f"between {lo.shape} and {hi.shape}", "reference", 1.0,
+                        self.device, self.capability, self.data.get("commit", ""))
+        return safe
+
+
+def device_key(device: Union[torch.device, int, None] = None) -> Tuple[str, str]:
+    """(name, "major.minor") of a CUDA device."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_name(device), f"{major}.{minor}"
+
+
+def file_name(name: str, capability: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + f"_sm{capability.replace('.', '')}.json"
+
+
+def load(path: Union[str, Path]) -> Policy:
+    path = Path(path)
+    return Policy(json.loads(path.read_text()), path)
+
+
+_override: List[Optional[Union[Policy, str]]] = []
+_cache: Dict[Tuple[str, str], Optional[Policy]] = {}
+
+
+@contextlib.contextmanager
+def use_policy(policy: Union[Policy, str, Path, None]) -> Iterator[None]:
+    """Within the block, ``auto`` follows ``policy`` (a Policy or a path) on every GPU, or none ("off"/None)."""
+    if isinstance(policy, (str, Path)) and str(policy) != "off":
+        policy = load(policy)
+    _override.append("off" if policy is None else policy)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def for_device(device: Union[torch.device, int, None] = None) -> Optional[Policy]:
+    """The policy in force for a CUDA device: a ``use_policy`` override, else PYDLX_POLICY (off | a path), else the
+    shipped file for the device's name and capability, else None."""
+    if _override:
+        top = _override[-1]
+        return None if top == "off" else top
+    env = os.environ.get("PYDLX_POLICY", "").strip()
+    if env.lower() == "off":
+        return None
+    if env:
+        key = ("path", env)
+        if key not in _cache:
+            _cache[key] = load(env)
+        return _cache[key]
+    key = device_key(device)
+    if key not in _cache:
+        path = POLICY_DIR / file_name(*key)
+        _cache[key] = load(path) if path.exists() else None
+    return _cache[key]
+
+
+def lookup(family: str, device, call) -> Optional[Rule]:
+    policy = for_device(device)
+    if policy is None or call.dtype not in DTYPE_NAMES:
+        return None
+    return policy.lookup(family, DTYPE_NAMES[call.dtype], call.mode, call.size)
+
+
+def status(device=None) -> str:
+    """backends()' line: the policy in force on the current GPU, or why there is none."""
+    if not torch.cuda.is_available():
+        return "no GPU: auto runs the reference on CPU tensors"
+    policy = for_device(device)
+    if policy is None:
+        name, cc = device_key(device)
+        off = os.environ.get("PYDLX_POLICY", "").strip().lower() == "off" or (_override and _override[-1] == "off")
+        return (f"off: auto runs the unmeasured defaults" if off else
+                f"none for {name} (sm_{cc.replace('.', '')}): auto runs the unmeasured defaults (eager where a kernel "
+                "is not measured)")
+    return f"{policy.device} (sm_{policy.capability.replace('.', '')}), {policy.path or 'in memory'}"
+
+
+def summary(family: str, dtype: torch.dtype, device=None) -> str:
+    """What ``auto`` runs for a family's calls in ``dtype`` on this machine, and why (explain() shows it)."""
+    from . import _backend
+
+    if not torch.cuda.is_available():
+        return "auto here: eager PyTorch (no GPU)"
+    name, cc = device_key(device)
+    where = f"{name} (sm_{cc.replace('.', '')})"
+    default = _backend.FAMILIES[family].unmeasured_auto
+    policy = for_device(device)
+    rules = [] if policy is None else [r for (f, d, _), rs in policy._rules.items() if f == family
+                                       and d == DTYPE_NAMES.get(dtype) for r in rs]
+    if not rules:
+        what = f"{default[0]} (the unmeasured default)" if default else "eager"
+        why = "no measured policy for this GPU" if policy is None else f"the policy has no {family} rule in {dtype}"
+        return f"auto on {where}: {what}: not measured on this GPU ({why})"
+    wins = [r for r in rules if r.backend != "reference"]
+    if not wins:
+        return f"auto on {where}: eager: no implementation measured faster at {policy.data.get('commit', '')}"
+    best = max(wins, key=lambda r: r.ratio)
+    return (f"auto on {where}: {best.backend} at {len(wins)} of {len(rules)} measured sizes (up to {best.ratio:.2f}x "
+            f"eager at {best.shape}, commit {policy.data.get('commit', '')}), eager at the others")
+
+
+# ----------------------------------------------------------------------------------------------- generation
+def passed_backends(junit_paths: Sequence[Union[str, Path]]) -> Dict[str, Set[str]]:
+    """{family: backends whose GPU tests all passed (and ran)} from pytest junit XML files. A GPU test of a family
+    is a test in tests/test_<family>.py whose name has "gpu"; its backend is the junit property ``pydlx_backend``
+    (tests/conftest.py records it), else the backend's name in the test's name (test_gpu[...-triton-...])."""
+    seen: Dict[Tuple[str, str], bool] = {}
+    for path in junit_paths:
+        for case in ET.parse(path).iter("testcase"):
+            cls, name = case.get("classname", ""), case.get("name", "")
+            m = re.search(r"test_(linear|mlp|conv_relu_pool|lstm)\b", cls)
+            if not m or "gpu" not in name.lower() or any(child.tag == "skipped" for child in case):
+                continue
+            ok = not any(child.tag in ("failure", "error") for child in case)
+            props = {p.get("name"): p.get("value") for p in case.iter("property")}
+            named = [b for b in BACKENDS if re.search(rf"\b{b}\b|[-_\[]{b}[-_\]]", name)]
+            for backend in ([props["pydlx_backend"]] if "pydlx_backend" in props else named):
+                key = (m.group(1), backend)
+                seen[key] = seen.get(key, True) and ok
+    out: Dict[str, Set[str]] = {}
+    for (family, backend), ok in seen.items():
+        if ok:
+            out.setdefault(family, set()).add(backend)
+    return out
+
+
+def _implementation(row: dict) -> Optional[str]:
+    """The implementation a benchmark row measured: "pydlx-<backend>" providers, or "eager"; else None (auto and
+    compile rows describe no single implementation)."""
+    p = row["provider"]
+    if p == "eager":
+        return "reference"
+    if p.startswith("pydlx-") and p[len("pydlx-"):] in BACKENDS:
+        return p[len("pydlx-"):]
+    return None
+
+
+def make_policy(rows: Iterable[dict], passed: Dict[str, Set[str]], min_ratio: float = MIN_RATIO) -> dict:
+    """The policy (a dict, as written to JSON) from one GPU run's benchmark rows and its GPU test results."""
+    groups: Dict[Tuple[str, str, str, str, str], Dict[str, dict]] = {}
+    meta: Dict[str, str] = {}
+    for r in rows:
+        impl = _implementation(r)
+        if impl is None or r["family"] not in FAMILIES or r["dtype"] not in DTYPES:
+            continue
+        if r["gpu"] == "cpu":
+            raise ValueError("make_policy: CPU rows; a policy is made from one GPU's rows")
+        meta.setdefault("gpu", r["gpu"])
+        if r["gpu"] != meta["gpu"]:
+            raise ValueError(f"make_policy: rows from two GPUs ({meta['gpu']!r}, {r['gpu']!r})")
+        for k in ("torch", "triton", "commit"):
+            meta.setdefault(k, r[k])
+        key = (r["family"], r["op"], r["shape"], r["dtype"], "training" if r["mode"] == "fwdbwd" else "inference")
+        groups.setdefault(key, {})[impl] = r
+    if not meta:
+        raise ValueError("make_policy: no GPU rows of eager and pydlx-<backend> providers")
+    m = re.match(r"(.*) \(sm_(\d)(\d+)\)$", meta["gpu"])
+    if not m:
+        raise ValueError(f"make_policy: the gpu column {meta['gpu']!r} does not name a compute capability")
+    device, capability = m.group(1), f"{m.group(2)}.{m.group(3)}"
+    rules = []
+    for (family, op, shape, dtype, mode), by_impl in sorted(groups.items()):
+        eager = by_impl.get("reference")
+        size = size_from_shape(family, shape)
+        if eager is None or size is None:
+            continue
+        e_med = float(eager["median_ms"])
+        best, best_ratio = "reference", 1.0
+        for backend in BACKENDS:
+            row = by_impl.get(backend)
+            if row is None or backend not in passed.get(family, set()):
+                continue
+            ratio = e_med / float(row["median_ms"])
+            if ratio >= min_ratio and float(row["p80_ms"]) < e_med and ratio > best_ratio:
+                best, best_ratio = backend, ratio
+        rules.append({"family": family, "op": op, "dtype": dtype, "mode": mode, "size": size, "shape": shape,
+                      "backend": best, "ratio": round(best_ratio, 3)})
+    # two ops of a family at one size (linear_relu, linear_gelu): one rule, eager unless both agree
+    merged: Dict[Tuple[str, str, str, float], dict] = {}
+    for r in rules:
+        k = (r["family"], r["dtype"], r["mode"], r["size"])
+        if k not in merged:
+            merged[k] = r
+        elif merged[k]["backend"] != r["backend"]:
+            merged[k] = dict(merged[k], backend="reference", ratio=1.0)
+        else:
+            merged[k] = dict(merged[k], ratio=min(merged[k]["ratio"], r["ratio"]))
+    return {"version": VERSION, "device": device, "capability": capability, "torch": meta["torch"],
+            "triton": meta["triton"], "commit": meta["commit"], "min_ratio": min_ratio,
+            "rules": [{k: v for k, v in r.items() if k != "op"} for r in merged.values()]}
+
+
+def read_rows(paths: Sequence[Union[str, Path]]) -> List[dict]:
+    rows = []
+    for p in paths:
+        with open(p, newline="") as f:
+            rows.extend(csv.DictReader(f))
+    return rows
+
+
+def write(policy: dict, out_dir: Union[str, Path] = POLICY_DIR) -> Path:
+    path = Path(out_dir) / file_name(policy["device"], policy["capability"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(policy, indent=1) + "\n")
+    return path

@@ -1,0 +1,22 @@
+"""The cuda backend of ``pydlx.ops.conv_relu_pool2d``: csrc/conv_relu_pool.cu's direct convolution for first layers
+(at most 8 input channels; fp32 FMAs, each conv output computed once), with pydlx/triton/conv_relu_pool.py's
+signature. The backward is the one every backend shares (pydlx/reference/conv_relu_pool.py)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+MAX_CHANNELS = 8  # csrc/conv_relu_pool.cu's kMaxChannels: a direct convolution is for first layers
+
+
+def why_cannot(channels: int) -> Optional[str]:
+    if channels > MAX_CHANNELS:
+        return (f"the C++/CUDA direct convolution is for first layers (at most {MAX_CHANNELS} input channels), "
+                f"got {channels}; the triton backend takes any")
+    return None
+
+
+def conv_relu_pool_fwd(x, w, b, stride: int, padding: int, P: int, Q: int):
+    """(y, idx) for 4-D x: the pooled map (contiguous NCHW) and the int8 argmax."""
+    return torch.ops.pydlx.conv_relu_pool2d_fwd_cuda(x, w, b, stride, padding, P, Q)
