@@ -1,0 +1,94 @@
+"""Every shipped kernel, once: each family x backend x dtype, forward and backward, at one odd shape, against the
+float64 reference. The GPU check's tier 0 (scripts/gpu_check.py) runs this module first on the GPU (where the
+triton and cuda backends run compiled); on a CPU the triton backend runs under the interpreter (the dry run and CI).
+The thorough per-family suites (tests/test_<family>.py) go further; this is the few-minute answer to "does every
+kernel run and agree on this machine?"."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import pydlx
+from tolerance import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (family, backend, dtypes, training): what each backend ships
+MATRIX = [
+    ("linear", "triton", ("fp32", "fp16", "bf16"), True), ("linear", "cuda", ("fp32", "fp16", "bf16"), True),
+    ("mlp", "triton", ("fp32", "fp16", "bf16"), True), ("mlp", "cuda", ("fp16", "bf16"), False),
+    ("conv_relu_pool", "triton", ("fp32", "fp16", "bf16"), True),
+    ("conv_relu_pool", "cuda", ("fp32", "fp16", "bf16"), True),
+    ("lstm", "triton", ("fp32", "fp16", "bf16"), True), ("lstm", "cuda", ("fp32", "fp16", "bf16"), True),
+    ("lstm_cell", "triton", ("fp32", "fp16", "bf16"), True),
+]
+
+
+def _params():
+    out = []
+    for family, backend, dtypes, training in MATRIX:
+        for d in dtypes:
+            marks = []
+            if DEVICE == "cpu":
+                if backend == "cuda":
+                    continue  # the C++/CUDA kernels need a GPU (tests/test_extension.py builds them on the CPU)
+                marks.append(pytest.mark.interpreter)
+            out.append(pytest.param(family, backend, d, training, id=f"{family}-{backend}-{d}", marks=marks))
+    return out
+
+
+def _model(family):
+    if family == "linear":
+        lin = nn.Linear(70, 45)
+        return nn.Sequential(lin, nn.GELU()), pydlx.nn.Linear.from_module(lin, activation="gelu"), (37, 70)
+    if family == "mlp":
+        seq = nn.Sequential(nn.Linear(33, 48), nn.ReLU(), nn.Linear(48, 17), nn.ReLU(), nn.Linear(17, 5))
+        return seq, pydlx.nn.MLP.from_sequential(seq), (29, 33)
+    if family == "conv_relu_pool":
+        seq = nn.Sequential(nn.Conv2d(3, 10, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        return seq, pydlx.nn.ConvReLUPool2d.from_modules(seq[0], seq[2]), (3, 3, 13, 13)
+    if family == "lstm":
+        m = nn.LSTM(6, 20)
+        return m, pydlx.nn.LSTM.from_module(m), (7, 5, 6)
+    m = nn.LSTMCell(6, 20)
+    return m, pydlx.nn.LSTMCell.from_module(m), (5, 6)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _run(model, x, training):
+    x = x.detach().requires_grad_(training)
+    y = _first(model(x))
+    if not training:
+        return [y.detach()]
+    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view(y.shape).to(y.device, y.dtype)
+    grads = torch.autograd.grad((y * g).sum(), [x, *model.parameters()])
+    return [y.detach(), *grads]
+
+
+@pytest.mark.parametrize("family, backend, dname, training", _params())
+def test_every_kernel_once_against_float64(family, backend, dname, training):
+    import copy
+
+    dtype = DTYPES[dname]
+    torch_model, fused, shape = _model(family)
+    torch_model.to(dtype)  # (fused shares its parameters): the oracle starts from the same rounded values
+    x = torch.randn(shape).to(dtype)
+    want = _run(copy.deepcopy(torch_model).double(), x.double(), training)  # float64, eager, on the CPU
+    model = copy.deepcopy(fused).to(DEVICE)
+    with pydlx.use_backend(backend):
+        with torch.no_grad() if not training else torch.enable_grad():
+            got = _run(model, x.to(DEVICE), training)
+    # eager PyTorch in the same dtype on the same device: the error the fused op is allowed twice of
+    base = _run(copy.deepcopy(torch_model).to(DEVICE), x.to(DEVICE), training)
+    names = ["output", "d_input"] + [f"d_{n}" for n, _ in torch_model.named_parameters()]
+    key = "tf32" if dtype == torch.float32 and DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32 else dtype
+    for a, e, b, n in zip(got, want, base, names):
+        assert a.dtype == dtype, n
+        assert_close(a, e, dtype=key, name=f"{family}/{backend}/{dname} {n}",
+                     baseline=b if dtype != torch.float32 else None)
