@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no new case after this many minutes (what was measured is still written)")
+    p.add_argument("--select", default="all", choices=["all", "headline", "rest"],
+                   help="headline: only each goal's headline case (pydlx.bench.GOALS; on the CPU the first case of "
+                        "each family); rest: all but those")
     p.add_argument("--make-policy", nargs="+", metavar="CSV", default=None,
                    help="write the measured dispatch policy of the GPU these benchmark CSVs were taken on "
                         "(pydlx/_policy.py) and exit; needs --tests")
@@ -82,6 +85,10 @@ def main(argv=None) -> int:
     print(f"  providers={','.join(args.providers)} modes={','.join(args.modes)}", flush=True)
 
     cases = [c for fam in families for c in FAMILIES[fam](device, small)]
+    if args.select != "all":
+        heads = ({id(next(c for c in cases if c.family == fam)) for fam in families} if small else
+                 {id(c) for c in cases if bench.goal(c)})
+        cases = [c for c in cases if (id(c) in heads) == (args.select == "headline")]
     # bf16 cases of every family first (stable): a time-boxed run (the GPU check) measures what matters most first
     cases.sort(key=lambda c: c.dtype != torch.bfloat16)
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None

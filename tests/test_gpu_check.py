@@ -1,0 +1,26 @@
+"""The GPU check's driver (scripts/gpu_check.py) end to end on the CPU (--dry-run: the Triton kernels under the
+interpreter, tiny benchmark sizes), so that the one command a lent GPU runs first cannot rot between GPU runs."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_dry_run_writes_every_tier(tmp_path):
+    out = tmp_path / "report"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--dry-run", "--minutes", "2",
+                        "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    names = {p.name for p in out.iterdir()}
+    assert {"log.txt", "tier0.xml", "tier1.xml", "bench.csv", "summary.md"} <= names, names
+    assert len(names) <= 8, f"at most 8 files come back from the lent machine: {names}"
+    summary = (out / "summary.md").read_text()
+    for step in ("tier 0: every kernel once | 0", "tier 0: headline benchmarks | 0", "tier 1: GPU test suite | 0"):
+        assert step in summary, summary
+    for family in ("linear", "mlp", "conv_relu_pool", "lstm", "lstm_cell"):  # every kernel ran, and passed
+        assert f"| {family} | triton | 3 | 0 |" in summary, summary
+    assert "| linear_relu | 256x256x256 | fp32 | fwd | pydlx |" in summary  # a headline row landed
+    log = (out / "log.txt").read_text()
+    assert "policy: skipped (dry run" in log and "done in" in log
