@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Rehearse, without a GPU, what the lent GPU machine will run: its software versions (torch 2.11.0, triton 3.6.0,
+# seen there; shared/VERIFY.md and .library/device/KINDS.md), so that a version difference shows up here and not in
+# the 15-minute window:
+#   1. pydlx imports under those versions, and backends() reports;
+#   2. the interpreter subset of the test suite passes under them;
+#   3. every shipped Triton config compiles for sm_90 (and sm_80) with triton 3.6, spill-free (tests/aot_compile.py);
+#   4. the C++/CUDA extension builds against torch 2.11's headers for sm_90 only (what the GPU check builds), timed;
+#   5. the GPU check's driver runs end to end (--dry-run).
+# Then, with REHEARSE_NEWEST=1, the interpreter subset again on the newest triton a plain pip install gives beside a
+# CPU build of torch (issue 11: triton 3.9 today).
+#   bash scripts/rehearse.sh [LOG]      (default bench/results/rehearsal-<date>.txt; commit it)
+# The environments live in $REHEARSE_VENV (default .venv-rehearse) and .venv-newest; the first run installs them
+# (torch 2.11 is a CUDA build: a few GB from PyPI).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${REHEARSE_VENV:-$ROOT/.venv-rehearse}
+LOG=${1:-bench/results/rehearsal-$(date -u +%F).txt}
+mkdir -p "$(dirname "$LOG")"
+: > "$LOG"
+say() { echo "[$(date -u +%T)] $*" | tee -a "$LOG"; }
+run() {  # run "title" cmd...: output into the log, exit code and seconds after it
+  local title=$1; shift
+  say "== $title"
+  local t=$(date +%s)
+  "$@" >> "$LOG" 2>&1
+  local rc=$?
+  say "== $title: exit $rc after $(( $(date +%s) - t ))s"
+  return $rc
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV (torch 2.11.0, triton 3.6.0)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q torch==2.11.0 triton==3.6.0 numpy pytest pytest-benchmark matplotlib scikit-learn \
+    ninja >> "$LOG" 2>&1 || { say "install failed"; exit 1; }
+fi
+PY="$VENV/bin/python"
+export PYTHONPATH="$ROOT" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" PYTHONUNBUFFERED=1
+say "commit $(git log -1 --format='%h %s')"
+say "machine: $(uname -m), $(nproc) cores; nvcc $("$CUDA_HOME/bin/nvcc" --version | tail -2 | head -1)"
+fails=0
+run "1. import pydlx under the device's versions" "$PY" -c "
+import sys, torch, triton, pydlx
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton',
+      triton.__version__)
+for k, v in pydlx.backends().items(): print('backend', k + ':', v)" || fails=$((fails + 1))
+run "2. interpreter subset of the suite" env TRITON_INTERPRET=1 "$PY" -m pytest tests -m interpreter -q \
+  -p no:cacheprovider || fails=$((fails + 1))
+run "3. every shipped Triton config for sm_80/sm_90 with this triton (regs, shared memory, spills, MMA)" \
+  env TRITON_INTERPRET=0 "$PY" tests/aot_compile.py || fails=$((fails + 1))
+spills=$(awk '/^(fwd|dx|dw|mlp|crp|lstm)/ && $4 != 0' "$LOG" | wc -l)
+errors=$(grep -c "ERROR" "$LOG")
+say "   configs compiled: $(grep -cE '^(fwd|dx|dw|mlp|crp|lstm)[a-z0-9-]*-sm(80|90)-' "$LOG"), with spills: $spills, errors: $errors"
+[ "$spills" -eq 0 ] && [ "$errors" -eq 0 ] || fails=$((fails + 1))
+BUILD=$(mktemp -d)
+run "4. the extension against this torch's headers, sm_90 only, MAX_JOBS=$(nproc)" env PYDLX_CUDA_ARCHS=90 \
+  MAX_JOBS="$(nproc)" "$PY" -c "
+import time; from pydlx import _ext
+t = time.time(); print(_ext.jit_build('$BUILD')); print(f'built in {time.time() - t:.0f}s')" || fails=$((fails + 1))
+rm -rf "$BUILD"
+run "5. the GPU check's driver, dry run" "$PY" scripts/gpu_check.py --dry-run --minutes 2 --out "$(mktemp -d)" \
+  || fails=$((fails + 1))
+
+if [ "${REHEARSE_NEWEST:-0}" = "1" ]; then
+  NEW=$ROOT/.venv-newest
+  if [ ! -x "$NEW/bin/python" ]; then
+    python3 -m venv "$NEW" && "$NEW/bin/pip" install -q torch==2.13.0 triton numpy pytest pytest-benchmark \
+      matplotlib scikit-learn >> "$LOG" 2>&1
+  fi
+  run "6. interpreter subset on the newest triton, CPU torch" env TRITON_INTERPRET=1 "$NEW/bin/python" -c \
+    "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" || fails=$((fails + 1))
+  run "   (tests)" env TRITON_INTERPRET=1 "$NEW/bin/python" -m pytest tests -m interpreter -q -p no:cacheprovider \
+    || fails=$((fails + 1))
+fi
+say "rehearsal done: $fails step(s) failed; log $LOG"
+exit $(( fails > 0 ))
