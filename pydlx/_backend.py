@@ -73,13 +73,44 @@ def _triton_import_error() -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _interpreter_error() -> Optional[str]:
-    """Why Triton's interpreter (TRITON_INTERPRET=1) cannot run here, or None: it computes with numpy."""
+    """Why Triton's interpreter (TRITON_INTERPRET=1) cannot run here, or None: it computes with numpy, and before
+    triton-lang/triton#9171 was fixed (Triton 3.6 has it, 3.8 not) it fails with numpy >= 2.4, which no longer
+    converts a 1-element array to a Python int ("only 0-dimensional arrays can be converted to Python scalars")."""
     try:
-        import numpy  # noqa: F401
+        import numpy
     except Exception as e:  # noqa: BLE001
         return (f"Triton's interpreter needs numpy, which cannot be imported ({type(e).__name__}: {e}); "
                 "pip install numpy")
-    return None
+    try:
+        int(numpy.array([1]))
+        return None  # numpy < 2.4: every Triton's interpreter runs
+    except TypeError:
+        pass
+    if _interpreter_loops_work():
+        return None
+    import triton
+
+    return (f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} (>= 2.4 no longer "
+            "converts 1-element arrays to scalars; triton-lang/triton#9171, fixed in later Triton): "
+            "pip install 'numpy<2.4', or a newer triton")
+
+
+def _interpreter_loops_work() -> bool:
+    """A one-program kernel looping over a runtime bound, run by the interpreter (the construct #9171 breaks)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _probe(x_ptr, n):
+        for i in range(0, n):
+            tl.store(x_ptr + i, i)
+
+    x = torch.zeros(2, dtype=torch.int32)
+    try:
+        _probe[(1,)](x, 2)
+    except Exception:  # noqa: BLE001
+        return False
+    return x.tolist() == [0, 1]
 
 
 def triton_status() -> str:

@@ -282,10 +282,11 @@ def main(argv=None) -> int:
     c.environment()
     c.ceilings()
     c.build()
-    c.pytest("tier 0: every kernel once", ["tests/test_gpu_smoke.py", "-v"], "tier0.xml", min(150, c.left()))
+    workers = ["-n", "8"] if has_module("xdist") and not args.dry_run else []  # Triton compiles in parallel
+    c.pytest("tier 0: every kernel once", ["tests/test_gpu_smoke.py", "-v", *workers], "tier0.xml",
+             min(150, c.left()))
     c.bench("tier 0: headline benchmarks", "headline", min(1.5, c.left() / 60), min(150, c.left()))
     # tier 1: the full GPU test suite
-    workers = ["-n", "8"] if has_module("xdist") and not args.dry_run else []
     c.pytest("tier 1: GPU test suite", ["tests", "-m", "gpu", *workers, "-q"], "tier1.xml", min(300, c.left()))
     # tier 2: the rest of the grid, as long as the budget lasts
     if c.left() > 20:

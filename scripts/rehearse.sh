@@ -33,8 +33,10 @@ run() {  # run "title" cmd...: output into the log, exit code and seconds after 
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV (torch 2.11.0, triton 3.6.0)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch==2.11.0 triton==3.6.0 numpy pytest pytest-benchmark matplotlib scikit-learn \
-    ninja >> "$LOG" 2>&1 || { say "install failed"; exit 1; }
+  # numpy < 2.4: Triton 3.6's interpreter fails with numpy >= 2.4 (triton-lang/triton#9171; pydlx.backends() says
+  # so). The GPU machines have numpy 2.5 and never interpret; their compiled kernels do not care.
+  "$VENV/bin/pip" install -q torch==2.11.0 triton==3.6.0 "numpy<2.4" pytest pytest-benchmark matplotlib \
+    scikit-learn ninja >> "$LOG" 2>&1 || { say "install failed"; exit 1; }
 fi
 PY="$VENV/bin/python"
 export PYTHONPATH="$ROOT" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" PYTHONUNBUFFERED=1

@@ -114,8 +114,7 @@ def _lstm_source(ptr, idx):
     const.update(REVERSE=True, HAS_LEN=True, HAS_PROJ=proj, BLOCK_B=tri_lstm.BLOCK_B, BLOCK_H=bh, BLOCK_K=bh)
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
     elt = {"*fp16": 2, "*bf16": 2, "*fp32": 4}[ptr]
-    cfg = triton.Config({}, num_warps=warps, num_stages=tri_lstm.stages(elt, bh),
-                        maxnreg=tri_lstm.FWD_MAXNREG if kind == "fwd" else None)
+    cfg = triton.Config({}, num_warps=warps, num_stages=tri_lstm.stages(elt, bh), maxnreg=tri_lstm.MAXNREG)
     return fn, cfg, sig, attrs, const
 
 

@@ -258,10 +258,11 @@ def _warps(kind: str, block_h: int) -> int:
     return 4 if (kind == "bwd" and block_h == 32) else 8
 
 
-# Registers a thread of the forward kernel may use (.maxnreg): left to itself ptxas held some forward variants to
-# 80 registers and spilled (tf32 projections at BLOCK_H = 32, after the accurate tanh); the sequence launch has one
-# program per 16 batch rows, so occupancy does not need the cap (tests/aot_compile.py: no spills at 128).
-FWD_MAXNREG = 255
+# Registers a thread may use (.maxnreg), forward and backward: left to itself ptxas held some variants to fewer
+# registers and spilled (Triton 3.8: the tf32 projection forward at BLOCK_H = 32 held to 80 after the accurate
+# tanh; Triton 3.6, the GPU machines': the 4-warp backward at BLOCK_H = 32 held to 128 on sm_90); the launches have
+# one program per 16 batch rows, so occupancy does not need the cap (tests/aot_compile.py, scripts/rehearse.sh).
+MAXNREG = 255
 
 
 def stages(elt_bytes: int, block_h: int) -> int:
@@ -332,7 +333,7 @@ def lstm_fwd(G: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Te
     lens = lengths if lengths is not None else hs  # a valid pointer, never read without HAS_LEN
     common = dict(REVERSE=reverse, HAS_LEN=lengths is not None, SAVE=save, HAS_PROJ=proj, PRECISION=precision(dt),
                   INTERP_BF16=interp_bf16(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("fwd", BH),
-                  num_stages=stages(G.element_size(), BH), maxnreg=FWD_MAXNREG)
+                  num_stages=stages(G.element_size(), BH), maxnreg=MAXNREG)
     args = (G, w_hh, w_hr.contiguous() if proj else w_hh, hs, cs, y, acts if save else cs, rs if proj else cs, lens,
             T, B, H, P)
     if not proj and (path or ("step" if step_path(B, H) else "sequence")) == "step":
@@ -367,5 +368,5 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, acts: tor
         dht if proj else dh, lengths if lengths is not None else dh, T, B, H, P,
         REVERSE=reverse, HAS_LEN=lengths is not None, HAS_PROJ=proj, PRECISION=precision(dt),
         INTERP_BF16=interp_bf16(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("bwd", BH),
-        num_stages=stages(w_hh.element_size(), BH))
+        num_stages=stages(w_hh.element_size(), BH), maxnreg=MAXNREG)
     return dz, dh, dc, dht
