@@ -81,18 +81,24 @@ def _interpreter_error() -> Optional[str]:
     except Exception as e:  # noqa: BLE001
         return (f"Triton's interpreter needs numpy, which cannot be imported ({type(e).__name__}: {e}); "
                 "pip install numpy")
-    try:
-        int(numpy.array([1]))
-        return None  # numpy < 2.4: every Triton's interpreter runs
-    except TypeError:
-        pass
-    if _interpreter_loops_work():
-        return None
+    if not _numpy_strict_scalars() or _interpreter_loops_work():
+        return None  # numpy < 2.4: every Triton's interpreter runs; else this Triton's has the fix
     import triton
 
     return (f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} (>= 2.4 no longer "
             "converts 1-element arrays to scalars; triton-lang/triton#9171, fixed in later Triton): "
             "pip install 'numpy<2.4', or a newer triton")
+
+
+def _numpy_strict_scalars() -> bool:
+    """numpy >= 2.4: int() of a 1-element array raises."""
+    import numpy
+
+    try:
+        int(numpy.array([1]))
+        return False
+    except TypeError:
+        return True
 
 
 def _interpreter_loops_work() -> bool:
@@ -155,7 +161,8 @@ def why_triton_cannot(t: torch.Tensor) -> Optional[str]:
     if t.device.type == "cpu":
         if not triton_interpret():
             return "CPU tensors need TRITON_INTERPRET=1 for the triton backend"
-        return _interpreter_error()
+        # (not while torch.compile traces: Dynamo cannot trace the numpy probe, and ignores the cache around it)
+        return None if torch.compiler.is_compiling() else _interpreter_error()
     if t.device.type != "cuda":
         return f"device {t.device} is not supported by the triton backend"
     if triton_interpret():

@@ -316,6 +316,26 @@ except pydlx.BackendUnavailableError as e:
         assert ("numpy" if interpret == "1" else "TRITON_INTERPRET=1") in refusal, r.stdout
 
 
+@pytest.mark.interpreter
+def test_backends_tell_when_the_interpreter_breaks_on_numpy_2_4(monkeypatch):
+    """Triton 3.6's interpreter (the GPU machines' Triton) fails every kernel with numpy >= 2.4
+    (triton-lang/triton#9171): backends() says so and a forced triton backend refuses, instead of an
+    InterpreterError from inside Triton. Here (a fixed Triton) the probe kernel runs; a broken one is simulated."""
+    from pydlx import _backend
+
+    assert _backend._interpreter_loops_work()  # this Triton's interpreter runs a loop over a run-time bound
+    monkeypatch.setattr(_backend, "_numpy_strict_scalars", lambda: True)
+    monkeypatch.setattr(_backend, "_interpreter_loops_work", lambda: False)
+    _backend._interpreter_error.cache_clear()
+    try:
+        assert "triton-lang/triton#9171" in pydlx.backends()["triton"]
+        with pydlx.use_backend("triton"), pytest.raises(pydlx.BackendUnavailableError, match="numpy<2.4"):
+            pydlx.ops.linear(torch.randn(2, 3), torch.randn(4, 3))
+    finally:
+        monkeypatch.undo()
+        _backend._interpreter_error.cache_clear()
+
+
 # ---- bad input -------------------------------------------------------------------------------------------------------
 
 BAD = [
