@@ -1,6 +1,6 @@
 """The seed document's three models end to end, as written and after ``pydlx.optimize``.
 
-For each model (CNN, LSTM classifier, autoencoder; examples/seed_models.py) on the available device:
+For each model (CNN, LSTM classifier, autoencoder; pydlx/bench/seed_models.py) on the available device:
   * what optimize() fuses (pydlx.explain) and a check that the state_dict is unchanged;
   * both copies trained from the same initial weights on scikit-learn's digits for a few epochs with the seed's
     optimizer and loss: loss curve, test accuracy and macro F1 (classifiers) or reconstruction MSE (autoencoder),

@@ -1,17 +1,15 @@
-"""Benchmark cases for the model family: the seed document's three example models (examples/seed_models.py),
+"""Benchmark cases for the model family: the seed document's three example models (pydlx/bench/seed_models.py),
 as written against ``pydlx.optimize``-d, at batch 256 (GPU) or 32 (CPU).
 
 op = the example's name (cnn, rnn, autoencoder); mode ``fwd`` = one inference batch (no grad), ``fwdbwd`` = one
 training step (forward, the seed's loss, backward, the seed's optimizer step). Providers: ``eager`` = the model as
 written, ``pydlx`` = pydlx.optimize(model) under the default ``auto`` backend, ``compile`` =
 torch.compile(model as written). bf16 runs under torch.autocast (the seed RNN builds fp32 h0/c0, so a bf16 copy of
-the weights would not run as written). Needs the repository checkout (examples/ is not installed).
+the weights would not run as written).
 """
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 from typing import List
 
 import torch
@@ -24,15 +22,10 @@ CPU_DTYPES = [torch.float32]
 
 
 def seed_models():
-    """examples/seed_models.py, imported by name from the checkout."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
-    if not os.path.exists(os.path.join(path, "seed_models.py")):
-        raise RuntimeError("the model family needs the pydlx checkout (examples/seed_models.py)")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    import seed_models
+    """The seed guide's models, data and trainer (pydlx/bench/seed_models.py, shipped with the package)."""
+    from . import seed_models as S
 
-    return seed_models
+    return S
 
 
 def _make_case(device: torch.device, kind: str, batch: int, dtype: torch.dtype) -> Case:
