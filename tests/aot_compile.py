@@ -179,7 +179,7 @@ def compile_one(case):
                 continue
             sig[name] = {"ptr": ptr, "fp32ptr": "*fp32", "div16": "i32"}[kind]
             attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
-    const.update(PRECISION="tf32", INTERP_BF16=False, **cfg.kwargs)
+    const.update(PRECISION="tf32", **cfg.kwargs)
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
     try:
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),

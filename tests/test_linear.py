@@ -193,7 +193,7 @@ def test_triton_every_shipped_forward_config_under_interpreter(poison):
         grid = (math.ceil(67 / cfg.kwargs["BLOCK_M"]) * math.ceil(130 / cfg.kwargs["BLOCK_N"]),)
         tri._linear_fwd_kernel[grid](x, w, b, y, z, 67, 130, 70, x.stride(0), x.stride(1), w.stride(0),
                                      w.stride(1), y.stride(0), y.stride(1),
-                                     ACT=2, HAS_BIAS=True, SAVE_PREACT=True, PRECISION="tf32", INTERP_BF16=False,
+                                     ACT=2, HAS_BIAS=True, SAVE_PREACT=True, PRECISION="tf32",
                                      **cfg.kwargs)
         assert_close(y, want, dtype=torch.float16, name=f"y[{cfg}]")
         assert_close(z, x.double() @ w.double().t() + b.double(), dtype=torch.float16, name=f"z[{cfg}]")

@@ -99,11 +99,16 @@ def _act_bwd(g, s, ACT: tl.constexpr):
         return g
 
 
+# The interpreter's workarounds, in this one place (off on GPUs, where the branches compile away): Triton's
+# interpreter computes a bf16 tl.dot wrongly and truncates fp32 -> bf16 instead of rounding to nearest even.
+INTERPRETING = tl.constexpr(triton_interpret())
+
+
 @triton.jit
-def _cast(x, DT: tl.constexpr, INTERP_BF16: tl.constexpr):
+def _cast(x, DT: tl.constexpr):
     """fp32 x to DT, rounding to nearest even (the GPU's conversion). The interpreter truncates fp32 -> bf16,
     one ulp low (which shows in y(1 - y) near y = 1), so there the rounding is done by hand on the bits."""
-    if INTERP_BF16:
+    if INTERPRETING and DT == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True).to(DT)  # exact: the low 16 bits are zero
@@ -111,8 +116,8 @@ def _cast(x, DT: tl.constexpr, INTERP_BF16: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
-    if INTERP_BF16:  # the interpreter's bf16 dot is wrong: upcast the tiles
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if INTERPRETING and a.dtype == tl.bfloat16:  # the interpreter's bf16 dot is wrong: upcast the tiles
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
@@ -144,7 +149,3 @@ def launch(tuned, raw, grid, args, kwargs, interpret_cfg):
         tuned[grid](*args, **kwargs)
         return
     raw[grid(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def interp_bf16(dtype: torch.dtype) -> bool:
-    return triton_interpret() and dtype == torch.bfloat16

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..reference.conv_relu_pool import out_shape
-from .common import _cast, _dot, interp_bf16, launch, precision
+from .common import _cast, _dot, launch, precision
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def _conv_relu_pool_fwd_kernel(
     C, H, W, K, HP, WP,
     stride_xn, stride_xc, stride_xh, stride_xw,
     R: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
@@ -62,7 +62,7 @@ def _conv_relu_pool_fwd_kernel(
                         mask=ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(w_ptr + (tap * C + c[:, None]) * K + rk[None, :], mask=c_ok[:, None] & k_ok[None, :],
                         other=0.0)  # w as [R*R, C, K] (K contiguous)
-            acc = _dot(a, b, acc, PRECISION, INTERP_BF16)
+            acc = _dot(a, b, acc, PRECISION)
         take = (acc > best) | (acc != acc)  # first max; a NaN wins (the last one, as in max_pool2d)
         best = tl.where(take, acc, best)
         arg = tl.where(take, win, arg)
@@ -71,7 +71,7 @@ def _conv_relu_pool_fwd_kernel(
     best = tl.where(best < 0.0, 0.0, best)  # ReLU, NaN kept
     out = n * K * HP * WP + rk[None, :] * (HP * WP) + rp[:, None]  # y and idx are contiguous [N, K, HP, WP]
     mask = p_ok[:, None] & k_ok[None, :]
-    tl.store(y_ptr + out, _cast(best, y_ptr.dtype.element_ty, INTERP_BF16), mask=mask)
+    tl.store(y_ptr + out, _cast(best, y_ptr.dtype.element_ty), mask=mask)
     tl.store(idx_ptr + out, arg.to(tl.int8), mask=mask)
 
 
@@ -132,8 +132,7 @@ def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b, stride: int, padding
     if y.numel() == 0:
         return y, idx
     args = (x, w, b.contiguous() if b is not None else w, y, idx, C, H, W, K, HP, WP, *x.stride())
-    kwargs = dict(R=R, STRIDE=stride, PAD=padding, P=P, Q=Q, HAS_BIAS=b is not None, PRECISION=precision(x.dtype),
-                  INTERP_BF16=interp_bf16(x.dtype))
+    kwargs = dict(R=R, STRIDE=stride, PAD=padding, P=P, Q=Q, HAS_BIAS=b is not None, PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(HP * WP, meta["BLOCK_P"]), triton.cdiv(K, meta["BLOCK_K"]), N)  # noqa: E731
     _launch(_fwd_tuned, _conv_relu_pool_fwd_kernel, grid, args, kwargs)
     return y, idx

@@ -18,7 +18,7 @@ cost a second forward GEMM; storing it costs one M×N write and read, which is c
 
 Accumulation is fp32. fp32 inputs use tf32 tensor cores when torch.backends.cuda.matmul.allow_tf32 is set.
 Under TRITON_INTERPRET=1, bf16 tiles are upcast to fp32 before tl.dot (the interpreter's bf16 dot is wrong)
-and fp32 -> bf16 rounding is done by hand (the interpreter truncates): the INTERP_BF16 flag, off on GPUs.
+and fp32 -> bf16 rounding is done by hand (the interpreter truncates): common.py's INTERPRETING, off on GPUs.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..reference.linear import activation_backward
-from .common import (ACT_CODES, SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, arch, interp_bf16, launch,
+from .common import (ACT_CODES, SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, arch, launch,
                      precision)
 
 @triton.jit
@@ -53,7 +53,7 @@ def _linear_fwd_kernel(
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr,
-    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -72,7 +72,7 @@ def _linear_fwd_kernel(
         k_left = K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=(rm[:, None] < m_left) & (rk[None, :] < k_left), other=0.0)
         b = tl.load(w_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < n_left), other=0.0)
-        acc = _dot(a, b, acc, PRECISION, INTERP_BF16)
+        acc = _dot(a, b, acc, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
@@ -81,9 +81,9 @@ def _linear_fwd_kernel(
     tile = m0 * stride_ym + n0 * stride_yn  # 64-bit scalar
     offs = rm[:, None] * stride_ym + rn[None, :] * stride_yn  # 32-bit tile
     if SAVE_PREACT:  # z has y's shape and strides: one offset tile serves both stores
-        tl.store(z_ptr + tile + offs, _cast(acc, z_ptr.dtype.element_ty, INTERP_BF16), mask=mask)
+        tl.store(z_ptr + tile + offs, _cast(acc, z_ptr.dtype.element_ty), mask=mask)
     y = _act_fwd(acc, ACT)
-    tl.store(y_ptr + tile + offs, _cast(y, y_ptr.dtype.element_ty, INTERP_BF16), mask=mask)
+    tl.store(y_ptr + tile + offs, _cast(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -93,7 +93,7 @@ def _linear_bwd_kernel(
     stride_gm, stride_gk, stride_bk, stride_bn,
     stride_cs, stride_cm, stride_cn,
     ACT: tl.constexpr, ROWSUM: tl.constexpr,
-    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """c[split, M, N] = sum over this split's K range of dact(g, s)[M, K] @ b[K, N].
@@ -125,15 +125,15 @@ def _linear_bwd_kernel(
         a = tl.load(g_ptr + a_offs, mask=a_mask, other=0.0)
         if ACT != 0:
             s = tl.load(s_ptr + a_offs, mask=a_mask, other=0.0).to(tl.float32)
-            a = _cast(_act_bwd(a.to(tl.float32), s, ACT), g_ptr.dtype.element_ty, INTERP_BF16)
+            a = _cast(_act_bwd(a.to(tl.float32), s, ACT), g_ptr.dtype.element_ty)
         if ROWSUM:
             rowsum += tl.sum(a.to(tl.float32), axis=1)
         b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < n_left), other=0.0)
-        acc = _dot(a, b, acc, PRECISION, INTERP_BF16)
+        acc = _dot(a, b, acc, PRECISION)
         a_offs += BLOCK_K * stride_gk
         b_ptrs += BLOCK_K * stride_bk
     c_tile = c_ptr + split * stride_cs + m0 * stride_cm + n0 * stride_cn
-    tl.store(c_tile + (rm[:, None] * stride_cm + rn[None, :] * stride_cn), _cast(acc, c_ptr.dtype.element_ty, INTERP_BF16 and c_ptr.dtype.element_ty == tl.bfloat16),
+    tl.store(c_tile + (rm[:, None] * stride_cm + rn[None, :] * stride_cn), _cast(acc, c_ptr.dtype.element_ty),
              mask=(rm[:, None] < m_left) & (rn[None, :] < n_left))
     if ROWSUM:
         if pid_n == 0:
@@ -234,7 +234,7 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], acti
     args = (x, w, b if b is not None else y, y, zz, M, N, K,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1))
     kwargs = dict(ACT=ACT_CODES[activation], HAS_BIAS=b is not None, SAVE_PREACT=save_preact,
-                  PRECISION=precision(x.dtype), INTERP_BF16=interp_bf16(x.dtype))
+                  PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _launch(_linear_fwd_tuned, _linear_fwd_kernel, grid, args, kwargs)
     return y, z
@@ -270,7 +270,7 @@ def max_split_rows(row_stride: int) -> int:
 def _gemm_dact(g, s, b, c, db, M, N, K, g_strides, b_strides, c_strides, k_per_split, act_code):
     """g and s share strides (the caller makes them contiguous)."""
     args = (g, s, b, c, db if db is not None else c, M, N, K, k_per_split, *g_strides, *b_strides, *c_strides)
-    kwargs = dict(ACT=act_code, ROWSUM=db is not None, PRECISION=precision(g.dtype), INTERP_BF16=interp_bf16(g.dtype))
+    kwargs = dict(ACT=act_code, ROWSUM=db is not None, PRECISION=precision(g.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
                          triton.cdiv(K, k_per_split))
     _launch(_linear_bwd_tuned, _linear_bwd_kernel, grid, args, kwargs)

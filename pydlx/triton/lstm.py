@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _cast, _dot, _sigmoid, _tanh, interp_bf16, precision
+from .common import _cast, _dot, _sigmoid, _tanh, precision
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _slots(t, REVERSE: tl.constexpr):
 
 @triton.jit
 def _rows_times(a_ptr, a_stride, rb, b_ok, K, w_ptr, w_k, w_n, rn, n_ok,
-                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """A[rb, :K] @ W[:K, rn] in fp32, [BLOCK_B, BLOCK_N]: A row-major with row stride a_stride, W's element (k, n)
     at w_ptr + k * w_k + n * w_n. Every GEMM of the recurrence is one of these."""
     acc = tl.zeros((rb.shape[0], rn.shape[0]), dtype=tl.float32)
@@ -67,7 +67,7 @@ def _rows_times(a_ptr, a_stride, rb, b_ok, K, w_ptr, w_k, w_n, rn, n_ok,
         k_ok = rk < K
         a = tl.load(a_ptr + rb[:, None] * a_stride + rk[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + rk[:, None] * w_k + rn[None, :] * w_n, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _dot(a, w, acc, PRECISION, INTERP_BF16)
+        acc = _dot(a, w, acc, PRECISION)
     return acc
 
 
@@ -76,7 +76,7 @@ def _lstm_fwd_kernel(
     g_ptr, w_ptr, wr_ptr, hs_ptr, cs_ptr, y_ptr, a_ptr, r_ptr, len_ptr,
     T, B, H, P, t_first, n_steps,
     REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, SAVE: tl.constexpr, ALL_HIDDEN: tl.constexpr,
-    RESIDENT: tl.constexpr, HAS_PROJ: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    RESIDENT: tl.constexpr, HAS_PROJ: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """P: the width of h (proj_size, or H without a projection); W_hh is [4H, P], hs and y hold P-wide rows.
@@ -112,20 +112,19 @@ def _lstm_fwd_kernel(
                 hp = tl.load(hs_ptr + prev * BP + rb[:, None] * P + rk[None, :],
                              mask=b_ok[:, None] & (rk[None, :] < P), other=0.0)
                 zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                acc_i = _dot(hp, w_i, zero, PRECISION, INTERP_BF16)
-                acc_f = _dot(hp, w_f, zero, PRECISION, INTERP_BF16)
-                acc_g = _dot(hp, w_g, zero, PRECISION, INTERP_BF16)
-                acc_o = _dot(hp, w_o, zero, PRECISION, INTERP_BF16)
+                acc_i = _dot(hp, w_i, zero, PRECISION)
+                acc_f = _dot(hp, w_f, zero, PRECISION)
+                acc_g = _dot(hp, w_g, zero, PRECISION)
+                acc_o = _dot(hp, w_o, zero, PRECISION)
             else:  # gate q's columns: W(k, j) = W_hh[q*H + j, k]
                 h_prev_rows = hs_ptr + prev * BP
-                acc_i = _rows_times(h_prev_rows, P, rb, b_ok, P, w_ptr, 1, P, rj, j_ok, BLOCK_K, PRECISION,
-                                    INTERP_BF16)
+                acc_i = _rows_times(h_prev_rows, P, rb, b_ok, P, w_ptr, 1, P, rj, j_ok, BLOCK_K, PRECISION)
                 acc_f = _rows_times(h_prev_rows, P, rb, b_ok, P, w_ptr + H * P, 1, P, rj, j_ok, BLOCK_K,
-                                    PRECISION, INTERP_BF16)
+                                    PRECISION)
                 acc_g = _rows_times(h_prev_rows, P, rb, b_ok, P, w_ptr + 2 * H * P, 1, P, rj, j_ok, BLOCK_K,
-                                    PRECISION, INTERP_BF16)
+                                    PRECISION)
                 acc_o = _rows_times(h_prev_rows, P, rb, b_ok, P, w_ptr + 3 * H * P, 1, P, rj, j_ok, BLOCK_K,
-                                    PRECISION, INTERP_BF16)
+                                    PRECISION)
             m = b_ok[:, None] & j_ok[None, :]
             g_row = g_ptr + t * (4 * BH) + rb[:, None] * (4 * H) + rj[None, :]
             gi = _sigmoid(acc_i + tl.load(g_row, mask=m, other=0.0).to(tl.float32))
@@ -139,10 +138,10 @@ def _lstm_fwd_kernel(
             on = active[:, None] & j_ok[None, :]
             tl.store(cs_ptr + cur * BH + hc, tl.where(on, c, c_prev), mask=m)
             if HAS_PROJ:
-                tl.store(r_ptr + t * BH + hc, _cast(h, r_ptr.dtype.element_ty, INTERP_BF16), mask=m)
+                tl.store(r_ptr + t * BH + hc, _cast(h, r_ptr.dtype.element_ty), mask=m)
             else:
                 h_prev = tl.load(hs_ptr + prev * BH + hc, mask=m, other=0.0)
-                h_out = _cast(h, hs_ptr.dtype.element_ty, INTERP_BF16)
+                h_out = _cast(h, hs_ptr.dtype.element_ty)
                 tl.store(hs_ptr + cur * BH + hc, tl.where(on, h_out, h_prev), mask=m)
                 tl.store(y_ptr + t * BH + hc, tl.where(on, h_out, 0.0), mask=m)
             if SAVE:
@@ -156,13 +155,12 @@ def _lstm_fwd_kernel(
             for p0 in range(0, P, BLOCK_H):
                 rp = p0 + tl.arange(0, BLOCK_H)
                 p_ok = rp < P
-                hp_new = _rows_times(r_ptr + t * BH, H, rb, b_ok, H, wr_ptr, 1, H, rp, p_ok, BLOCK_K, PRECISION,
-                                     INTERP_BF16)
+                hp_new = _rows_times(r_ptr + t * BH, H, rb, b_ok, H, wr_ptr, 1, H, rp, p_ok, BLOCK_K, PRECISION)
                 mp = b_ok[:, None] & p_ok[None, :]
                 onp = active[:, None] & p_ok[None, :]
                 hpc = rb[:, None] * P + rp[None, :]
                 h_prev = tl.load(hs_ptr + prev * BP + hpc, mask=mp, other=0.0)
-                h_out = _cast(hp_new, hs_ptr.dtype.element_ty, INTERP_BF16)
+                h_out = _cast(hp_new, hs_ptr.dtype.element_ty)
                 tl.store(hs_ptr + cur * BP + hpc, tl.where(onp, h_out, h_prev), mask=mp)
                 tl.store(y_ptr + t * BP + hpc, tl.where(onp, h_out, 0.0), mask=mp)
         tl.debug_barrier()  # this step's h (hs[cur]) is read by every thread of the program in the next step
@@ -173,7 +171,7 @@ def _lstm_bwd_kernel(
     dy_ptr, a_ptr, cs_ptr, w_ptr, wr_ptr, dz_ptr, dh_ptr, dc_ptr, dht_ptr, len_ptr,
     T, B, H, P,
     REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, HAS_PROJ: tl.constexpr, PRECISION: tl.constexpr,
-    INTERP_BF16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dh_ptr [B, P] / dc_ptr [B, H] fp32 hold dL/dh_n, dL/dc_n on entry and dL/dh0, dL/dc0 on exit; dz [T, B, 4H].
     With HAS_PROJ, dht [T, B, P] receives dL/dh_t (0 past a sequence's end) for dW_hr, and the cell sees
@@ -193,7 +191,7 @@ def _lstm_bwd_kernel(
                 hpc = rb[:, None] * P + rp[None, :]
                 dht = tl.load(dh_ptr + hpc, mask=onp, other=0.0) + tl.load(dy_ptr + t * BP + hpc, mask=onp,
                                                                            other=0.0).to(tl.float32)
-                tl.store(dht_ptr + t * BP + hpc, _cast(dht, dht_ptr.dtype.element_ty, INTERP_BF16),
+                tl.store(dht_ptr + t * BP + hpc, _cast(dht, dht_ptr.dtype.element_ty),
                          mask=b_ok[:, None] & p_ok[None, :])
             tl.debug_barrier()
         # phase 1: dz for every hidden block (pointwise); dc carried in place
@@ -204,8 +202,7 @@ def _lstm_bwd_kernel(
             on = active[:, None] & j_ok[None, :]
             hc = rb[:, None] * H + rj[None, :]
             if HAS_PROJ:  # dL/dr = dL/dh_t @ W_hr: W(k, j) = W_hr[k, j]
-                dh = _rows_times(dht_ptr + t * BP, P, rb, b_ok, P, wr_ptr, H, 1, rj, j_ok, BLOCK_K, PRECISION,
-                                 INTERP_BF16)
+                dh = _rows_times(dht_ptr + t * BP, P, rb, b_ok, P, wr_ptr, H, 1, rj, j_ok, BLOCK_K, PRECISION)
             else:
                 dh = tl.load(dh_ptr + hc, mask=m, other=0.0) + tl.load(dy_ptr + t * BH + hc, mask=on,
                                                                        other=0.0).to(tl.float32)
@@ -226,10 +223,10 @@ def _lstm_bwd_kernel(
             tl.store(dc_ptr + hc, dc * gf, mask=on)  # rows past their end keep dc (and dh) unchanged
             z_row = dz_ptr + t * (4 * BH) + rb[:, None] * (4 * H) + rj[None, :]
             DT = dz_ptr.dtype.element_ty
-            tl.store(z_row, _cast(tl.where(on, dzi, 0.0), DT, INTERP_BF16), mask=m)
-            tl.store(z_row + H, _cast(tl.where(on, dzf, 0.0), DT, INTERP_BF16), mask=m)
-            tl.store(z_row + 2 * H, _cast(tl.where(on, dzg, 0.0), DT, INTERP_BF16), mask=m)
-            tl.store(z_row + 3 * H, _cast(tl.where(on, dzo, 0.0), DT, INTERP_BF16), mask=m)
+            tl.store(z_row, _cast(tl.where(on, dzi, 0.0), DT), mask=m)
+            tl.store(z_row + H, _cast(tl.where(on, dzf, 0.0), DT), mask=m)
+            tl.store(z_row + 2 * H, _cast(tl.where(on, dzg, 0.0), DT), mask=m)
+            tl.store(z_row + 3 * H, _cast(tl.where(on, dzo, 0.0), DT), mask=m)
         tl.debug_barrier()
         # phase 2: dh_{t-1} = dz_t @ W_hh (a GEMM over the 4H gate units) for the rows still running:
         # W(k, p) = W_hh[k, p]
@@ -237,7 +234,7 @@ def _lstm_bwd_kernel(
             rp = p0 + tl.arange(0, BLOCK_H)
             p_ok = rp < P
             acc = _rows_times(dz_ptr + t * (4 * BH), 4 * H, rb, b_ok, 4 * H, w_ptr, P, 1, rp, p_ok, BLOCK_K,
-                              PRECISION, INTERP_BF16)
+                              PRECISION)
             tl.store(dh_ptr + rb[:, None] * P + rp[None, :], acc, mask=active[:, None] & p_ok[None, :])
         tl.debug_barrier()
 
@@ -332,7 +329,7 @@ def lstm_fwd(G: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Te
     BB, BH = BLOCK_B, _block_h(H)
     lens = lengths if lengths is not None else hs  # a valid pointer, never read without HAS_LEN
     common = dict(REVERSE=reverse, HAS_LEN=lengths is not None, SAVE=save, HAS_PROJ=proj, PRECISION=precision(dt),
-                  INTERP_BF16=interp_bf16(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("fwd", BH),
+                  BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("fwd", BH),
                   num_stages=stages(G.element_size(), BH), maxnreg=MAXNREG)
     args = (G, w_hh, w_hr.contiguous() if proj else w_hh, hs, cs, y, acts if save else cs, rs if proj else cs, lens,
             T, B, H, P)
@@ -366,7 +363,7 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, acts: tor
     _lstm_bwd_kernel[(triton.cdiv(B, BB),)](
         dy.contiguous(), acts, cs, w_hh.contiguous(), w_hr.contiguous() if proj else w_hh, dz, dh, dc,
         dht if proj else dh, lengths if lengths is not None else dh, T, B, H, P,
-        REVERSE=reverse, HAS_LEN=lengths is not None, HAS_PROJ=proj, PRECISION=precision(dt),
-        INTERP_BF16=interp_bf16(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("bwd", BH),
+        REVERSE=reverse, HAS_LEN=lengths is not None, HAS_PROJ=proj, PRECISION=precision(dt), BLOCK_B=BB,
+        BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("bwd", BH),
         num_stages=stages(w_hh.element_size(), BH), maxnreg=MAXNREG)
     return dz, dh, dc, dht

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..reference.mlp import saves_z
 from ..reference.mlp import FUSED_MAX_LAYERS, FUSED_MAX_WIDTH
-from .common import ACT_CODES, PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, interp_bf16, launch, precision
+from .common import ACT_CODES, PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, launch, precision
 
 MAX_WIDTH, MAX_LAYERS = FUSED_MAX_WIDTH, FUSED_MAX_LAYERS  # widest layer (output side), most layers
 
@@ -47,7 +47,7 @@ def _mlp_fwd_kernel(
     SIZES: tl.constexpr, PADS: tl.constexpr, HAS_B: tl.constexpr, L: tl.constexpr,
     HCOLS: tl.constexpr, HW: tl.constexpr, ZCOLS: tl.constexpr, ZW: tl.constexpr,
     ACT: tl.constexpr, LAST_ACT: tl.constexpr, SAVE_H: tl.constexpr, SAVE_Z: tl.constexpr,
-    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
@@ -65,7 +65,7 @@ def _mlp_fwd_kernel(
         k_left = SIZES[0] - k * BLOCK_K
         a = tl.load(x_ptrs, mask=row_mask & (rk[None, :] < k_left), other=0.0)
         w = tl.load(w_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < SIZES[1]), other=0.0)
-        acc = _dot(a, w, acc, PRECISION, INTERP_BF16)
+        acc = _dot(a, w, acc, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K
     h = acc.to(dt)  # rebound in every layer
@@ -75,19 +75,19 @@ def _mlp_fwd_kernel(
             rk = tl.arange(0, PADS[l])
             w = tl.load(ws[l] + (rk[:, None] + rn[None, :] * SIZES[l]),
                         mask=(rk[:, None] < SIZES[l]) & (rn[None, :] < SIZES[l + 1]), other=0.0)
-            acc = _dot(h, w, _zeros(BLOCK_M, PADS[l + 1]), PRECISION, INTERP_BF16)
+            acc = _dot(h, w, _zeros(BLOCK_M, PADS[l + 1]), PRECISION)
         if HAS_B[l]:
             acc += tl.load(bs[l] + rn, mask=rn < SIZES[l + 1], other=0.0).to(tl.float32)[None, :]
         mask = row_mask & (rn[None, :] < SIZES[l + 1])
         if SAVE_Z:
-            tl.store(z_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[l] + rn[None, :]), _cast(acc, dt, INTERP_BF16),
+            tl.store(z_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[l] + rn[None, :]), _cast(acc, dt),
                      mask=mask)
         if l + 1 < L:
-            h = _cast(_act_fwd(acc, ACT), dt, INTERP_BF16)
+            h = _cast(_act_fwd(acc, ACT), dt)
             if SAVE_H:
                 tl.store(h_ptr + m0 * HW + (rm[:, None] * HW + HCOLS[l] + rn[None, :]), h, mask=mask)
         else:
-            y = _cast(_act_fwd(acc, LAST_ACT), dt, INTERP_BF16)
+            y = _cast(_act_fwd(acc, LAST_ACT), dt)
             tl.store(y_ptr + m0 * SIZES[L] + (rm[:, None] * SIZES[L] + rn[None, :]), y, mask=mask)
 
 
@@ -98,7 +98,7 @@ def _mlp_bwd_kernel(
     SIZES: tl.constexpr, PADS: tl.constexpr, L: tl.constexpr,
     HCOLS: tl.constexpr, HW: tl.constexpr, ZCOLS: tl.constexpr, ZW: tl.constexpr,
     ACT: tl.constexpr, LAST_ACT: tl.constexpr, HID_FROM_Z: tl.constexpr, LAST_FROM_Z: tl.constexpr,
-    NEED_DX: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    NEED_DX: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
@@ -117,7 +117,7 @@ def _mlp_bwd_kernel(
         else:
             s = tl.load(y_ptr + m0 * SIZES[L] + (rm[:, None] * SIZES[L] + rn[None, :]), mask=mask, other=0.0)
         g = _act_bwd(g, s.to(tl.float32), LAST_ACT)
-    dz = _cast(g, dt, INTERP_BF16)
+    dz = _cast(g, dt)
     tl.store(dz_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[L - 1] + rn[None, :]), dz, mask=mask)
     # hidden layers, last to first: g = dz(l) @ W_l, dz(l-1) = g * act'(h or z of layer l-1)
     for i in tl.static_range(L - 1):
@@ -125,7 +125,7 @@ def _mlp_bwd_kernel(
         rk = tl.arange(0, PADS[L - 1 - i])
         w = tl.load(ws[L - 1 - i] + (rn[:, None] * SIZES[L - 1 - i] + rk[None, :]),
                     mask=(rn[:, None] < SIZES[L - i]) & (rk[None, :] < SIZES[L - 1 - i]), other=0.0)
-        g = _dot(dz, w, _zeros(BLOCK_M, PADS[L - 1 - i]), PRECISION, INTERP_BF16)
+        g = _dot(dz, w, _zeros(BLOCK_M, PADS[L - 1 - i]), PRECISION)
         mask = row_mask & (rk[None, :] < SIZES[L - 1 - i])
         if ACT != 0:
             if HID_FROM_Z:
@@ -135,7 +135,7 @@ def _mlp_bwd_kernel(
                 s = tl.load(h_ptr + m0 * HW + (rm[:, None] * HW + HCOLS[L - 2 - i] + rk[None, :]), mask=mask,
                             other=0.0)
             g = _act_bwd(g, s.to(tl.float32), ACT)
-        dz = _cast(g, dt, INTERP_BF16)
+        dz = _cast(g, dt)
         tl.store(dz_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[L - 2 - i] + rk[None, :]), dz, mask=mask)
     if NEED_DX:  # dx = dz(0) @ W0, in K0 chunks
         rn = tl.arange(0, PADS[1])
@@ -145,8 +145,8 @@ def _mlp_bwd_kernel(
         for k in range(0, tl.cdiv(SIZES[0], BLOCK_K)):  # new names: a loop-carried value keeps its type
             k_left = SIZES[0] - k * BLOCK_K
             w0 = tl.load(w_ptrs, mask=(rn[:, None] < SIZES[1]) & (rk[None, :] < k_left), other=0.0)
-            dx = _dot(dz, w0, _zeros(BLOCK_M, BLOCK_K), PRECISION, INTERP_BF16)
-            tl.store(dx_ptrs, _cast(dx, dt, INTERP_BF16), mask=row_mask & (rk[None, :] < k_left))
+            dx = _dot(dz, w0, _zeros(BLOCK_M, BLOCK_K), PRECISION)
+            tl.store(dx_ptrs, _cast(dx, dt), mask=row_mask & (rk[None, :] < k_left))
             w_ptrs += BLOCK_K
             dx_ptrs += BLOCK_K
 
@@ -262,7 +262,7 @@ def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[O
     args = (x, ws, bs, y, h if save_h else y, z if save_z else y, M, x.stride(0), x.stride(1))
     kwargs = dict(plan.constexprs(), HAS_B=tuple(b is not None for b in biases), ACT=ACT_CODES[activation],
                   LAST_ACT=ACT_CODES[last_activation], SAVE_H=save_h, SAVE_Z=save_z,
-                  PRECISION=precision(x.dtype), INTERP_BF16=interp_bf16(x.dtype))
+                  PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _launch(_mlp_fwd_tuned, _mlp_fwd_kernel, grid, args, kwargs)
     return y, h, z
@@ -285,7 +285,7 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], 
     kwargs = dict(plan.constexprs(), ACT=ACT_CODES[activation], LAST_ACT=ACT_CODES[last_activation],
                   HID_FROM_Z=from_z and ACT_CODES[activation] in PREACT_CODES,
                   LAST_FROM_Z=from_z and ACT_CODES[last_activation] in PREACT_CODES, NEED_DX=need_dx,
-                  PRECISION=precision(x.dtype), INTERP_BF16=interp_bf16(x.dtype))
+                  PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _launch(_mlp_bwd_tuned, _mlp_bwd_kernel, grid, args, kwargs)
     return dx, dz
