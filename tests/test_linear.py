@@ -490,17 +490,13 @@ def _shipped_config_cases():
 @pytest.mark.gpu
 @pytest.mark.parametrize("act", ["relu", "gelu"])
 @pytest.mark.parametrize("cfg,dtype", _shipped_config_cases())
-def test_gpu_every_config(cfg, dtype, act, monkeypatch, poison):
+def test_gpu_every_config(cfg, dtype, act, poison):
     """Every shipped config, in the forward and both backward GEMMs, at an odd shape that is not a tile multiple."""
-    from pydlx.triton import linear as tri
+    from pydlx.triton.common import forced_config
 
-    def launch(tuned, raw, grid, args, kwargs):
-        raw[grid(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    monkeypatch.setattr(tri, "_launch", launch)
     x, w, b = make((300,), 200, 130, dtype, device="cuda")
     g = torch.randn(300, 130, dtype=dtype, device="cuda")
-    with pydlx.use_backend("triton"):
+    with pydlx.use_backend("triton"), forced_config(cfg):
         check_against_fp64(lambda *a: pydlx.ops.linear(*a, activation=act), x, w, b, g, act, dtype)
 
 

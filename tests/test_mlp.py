@@ -163,8 +163,9 @@ def test_fused_triton_runs_one_kernel_each_way(monkeypatch):
     tri = importlib.import_module("pydlx.triton.mlp")
     tri_lin = importlib.import_module("pydlx.triton.linear")
     launches = []
-    real = tri._launch
-    monkeypatch.setattr(tri, "_launch", lambda tuned, raw, *a: launches.append(raw.__name__) or real(tuned, raw, *a))
+    common = importlib.import_module("pydlx.triton.common")
+    real = common.Tuned.__call__
+    monkeypatch.setattr(common.Tuned, "__call__", lambda self, *a: launches.append(self.__name__) or real(self, *a))
     monkeypatch.setattr(tri_lin, "linear_fwd", lambda *a, **k: pytest.fail("a chain of linears ran"))
     ref_mlp = importlib.import_module("pydlx.reference.mlp")
     monkeypatch.setattr(ref_mlp, "mlp_fwd", lambda *a, **k: pytest.fail("the reference ran"))

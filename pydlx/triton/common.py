@@ -1,8 +1,10 @@
 """Shared pieces of pydlx's Triton kernels: activation functions and their derivatives, the dot and the cast
-(with the interpreter's bf16 workarounds), and the host-side launch rules (autotune / fixed config)."""
+(with the interpreter's bf16 workarounds), and the host-side launch rule (Tuned: autotune / fixed config)."""
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Callable, Iterator, List, Sequence
 
 import torch
 import triton
@@ -136,16 +138,52 @@ def precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored by tl.dot for fp16/bf16 operands
 
 
-def launch(tuned, raw, grid, args, kwargs, interpret_cfg):
-    """Launch through the autotuner; under the interpreter, or with PYDLX_TRITON_AUTOTUNE=0 (the GPU test suite:
-    correctness, not speed, and a fraction of the compile time), with one fixed config instead."""
-    if triton_interpret():
-        cfg = interpret_cfg
-    elif os.environ.get("PYDLX_TRITON_AUTOTUNE", "1") == "0":
-        named = dict(zip(raw.arg_names, args))
-        prune = tuned.early_config_prune
-        cfg = (prune(tuned.configs, named, **kwargs) if prune else tuned.configs)[0]
-    else:
-        tuned[grid](*args, **kwargs)
-        return
-    raw[grid(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+_forced: list = []
+
+
+@contextlib.contextmanager
+def forced_config(cfg: triton.Config) -> Iterator[None]:
+    """Within the block every Tuned launch runs ``cfg`` (the GPU tests of every shipped config)."""
+    _forced.append(cfg)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+class Tuned:
+    """A kernel with its shipped configs, launched by one rule through Triton's public autotune API: autotuned over
+    the configs ``prune(configs, named_args, **constexprs)`` keeps for the call (the ones tests/aot_compile.py
+    compiles spill-free for the chip and dtype); under the interpreter, its small ``interpret_config``; with
+    PYDLX_TRITON_AUTOTUNE=0 (the GPU test suite: correctness, not speed, and a fraction of the compile time) the
+    first config kept. A kernel with one config a call (the LSTM's) is launched with it, never timed: nothing to
+    tune, and kernels that update buffers in place must not be re-run by the autotuner's timing."""
+
+    def __init__(self, kernel, configs: Sequence[triton.Config], key: Sequence[str],
+                 prune: Callable[..., List[triton.Config]], interpret_config: triton.Config):
+        self.kernel, self.configs, self.prune = kernel, list(configs), prune
+        self.interpret_config = interpret_config
+        self.tuned = triton.autotune(self.configs, key=list(key),
+                                     prune_configs_by={"early_config_prune": prune})(kernel)
+
+    @property
+    def __name__(self) -> str:
+        return self.kernel.__name__
+
+    def __call__(self, grid, args: Sequence, kwargs: dict) -> None:
+        if _forced:
+            cfg = _forced[-1]
+        elif triton_interpret():
+            cfg = self.interpret_config
+        else:
+            kept = self.prune(self.configs, dict(zip(self.kernel.arg_names, args)), **kwargs)
+            if len(kept) > 1 and os.environ.get("PYDLX_TRITON_AUTOTUNE", "1") != "0":
+                self.tuned[grid](*args, **kwargs)
+                return
+            # one config (or tuning off): launched as is -- Triton's autotuner would time even a single config,
+            # re-running a kernel that updates buffers in place (the LSTM backward's dh / dc)
+            cfg = kept[0]
+        launch_kw = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if getattr(cfg, "maxnreg", None):
+            launch_kw["maxnreg"] = cfg.maxnreg
+        self.kernel[grid(cfg.kwargs) if callable(grid) else grid](*args, **kwargs, **cfg.kwargs, **launch_kw)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..reference.conv_relu_pool import out_shape
-from .common import _cast, _dot, launch, precision
+from .common import Tuned, _cast, _dot, precision
 
 
 @triton.jit
@@ -96,14 +96,9 @@ def configs_for(elt_bytes: int) -> List[triton.Config]:
     return FWD_CONFIGS_FP32 if elt_bytes == 4 else FWD_CONFIGS_16BIT
 
 
-_fwd_tuned = triton.autotune(
-    FWD_CONFIGS, key=["C", "H", "W", "K", "R", "STRIDE", "PAD", "P", "Q", "PRECISION"],
-    prune_configs_by={"early_config_prune": lambda configs, named, **kw: configs_for(named["x_ptr"].element_size())},
-)(_conv_relu_pool_fwd_kernel)
-
-
-def _launch(tuned, raw, grid, args, kwargs):
-    launch(tuned, raw, grid, args, kwargs, INTERPRET_CONFIG)
+_conv_relu_pool_fwd = Tuned(
+    _conv_relu_pool_fwd_kernel, FWD_CONFIGS, ["C", "H", "W", "K", "R", "STRIDE", "PAD", "P", "Q", "PRECISION"],
+    lambda configs, named, **kw: configs_for(named["x_ptr"].element_size()), INTERPRET_CONFIG)
 
 
 def why_too_large(x_shape, x_strides, K: int, R: int, HP: int, WP: int) -> Optional[str]:
@@ -134,5 +129,5 @@ def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b, stride: int, padding
     args = (x, w, b.contiguous() if b is not None else w, y, idx, C, H, W, K, HP, WP, *x.stride())
     kwargs = dict(R=R, STRIDE=stride, PAD=padding, P=P, Q=Q, HAS_BIAS=b is not None, PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(HP * WP, meta["BLOCK_P"]), triton.cdiv(K, meta["BLOCK_K"]), N)  # noqa: E731
-    _launch(_fwd_tuned, _conv_relu_pool_fwd_kernel, grid, args, kwargs)
+    _conv_relu_pool_fwd(grid, args, kwargs)
     return y, idx

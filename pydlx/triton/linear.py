@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..reference.linear import activation_backward
-from .common import (ACT_CODES, SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, arch, launch,
+from .common import (ACT_CODES, SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, Tuned, arch,
                      precision)
 
 @triton.jit
@@ -191,15 +191,10 @@ def _prune_bwd(configs, named_args, **_):
     return configs_for(configs, named_args["g_ptr"].element_size(), arch()) or configs[-1:]
 
 
-_linear_fwd_tuned = triton.autotune(FWD_CONFIGS + FWD_CONFIGS_WIDE,
-                                    key=["M", "N", "K", "ACT", "SAVE_PREACT", "PRECISION"],
-                                    prune_configs_by={"early_config_prune": _prune_fwd})(_linear_fwd_kernel)
-_linear_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["M", "N", "K", "K_PER_SPLIT", "ACT", "ROWSUM", "PRECISION"],
-                                    prune_configs_by={"early_config_prune": _prune_bwd})(_linear_bwd_kernel)
-
-
-def _launch(tuned, raw, grid, args, kwargs):
-    launch(tuned, raw, grid, args, kwargs, INTERPRET_CONFIG)
+_linear_fwd = Tuned(_linear_fwd_kernel, FWD_CONFIGS + FWD_CONFIGS_WIDE,
+                    ["M", "N", "K", "ACT", "SAVE_PREACT", "PRECISION"], _prune_fwd, INTERPRET_CONFIG)
+_linear_bwd = Tuned(_linear_bwd_kernel, BWD_CONFIGS, ["M", "N", "K", "K_PER_SPLIT", "ACT", "ROWSUM", "PRECISION"],
+                    _prune_bwd, INTERPRET_CONFIG)
 
 
 # In-tile offsets are 32-bit (each tile's base offset is 64-bit) and a tile spans at most 256 rows or columns of
@@ -236,7 +231,7 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], acti
     kwargs = dict(ACT=ACT_CODES[activation], HAS_BIAS=b is not None, SAVE_PREACT=save_preact,
                   PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _launch(_linear_fwd_tuned, _linear_fwd_kernel, grid, args, kwargs)
+    _linear_fwd(grid, args, kwargs)
     return y, z
 
 
@@ -273,7 +268,7 @@ def _gemm_dact(g, s, b, c, db, M, N, K, g_strides, b_strides, c_strides, k_per_s
     kwargs = dict(ACT=act_code, ROWSUM=db is not None, PRECISION=precision(g.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
                          triton.cdiv(K, k_per_split))
-    _launch(_linear_bwd_tuned, _linear_bwd_kernel, grid, args, kwargs)
+    _linear_bwd(grid, args, kwargs)
 
 
 def linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, saved: torch.Tensor,

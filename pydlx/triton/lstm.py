@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _cast, _dot, _sigmoid, _tanh, precision
+from .common import Tuned, _cast, _dot, _sigmoid, _tanh, precision
 
 
 @triton.jit
@@ -270,6 +270,23 @@ def stages(elt_bytes: int, block_h: int) -> int:
     return 2 if block_h == 16 else 1
 
 
+def _cfg(warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({}, num_warps=warps, num_stages=num_stages, maxnreg=MAXNREG)
+
+
+# One config a launch, picked by block width and element size (_warps, stages): the ones tests/aot_compile.py
+# compiles spill-free. The launches go through the same Tuned rule as the other kernels (forced configs, the
+# interpreter's, PYDLX_TRITON_AUTOTUNE); with one config kept there is nothing to benchmark.
+_CONFIGS = {(w, st): _cfg(w, st) for w in (4, 8) for st in (1, 2, 3)}
+
+
+def _prune(kind: str, ptr: str):
+    def prune(configs, named_args, **kwargs):
+        bh = kwargs["BLOCK_H"]
+        return [_CONFIGS[(_warps(kind, bh), stages(named_args[ptr].element_size(), bh))]]
+    return prune
+
+
 # Every (kernel, BLOCK_H, sequence launch, weights resident, projection, warps) that lstm_fwd / lstm_bwd can
 # launch. Streamed weights and step launches without a projection only happen with H > 64 (BLOCK_H = 64);
 # projections stream at every BLOCK_H.
@@ -277,6 +294,12 @@ LAUNCHES = ([("fwd", bh, True, True, False, _warps("fwd", bh)) for bh in (16, 32
             + [("fwd", 64, True, False, False, _warps("fwd", 64)), ("fwd", 64, False, False, False, _warps("fwd", 64))]
             + [("fwd", bh, True, False, True, _warps("fwd", bh)) for bh in (16, 32, 64)]
             + [("bwd", bh, True, False, proj, _warps("bwd", bh)) for proj in (False, True) for bh in (16, 32, 64)])
+
+
+_KEY = ["H", "P", "REVERSE", "HAS_LEN", "HAS_PROJ", "PRECISION", "BLOCK_H"]
+_lstm_fwd = Tuned(_lstm_fwd_kernel, list(_CONFIGS.values()), _KEY + ["SAVE", "ALL_HIDDEN", "RESIDENT"],
+                  _prune("fwd", "g_ptr"), _cfg(4, 1))
+_lstm_bwd = Tuned(_lstm_bwd_kernel, list(_CONFIGS.values()), _KEY, _prune("bwd", "w_ptr"), _cfg(4, 1))
 
 
 def why_too_large(B: int, H: int, P: int) -> Optional[str]:
@@ -329,17 +352,16 @@ def lstm_fwd(G: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Te
     BB, BH = BLOCK_B, _block_h(H)
     lens = lengths if lengths is not None else hs  # a valid pointer, never read without HAS_LEN
     common = dict(REVERSE=reverse, HAS_LEN=lengths is not None, SAVE=save, HAS_PROJ=proj, PRECISION=precision(dt),
-                  BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("fwd", BH),
-                  num_stages=stages(G.element_size(), BH), maxnreg=MAXNREG)
+                  BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BH)
     args = (G, w_hh, w_hr.contiguous() if proj else w_hh, hs, cs, y, acts if save else cs, rs if proj else cs, lens,
             T, B, H, P)
     if not proj and (path or ("step" if step_path(B, H) else "sequence")) == "step":
         grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
         for s in range(T):
-            _lstm_fwd_kernel[grid](*args, s, 1, ALL_HIDDEN=False, RESIDENT=False, **common)
+            _lstm_fwd(grid, (*args, s, 1), dict(ALL_HIDDEN=False, RESIDENT=False, **common))
     else:
         resident = not proj and H <= RESIDENT_MAX_H
-        _lstm_fwd_kernel[(triton.cdiv(B, BB), 1)](*args, 0, T, ALL_HIDDEN=True, RESIDENT=resident, **common)
+        _lstm_fwd((triton.cdiv(B, BB), 1), (*args, 0, T), dict(ALL_HIDDEN=True, RESIDENT=resident, **common))
     return y, hs, cs, acts, rs
 
 
@@ -360,10 +382,9 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, acts: tor
         return dz.zero_(), dh, dc, dht.zero_()
     BB, BH = BLOCK_B, _block_h(H)
     dt = w_hh.dtype
-    _lstm_bwd_kernel[(triton.cdiv(B, BB),)](
+    _lstm_bwd((triton.cdiv(B, BB),), (
         dy.contiguous(), acts, cs, w_hh.contiguous(), w_hr.contiguous() if proj else w_hh, dz, dh, dc,
-        dht if proj else dh, lengths if lengths is not None else dh, T, B, H, P,
+        dht if proj else dh, lengths if lengths is not None else dh, T, B, H, P), dict(
         REVERSE=reverse, HAS_LEN=lengths is not None, HAS_PROJ=proj, PRECISION=precision(dt), BLOCK_B=BB,
-        BLOCK_H=BH, BLOCK_K=BH, num_warps=_warps("bwd", BH),
-        num_stages=stages(w_hh.element_size(), BH), maxnreg=MAXNREG)
+        BLOCK_H=BH, BLOCK_K=BH))
     return dz, dh, dc, dht

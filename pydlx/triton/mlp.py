@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..reference.mlp import saves_z
 from ..reference.mlp import FUSED_MAX_LAYERS, FUSED_MAX_WIDTH
-from .common import ACT_CODES, PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, launch, precision
+from .common import ACT_CODES, PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, Tuned, precision
 
 MAX_WIDTH, MAX_LAYERS = FUSED_MAX_WIDTH, FUSED_MAX_LAYERS  # widest layer (output side), most layers
 
@@ -192,14 +192,8 @@ def _prune(kind, ptr_arg):
 
 _FWD_KEY = ["M", "SIZES", "ACT", "LAST_ACT", "SAVE_H", "SAVE_Z", "PRECISION"]
 _BWD_KEY = ["M", "SIZES", "ACT", "LAST_ACT", "NEED_DX", "PRECISION"]
-_mlp_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_FWD_KEY,
-                                 prune_configs_by={"early_config_prune": _prune("fwd", "x_ptr")})(_mlp_fwd_kernel)
-_mlp_bwd_tuned = triton.autotune(BWD_CONFIGS, key=_BWD_KEY,
-                                 prune_configs_by={"early_config_prune": _prune("bwd", "g_ptr")})(_mlp_bwd_kernel)
-
-
-def _launch(tuned, raw, grid, args, kwargs):
-    launch(tuned, raw, grid, args, kwargs, INTERPRET_CONFIG)
+_mlp_fwd = Tuned(_mlp_fwd_kernel, FWD_CONFIGS, _FWD_KEY, _prune("fwd", "x_ptr"), INTERPRET_CONFIG)
+_mlp_bwd = Tuned(_mlp_bwd_kernel, BWD_CONFIGS, _BWD_KEY, _prune("bwd", "g_ptr"), INTERPRET_CONFIG)
 
 
 def why_cannot(sizes: Sequence[int]) -> Optional[str]:
@@ -264,7 +258,7 @@ def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[O
                   LAST_ACT=ACT_CODES[last_activation], SAVE_H=save_h, SAVE_Z=save_z,
                   PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-    _launch(_mlp_fwd_tuned, _mlp_fwd_kernel, grid, args, kwargs)
+    _mlp_fwd(grid, args, kwargs)
     return y, h, z
 
 
@@ -287,5 +281,5 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], 
                   LAST_FROM_Z=from_z and ACT_CODES[last_activation] in PREACT_CODES, NEED_DX=need_dx,
                   PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-    _launch(_mlp_bwd_tuned, _mlp_bwd_kernel, grid, args, kwargs)
+    _mlp_bwd(grid, args, kwargs)
     return dx, dz
