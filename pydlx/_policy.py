@@ -215,7 +215,7 @@ def status(device=None) -> str:
     if policy is None:
         name, cc = device_key(device)
         off = os.environ.get("PYDLX_POLICY", "").strip().lower() == "off" or (_override and _override[-1] == "off")
-        return (f"off: auto runs the unmeasured defaults" if off else
+        return ("off: auto runs the unmeasured defaults" if off else
                 f"none for {name} (sm_{cc.replace('.', '')}): auto runs the unmeasured defaults (eager where a kernel "
                 "is not measured)")
     return f"{policy.device} (sm_{policy.capability.replace('.', '')}), {policy.path or 'in memory'}"

@@ -210,7 +210,6 @@ def test_triton_dw_split_reduction_is_exercised():
 @pytest.mark.interpreter
 def test_triton_forced_backend_runs_triton(monkeypatch):
     """A test that forces triton must be testing Triton: the launcher is called, the reference is not."""
-    ops_linear = importlib.import_module("pydlx.ops.linear")  # the module, not the function it exports
     from pydlx.triton import linear as tri
 
     calls = []

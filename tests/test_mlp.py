@@ -160,7 +160,6 @@ def test_fused_triton_3d_and_noncontiguous_input(poison):
 def test_fused_triton_runs_one_kernel_each_way(monkeypatch):
     """Forced triton on a small MLP runs the fused kernels (one launch forward, one backward), not the reference
     and not a chain of linears."""
-    tri = importlib.import_module("pydlx.triton.mlp")
     tri_lin = importlib.import_module("pydlx.triton.linear")
     launches = []
     common = importlib.import_module("pydlx.triton.common")

@@ -76,6 +76,22 @@ def goal(case_or_row) -> Optional[str]:
     return GOALS.get(key)
 
 
+def pick(provider: str, state: dict, eager, fused: Callable[[], object]):
+    """A case's callable for a provider: ``eager`` as written, ``fused()`` (pydlx) built on demand, or
+    torch.compile(eager) compiled once per case (``state`` keeps it; a fresh dynamo cache per case, so that later
+    shapes neither hit the recompile limit nor go dynamic)."""
+    if provider == "pydlx":
+        return fused()
+    if provider == "eager":
+        return eager
+    if provider == "compile":
+        if "compiled" not in state:
+            torch._dynamo.reset()
+            state["compiled"] = torch.compile(eager, dynamic=False)
+        return state["compiled"]
+    raise ValueError(f"unknown provider {provider!r}")
+
+
 def _git(args: Sequence[str], cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
                           check=True).stdout.strip()

@@ -13,7 +13,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from . import Case
+from . import Case, pick
 
 # (N, C, H, W, K, kernel, stride, padding, pool, pool_stride)
 GPU_SHAPES = {"seed_conv1": (256, 3, 32, 32, 32, 3, 1, 1, 2, 2), "seed_conv2": (256, 32, 16, 16, 64, 3, 1, 1, 2, 2),
@@ -35,19 +35,10 @@ def _make_case(device: torch.device, op: str, shape, dtype: torch.dtype) -> Case
     def make(provider: str):
         import pydlx
 
-        if provider == "pydlx":
-            def f(x, w, b):
-                return pydlx.ops.conv_relu_pool2d(x, w, b, s, p, P, Q)
-        elif provider == "eager":
-            def f(x, w, b):
-                return _eager(x, w, b, s, p, P, Q)
-        elif provider == "compile":
-            if "compiled" not in state:
-                torch._dynamo.reset()
-                state["compiled"] = torch.compile(lambda x, w, b: _eager(x, w, b, s, p, P, Q), dynamic=False)
-            f = state["compiled"]
-        else:
-            raise ValueError(f"unknown provider {provider!r}")
+        def eager(x, w, b):
+            return _eager(x, w, b, s, p, P, Q)
+
+        f = pick(provider, state, eager, lambda: lambda x, w, b: pydlx.ops.conv_relu_pool2d(x, w, b, s, p, P, Q))
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(N, C, H, W, generator=gen, device=device, dtype=dtype)
         w = torch.randn(K, C, R, R, generator=gen, device=device, dtype=dtype) / (C * R * R) ** 0.5

@@ -10,7 +10,7 @@ from typing import Callable, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import Case
+from . import Case, pick
 
 OPS = {"linear_relu": "relu", "linear_gelu": "gelu"}
 GPU_SHAPES = [(4096, 4096, 4096), (256, 4096, 1024), (65536, 256, 256)]
@@ -31,19 +31,11 @@ def _make_case(device: torch.device, op: str, act: str, M: int, N: int, K: int, 
         def eager(x, w, b):
             return act_fn(F.linear(x, w, b))
 
-        if provider == "eager":
-            return eager
-        if provider == "pydlx":
+        def fused():
             import pydlx
             return lambda x, w, b: pydlx.ops.linear(x, w, b, activation=act)
-        if provider == "compile":
-            if "compiled" not in state:
-                # A fresh dynamo cache per case: the eager closure's code object is shared by every case, and
-                # without a reset later shapes would hit the recompile limit or go dynamic.
-                torch._dynamo.reset()
-                state["compiled"] = torch.compile(eager, dynamic=False)
-            return state["compiled"]
-        raise ValueError(f"unknown provider {provider!r}")
+
+        return pick(provider, state, eager, fused)
 
     def make(provider: str) -> Tuple[Callable[[], object], Callable[[], object]]:
         f = provider_fn(provider)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from . import Case
+from . import Case, pick
 
 GPU_HIDDEN = (128, 256, 512, 1024)
 GPU_BATCH = (1, 7, 16, 64, 256)
@@ -38,17 +38,7 @@ def _make_case(device: torch.device, T: int, B: int, H: int, dtype: torch.dtype,
 
         torch.manual_seed(0)
         base = nn.LSTM(H, H, device=device, dtype=dtype)
-        if provider == "pydlx":
-            model = pydlx.nn.LSTM.from_module(base)
-        elif provider == "eager":
-            model = base
-        elif provider == "compile":
-            if "compiled" not in state:
-                torch._dynamo.reset()
-                state["compiled"] = torch.compile(base, dynamic=False)
-            model = state["compiled"]
-        else:
-            raise ValueError(f"unknown provider {provider!r}")
+        model = pick(provider, state, base, lambda: pydlx.nn.LSTM.from_module(base))
         gen = torch.Generator(device="cpu").manual_seed(1)
         x = torch.randn(T, B, H, generator=gen).to(device, dtype)
         lengths = torch.randint(1, T + 1, (B,), generator=gen)

@@ -14,7 +14,7 @@ from typing import List
 import torch
 from torch import nn
 
-from . import Case
+from . import Case, pick
 
 NETS = {"autoencoder": [784, 400, 200, 32, 200, 400, 784], "mlp_64x4": [64, 64, 64, 64, 64, 16],
         "mlp_128x4": [32, 128, 128, 128, 128, 3]}
@@ -42,17 +42,7 @@ def _make_case(device: torch.device, op: str, batch: int, dtype: torch.dtype) ->
 
         torch.manual_seed(0)
         seq = _sequential(sizes, device, dtype)
-        if provider == "pydlx":
-            model = pydlx.nn.MLP.from_sequential(seq)
-        elif provider == "eager":
-            model = seq
-        elif provider == "compile":
-            if "compiled" not in state:
-                torch._dynamo.reset()
-                state["compiled"] = torch.compile(seq, dynamic=False)
-            model = state["compiled"]
-        else:
-            raise ValueError(f"unknown provider {provider!r}")
+        model = pick(provider, state, seq, lambda: pydlx.nn.MLP.from_sequential(seq))
         gen = torch.Generator(device=device).manual_seed(1)
         x = torch.rand(batch, sizes[0], generator=gen, device=device, dtype=dtype)
         g = torch.randn(batch, sizes[-1], generator=gen, device=device, dtype=dtype)

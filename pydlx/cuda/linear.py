@@ -6,8 +6,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..reference.linear import ACTIVATIONS  # noqa: F401  (the activation names the kernels take)
-
 
 def why_cannot(in_features: int, out_features: int) -> Optional[str]:
     return None  # cuBLAS addresses any size

@@ -14,7 +14,7 @@ NaN propagates as in max_pool2d.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import triton
