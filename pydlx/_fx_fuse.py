@@ -332,6 +332,33 @@ def _linear_chains(graph: fx.Graph, modules, calls, allowed: Allowed):
     return chains
 
 
+def _batchnorm(node: fx.Node, mod: nn.Module, modules) -> Optional[Tuple[fx.Node, str, nn.Module]]:
+    """(node, fqn, module) of the BatchNorm that is ``node``'s only user: BatchNorm2d after a Conv2d, BatchNorm1d
+    after a Linear, over the module's output channels; else None."""
+    user = _only_user(node)
+    if user is None or user.op != "call_module" or len(user.args) != 1 or user.kwargs:
+        return None
+    bn = modules.get(user.target)
+    want, width = (nn.BatchNorm2d, mod.out_channels) if type(mod) is nn.Conv2d else (nn.BatchNorm1d,
+                                                                                     mod.out_features)
+    return (user, user.target, bn) if type(bn) is want and bn.num_features == width else None
+
+
+def _why_not_folded(bn: nn.Module) -> Optional[str]:
+    if bn.training:
+        return "in training mode (batch statistics): folded in eval mode only"
+    if not bn.track_running_stats or bn.running_mean is None:
+        return "track_running_stats=False (batch statistics in eval too)"
+    return None
+
+
+def _bn_params(graph: fx.Graph, fqn: str, bn: nn.Module):
+    """get_attr nodes of the BatchNorm's running stats and affine parameters, read at every call."""
+    return (graph.get_attr(f"{fqn}.running_mean"), graph.get_attr(f"{fqn}.running_var"),
+            graph.get_attr(f"{fqn}.weight") if bn.affine else None, graph.get_attr(f"{fqn}.bias") if bn.affine else None,
+            bn.eps)
+
+
 def _params(graph: fx.Graph, fqn: str, mod: nn.Module):
     return graph.get_attr(f"{fqn}.weight"), graph.get_attr(f"{fqn}.bias") if mod.bias is not None else None
 
@@ -355,28 +382,35 @@ def _mlp_apply(graph: fx.Graph, modules, linears, acts, hidden, last_node, last)
 
 
 def _single_apply(graph: fx.Graph, fqn: str, mod: nn.Module, matches) -> None:
-    """Each call of ``mod`` and the activation (and pool) after it become one pydlx op call."""
-    from .ops.conv_relu_pool import conv_relu_pool2d
-    from .ops.linear import linear
+    """Each call of ``mod`` (and the eval-mode BatchNorm after it, folded) and the activation (and pool) after it
+    become one pydlx op call."""
+    from .ops.conv_relu_pool import conv_bn_relu_pool2d, conv_relu_pool2d
+    from .ops.linear import linear, linear_batchnorm
 
-    for node, act_node, pool_node, extra in matches:
+    for node, act_node, pool_node, extra, bn in matches:
         with graph.inserting_before(node):
             w, b = _params(graph, fqn, mod)
+            x = _module_input(node)
+            bnp = _bn_params(graph, bn[1], bn[2]) if bn is not None else None
             if pool_node is not None:
-                new = graph.call_function(conv_relu_pool2d, (_module_input(node), w, b), fused_args(mod, extra))
+                new = (graph.call_function(conv_bn_relu_pool2d, (x, w, b, *bnp), fused_args(mod, extra))
+                       if bn is not None else graph.call_function(conv_relu_pool2d, (x, w, b), fused_args(mod, extra)))
+            elif bn is not None:
+                new = graph.call_function(linear_batchnorm, (x, w, b, *bnp), {"activation": extra})
             else:
-                new = graph.call_function(linear, (_module_input(node), w, b), {"activation": extra})
-        last = pool_node if pool_node is not None else act_node
+                new = graph.call_function(linear, (x, w, b), {"activation": extra})
+        last = pool_node if pool_node is not None else (act_node if act_node is not None else bn[0])
         last.replace_all_uses_with(new)
-        graph.erase_node(last)
-        if pool_node is not None:
-            graph.erase_node(act_node)
-        graph.erase_node(node)
+        for n in (pool_node, act_node, bn[0] if bn is not None else None, node):  # users before producers
+            if n is not None:
+                graph.erase_node(n)
 
 
-def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed) -> List[Tuple[str, str, Optional[str], Callable]]:
+def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[list] = None
+         ) -> List[Tuple[str, str, Optional[str], Callable]]:
     """(module fqn, description, skip reason or None, apply) for each functional candidate in ``graph``; ``apply``
-    rewrites the graph only."""
+    rewrites the graph only. The mode of every BatchNorm that decided a match goes into ``guards``."""
+    guards = guards if guards is not None else []
     modules = dict(model.named_modules())
     calls: Dict[str, List[fx.Node]] = {}
     for node in graph.nodes:
@@ -396,29 +430,43 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed) -> List[Tuple[str,
             del calls[n.target]
     for fqn, nodes in calls.items():
         mod = modules[fqn]
-        matches = []
+        matches, bn_why = [], None
         for node in nodes:
-            act_node = _only_user(node) if _module_input(node) is not None else None
+            bn = _batchnorm(node, mod, modules) if _module_input(node) is not None else None
+            head = node
+            if bn is not None:
+                guards.append((bn[1], "training", bn[2].training))  # (a leaf: its mode is read at run time)
+                bn_why = _why_not_folded(bn[2])
+                head = bn[0]
+            act_node = _only_user(head) if _module_input(node) is not None else None
             act = _activation(act_node, modules) if act_node is not None else None
             if type(mod) is nn.Conv2d:
                 pool_node = _only_user(act_node) if act == "relu" else None
                 pool = _max_pool(pool_node, modules) if pool_node is not None else None
-                matches.append((node, act_node, pool_node, pool) if pool is not None else None)
-            else:
-                matches.append((node, act_node, None, act) if act is not None else None)
+                matches.append((node, act_node, pool_node, pool, bn) if pool is not None else None)
+            elif act is not None:
+                matches.append((node, act_node, None, act, bn))
+            else:  # Linear -> BatchNorm1d with no activation after it: the folded Linear alone
+                matches.append((node, None, None, None, bn) if bn is not None else None)
         if not any(matches):
             continue
-        kind = "Conv2d + ReLU + MaxPool2d" if type(mod) is nn.Conv2d else "Linear + activation"
+        bns = {m[4][1] for m in matches if m is not None and m[4] is not None}
+        kind = ("Conv2d + " + ("BatchNorm2d (folded) + " if bns else "") + "ReLU + MaxPool2d" if type(mod) is nn.Conv2d
+                else "Linear + " + ("BatchNorm1d (folded) + " if bns else "") + "activation")
         why = None
-        if not all(matches):
+        if bn_why is not None:
+            why = f"BatchNorm {', '.join(sorted(bns))} {bn_why}"
+        elif len({m[4][1] if m is not None and m[4] is not None else None for m in matches}) > 1:
+            why = f"{fqn}'s calls are followed by different BatchNorms"
+        elif not all(matches):
             why = f"{fqn} is called {len(nodes)} times and not every call is followed by the pattern"
         elif type(mod) is nn.Conv2d:
             pools = [(m[3].kernel_size, m[3].stride, m[3].padding, m[3].ceil_mode) for m in matches]
             why = conv_unsupported(mod, matches[0][3]) or (
                 None if len(set(map(str, pools))) == 1 else f"{fqn}'s calls use different pools")
-        elif len({m[3] for m in matches}) != 1:
+        elif type(mod) is not nn.Conv2d and len({m[3] for m in matches}) != 1:
             why = f"{fqn}'s calls use different activations"
-        if why is None and not allowed(fqn):
+        if why is None and not (allowed(fqn) and all(allowed(b) for b in bns)):
             why = "excluded by filter_fn"
         if type(mod) is nn.Conv2d:
             desc = f"{kind} (forward code) -> pydlx.ops.conv_relu_pool2d"
@@ -530,7 +578,9 @@ def build(model: nn.Module, base: type, at_default: Tuple[str, ...], allowed: Al
             graph, guards = trace(model, at_default)
         except TraceFailed as e:
             return Specialisation(at_default, e.guards, None, [], e.why)
-        todo = [(fqn, apply) for fqn, _, why, apply in plan(graph, model, allowed) if why is None]
+        found_guards: list = []
+        todo = [(fqn, apply) for fqn, _, why, apply in plan(graph, model, allowed, found_guards) if why is None]
+        guards = guards + [(p, n, _snapshot(v)) for p, n, v in found_guards]
     for _, apply in todo:
         apply()
     fn = compile_graph(graph, base.__qualname__) if todo else None

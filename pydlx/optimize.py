@@ -77,6 +77,8 @@ def _linear_plan(model: nn.Module, filter_fn: Filter, skip: List[str]):
                 continue
             act = activation_name(children[i + 1])
             why = None if act else f"{type(children[i + 1]).__name__} is not a fusable activation"
+            if type(children[i + 1]) is nn.BatchNorm1d:
+                why = "followed by a BatchNorm1d: folded in eval mode by the forward-code pass (below)"
             found.append((child_fqn, mod, i, act, why))
     return found
 

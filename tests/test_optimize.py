@@ -391,3 +391,78 @@ def test_bad_calls_of_a_fused_forward_raise_what_the_forward_raises():
             model(*args, **kwargs)
         with pytest.raises(TypeError):
             fast(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------- BatchNorm folded in eval mode
+def _bn_net():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(8 * 4 * 4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5)).double()
+    with torch.no_grad():  # running statistics and affine parameters that are not the defaults
+        for bn in (net[1], net[6]):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.normal_()
+            bn.bias.normal_()
+    return net
+
+
+def _pydlx_calls(fast, *args):
+    spec = _fx_fuse.current(fast, *args)
+    return [n.target.__name__ for n in spec.graph.nodes if n.op == "call_function"] if spec and spec.graph else []
+
+
+def test_batchnorm_is_folded_in_eval_and_left_alone_in_training():
+    """Issue 14: Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d and Linear -> BatchNorm1d -> ReLU fuse in eval mode, the
+    BatchNorm folded into the weights from its running statistics at every call; in training mode (batch
+    statistics, running-stat updates) they run as written. Optimized in training mode, the default."""
+    net = _bn_net()
+    fast = pydlx.optimize(net)
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    for mode in ("eval", "train", "eval"):
+        getattr(net, mode)()
+        getattr(fast, mode)()
+        _same(fast, net, x)
+        calls = _pydlx_calls(fast, x)
+        assert calls == (["conv_bn_relu_pool2d", "linear_batchnorm"] if mode == "eval" else []), (mode, calls)
+    # training: the running statistics move identically
+    torch.testing.assert_close(fast[1].running_mean, net[1].running_mean)
+    # eval: gradients reach the conv, the Linear and the BatchNorms' affine parameters as in torch
+    xg = x.clone().requires_grad_()
+    for a, b in zip(torch.autograd.grad(fast(xg).square().sum(), [xg, *fast.parameters()]),
+                    torch.autograd.grad(net(xg).square().sum(), [xg, *net.parameters()])):
+        assert_close(a, b, name="grad")
+    # the fold reads the current statistics: a checkpoint loaded later is followed (never a stale copy)
+    sd = {k: (v + 0.5 if "running_mean" in k else v) for k, v in net.state_dict().items()}
+    net.load_state_dict(sd)
+    fast.load_state_dict(sd)
+    _same(fast, net, x)
+    assert list(fast.state_dict()) == list(net.state_dict())
+    text = pydlx.explain(net)
+    assert "fuse   0: Conv2d + BatchNorm2d (folded) + ReLU + MaxPool2d" in text
+    assert "fuse   5: Linear + BatchNorm1d (folded) + activation" in text
+
+
+def test_batchnorm_that_cannot_fold_is_kept_with_the_reason():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(),
+                        nn.MaxPool2d(2)).double().eval()
+    text = pydlx.explain(net)
+    assert "keep   0: Conv2d + BatchNorm2d (folded) + ReLU + MaxPool2d (forward code)" in text
+    assert "track_running_stats=False" in text
+    fast = pydlx.optimize(net)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    _same(fast, net, x)
+    assert _pydlx_calls(fast, x) == []
+    train_text = pydlx.explain(_bn_net().train())
+    assert "in training mode (batch statistics): folded in eval mode only" in train_text
+
+
+def test_linear_batchnorm_on_a_3d_input_runs_as_torch_does():
+    """BatchNorm1d normalises dim 1: after a Linear that is the features only for 2-D input; other ranks run the
+    chain eagerly (here L == F, so torch accepts it and normalises over L)."""
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU()).double()
+    with torch.no_grad():
+        net[1].running_mean.normal_()
+    net.eval()
+    fast = pydlx.optimize(net)
+    for shape in ((5, 4), (3, 6, 4)):
+        _same(fast, net, torch.randn(shape, dtype=torch.float64))

@@ -163,3 +163,30 @@ def conv_relu_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     if channels_last:
         y = y.contiguous(memory_format=torch.channels_last)
     return y.squeeze(0) if unbatched else y
+
+
+def fold_batchnorm(weight: Tensor, bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
+                   bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+    """(w', b') of a convolution or Linear followed by an eval-mode BatchNorm: BN(x @ w + b) = x @ w' + b' with
+    w' = w * s, b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps) (per output channel). Computed from the
+    modules' current tensors at every call, differentiable in w, b, gamma and beta (running stats are buffers)."""
+    scale = torch.rsqrt(running_var.to(weight.dtype) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight
+    w = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+    b = -running_mean.to(weight.dtype) * scale if bias is None else (bias - running_mean.to(weight.dtype)) * scale
+    return w, (b + bn_bias if bn_bias is not None else b)
+
+
+def conv_bn_relu_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
+                        running_var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
+                        stride=1, padding=0, pool_size=2, pool_stride=None) -> Tensor:
+    """MaxPool2d(ReLU(BatchNorm2d(Conv2d(x)))) with the BatchNorm in eval mode, folded into the convolution
+    (pydlx.optimize's Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d chains). An input BatchNorm2d would refuse (not
+    4-D) runs the chain eagerly, so it refuses as torch does."""
+    if not (isinstance(input, Tensor) and input.dim() == 4):
+        z = torch.nn.functional.conv2d(input, weight, bias, stride, padding)
+        z = torch.nn.functional.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
+        return torch.nn.functional.max_pool2d(torch.relu(z), pool_size, pool_stride)
+    w, b = fold_batchnorm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
+    return conv_relu_pool2d(input, w, b, stride, padding, pool_size, pool_stride)

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import _backend
 from .._policy import size_of
 from ._common import ArgumentError, DtypeError, rows, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
-from ..reference.linear import ACTIVATIONS, SAVES_PREACT
+from ..reference.linear import ACTIVATIONS, SAVES_PREACT, activation_forward
 from ..reference.linear import linear as reference_linear
 
 
@@ -164,3 +164,19 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     save_preact = needs_grad and activation in SAVES_PREACT
     y, _ = linear_fwd(input, weight, bias, activation or "none", save_preact, choose(input, weight, needs_grad))
     return y
+
+
+def linear_batchnorm(input: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
+                     running_var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
+                     activation: Optional[str] = None) -> Tensor:
+    """act(BatchNorm1d(Linear(x))) with the BatchNorm in eval mode, folded into the Linear (pydlx.optimize's
+    Linear -> BatchNorm1d [-> act] chains). BatchNorm1d normalises dim 1, the Linear's features only for 2-D input:
+    other ranks run the chain eagerly, as torch does."""
+    from .conv_relu_pool import fold_batchnorm
+
+    if not (isinstance(input, Tensor) and input.dim() == 2):
+        z = torch.nn.functional.batch_norm(torch.nn.functional.linear(input, weight, bias), running_mean, running_var,
+                                           bn_weight, bn_bias, False, 0.0, eps)
+        return activation_forward(z, activation)
+    w, b = fold_batchnorm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
+    return linear(input, w, b, activation)
