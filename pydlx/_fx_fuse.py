@@ -387,23 +387,21 @@ def _single_apply(graph: fx.Graph, fqn: str, mod: nn.Module, matches) -> None:
     from .ops.conv_relu_pool import conv_bn_relu_pool2d, conv_relu_pool2d
     from .ops.linear import linear, linear_batchnorm
 
-    for node, act_node, pool_node, extra, bn in matches:
+    for node, chain, pool, act, bn in matches:
         with graph.inserting_before(node):
             w, b = _params(graph, fqn, mod)
             x = _module_input(node)
             bnp = _bn_params(graph, bn[1], bn[2]) if bn is not None else None
-            if pool_node is not None:
-                new = (graph.call_function(conv_bn_relu_pool2d, (x, w, b, *bnp), fused_args(mod, extra))
-                       if bn is not None else graph.call_function(conv_relu_pool2d, (x, w, b), fused_args(mod, extra)))
+            if pool is not None:
+                new = (graph.call_function(conv_bn_relu_pool2d, (x, w, b, *bnp), fused_args(mod, pool))
+                       if bn is not None else graph.call_function(conv_relu_pool2d, (x, w, b), fused_args(mod, pool)))
             elif bn is not None:
-                new = graph.call_function(linear_batchnorm, (x, w, b, *bnp), {"activation": extra})
+                new = graph.call_function(linear_batchnorm, (x, w, b, *bnp), {"activation": act})
             else:
-                new = graph.call_function(linear, (x, w, b), {"activation": extra})
-        last = pool_node if pool_node is not None else (act_node if act_node is not None else bn[0])
-        last.replace_all_uses_with(new)
-        for n in (pool_node, act_node, bn[0] if bn is not None else None, node):  # users before producers
-            if n is not None:
-                graph.erase_node(n)
+                new = graph.call_function(linear, (x, w, b), {"activation": act})
+        chain[-1].replace_all_uses_with(new)
+        for n in reversed([node, *chain]):  # users before producers
+            graph.erase_node(n)
 
 
 def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[list] = None
@@ -438,16 +436,22 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
                 guards.append((bn[1], "training", bn[2].training))  # (a leaf: its mode is read at run time)
                 bn_why = _why_not_folded(bn[2])
                 head = bn[0]
+            first = [bn[0]] if bn is not None else []
             act_node = _only_user(head) if _module_input(node) is not None else None
             act = _activation(act_node, modules) if act_node is not None else None
             if type(mod) is nn.Conv2d:
-                pool_node = _only_user(act_node) if act == "relu" else None
-                pool = _max_pool(pool_node, modules) if pool_node is not None else None
-                matches.append((node, act_node, pool_node, pool, bn) if pool is not None else None)
+                second = _only_user(act_node) if act_node is not None else None
+                if act == "relu":  # conv -> relu -> max pool
+                    pool = _max_pool(second, modules) if second is not None else None
+                else:  # conv -> max pool -> relu (MNIST-style F.relu(F.max_pool2d(conv(x), 2))): max and relu commute
+                    pool = _max_pool(act_node, modules) if act_node is not None else None
+                    if pool is not None and (second is None or _activation(second, modules) != "relu"):
+                        pool = None
+                matches.append((node, first + [act_node, second], pool, "relu", bn) if pool is not None else None)
             elif act is not None:
-                matches.append((node, act_node, None, act, bn))
+                matches.append((node, first + [act_node], None, act, bn))
             else:  # Linear -> BatchNorm1d with no activation after it: the folded Linear alone
-                matches.append((node, None, None, None, bn) if bn is not None else None)
+                matches.append((node, first, None, None, bn) if bn is not None else None)
         if not any(matches):
             continue
         bns = {m[4][1] for m in matches if m is not None and m[4] is not None}
@@ -461,8 +465,8 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
         elif not all(matches):
             why = f"{fqn} is called {len(nodes)} times and not every call is followed by the pattern"
         elif type(mod) is nn.Conv2d:
-            pools = [(m[3].kernel_size, m[3].stride, m[3].padding, m[3].ceil_mode) for m in matches]
-            why = conv_unsupported(mod, matches[0][3]) or (
+            pools = [(m[2].kernel_size, m[2].stride, m[2].padding, m[2].ceil_mode) for m in matches]
+            why = conv_unsupported(mod, matches[0][2]) or (
                 None if len(set(map(str, pools))) == 1 else f"{fqn}'s calls use different pools")
         elif type(mod) is not nn.Conv2d and len({m[3] for m in matches}) != 1:
             why = f"{fqn}'s calls use different activations"
@@ -649,6 +653,25 @@ def install(model: nn.Module, allowed_fqns: frozenset) -> List[Specialisation]:
     model.__dict__["_pydlx_fx"] = state
     model.__class__ = fused_class(base)
     return specs
+
+
+def install_tree(model: nn.Module, allowed_fqns: frozenset, prefix: str = "") -> List[str]:
+    """``install`` on ``model``; where its forward cannot be traced in either mode (data-dependent control flow,
+    ``len(x)``, ...), on each of its submodules instead, recursively (their forwards may trace even when the parent's
+    does not). Returns the fqns of the modules whose forward code is now fused."""
+    local = frozenset(f[len(prefix) + 1:] if prefix else f for f in allowed_fqns
+                      if not prefix or f.startswith(prefix + "."))
+    specs = install(model, local)
+    if isinstance(model, FusedForward):
+        return [prefix or "(model)"]
+    if not specs or not all(s.why for s in specs):  # traced (nothing to fuse in it, children included), or fused
+        return []
+    done, probe = [], fx.Tracer()
+    for name, child in model.named_children():
+        fqn = f"{prefix}.{name}" if prefix else name
+        if not _is_leaf(probe, child, fqn):
+            done += install_tree(child, allowed_fqns, fqn)
+    return done
 
 
 def current(model: nn.Module, *args, **kwargs) -> Optional[Specialisation]:

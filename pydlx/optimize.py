@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 from typing import Callable, List, Optional, Tuple
 
-from torch import nn
+from torch import fx, nn
 
 from . import _fx_fuse, _policy
 from .nn.conv_relu_pool import ConvReLUPool2d, unsupported as conv_unsupported
@@ -175,7 +175,7 @@ def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = Non
     model = _module_pass(model, filter_fn)
     if isinstance(model, MLP):
         return model
-    _fx_fuse.install(model, _allowed_fqns(model, filter_fn))
+    _fx_fuse.install_tree(model, _allowed_fqns(model, filter_fn))
     return model
 
 
@@ -237,30 +237,41 @@ def explain(model: nn.Module) -> str:
 
     def forward_lines():
         swapped = _module_pass(copy.deepcopy(model), None)
-        if isinstance(swapped, MLP):
-            return
-        base = type(swapped)._pydlx_base if isinstance(swapped, _fx_fuse.FusedForward) else type(swapped)
+        if not isinstance(swapped, MLP):
+            forward_tree(swapped, "")
+
+    def forward_tree(mod: nn.Module, prefix: str):
+        """The forward code's candidates of ``mod``; where it does not trace, its submodules', recursively."""
+        base = type(mod)._pydlx_base if isinstance(mod, _fx_fuse.FusedForward) else type(mod)
         optional = tuple(_fx_fuse._forward_parameters(base)[2])
-        with _fx_fuse._as(swapped, base):
+        name = prefix or "the model"
+        with _fx_fuse._as(mod, base):
             try:
-                graph, guards = _fx_fuse.trace(swapped, optional)
+                graph, guards = _fx_fuse.trace(mod, optional)
             except _fx_fuse.TraceFailed as e:
-                lines.append(f"note   forward code not traced by torch.fx ({e.why}): only the module chains above "
-                             "are fused; the forward runs as written")
+                lines.append(f"note   forward code of {name} not traced by torch.fx ({e.why}): it runs as written; "
+                             "its submodules' forwards are traced one by one")
+                probe = fx.Tracer()
+                for child_name, child in mod.named_children():
+                    fqn = f"{prefix}.{child_name}" if prefix else child_name
+                    if not _fx_fuse._is_leaf(probe, child, fqn):
+                        forward_tree(child, fqn)
                 return
-            found = _fx_fuse.plan(graph, swapped, lambda f: True)
+            found = _fx_fuse.plan(graph, mod, lambda f: True)
             for fqn, desc, why, _ in found:
+                full = ", ".join(f"{prefix}.{f}" if prefix else f for f in fqn.split(", "))
                 if why is not None:
-                    lines.append(f"keep   {fqn}: {desc} ({why})")
+                    lines.append(f"keep   {full}: {desc} ({why})")
                     continue
                 family = ("conv_relu_pool" if desc.startswith("Conv2d") else
                           "mlp" if "one fused kernel" in desc else "linear")
-                weight = swapped.get_submodule(fqn.split(", ")[0]).weight
-                lines.append(f"fuse   {fqn}: {desc}; {_auto(family, weight)}")
+                weight = mod.get_submodule(fqn.split(", ")[0]).weight
+                lines.append(f"fuse   {full}: {desc}; {_auto(family, weight)}")
         read = _fx_fuse.describe_guards(guards)
         if read and any(why is None for _, _, why, _ in found):
-            lines.append(f"note   the forward code reads {read}: the fused forward is kept per value of these "
-                         "(train and eval traced separately) and traced again when they change")
+            lines.append(f"note   the forward code{' of ' + prefix if prefix else ''} reads {read}: the fused forward "
+                         "is kept per value of these (train and eval traced separately) and traced again when they "
+                         "change")
 
     for what, fn in (("the nn.Sequential MLPs", mlp_lines), ("Linear + activation modules", linear_lines),
                      ("Conv2d + ReLU + MaxPool2d modules", conv_lines), ("LSTM modules", lstm_lines),

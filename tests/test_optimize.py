@@ -359,7 +359,7 @@ def test_shape_branches_and_side_effects_run_the_forward_as_written():
     counter = pydlx.optimize(_Counter())
     counter(torch.randn(2, 8))
     assert counter.calls == 1
-    assert "forward code not traced by torch.fx" in pydlx.explain(_ShapeBranch())
+    assert "forward code of the model not traced by torch.fx" in pydlx.explain(_ShapeBranch())
     assert "forward assigns attributes (calls)" in pydlx.explain(_Counter())
 
 
@@ -466,3 +466,52 @@ def test_linear_batchnorm_on_a_3d_input_runs_as_torch_does():
     fast = pydlx.optimize(net)
     for shape in ((5, 4), (3, 6, 4)):
         _same(fast, net, torch.randn(shape, dtype=torch.float64))
+
+
+class _MnistNet(nn.Module):
+    """PyTorch's MNIST example writes the block pool first: F.relu(F.max_pool2d(conv(x), 2)) (max and ReLU
+    commute, so it is the same block); its forward also flattens with x.view(-1, 320)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 10, 5), nn.Conv2d(10, 20, 5)
+        self.fc1, self.fc2 = nn.Linear(320, 50), nn.Linear(50, 10)
+
+    def forward(self, x):
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
+        x = x.view(-1, 320)
+        x = F.relu(self.fc1(x))
+        x = F.dropout(x, training=self.training)
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class _Gate(nn.Module):
+    """A forward torch.fx cannot trace (a branch on a value); its submodules' forwards can."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _MnistNet()
+
+    def forward(self, x):
+        y = self.body(x)
+        return y * 2 if y.sum() > 0 else y
+
+
+def test_pool_before_relu_and_untraceable_parents():
+    """Issue 14: the pool-first spelling is fused; a parent whose forward does not trace no longer stops its
+    submodules' forwards from being fused."""
+    for cls, where in ((_MnistNet, ""), (_Gate, "body.")):
+        model = cls().double()
+        fast = pydlx.optimize(model)
+        x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+        for mode in ("eval", "train"):
+            getattr(model, mode)()
+            getattr(fast, mode)()
+            _same(fast, model, x, seed=2)
+        inner = fast.body if where else fast
+        assert _pydlx_calls(inner, x)[:2] == ["conv_relu_pool2d", "conv_relu_pool2d"], _pydlx_calls(inner, x)
+        text = pydlx.explain(model)
+        assert f"fuse   {where}conv1: Conv2d + ReLU + MaxPool2d (forward code)" in text, text
+        if where:
+            assert "forward code of the model not traced by torch.fx" in text

@@ -169,7 +169,7 @@ def test_untraceable_model_keeps_module_swaps_and_explain_says_why():
     model = _Untraceable().double()
     text = pydlx.explain(model)
     assert "fuse   body: Sequential of 2 Linear layers" in text
-    assert "note   forward code not traced by torch.fx (TraceError" in text
+    assert "note   forward code of the model not traced by torch.fx (TraceError" in text
     fast = pydlx.optimize(model)
     assert _fx_fuse.current(fast) is None and isinstance(fast.body, pydlx.nn.MLP)
     assert type(fast.fc) is nn.Linear
