@@ -261,7 +261,8 @@ def explain(model: nn.Module) -> str:
             for fqn, desc, why, _ in found:
                 full = ", ".join(f"{prefix}.{f}" if prefix else f for f in fqn.split(", "))
                 if why is not None:
-                    lines.append(f"keep   {full}: {desc} ({why})")
+                    if not any(line.startswith(f"keep   {full}: ") for line in lines):  # (said once)
+                        lines.append(f"keep   {full}: {desc} ({why})")
                     continue
                 family = ("conv_relu_pool" if desc.startswith("Conv2d") else
                           "mlp" if "one fused kernel" in desc else "linear")

@@ -515,3 +515,16 @@ def test_pool_before_relu_and_untraceable_parents():
         assert f"fuse   {where}conv1: Conv2d + ReLU + MaxPool2d (forward code)" in text, text
         if where:
             assert "forward code of the model not traced by torch.fx" in text
+
+
+def test_explain_names_each_kept_block_once_with_its_reason():
+    """Issue 14: squeezenet's ceil-mode block was listed twice (module chain and forward code); ResNet's stem
+    (Conv -> BN -> ReLU -> MaxPool with padding) was not mentioned at all."""
+    squeeze = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True))
+    text = pydlx.explain(squeeze)
+    assert text.count("keep   0:") == 1 and "ceil_mode=True" in text, text
+    stem = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.MaxPool2d(3, 2, padding=1)).eval()
+    text = pydlx.explain(stem)
+    assert "keep   0: Conv2d + BatchNorm2d (folded) + ReLU + MaxPool2d (forward code)" in text, text
+    assert "pool padding=1 (only 0)" in text
