@@ -1,15 +1,19 @@
-// pydlx: Conv2d -> ReLU -> MaxPool2d as one direct-convolution CUDA kernel, for first layers (few input channels).
+// pydlx: Conv2d -> activation [-> MaxPool2d] as one direct-convolution CUDA kernel, for first layers (few input
+// channels).
 //
 // Why a direct convolution: a first layer has C = 1..4 input channels, so an implicit GEMM's reduction over C*k*k
 // pads 27 (3x3x3) up to 32 or more and its tensor-core K steps gather a handful of useful values each. Here a
 // block stages a zero-padded input tile of all C channels and the weights of 16 output channels in shared memory
 // as fp32, computes the conv outputs under its tile of pooled pixels with FMAs (each conv output exactly once, also
 // for overlapping 3/2 pools), keeps them in shared memory, and pools them: only the pooled map and an int8 argmax
-// per pooled element (its position in the pool window, for backward) are written. Bias and ReLU come after the
-// max (a per-channel bias and ReLU are monotone: exact). NaN propagates as in max_pool2d.
+// per pooled element (its position in the pool window, for backward) are written. Bias and activation come after
+// the max (a per-channel bias and a non-decreasing activation -- the only ones fused with a pool -- commute with
+// it: exact). Pool padding and ceil mode: window positions outside the conv output take no part (max_pool2d's
+// -inf padding); the first position inside starts the max. Without a pool (P = Q = 1) the activated conv output is
+// written, and with save_z its pre-activation too. NaN propagates as in max_pool2d.
 //
 // Shapes: x [N, C, H, W] with any strides (NCHW or channels_last), w [K, C, R, R], b [K] or none; outputs y and
-// idx contiguous [N, K, HP, WP]. fp32, fp16, bf16 in and out, fp32 arithmetic. C <= kMaxChannels.
+// idx (z) contiguous [N, K, HP, WP]. fp32, fp16, bf16 in and out, fp32 arithmetic. C <= kMaxChannels.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,8 +24,10 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
 
+#include "activations.cuh"
 #include "dispatch.h"
 
 namespace pydlx {
@@ -33,7 +39,9 @@ constexpr int kMaxChannels = 8;  // input channels: the kernel is for first laye
 constexpr int kMaxSmem = 96 * 1024;
 
 struct Geometry {
-  int C, H, W, K, HP, WP, R, S, pad, P, Q;
+  int C, H, W, K, HO, WO, HP, WP, R, S, pad, P, Q, PP;
+  int act;      // activation code (dispatch.h), applied after the max
+  float alpha;  // its parameter (leaky_relu's slope, elu's alpha)
   int64_t sn, sc, sh, sw;  // x strides
   int tile;                // pooled pixels per tile side
   int toh, tih;            // conv rows and input rows under a tile (square tiles)
@@ -49,7 +57,8 @@ inline int smem_floats(const Geometry& g) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) conv_relu_pool_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                   const T* __restrict__ b, T* __restrict__ y,
-                                                                  int8_t* __restrict__ idx, Geometry g) {
+                                                                  int8_t* __restrict__ idx, T* __restrict__ z,
+                                                                  Geometry g) {
   extern __shared__ __align__(16) float smem[];
   float* s_in = smem;                                 // [C][tih][tih]
   float* s_w = s_in + in_floats(g);                    // [C][R][R][kGroup]: a tap's 16 channels are contiguous
@@ -58,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) conv_relu_pool_kernel(const T* __res
   const int ph0 = (blockIdx.x / tiles_w) * g.tile, pw0 = (blockIdx.x % tiles_w) * g.tile;
   const int k0 = blockIdx.y * kGroup;
   const int64_t n = blockIdx.z;
-  const int oh0 = ph0 * g.Q, ow0 = pw0 * g.Q;             // the tile's first conv output row / column
+  const int oh0 = ph0 * g.Q - g.PP, ow0 = pw0 * g.Q - g.PP;  // the tile's first conv output row / column
   const int ih0 = oh0 * g.S - g.pad, iw0 = ow0 * g.S - g.pad;  // its first input row / column (may be padding)
   const int RR = g.R * g.R;
 
@@ -76,10 +85,10 @@ __global__ void __launch_bounds__(kThreads) conv_relu_pool_kernel(const T* __res
   __syncthreads();
 
   // conv outputs under the tile: one pixel x 16 channels a thread at a time; weights are broadcast reads
-  const int HO = (g.H + 2 * g.pad - g.R) / g.S + 1, WO = (g.W + 2 * g.pad - g.R) / g.S + 1;
   for (int pix = threadIdx.x; pix < g.toh * g.toh; pix += kThreads) {
     const int r = pix / g.toh, q = pix % g.toh;
-    if (oh0 + r >= HO || ow0 + q >= WO) continue;  // past the edge: no pooled window reads it
+    const int oh = oh0 + r, ow = ow0 + q;
+    if (oh < 0 || oh >= g.HO || ow < 0 || ow >= g.WO) continue;  // outside the conv output: no window reads it
     float acc[kGroup];
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) acc[k] = 0.0f;
@@ -105,34 +114,46 @@ __global__ void __launch_bounds__(kThreads) conv_relu_pool_kernel(const T* __res
   }
   __syncthreads();
 
-  // pool: first max wins, a NaN wins (the last one, as in max_pool2d); then bias and ReLU (NaN kept)
+  // pool: the first position inside the conv output starts the max, then the first larger value or a NaN wins
+  // (the last NaN, as in max_pool2d); then bias and activation (NaN kept)
   for (int i = threadIdx.x; i < kGroup * g.tile * g.tile; i += kThreads) {
     const int k = i / (g.tile * g.tile), a = (i / g.tile) % g.tile, c = i % g.tile;
     const int ph = ph0 + a, pw = pw0 + c;
     if (k0 + k >= g.K || ph >= g.HP || pw >= g.WP) continue;
     float best = -INFINITY;
-    int arg = 0;
+    int arg = -1;
     for (int u = 0; u < g.P; ++u) {
+      const int oh = oh0 + a * g.Q + u;
+      if (oh < 0 || oh >= g.HO) continue;
       for (int v = 0; v < g.P; ++v) {
-        const float z = s_conv[(k * g.toh + a * g.Q + u) * g.toh + c * g.Q + v];
-        if (z > best || z != z) {  // max_pool2d's rule: the last NaN wins
-          best = z;
+        const int ow = ow0 + c * g.Q + v;
+        if (ow < 0 || ow >= g.WO) continue;
+        const float zv = s_conv[(k * g.toh + a * g.Q + u) * g.toh + c * g.Q + v];
+        if (arg < 0 || zv > best || zv != zv) {  // max_pool2d's rule: the last NaN wins
+          best = zv;
           arg = u * g.P + v;
         }
       }
     }
     if (b != nullptr) best += static_cast<float>(b[k0 + k]);
-    if (best < 0.0f) best = 0.0f;
     const int64_t out = ((n * g.K + k0 + k) * g.HP + ph) * g.WP + pw;
-    y[out] = static_cast<T>(best);
-    idx[out] = static_cast<int8_t>(arg);
+    if (z != nullptr) z[out] = static_cast<T>(best);
+    y[out] = static_cast<T>(act_fwd_rt(g.act, best, g.alpha));
+    if (g.P > 1) idx[out] = static_cast<int8_t>(arg);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(const at::Tensor& input, const at::Tensor& weight,
-                                                              const std::optional<at::Tensor>& bias, int64_t stride,
-                                                              int64_t padding, int64_t pool_size,
-                                                              int64_t pool_stride) {
+// max_pool2d's output size along one dimension (dilation 1), floor or ceil mode (torch's rule)
+int pooled_size(int size, int P, int Q, int pad, bool ceil_mode) {
+  int out = (size + 2 * pad - P + (ceil_mode ? Q - 1 : 0)) / Q + 1;
+  if (ceil_mode && (out - 1) * Q >= size + pad) --out;
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride,
+    int64_t padding, int64_t pool_size, int64_t pool_stride, int64_t pool_padding, bool ceil_mode, const std::string& activation,
+    double alpha, bool save_z) {
   const char* name = "pydlx::conv_relu_pool2d_fwd_cuda";
   TORCH_CHECK(input.dim() == 4, name, ": input must be (N, C, H, W), got ", input.sizes());
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == input.size(1) && weight.size(2) == weight.size(3), name,
@@ -141,8 +162,9 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(const at::Tensor& i
               kMaxChannels, " input channels; got ", input.size(1));
   TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(), name,
               ": weight must match input's dtype and device");
-  TORCH_CHECK(stride >= 1 && padding >= 0 && pool_size >= 1 && pool_stride >= 1 && pool_size <= 3, name,
-              ": bad stride/padding/pool arguments");
+  TORCH_CHECK(stride >= 1 && padding >= 0 && pool_size >= 1 && pool_stride >= 1 && pool_size <= 3 &&
+                  pool_padding >= 0 && 2 * pool_padding <= pool_size, name, ": bad stride/padding/pool arguments");
+  TORCH_CHECK(!save_z || pool_size == 1, name, ": the pre-activation is saved only without a pool");
   at::Tensor b;
   if (bias.has_value()) {
     b = bias->contiguous();
@@ -159,12 +181,17 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(const at::Tensor& i
   g.pad = static_cast<int>(padding);
   g.P = static_cast<int>(pool_size);
   g.Q = static_cast<int>(pool_stride);
+  g.PP = static_cast<int>(pool_padding);
+  g.act = act_code(activation);
+  g.alpha = static_cast<float>(alpha);
   TORCH_CHECK(g.H + 2 * g.pad >= g.R && g.W + 2 * g.pad >= g.R, name, ": the kernel (", g.R,
               ") is larger than the padded input (", g.H + 2 * g.pad, "x", g.W + 2 * g.pad, ")");
-  const int HO = (g.H + 2 * g.pad - g.R) / g.S + 1, WO = (g.W + 2 * g.pad - g.R) / g.S + 1;
-  TORCH_CHECK(HO >= g.P && WO >= g.P, name, ": the conv output (", HO, "x", WO, ") is smaller than the pool window");
-  g.HP = (HO - g.P) / g.Q + 1;
-  g.WP = (WO - g.P) / g.Q + 1;
+  g.HO = (g.H + 2 * g.pad - g.R) / g.S + 1;
+  g.WO = (g.W + 2 * g.pad - g.R) / g.S + 1;
+  g.HP = pooled_size(g.HO, g.P, g.Q, g.PP, ceil_mode);
+  g.WP = pooled_size(g.WO, g.P, g.Q, g.PP, ceil_mode);
+  TORCH_CHECK(g.HP >= 1 && g.WP >= 1, name, ": the conv output (", g.HO, "x", g.WO,
+              ") is too small for the pool window");
   g.sn = input.stride(0);
   g.sc = input.stride(1);
   g.sh = input.stride(2);
@@ -184,8 +211,10 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(const at::Tensor& i
   TORCH_CHECK(smem <= limit, name, ": needs ", smem, " bytes of shared memory; this GPU allows ", limit);
 
   at::Tensor y = at::empty({input.size(0), g.K, g.HP, g.WP}, input.options());
-  at::Tensor idx = at::empty({input.size(0), g.K, g.HP, g.WP}, input.options().dtype(at::kChar));
-  if (y.numel() == 0) return {y, idx};
+  at::Tensor idx = g.P > 1 ? at::empty({input.size(0), g.K, g.HP, g.WP}, input.options().dtype(at::kChar))
+                           : at::empty({0}, input.options().dtype(at::kChar));
+  at::Tensor z = save_z ? at::empty({input.size(0), g.K, g.HP, g.WP}, input.options()) : at::empty({0}, input.options());
+  if (y.numel() == 0) return {y, idx, z};
   TORCH_CHECK(input.size(0) <= 65535, name, ": batch must be at most 65535, got ", input.size(0));
   const at::Tensor wc = weight.contiguous();
   const int tiles = ((g.HP + g.tile - 1) / g.tile) * ((g.WP + g.tile - 1) / g.tile);
@@ -199,10 +228,12 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(const at::Tensor& i
     }
     kernel<<<grid, kThreads, smem, stream>>>(input.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(),
                                              b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                                             y.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<int8_t>(), g);
+                                             y.mutable_data_ptr<scalar_t>(),
+                                             g.P > 1 ? idx.mutable_data_ptr<int8_t>() : nullptr,
+                                             save_z ? z.mutable_data_ptr<scalar_t>() : nullptr, g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {y, idx};
+  return {y, idx, z};
 }
 
 }  // namespace
@@ -210,7 +241,8 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(const at::Tensor& i
 
 TORCH_LIBRARY_FRAGMENT(pydlx, m) {
   m.def("conv_relu_pool2d_fwd_cuda(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, "
-        "int pool_size, int pool_stride) -> (Tensor, Tensor)");
+        "int pool_size, int pool_stride, int pool_padding, bool ceil_mode, str activation, float alpha, bool save_z) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pydlx, CUDA, m) { m.impl("conv_relu_pool2d_fwd_cuda", &pydlx::conv_relu_pool2d_fwd_cuda); }

@@ -30,11 +30,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.utils import _pair
 
 from .nn.conv_relu_pool import ConvReLUPool2d, fused_args, unsupported as conv_unsupported
 from .nn.linear import Linear
 from .nn.lstm import LSTM, LSTMCell
 from .nn.mlp import MLP, activation_name
+from .reference.linear import MONOTONE, parse_activation
 from .reference.mlp import fuses_in_one_kernel
 
 _LEAVES = (Linear, MLP, ConvReLUPool2d, LSTM, LSTMCell, nn.RNNBase, nn.LSTMCell)
@@ -381,25 +383,73 @@ def _mlp_apply(graph: fx.Graph, modules, linears, acts, hidden, last_node, last)
         graph.erase_node(n)
 
 
+def _monotone(spec: Optional[str]) -> bool:
+    """Whether max commutes with the activation (a non-decreasing function): only those fuse with a pool."""
+    return spec is not None and parse_activation(spec)[0] in MONOTONE
+
+
+def _conv_match(node: fx.Node, mod: nn.Module, first: list, bn, modules):
+    """(node, chain nodes, pool, activation spec, bn, why the pool after it stays eager or None) for one call of a
+    Conv2d whose output (after ``first``: the eval-mode BatchNorm, if any) goes through an activation, then maybe a
+    MaxPool2d (only after a non-decreasing activation: max commutes with it); or through a MaxPool2d then a
+    non-decreasing activation (MNIST-style ``F.relu(F.max_pool2d(conv(x), 2))``); or a BatchNorm alone (the
+    folded conv). None: no pattern."""
+    head = first[-1] if first else node
+    a = _only_user(head)
+    act = _activation(a, modules) if a is not None else None
+    if act is not None:
+        b = _only_user(a) if _monotone(act) else None
+        pool = _max_pool(b, modules) if b is not None else None
+        dropped = conv_unsupported(mod, pool) if pool is not None and conv_unsupported(mod) is None else None
+        if dropped is not None:
+            pool = None  # a pool the kernel does not take stays eager; the conv and its activation still fuse
+        return (node, first + [a] + ([b] if pool is not None else []), pool, act, bn, dropped)
+    pool = _max_pool(a, modules) if a is not None else None
+    if pool is not None:
+        b = _only_user(a)
+        act = _activation(b, modules) if b is not None else None
+        if _monotone(act):
+            return (node, first + [a, b], pool, act, bn, None)
+    return (node, first, None, None, bn, None) if bn is not None else None
+
+
+def _pool_words(pool: nn.MaxPool2d) -> str:
+    k, p = _pair(pool.kernel_size), _pair(pool.padding)
+    st = _pair(pool.stride) if pool.stride is not None else k
+    one = lambda v: v[0] if v[0] == v[1] else v  # noqa: E731
+    return (f"MaxPool2d({one(k)}, {one(st)}" + (f", padding={one(p)}" if p != (0, 0) else "")
+            + (", ceil_mode=True" if pool.ceil_mode else "") + ")")
+
+
+def _conv_op(pool, act: Optional[str], bn) -> str:
+    """The pydlx op a conv match becomes: conv_relu_pool2d for the classic block, else the general forms."""
+    if bn is not None:
+        return "conv_bn_act_pool2d"
+    return "conv_relu_pool2d" if act == "relu" and pool is not None else "conv_act_pool2d"
+
+
 def _single_apply(graph: fx.Graph, fqn: str, mod: nn.Module, matches) -> None:
     """Each call of ``mod`` (and the eval-mode BatchNorm after it, folded) and the activation (and pool) after it
     become one pydlx op call."""
-    from .ops.conv_relu_pool import conv_bn_relu_pool2d, conv_relu_pool2d
+    from .ops import conv_relu_pool as conv_ops
     from .ops.linear import linear, linear_batchnorm
 
-    for node, chain, pool, act, bn in matches:
+    for node, chain, pool, act, bn, *_ in matches:
         with graph.inserting_before(node):
             w, b = _params(graph, fqn, mod)
             x = _module_input(node)
             bnp = _bn_params(graph, bn[1], bn[2]) if bn is not None else None
-            if pool is not None:
-                new = (graph.call_function(conv_bn_relu_pool2d, (x, w, b, *bnp), fused_args(mod, pool))
-                       if bn is not None else graph.call_function(conv_relu_pool2d, (x, w, b), fused_args(mod, pool)))
+            if type(mod) is nn.Conv2d:
+                op = _conv_op(pool, act, bn)
+                kw = fused_args(mod, pool)
+                if op != "conv_relu_pool2d":
+                    kw["activation"] = act
+                new = graph.call_function(getattr(conv_ops, op), (x, w, b, *(bnp or ())), kw)
             elif bn is not None:
                 new = graph.call_function(linear_batchnorm, (x, w, b, *bnp), {"activation": act})
             else:
                 new = graph.call_function(linear, (x, w, b), {"activation": act})
-        chain[-1].replace_all_uses_with(new)
+        (chain[-1] if chain else node).replace_all_uses_with(new)
         for n in reversed([node, *chain]):  # users before producers
             graph.erase_node(n)
 
@@ -437,26 +487,28 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
                 bn_why = _why_not_folded(bn[2])
                 head = bn[0]
             first = [bn[0]] if bn is not None else []
-            act_node = _only_user(head) if _module_input(node) is not None else None
-            act = _activation(act_node, modules) if act_node is not None else None
+            if _module_input(node) is None:
+                matches.append(None)
+                continue
             if type(mod) is nn.Conv2d:
-                second = _only_user(act_node) if act_node is not None else None
-                if act == "relu":  # conv -> relu -> max pool
-                    pool = _max_pool(second, modules) if second is not None else None
-                else:  # conv -> max pool -> relu (MNIST-style F.relu(F.max_pool2d(conv(x), 2))): max and relu commute
-                    pool = _max_pool(act_node, modules) if act_node is not None else None
-                    if pool is not None and (second is None or _activation(second, modules) != "relu"):
-                        pool = None
-                matches.append((node, first + [act_node, second], pool, "relu", bn) if pool is not None else None)
-            elif act is not None:
+                matches.append(_conv_match(node, mod, first, bn, modules))
+                continue
+            act_node = _only_user(head)
+            act = _activation(act_node, modules) if act_node is not None else None
+            if act is not None:
                 matches.append((node, first + [act_node], None, act, bn))
             else:  # Linear -> BatchNorm1d with no activation after it: the folded Linear alone
                 matches.append((node, first, None, None, bn) if bn is not None else None)
         if not any(matches):
             continue
         bns = {m[4][1] for m in matches if m is not None and m[4] is not None}
-        kind = ("Conv2d + " + ("BatchNorm2d (folded) + " if bns else "") + "ReLU + MaxPool2d" if type(mod) is nn.Conv2d
-                else "Linear + " + ("BatchNorm1d (folded) + " if bns else "") + "activation")
+        m0 = next(m for m in matches if m is not None)
+        if type(mod) is nn.Conv2d:
+            act_words = {"relu": "ReLU"}.get(m0[3], m0[3])
+            kind = " + ".join(["Conv2d"] + (["BatchNorm2d (folded)"] if bns else []) + ([act_words] if m0[3] else [])
+                              + (["MaxPool2d"] if m0[2] is not None else []))
+        else:
+            kind = "Linear + " + ("BatchNorm1d (folded) + " if bns else "") + "activation"
         why = None
         if bn_why is not None:
             why = f"BatchNorm {', '.join(sorted(bns))} {bn_why}"
@@ -465,15 +517,18 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
         elif not all(matches):
             why = f"{fqn} is called {len(nodes)} times and not every call is followed by the pattern"
         elif type(mod) is nn.Conv2d:
-            pools = [(m[2].kernel_size, m[2].stride, m[2].padding, m[2].ceil_mode) for m in matches]
-            why = conv_unsupported(mod, matches[0][2]) or (
-                None if len(set(map(str, pools))) == 1 else f"{fqn}'s calls use different pools")
-        elif type(mod) is not nn.Conv2d and len({m[3] for m in matches}) != 1:
+            variants = {(m[3], _pool_words(m[2]) if m[2] is not None else None) for m in matches}
+            why = conv_unsupported(mod, m0[2]) or (
+                None if len(variants) == 1 else f"{fqn}'s calls use different activations or pools")
+        elif len({m[3] for m in matches}) != 1:
             why = f"{fqn}'s calls use different activations"
         if why is None and not (allowed(fqn) and all(allowed(b) for b in bns)):
             why = "excluded by filter_fn"
         if type(mod) is nn.Conv2d:
-            desc = f"{kind} (forward code) -> pydlx.ops.conv_relu_pool2d"
+            pool = m0[2]
+            desc = f"{kind} (forward code) -> pydlx.ops.{_conv_op(pool, m0[3], m0[4])}" + (
+                f" [{_pool_words(pool)}]" if pool is not None and (pool.ceil_mode or _pair(pool.padding) != (0, 0))
+                else "") + (f"; the MaxPool2d after it runs eagerly ({m0[5]})" if m0[5] else "")
         else:
             desc = f"{kind} (forward code) -> pydlx.ops.linear(activation={matches[0][3]!r})" if all(matches) \
                 else kind

@@ -219,14 +219,14 @@ def explain(model: nn.Module) -> str:
                 lines.append(f"keep   {fqn}: Linear ({why})")
 
     def conv_lines():
+        # a chain the module pass keeps is explained by the forward-code pass, which sees the same Sequential (and
+        # may still fuse the conv and its activation when only the pool is unsupported)
         for fqn, parent, i, why in _conv_plan(model, None):
             if why is None:
                 fused = ConvReLUPool2d.from_modules(parent[i], parent[i + 2])
                 lines.append(f"fuse   {fqn}: Conv2d + ReLU + MaxPool2d -> pydlx.nn.ConvReLUPool2d("
                              f"{fused.extra_repr()}); {_auto('conv_relu_pool', fused.weight)}; "
                              "pydlx.use_backend('triton') forces the kernel")
-            else:
-                lines.append(f"keep   {fqn}: Conv2d + ReLU + MaxPool2d ({why})")
 
     def lstm_lines():
         for fqn, mod, _ in _lstm_plan(model, None):

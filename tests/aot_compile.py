@@ -80,9 +80,13 @@ def cases():
                 for i, cfg in enumerate(cfgs):
                     if cfg in fits:
                         out.append((f"{variant}-sm{arch}-{dname}-{cfg_id(cfg)}", variant, arch, dname, i))
-            for cfg in tri_crp.configs_for(dt.itemsize):
-                i = next(j for j, c in enumerate(tri_crp.FWD_CONFIGS) if c is cfg)
-                out.append((f"crp-sm{arch}-{dname}-{crp_cfg_id(cfg)}", "crp", arch, dname, i))
+            # the seed CNN's block in every dtype; the zoo's variants (padded 3/2 pool after a 7x7 stride-2 conv,
+            # the ResNet stem; no pool, the pre-activation stored) in one 16-bit dtype and fp32
+            for variant in ("crp",) + (tuple(CRP_VARIANTS) if dname != "fp16" else ()):
+                P = CRP_VARIANTS.get(variant, {}).get("P", 2)
+                for cfg in tri_crp.configs_for(dt.itemsize, P):
+                    i = next(j for j, c in enumerate(tri_crp.FWD_CONFIGS) if c is cfg)
+                    out.append((f"{variant}-sm{arch}-{dname}-{crp_cfg_id(cfg)}", variant, arch, dname, i))
             for net, sizes in MLP_SIZES.items():
                 for kind, cfgs in (("mlpfwd", tri_mlp.FWD_CONFIGS), ("mlpbwd", tri_mlp.BWD_CONFIGS)):
                     ships = tri_mlp.configs_for(kind[3:], tri_mlp.Plan(sizes).pads, dt.itemsize)
@@ -123,14 +127,25 @@ def crp_cfg_id(cfg):
     return f"{k['BLOCK_P']}x{k['BLOCK_K']}x{k['BLOCK_C']}w{cfg.num_warps}s{cfg.num_stages}"
 
 
-def _crp_source(ptr, idx):
-    """The fused Conv+ReLU+MaxPool forward as the seed CNN's layers run it: 3x3, pad 1, 2x2 pool, NCHW."""
+# The conv kernel's variants besides the seed CNN's ("crp"): constexprs that change the generated code.
+CRP_VARIANTS = {
+    "crp-stem-pool3p1": dict(R=7, STRIDE=2, PAD=3, P=3, Q=2, PPAD=1, ACT=1, SAVE_Z=False),
+    "crp-nopool-silu-z": dict(R=3, STRIDE=1, PAD=1, P=1, Q=1, PPAD=0, ACT=4, SAVE_Z=True),
+}
+
+
+def _crp_source(ptr, idx, variant="crp"):
+    """The fused Conv+act(+MaxPool) forward: as the seed CNN's layers run it (3x3, pad 1, 2x2 pool, ReLU, NCHW), or
+    one of CRP_VARIANTS."""
     fn, cfg = tri_crp._conv_relu_pool_fwd_kernel, tri_crp.FWD_CONFIGS[idx]
-    sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr, "idx_ptr": "*i8",
-           **{n: "i32" for n in ("C", "H", "W", "K", "HP", "WP", "stride_xn", "stride_xc", "stride_xh")}}
+    sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr, "idx_ptr": "*i8", "z_ptr": ptr,
+           **{n: "i32" for n in ("C", "H", "W", "K", "HO", "WO", "HP", "WP", "stride_xn", "stride_xc",
+                                 "stride_xh")}}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr",
-                                                                            "idx_ptr", "stride_xn", "stride_xc")}
-    const = dict(stride_xw=1, R=3, STRIDE=1, PAD=1, P=2, Q=2, HAS_BIAS=True)
+                                                                            "idx_ptr", "z_ptr", "stride_xn",
+                                                                            "stride_xc")}
+    const = dict(stride_xw=1, HAS_BIAS=True, ALPHA=0.0,
+                 **CRP_VARIANTS.get(variant, dict(R=3, STRIDE=1, PAD=1, P=2, Q=2, PPAD=0, ACT=1, SAVE_Z=False)))
     return fn, cfg, sig, attrs, const
 
 
@@ -165,8 +180,8 @@ def compile_one(case):
     ptr = DTYPES[dname][1]
     if variant.startswith("mlp"):
         fn, cfg, sig, attrs, const = _mlp_source(variant, ptr, idx)
-    elif variant == "crp":
-        fn, cfg, sig, attrs, const = _crp_source(ptr, idx)
+    elif variant.startswith("crp"):
+        fn, cfg, sig, attrs, const = _crp_source(ptr, idx, variant)
     elif variant == "lstm":
         fn, cfg, sig, attrs, const = _lstm_source(ptr, idx)
     else:

@@ -124,12 +124,16 @@ def test_saved_tensors_at_most_half_of_eager():
 BAD = [
     pytest.param(dict(groups=True), ValueError, "groups other than 1", id="groups"),
     pytest.param(dict(stride=5), ValueError, "stride must be an int in", id="stride"),
-    pytest.param(dict(padding=4), ValueError, "padding must be an int in", id="padding"),
+    pytest.param(dict(padding=6), ValueError, "padding must be an int in", id="padding"),
     pytest.param(dict(pool_size=4), ValueError, "pool_size must be an int in", id="pool"),
     pytest.param(dict(stride=(1, 2)), ValueError, "pair of equal ints", id="nonsquare-stride"),
     pytest.param(dict(rect=True), ValueError, "square kernel", id="nonsquare-kernel"),
     pytest.param(dict(intx=True), TypeError, "floating-point", id="int-input"),
-    pytest.param(dict(small=True), ValueError, "smaller than the pool window", id="too-small"),
+    pytest.param(dict(small=True), ValueError, "larger than the padded input", id="too-small"),
+    pytest.param(dict(pool_padding=2), ValueError, "pool_padding must be an int in", id="pool-padding"),
+    pytest.param(dict(activation="silu"), ValueError, "non-decreasing activation", id="pool-after-silu"),
+    pytest.param(dict(activation="swish"), ValueError, "activation", id="unknown-activation"),
+    pytest.param(dict(pool_size=1, ceil_mode=True), ValueError, "no pool", id="no-pool-ceil"),
     pytest.param(dict(bias_shape=True), ValueError, "bias must be 1-D", id="bias-shape"),
 ]
 
@@ -143,16 +147,18 @@ def test_bad_input_raises_clear_error(bad, exc, msg, backend, monkeypatch):
     w = torch.randn(6, 2 if bad.get("groups") else 4, 2 if bad.get("rect") else 3, 3)
     b = torch.randn(5 if bad.get("bias_shape") else 6)
     x = x.long() if bad.get("intx") else x[..., :2, :2] if bad.get("small") else x
-    kw = {k: v for k, v in bad.items() if k in ("stride", "padding", "pool_size")}
+    kw = {k: v for k, v in bad.items() if k in ("stride", "padding", "pool_size", "pool_padding", "ceil_mode")}
     with pydlx.use_backend(backend), pytest.raises(exc, match=msg):
-        pydlx.ops.conv_relu_pool2d(x, w, b, **kw)
+        pydlx.ops.conv_act_pool2d(x, w, b, activation=bad.get("activation", "relu"), **{"pool_size": 2, **kw})
 
 
 @pytest.mark.parametrize("conv,pool,msg", [
     (nn.Conv2d(4, 4, 3, groups=2), nn.MaxPool2d(2), "groups"),
     (nn.Conv2d(4, 4, 3, dilation=2), nn.MaxPool2d(2), "dilation"),
     (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.MaxPool2d(2), "padding_mode"),
-    (nn.Conv2d(4, 4, 3), nn.MaxPool2d(2, ceil_mode=True), "ceil_mode"),
+    (nn.Conv2d(4, 4, 3), nn.MaxPool2d(4), "pool 4"),
+    (nn.Conv2d(4, 4, 3), nn.MaxPool2d(2, return_indices=True), "return_indices"),
+    (nn.Conv2d(4, 4, (1, 7), padding=(0, 3)), nn.MaxPool2d(2), "non-square"),
 ])
 def test_from_modules_rejects_unsupported(conv, pool, msg):
     with pytest.raises(ValueError, match=msg):
@@ -171,8 +177,9 @@ def test_module_matches_torch_and_state_dict():
 def test_opcheck_and_compile():
     x, w, b, args = make(CASES[0].values[0], torch.float32)
     with pydlx.use_backend("reference"):
-        torch.library.opcheck(torch.ops.pydlx.conv_relu_pool2d_fwd.default, (x, w, b, *args, "reference"))
-        torch.library.opcheck(torch.ops.pydlx.conv_relu_pool2d_fwd.default, (x, w, None, *args, "reference"))
+        for bb in (b, None):
+            torch.library.opcheck(torch.ops.pydlx.conv_relu_pool2d_fwd.default,
+                                  (x, w, bb, *args, 0, False, "relu", False, "reference"))
         torch._dynamo.reset()
         m = pydlx.nn.ConvReLUPool2d(3, 5, 3, padding=1)
         y = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
@@ -216,3 +223,158 @@ def test_gpu_cuda_backend_refuses_wide_inputs():
     x = torch.randn(1, 9, 8, 8, device="cuda")
     with pydlx.use_backend("cuda"), pytest.raises(pydlx.BackendUnavailableError, match="at most 8 input channels"):
         pydlx.ops.conv_relu_pool2d(x, torch.randn(4, 9, 3, 3, device="cuda"))
+
+
+# Conv2d -> activation [-> MaxPool2d with padding / ceil mode] (pydlx.ops.conv_act_pool2d): the zoo's blocks.
+# (N, C, H, W, K, kernel, stride, padding, activation, pool, pool_stride, pool_padding, ceil_mode)
+VARIANTS = [
+    pytest.param((1, 3, 15, 17, 8, 7, 2, 3, "relu", 3, 2, 1, False), id="resnet-stem-7x7s2p3-pool3s2p1"),
+    pytest.param((2, 4, 13, 11, 6, 3, 1, 1, "relu", 3, 2, 0, True), id="googlenet-3x3-pool3s2-ceil"),
+    pytest.param((1, 3, 19, 21, 5, 7, 2, 0, "relu", 3, 2, 0, True), id="squeezenet-7x7s2-pool3s2-ceil"),
+    pytest.param((1, 3, 10, 9, 5, 3, 1, 1, "sigmoid", 2, 2, 1, True), id="sigmoid-pool2p1-ceil"),
+    pytest.param((1, 2, 8, 8, 3, 3, 1, 1, "tanh", 3, 1, 1, False), id="tanh-pool3s1p1"),
+    pytest.param((2, 6, 7, 9, 5, 1, 1, 0, "relu", 1, 1, 0, False), id="nopool-1x1-relu"),
+    pytest.param((2, 3, 9, 8, 7, 3, 2, 1, "silu", 1, 1, 0, False), id="nopool-3x3s2-silu-preact"),
+    pytest.param((1, 5, 8, 8, 4, 3, 1, 1, None, 1, 1, 0, False), id="nopool-none"),
+]
+
+
+def make_variant(case, dtype, device="cpu", bias=True):
+    N, C, H, W, K, R, s, p, act, P, Q, PP, ceil = case
+    x, w, b, _ = make((N, C, H, W, K, R, s, p, 2, 2), dtype, device, bias)
+    return x, w, b, dict(stride=s, padding=p, activation=act, pool_size=P, pool_stride=Q, pool_padding=PP,
+                         ceil_mode=ceil)
+
+
+def check_variant(x, w, b, kw, dtype):
+    fn = lambda *a: pydlx.ops.conv_act_pool2d(*a, **kw)  # noqa: E731
+    oracle = lambda *a: ref.conv_act_pool2d(*a, **kw)  # noqa: E731  (eager torch: conv2d, act, max_pool2d)
+    y = fn(x, w, b)
+    assert y.shape == oracle(x, w, b).shape
+    g = torch.randn(y.shape, dtype=dtype, device=x.device)
+    got = fwd_bwd(fn, x, w, b, g)
+    up = lambda t: t.detach().double().requires_grad_() if t is not None else None  # noqa: E731
+    want = fwd_bwd(oracle, up(x), up(w), up(b), g.double())
+    eager = fwd_bwd(oracle, x, w, b, g)
+    for a_, e_, base, name in zip(got, want, eager, ["y", "dx", "dw", "db"]):
+        assert a_.dtype == dtype
+        assert_close(a_, e_, dtype=dtype, name=name, baseline=base)
+
+
+@pytest.mark.parametrize("case", VARIANTS)
+def test_variant_reference_backend_float64(case):
+    x, w, b, kw = make_variant(case, torch.float64)
+    with pydlx.use_backend("reference"):
+        check_variant(x, w, b, kw, torch.float64)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[2]])
+@pytest.mark.parametrize("case", VARIANTS)
+def test_variant_triton_interpreter(case, dtype, poison):
+    x, w, b, kw = make_variant(case, dtype)
+    with pydlx.use_backend("triton"):
+        check_variant(x, w, b, kw, dtype)
+
+
+@pytest.mark.interpreter
+def test_pool_window_of_minus_inf_takes_its_first_position_inside(poison):
+    """A pool window whose every conv output is -inf (padded, ceil mode) routes its gradient to the first position
+    inside the conv output, as max_pool2d does -- never to a padding position."""
+    x = torch.full((1, 1, 5, 5), float("-inf"))
+    w = torch.ones(2, 1, 1, 1)
+    kw = dict(activation=None, pool_size=3, pool_stride=2, pool_padding=1, ceil_mode=True)
+    want = ref.conv_act_pool2d(x, w, None, **kw)
+    for backend in ("reference", "triton"):
+        xg = x.clone().requires_grad_()
+        with pydlx.use_backend(backend):
+            y = pydlx.ops.conv_act_pool2d(xg, w, None, **kw)
+        assert torch.equal(y, want)
+        xe = x.clone().requires_grad_()
+        ref.conv_act_pool2d(xe, w, None, **kw).sum().backward()
+        y.sum().backward()
+        assert torch.equal(torch.nan_to_num(xg.grad), torch.nan_to_num(xe.grad)), backend
+
+
+def test_variant_saves_no_more_than_eager_without_a_pool():
+    """Conv -> act without a pool: pydlx saves x, w and y (relu: the derivative from y) or z (silu), exactly what
+    eager keeps (conv2d keeps x and w, relu its output, silu its input): no saving, and no more than eager --
+    without a pool the gain is the conv output's round trip through memory, not saved bytes. With a pool the op
+    saves the pooled map and int8 indices instead of the full maps and int64 indices."""
+    x = torch.randn(4, 8, 12, 12, requires_grad=True)
+    w = torch.randn(16, 8, 3, 3, requires_grad=True)
+
+    def saved(fn):
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(seen.values())
+
+    act_map = 4 * 16 * 12 * 12 * 4
+    for act, pool in (("relu", 1), ("silu", 1), ("relu", 3)):
+        kw = dict(padding=1, activation=act, pool_size=pool, pool_stride=2 if pool > 1 else 1,
+                  pool_padding=pool // 2, ceil_mode=pool > 1)
+        eager = saved(lambda: ref.conv_act_pool2d(x, w, None, **kw))
+        with pydlx.use_backend("reference"):
+            ours = saved(lambda: pydlx.ops.conv_act_pool2d(x, w, None, **kw))
+        assert ours <= (eager if pool == 1 else eager - act_map), (act, pool, ours, eager)
+
+
+def test_variant_opcheck_and_compile():
+    x, w, b, kw = make_variant(VARIANTS[6].values[0], torch.float32)
+    args = (kw["stride"], kw["padding"], kw["pool_size"], kw["pool_stride"], kw["pool_padding"], kw["ceil_mode"])
+    for act, save, bb in (("silu", True, b), ("relu", False, None), ("none", False, b)):
+        torch.library.opcheck(torch.ops.pydlx.conv_relu_pool2d_fwd.default, (x, w, bb, *args, act, save, "reference"))
+    kw3 = dict(make_variant(VARIANTS[0].values[0], torch.float32)[3])
+    x3 = torch.randn(2, 3, 15, 17)
+    torch.library.opcheck(torch.ops.pydlx.conv_relu_pool2d_fwd.default,
+                          (x3, torch.randn(8, 3, 7, 7), None, 2, 3, 3, 2, 1, False, "relu", False, "reference"))
+    torch._dynamo.reset()
+    with pydlx.use_backend("reference"):
+        fn = lambda x, w, b: pydlx.ops.conv_act_pool2d(x, w, b, **kw)  # noqa: E731
+        assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, w, b), fn(x, w, b), name="compiled")
+        fn3 = lambda x, w: pydlx.ops.conv_act_pool2d(x, w, None, **kw3)  # noqa: E731
+        w3 = torch.randn(8, 3, 7, 7)
+        assert_close(torch.compile(fn3, fullgraph=True, backend="aot_eager")(x3, w3), fn3(x3, w3), name="compiled3")
+
+
+def test_variant_under_autocast_casts_like_conv2d():
+    x, w, b, kw = make_variant(VARIANTS[0].values[0], torch.float32)
+    with pydlx.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = pydlx.ops.conv_act_pool2d(x, w, b, **kw)
+        want = ref.conv_act_pool2d(x, w, b, **kw)
+    assert y.dtype == want.dtype == torch.bfloat16
+    assert_close(y, want, dtype=torch.bfloat16, name="autocast")
+
+
+def test_relu_module_takes_pool_padding_and_ceil_mode():
+    conv, pool = nn.Conv2d(3, 6, 7, 2, 3, dtype=torch.float64), nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+    fused = pydlx.nn.ConvReLUPool2d.from_modules(conv, pool)
+    x = torch.randn(2, 3, 23, 19, dtype=torch.float64)
+    with pydlx.use_backend("reference"):
+        assert_close(fused(x), pool(torch.relu(conv(x))), name="module")
+    assert "ceil_mode=True" in repr(fused) and "pool_padding=1" in repr(fused)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", VARIANTS)
+def test_gpu_variant_against_reference(case, dtype, backend, poison):
+    x, w, b, kw = make_variant(case, dtype, device="cuda")
+    with pydlx.use_backend(backend):
+        check_variant(x, w, b, kw, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", VARIANTS)
+def test_gpu_cuda_variant_against_reference(case, dtype, poison):
+    x, w, b, kw = make_variant(case, dtype, device="cuda")
+    with pydlx.use_backend("cuda"):
+        check_variant(x, w, b, kw, dtype)

@@ -38,7 +38,8 @@ def test_extension_builds_and_registers_ops(built):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
     op = torch.ops.pydlx.conv_relu_pool2d_fwd_cuda.default
     assert str(op._schema) == ("pydlx::conv_relu_pool2d_fwd_cuda(Tensor input, Tensor weight, Tensor? bias, "
-                               "int stride, int padding, int pool_size, int pool_stride) -> (Tensor, Tensor)")
+                               "int stride, int padding, int pool_size, int pool_stride, int pool_padding, "
+                               "bool ceil_mode, str activation, float alpha, bool save_z) -> (Tensor, Tensor, Tensor)")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
     for name, schema in [
             ("lstm_seq_fwd_cuda", "pydlx::lstm_seq_fwd_cuda(Tensor G, Tensor w_hh, Tensor h0, Tensor c0, "

@@ -97,7 +97,7 @@ def _vgg_like():
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),      # fused
         nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d(2),       # groups: kept
         nn.Conv2d(8, 6, 5, stride=2, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),    # overlapping pool: fused
-        nn.Conv2d(6, 4, 1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),            # ceil mode: kept
+        nn.Conv2d(6, 4, 1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),            # ceil mode: fused
         nn.Flatten(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
 
 
@@ -106,15 +106,16 @@ def test_conv_relu_pool_chains_are_swapped_with_state_dict_and_gradients_unchang
     original = copy.deepcopy(net.state_dict())
     text = pydlx.explain(net)
     assert "fuse   0: Conv2d + ReLU + MaxPool2d -> pydlx.nn.ConvReLUPool2d(3, 8, kernel_size=3" in text
-    assert "keep   3: Conv2d + ReLU + MaxPool2d (groups=2 (only 1))" in text
+    assert "keep   3: Conv2d + ReLU + MaxPool2d (forward code) -> pydlx.ops.conv_relu_pool2d (groups=2 (only 1))" in text
     assert "fuse   6: Conv2d + ReLU + MaxPool2d" in text and "pool_size=3, pool_stride=2" in text
-    assert "keep   9: Conv2d + ReLU + MaxPool2d (ceil_mode=True (only floor mode))" in text
+    assert "fuse   9: Conv2d + ReLU + MaxPool2d" in text and "pool_stride=2, ceil_mode=True)" in text
     # what auto runs for them here (a CPU: eager; on a GPU, its measured policy or "not measured": tests/test_policy.py)
     assert "pool_size=3, pool_stride=2); auto here: eager PyTorch (no GPU)" in text
     fast = pydlx.optimize(net)
     assert isinstance(fast[0], pydlx.nn.ConvReLUPool2d) and isinstance(fast[6], pydlx.nn.ConvReLUPool2d)
-    assert all(isinstance(fast[i], nn.Identity) for i in (1, 2, 7, 8))
-    assert type(fast[3]) is nn.Conv2d and type(fast[9]) is nn.Conv2d and type(net[0]) is nn.Conv2d
+    assert isinstance(fast[9], pydlx.nn.ConvReLUPool2d)
+    assert all(isinstance(fast[i], nn.Identity) for i in (1, 2, 7, 8, 10, 11))
+    assert type(fast[3]) is nn.Conv2d and type(net[0]) is nn.Conv2d
     assert fast[0].weight is not net[0].weight  # inplace=False: a copy
     sd = fast.state_dict()
     assert list(sd) == list(original) and all(torch.equal(sd[k], original[k]) for k in sd)
@@ -188,22 +189,46 @@ def test_optimized_lstm_classifier_runs_the_triton_kernels():
 
 
 @pytest.mark.parametrize("pool", [
-    pytest.param(nn.MaxPool2d(3, stride=2, padding=1), id="resnet-stem-pool-padding"),
     pytest.param(nn.MaxPool2d(2, dilation=2), id="pool-dilation-int"),
     pytest.param(nn.MaxPool2d((2, 3)), id="pool-non-square"),
-    pytest.param(nn.MaxPool2d(2, ceil_mode=True), id="pool-ceil"),
+    pytest.param(nn.MaxPool2d(4), id="pool-4"),
 ])
-def test_unsupported_pools_are_kept_and_explained_never_a_crash(pool):
-    """torchvision's ResNet stem (int pool padding) crashed explain/optimize with a TypeError."""
+def test_unsupported_pools_stay_eager_and_explained_never_a_crash(pool):
+    """torchvision's ResNet stem (int pool padding) crashed explain/optimize with a TypeError. A pool the kernel
+    does not take stays eager, with its reason; the conv and its ReLU still fuse."""
     net = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3), nn.ReLU(), pool)
     text = pydlx.explain(net)
-    assert "keep   0: Conv2d + ReLU + MaxPool2d (" in text, text
+    assert "fuse   0: Conv2d + ReLU (forward code) -> pydlx.ops.conv_act_pool2d; the MaxPool2d after it runs " \
+           "eagerly (" in text, text
+    assert text.count("   0:") == 1, text
     fast = pydlx.optimize(net)
     assert type(fast[0]) is nn.Conv2d and type(fast[2]) is nn.MaxPool2d
+    assert _pydlx_calls(fast, torch.randn(1, 3, 16, 16)) == ["conv_act_pool2d"]
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(fast(x), net(x))
-    with pytest.raises(ValueError, match=r"from_modules: (pool|ceil_mode|non-square)"):
+    with pytest.raises(ValueError, match=r"from_modules: (pool|non-square)"):
         pydlx.nn.ConvReLUPool2d.from_modules(net[0], pool)
+
+
+@pytest.mark.parametrize("pool", [
+    pytest.param(nn.MaxPool2d(3, stride=2, padding=1), id="resnet-stem-pool-padding"),
+    pytest.param(nn.MaxPool2d(2, ceil_mode=True), id="pool-ceil"),
+    pytest.param(nn.MaxPool2d(3, 2, 1, ceil_mode=True), id="pool-padding-ceil"),
+])
+def test_pool_padding_and_ceil_mode_fuse(pool):
+    """Issue 14.2: the ResNet stem's padded pool and GoogLeNet/SqueezeNet's ceil-mode pools fuse."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3), nn.ReLU(), pool).double()
+    text = pydlx.explain(net)
+    assert "fuse   0: Conv2d + ReLU + MaxPool2d -> pydlx.nn.ConvReLUPool2d(" in text, text
+    fast = pydlx.optimize(net)
+    assert isinstance(fast[0], pydlx.nn.ConvReLUPool2d)
+    x = torch.randn(2, 3, 29, 31, dtype=torch.float64, requires_grad=True)
+    with pydlx.use_backend("reference"):  # the op (its argmax bookkeeping and backward), not plain eager
+        assert_close(fast(x), net(x), name="fused")
+        g1 = torch.autograd.grad(fast(x).sum(), [x, *fast.parameters()])
+    g2 = torch.autograd.grad(net(x).sum(), [x, *net.parameters()])
+    for a, b in zip(g1, g2):
+        assert_close(a, b, name="grad")
 
 
 # ------------------------------------------------------------------- forward code that reads modes, attributes, args
@@ -423,7 +448,7 @@ def test_batchnorm_is_folded_in_eval_and_left_alone_in_training():
         getattr(fast, mode)()
         _same(fast, net, x)
         calls = _pydlx_calls(fast, x)
-        assert calls == (["conv_bn_relu_pool2d", "linear_batchnorm"] if mode == "eval" else []), (mode, calls)
+        assert calls == (["conv_bn_act_pool2d", "linear_batchnorm"] if mode == "eval" else []), (mode, calls)
     # training: the running statistics move identically
     torch.testing.assert_close(fast[1].running_mean, net[1].running_mean)
     # eval: gradients reach the conv, the Linear and the BatchNorms' affine parameters as in torch
@@ -518,13 +543,18 @@ def test_pool_before_relu_and_untraceable_parents():
 
 
 def test_explain_names_each_kept_block_once_with_its_reason():
-    """Issue 14: squeezenet's ceil-mode block was listed twice (module chain and forward code); ResNet's stem
-    (Conv -> BN -> ReLU -> MaxPool with padding) was not mentioned at all."""
-    squeeze = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True))
-    text = pydlx.explain(squeeze)
-    assert text.count("keep   0:") == 1 and "ceil_mode=True" in text, text
+    """Issue 14: a kept block was listed twice (module chain and forward code); ResNet's stem (Conv -> BN -> ReLU ->
+    MaxPool with padding) was not mentioned at all -- it now fuses in eval mode, and is kept with the reason in
+    training mode."""
+    grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True))
+    text = pydlx.explain(grouped)
+    assert text.count("   0:") == 1 and "keep   0: Conv2d + ReLU + MaxPool2d (forward code)" in text, text
+    assert "groups=2 (only 1)" in text
     stem = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.MaxPool2d(3, 2, padding=1)).eval()
     text = pydlx.explain(stem)
+    assert ("fuse   0: Conv2d + BatchNorm2d (folded) + ReLU + MaxPool2d (forward code) -> "
+            "pydlx.ops.conv_bn_act_pool2d [MaxPool2d(3, 2, padding=1)]") in text, text
+    text = pydlx.explain(stem.train())
     assert "keep   0: Conv2d + BatchNorm2d (folded) + ReLU + MaxPool2d (forward code)" in text, text
-    assert "pool padding=1 (only 0)" in text
+    assert "in training mode (batch statistics)" in text

@@ -1,4 +1,4 @@
-"""The cuda backend of ``pydlx.ops.conv_relu_pool2d``: csrc/conv_relu_pool.cu's direct convolution for first layers
+"""The cuda backend of ``pydlx.ops.conv_act_pool2d``: csrc/conv_relu_pool.cu's direct convolution for first layers
 (at most 8 input channels; fp32 FMAs, each conv output computed once), with pydlx/triton/conv_relu_pool.py's
 signature. The backward is the one every backend shares (pydlx/reference/conv_relu_pool.py)."""
 from __future__ import annotations
@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from ..reference.linear import parse_activation
 
 MAX_CHANNELS = 8  # csrc/conv_relu_pool.cu's kMaxChannels: a direct convolution is for first layers
 
@@ -17,6 +19,10 @@ def why_cannot(channels: int) -> Optional[str]:
     return None
 
 
-def conv_relu_pool_fwd(x, w, b, stride: int, padding: int, P: int, Q: int):
-    """(y, idx) for 4-D x: the pooled map (contiguous NCHW) and the int8 argmax."""
-    return torch.ops.pydlx.conv_relu_pool2d_fwd_cuda(x, w, b, stride, padding, P, Q)
+def conv_relu_pool_fwd(x, w, b, stride: int, padding: int, P: int, Q: int, PP: int = 0, ceil_mode: bool = False,
+                       activation: Optional[str] = "relu", save_preact: bool = False):
+    """(y, idx, z) for 4-D x: the (pooled) output (contiguous NCHW), the int8 argmax (pool only), the pre-activation
+    (``save_preact``, no pool only)."""
+    name, alpha = parse_activation(activation)
+    return torch.ops.pydlx.conv_relu_pool2d_fwd_cuda(x, w, b, stride, padding, P, Q, PP, ceil_mode, name or "none",
+                                                     float(alpha), save_preact)

@@ -11,22 +11,27 @@ from ..ops.conv_relu_pool import check_conv_relu_pool_args, conv_relu_pool2d
 
 
 class ConvReLUPool2d(nn.Module):
-    """``MaxPool2d(pool_size, pool_stride)(ReLU(Conv2d(in_channels, out_channels, kernel_size, stride, padding,
-    bias=bias)(x)))``: square kernels 1..11, stride 1..4, padding 0..3, groups 1, dilation 1, zero padding; pools
-    2 or 3 (stride 1..3, default pool_size), floor mode. Parameters are nn.Conv2d's (same names, init, state_dict).
+    """``MaxPool2d(pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode)(ReLU(Conv2d(in_channels,
+    out_channels, kernel_size, stride, padding, bias=bias)(x)))``: square kernels 1..11, stride 1..4, padding 0..5,
+    groups 1, dilation 1, zero padding; pools 2 or 3 (stride 1..3, default pool_size, padding up to half the window,
+    floor or ceil mode). Parameters are nn.Conv2d's (same names, init, state_dict).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  bias: bool = True, pool_size: int = 2, pool_stride: Optional[int] = None, device=None,
-                 dtype=None) -> None:
+                 dtype=None, *, pool_padding: int = 0, ceil_mode: bool = False) -> None:
         super().__init__()
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
                          device=device, dtype=dtype)
         self.weight, self.bias = conv.weight, conv.bias
         self.stride, self.padding = stride, padding
         self.pool_size, self.pool_stride = pool_size, pool_stride if pool_stride is not None else pool_size
+        self.pool_padding, self.ceil_mode = pool_padding, ceil_mode
+        if pool_size < 2:
+            raise ValueError(f"pydlx.nn.ConvReLUPool2d: pool_size must be 2 or 3, got {pool_size}")
         probe = torch.empty((in_channels, 64, 64), device="meta", dtype=self.weight.dtype)  # checks the options
-        check_conv_relu_pool_args(probe, self.weight.to("meta"), None, stride, padding, pool_size, pool_stride)
+        check_conv_relu_pool_args(probe, self.weight.to("meta"), None, stride, padding, pool_size, pool_stride,
+                                  pool_padding, ceil_mode)
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, pool: nn.MaxPool2d) -> "ConvReLUPool2d":
@@ -40,6 +45,7 @@ class ConvReLUPool2d(nn.Module):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.weight, new.bias = conv.weight, conv.bias
+        new.pool_padding, new.ceil_mode = 0, False
         for name, value in fused_args(conv, pool).items():
             setattr(new, name, value)
         new.train(conv.training)
@@ -47,12 +53,14 @@ class ConvReLUPool2d(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return conv_relu_pool2d(input, self.weight, self.bias, self.stride, self.padding, self.pool_size,
-                                self.pool_stride)
+                                self.pool_stride, self.pool_padding, self.ceil_mode)
 
     def extra_repr(self) -> str:
         k, c = self.weight.shape[0], self.weight.shape[1]
         return (f"{c}, {k}, kernel_size={self.weight.shape[-1]}, stride={self.stride}, padding={self.padding}, "
-                f"bias={self.bias is not None}, pool_size={self.pool_size}, pool_stride={self.pool_stride}")
+                f"bias={self.bias is not None}, pool_size={self.pool_size}, pool_stride={self.pool_stride}"
+                + (f", pool_padding={self.pool_padding}" if self.pool_padding else "")
+                + (", ceil_mode=True" if self.ceil_mode else ""))
 
 
 def _square(v) -> Optional[int]:
@@ -61,17 +69,24 @@ def _square(v) -> Optional[int]:
     return v[0] if len(v) == 2 and v[0] == v[1] else None
 
 
-def fused_args(conv: nn.Conv2d, pool: nn.MaxPool2d) -> dict:
-    """pydlx.ops.conv_relu_pool2d's options (stride, padding, pool_size, pool_stride) for a pair that
-    ``unsupported`` accepts."""
+def fused_args(conv: nn.Conv2d, pool: Optional[nn.MaxPool2d]) -> dict:
+    """pydlx.ops.conv_act_pool2d's options (stride, padding, pool_size, pool_stride, pool_padding, ceil_mode) for a
+    conv (and pool, or None) that ``unsupported`` accepts."""
+    args = dict(stride=_square(conv.stride), padding=_square(conv.padding))
+    if pool is None:
+        return args
     size = _square(pool.kernel_size)
-    return dict(stride=_square(conv.stride), padding=_square(conv.padding), pool_size=size,
-                pool_stride=_square(pool.stride) if pool.stride is not None else size)
+    args.update(pool_size=size, pool_stride=_square(pool.stride) if pool.stride is not None else size)
+    if _square(pool.padding):
+        args["pool_padding"] = _square(pool.padding)
+    if pool.ceil_mode:
+        args["ceil_mode"] = True
+    return args
 
 
-def unsupported(conv: nn.Conv2d, pool: nn.MaxPool2d) -> Optional[str]:
-    """None if the pair is fusable, else why not (used by from_modules, optimize and explain). Never raises for a
-    Conv2d / MaxPool2d however their options are spelled (ints or pairs)."""
+def unsupported(conv: nn.Conv2d, pool: Optional[nn.MaxPool2d] = None) -> Optional[str]:
+    """None if the conv (and pool) is fusable, else why not (used by from_modules, optimize and explain). Never
+    raises for a Conv2d / MaxPool2d however their options are spelled (ints or pairs)."""
     if conv.groups != 1:
         return f"groups={conv.groups} (only 1)"
     if _pair(conv.dilation) != (1, 1):
@@ -80,14 +95,21 @@ def unsupported(conv: nn.Conv2d, pool: nn.MaxPool2d) -> Optional[str]:
         return f"padding {conv.padding!r} / padding_mode {conv.padding_mode!r} (only int zero padding)"
     if _square(conv.kernel_size) is None or _square(conv.stride) is None or _square(conv.padding) is None:
         return "non-square kernel, stride or padding"
-    if pool.ceil_mode:
-        return "ceil_mode=True (only floor mode)"
+    k, s, p = _square(conv.kernel_size), _square(conv.stride), _square(conv.padding)
+    if not (1 <= k <= 11 and 1 <= s <= 4 and 0 <= p <= 5):
+        return f"kernel {k}, stride {s}, padding {p} (kernels 1..11, strides 1..4, paddings 0..5)"
+    if pool is None:
+        return None
     if pool.return_indices:
         return "return_indices=True"
     if _pair(pool.dilation) != (1, 1):
         return f"pool dilation={pool.dilation} (only 1)"
-    if _pair(pool.padding) != (0, 0):
-        return f"pool padding={pool.padding} (only 0)"
-    if _square(pool.kernel_size) is None or (pool.stride is not None and _square(pool.stride) is None):
+    if _square(pool.kernel_size) is None or (pool.stride is not None and _square(pool.stride) is None) \
+            or _square(pool.padding) is None:
         return "non-square pool"
+    size, stride = _square(pool.kernel_size), _square(pool.stride) if pool.stride is not None else None
+    if not 2 <= size <= 3 or not 1 <= (stride or size) <= 3:
+        return f"pool {size} stride {stride or size} (pools 2 or 3, strides 1..3)"
+    if not 0 <= _square(pool.padding) <= size // 2:
+        return f"pool padding={pool.padding} (at most half the window)"
     return None

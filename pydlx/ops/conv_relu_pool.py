@@ -1,14 +1,21 @@
-"""``pydlx.ops.conv_relu_pool2d``: MaxPool2d(ReLU(Conv2d(x))) in one kernel that writes only the pooled map.
+"""``pydlx.ops.conv_act_pool2d``: MaxPool2d(act(Conv2d(x))) -- or act(Conv2d(x)) without the pool -- in one kernel that
+writes only its output; ``pydlx.ops.conv_relu_pool2d`` is its ReLU form, ``conv_bn_act_pool2d`` the form with an
+eval-mode BatchNorm2d folded into the convolution.
 
 Ops (schemas defined once, here):
-  pydlx::conv_relu_pool2d_fwd(input, weight, bias, stride, padding, pool_size, pool_stride, backend) -> (y, idx)
-      y: the pooled output [N, K, HP, WP]; idx: int8, each max's position in its pool window (non-differentiable).
-  pydlx::conv_relu_pool2d_bwd(grad, input, weight, y, idx, has_bias, stride, padding, pool_size, pool_stride,
-      need_input, need_weight) -> (dx, dw, db)
-Saved for backward: x, w, the pooled y and the int8 idx — against eager's x, w, the full conv output, the full
-ReLU output and int64 pool indices. The forced ``cuda`` backend runs csrc/conv_relu_pool.cu's direct convolution
-(first layers: at most 8 input channels). Backward routes dy through idx and the ReLU mask (y > 0) into the conv
-output's gradient and runs the convolution backward (cuDNN on GPUs); a fused backward is not written yet.
+  pydlx::conv_relu_pool2d_fwd(input, weight, bias, stride, padding, pool_size, pool_stride, pool_padding,
+      ceil_mode, activation, save_preact, backend) -> (y, idx, z)
+      y: the output [N, K, HP, WP] (pooled, or the activated conv output when pool_size is 1); idx: int8, each max's
+      position in its pool window (empty without a pool); z: the pre-activation, only without a pool and when the
+      activation's derivative needs it (hardswish, mish, gelu, silu). idx and z are non-differentiable.
+  pydlx::conv_relu_pool2d_bwd(grad, input, weight, y, idx, z, has_bias, stride, padding, pool_size, pool_stride,
+      pool_padding, activation, need_input, need_weight) -> (dx, dw, db)
+Saved for backward: x, w, the output y (and idx / z) -- against eager's x, w, the full conv output, the full
+activation output and int64 pool indices. With a pool the activation must be non-decreasing (max commutes with it;
+its derivative is then a function of y). The forced ``cuda`` backend runs csrc/conv_relu_pool.cu's direct
+convolution (first layers: at most 8 input channels). Backward routes dy through idx and the activation's derivative
+into the conv output's gradient and runs the convolution backward (cuDNN on GPUs); a fused backward is not written
+yet.
 """
 from __future__ import annotations
 
@@ -20,7 +27,8 @@ from torch import Tensor
 from .. import _backend
 from ._common import ArgumentError, DtypeError, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
 from .._policy import size_of
-from ..reference.conv_relu_pool import conv_relu_pool2d as reference_conv_relu_pool2d, conv_relu_pool_bwd, out_shape
+from ..reference.conv_relu_pool import conv_act_pool2d as reference_conv_act_pool2d, conv_relu_pool_bwd, out_shape
+from ..reference.linear import MONOTONE, check_activation, parse_activation, saves_preact
 
 NAME = "pydlx.ops.conv_relu_pool2d"
 
@@ -29,13 +37,18 @@ def _impl(backend: str):
     return _backend.implementation("conv_relu_pool", backend)
 
 
-def choose(x: Tensor, weight: Tensor, stride: int, padding: int, P: int, Q: int, training: bool) -> str:
+def choose(x: Tensor, weight: Tensor, stride: int, padding: int, P: int, Q: int, PP: int, ceil_mode: bool,
+           activation: Optional[str], training: bool) -> str:
     """The backend for one call (pydlx/_backend.py). Without a measured policy, auto on GPUs runs the eager
-    forward (cuDNN) inside the op -- which still saves only the pooled map and int8 indices for backward -- and
-    the Triton and C++/CUDA kernels run when forced or when the GPU's policy measured them faster."""
-    HO, WO, HP, WP = out_shape(*x.shape[-2:], weight.shape[-1], stride, padding, P, Q)
+    forward (cuDNN) inside the op -- which still saves only the output and int8 indices for backward -- and the
+    Triton and C++/CUDA kernels run when forced or when the GPU's policy measured them faster. Policies are measured
+    on the benchmarks' ReLU + floor-mode unpadded pool; other variants (activations, no pool, padded or ceil-mode
+    pools) stay eager under auto until a GPU measures them."""
+    HO, WO, HP, WP = out_shape(*x.shape[-2:], weight.shape[-1], stride, padding, P, Q, PP, ceil_mode)
+    measured = activation == "relu" and P > 1 and PP == 0 and not ceil_mode
     call = _backend.CallKey(x.dtype, "training" if training else "inference", size_of(
-        "conv_relu_pool", N=x.shape[0], K=weight.shape[0], C=x.shape[1], R=weight.shape[-1], HO=HO, WO=WO))
+        "conv_relu_pool", N=x.shape[0], K=weight.shape[0], C=x.shape[1], R=weight.shape[-1], HO=HO, WO=WO)
+    ) if measured else None
     return _backend.choose("conv_relu_pool", x, NAME[len("pydlx."):], checks={
         "triton": lambda: why_not_kernel_dtype(x) or _impl("triton").why_too_large(
             x.shape, x.stride(), weight.shape[0], weight.shape[-1], HP, WP),
@@ -44,53 +57,66 @@ def choose(x: Tensor, weight: Tensor, stride: int, padding: int, P: int, Q: int,
 
 @torch.library.custom_op("pydlx::conv_relu_pool2d_fwd", mutates_args=())
 def conv_relu_pool2d_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
-                         pool_size: int, pool_stride: int, backend: str) -> Tuple[Tensor, Tensor]:
-    return _impl(backend).conv_relu_pool_fwd(input, weight, bias, stride, padding, pool_size, pool_stride)
+                         pool_size: int, pool_stride: int, pool_padding: int, ceil_mode: bool, activation: str,
+                         save_preact: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return _impl(backend).conv_relu_pool_fwd(input, weight, bias, stride, padding, pool_size, pool_stride,
+                                             pool_padding, ceil_mode, _act_name(activation), save_preact)
+
+
+def _act_name(activation: str) -> Optional[str]:
+    return None if activation == "none" else activation
 
 
 @conv_relu_pool2d_fwd.register_fake
-def _(input, weight, bias, stride, padding, pool_size, pool_stride, backend):
-    _, _, HP, WP = out_shape(*input.shape[-2:], weight.shape[-1], stride, padding, pool_size, pool_stride)
+def _(input, weight, bias, stride, padding, pool_size, pool_stride, pool_padding, ceil_mode, activation,
+      save_preact, backend):
+    _, _, HP, WP = out_shape(*input.shape[-2:], weight.shape[-1], stride, padding, pool_size, pool_stride,
+                             pool_padding, ceil_mode)
     shape = (input.shape[0], weight.shape[0], HP, WP)
-    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int8)
+    return (input.new_empty(shape), input.new_empty(shape if pool_size > 1 else (0,), dtype=torch.int8),
+            input.new_empty(shape if save_preact else (0,)))
 
 
 @torch.library.custom_op("pydlx::conv_relu_pool2d_bwd", mutates_args=())
-def conv_relu_pool2d_bwd(grad: Tensor, input: Tensor, weight: Tensor, y: Tensor, idx: Tensor, has_bias: bool,
-                         stride: int, padding: int, pool_size: int, pool_stride: int, need_input: bool,
-                         need_weight: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = conv_relu_pool_bwd(grad, input, weight, y, idx, has_bias, stride, padding, pool_size, pool_stride,
-                                    need_input, need_weight)
+def conv_relu_pool2d_bwd(grad: Tensor, input: Tensor, weight: Tensor, y: Tensor, idx: Tensor, z: Tensor,
+                         has_bias: bool, stride: int, padding: int, pool_size: int, pool_stride: int,
+                         pool_padding: int, activation: str, need_input: bool, need_weight: bool
+                         ) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = conv_relu_pool_bwd(grad, input, weight, y, idx, z, has_bias, stride, padding, pool_size,
+                                    pool_stride, pool_padding, _act_name(activation), need_input, need_weight)
     empty = lambda: input.new_empty(0)  # noqa: E731
     return (dx if need_input else empty(), dw if need_weight else empty(), db if has_bias else empty())
 
 
 @conv_relu_pool2d_bwd.register_fake
-def _(grad, input, weight, y, idx, has_bias, stride, padding, pool_size, pool_stride, need_input, need_weight):
+def _(grad, input, weight, y, idx, z, has_bias, stride, padding, pool_size, pool_stride, pool_padding, activation,
+      need_input, need_weight):
     return (torch.empty_like(input) if need_input else input.new_empty(0),
             torch.empty_like(weight) if need_weight else input.new_empty(0),
             weight.new_empty(weight.shape[0]) if has_bias else input.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, pool_size, pool_stride, backend = inputs
-    y, idx = output
-    ctx.mark_non_differentiable(idx)
+    input, weight, bias, stride, padding, pool_size, pool_stride, pool_padding, _, activation, _, _ = inputs
+    y, idx, z = output
+    ctx.mark_non_differentiable(idx, z)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, weight, y, idx)
-    ctx.args = (bias is not None, stride, padding, pool_size, pool_stride)
+    ctx.save_for_backward(input, weight, y if z.numel() == 0 else y.new_empty(0), idx, z)  # z or y, not both
+    ctx.args = (bias is not None, stride, padding, pool_size, pool_stride, pool_padding, activation)
 
 
-def _backward(ctx, grad_y, grad_idx):
-    input, weight, y, idx = ctx.saved_tensors
+def _backward(ctx, grad_y, grad_idx, grad_z):
+    input, weight, y, idx, z = ctx.saved_tensors
     if grad_y is None:
-        return None, None, None, None, None, None, None, None
+        return (None,) * 12
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    has_bias, stride, padding, P, Q = ctx.args
-    dx, dw, db = conv_relu_pool2d_bwd(grad_y.contiguous(), input, weight, y, idx, has_bias and need_b, stride,
-                                      padding, P, Q, need_x, need_w)
-    return (dx if need_x else None, dw if need_w else None, db if (has_bias and need_b) else None,
-            None, None, None, None, None)
+    has_bias, stride, padding, P, Q, PP, activation = ctx.args
+    if _act_name(activation) is not None and saves_preact(activation) and z.numel() == 0 and grad_y.numel() != 0:
+        raise RuntimeError("pydlx.ops.conv_act_pool2d: backward needs the pre-activation, but the forward ran with "
+                           "save_preact=False (call the op through pydlx.ops.conv_act_pool2d)")
+    dx, dw, db = conv_relu_pool2d_bwd(grad_y.contiguous(), input, weight, y, idx, z, has_bias and need_b, stride,
+                                      padding, P, Q, PP, activation, need_x, need_w)
+    return (dx if need_x else None, dw if need_w else None, db if (has_bias and need_b) else None) + (None,) * 9
 
 
 torch.library.register_autograd("pydlx::conv_relu_pool2d_fwd", _backward, setup_context=_setup_context)
@@ -106,8 +132,10 @@ def _int_arg(value, name: str, low: int, high: int) -> int:
     return value
 
 
-def check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, pool_stride):
-    """Normalised (stride, padding, pool_size, pool_stride); raises a clear error naming the bad argument."""
+def check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, pool_stride, pool_padding=0,
+                              ceil_mode=False, activation="relu"):
+    """Normalised (stride, padding, pool_size, pool_stride, pool_padding); raises a clear error naming the bad
+    argument."""
     if not isinstance(input, Tensor) or input.dim() not in (3, 4):
         got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
         raise ArgumentError(f"{NAME}: input must be (N, C, H, W) or unbatched (C, H, W), got {got}")
@@ -126,43 +154,76 @@ def check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, p
             raise DtypeError(f"{NAME}: {name} has dtype {t.dtype} but input has {input.dtype}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ArgumentError(f"{NAME}: bias must be 1-D with {weight.shape[0]} elements, got {tuple(bias.shape)}")
+    try:
+        check_activation(activation)
+    except ValueError as e:
+        raise ArgumentError(f"{NAME}: {e}") from None
     R = weight.shape[-1]
     if not 1 <= R <= 11:
         raise ArgumentError(f"{NAME}: kernel size must be in [1, 11], got {R}")
     stride = _int_arg(stride, "stride", 1, 4)
-    padding = _int_arg(padding, "padding", 0, 3)
-    pool_size = _int_arg(pool_size, "pool_size", 2, 3)
+    padding = _int_arg(padding, "padding", 0, 5)
+    pool_size = _int_arg(pool_size, "pool_size", 1, 3)
     pool_stride = _int_arg(pool_stride if pool_stride is not None else pool_size, "pool_stride", 1, 3)
-    HO, WO, _, _ = out_shape(*input.shape[-2:], R, stride, padding, pool_size, pool_stride)
-    if min(HO, WO) < pool_size:
-        raise ArgumentError(f"{NAME}: the conv output ({HO}x{WO}) is smaller than the pool window ({pool_size})")
-    return stride, padding, pool_size, pool_stride
+    pool_padding = _int_arg(pool_padding, "pool_padding", 0, pool_size // 2)  # max_pool2d: at most half the window
+    if not isinstance(ceil_mode, bool):
+        raise ArgumentError(f"{NAME}: ceil_mode must be a bool, got {ceil_mode!r}")
+    if pool_size == 1 and (pool_stride != 1 or ceil_mode):
+        raise ArgumentError(f"{NAME}: pool_size 1 means no pool: pool_stride must be 1 and ceil_mode False")
+    name, _ = parse_activation(activation)
+    if pool_size > 1 and name is not None and name not in MONOTONE:
+        raise ArgumentError(f"{NAME}: a pool fuses only after a non-decreasing activation ({sorted(MONOTONE)}), "
+                            f"got {activation!r}: max does not commute with it")
+    HO, WO, HP, WP = out_shape(*input.shape[-2:], R, stride, padding, pool_size, pool_stride, pool_padding,
+                               ceil_mode)
+    if min(HO, WO) < 1:
+        raise ArgumentError(f"{NAME}: the kernel ({R}) is larger than the padded input "
+                            f"({input.shape[-2] + 2 * padding}x{input.shape[-1] + 2 * padding})")
+    if min(HP, WP) < 1:
+        raise ArgumentError(f"{NAME}: the conv output ({HO}x{WO}) is too small for the pool window ({pool_size}, "
+                            f"padding {pool_padding})")
+    return stride, padding, pool_size, pool_stride, pool_padding
 
 
-def conv_relu_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
-                     pool_size=2, pool_stride=None) -> Tensor:
-    """``MaxPool2d(pool_size, pool_stride)(ReLU(Conv2d(x)))``, floor mode, groups 1, dilation 1, zero padding.
+def conv_act_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+                    activation: Optional[str] = "relu", pool_size=1, pool_stride=None, pool_padding=0,
+                    ceil_mode: bool = False) -> Tensor:
+    """``MaxPool2d(pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode)(act(Conv2d(x)))``; pool_size 1: no
+    pool. Groups 1, dilation 1, zero padding.
 
     input: (N, C, H, W) or (C, H, W); weight: (K, C, k, k); bias: (K,) or None. Square kernels 1..11, stride 1..4,
-    padding 0..3, pool 2 or 3 with stride 1..3 (default: pool_size).
+    padding 0..5; pools 2 or 3 (stride 1..3, default pool_size; padding up to half the window; floor or ceil
+    mode), only after a non-decreasing activation (relu, leaky_relu, elu, relu6, hardsigmoid, sigmoid, tanh, or
+    none). activation: any of pydlx.ops.linear's (None for none).
     """
     if all(isinstance(t, Tensor) and t.is_floating_point() for t in (input, weight, bias) if t is not None):
         # under torch.autocast, cast first (as F.conv2d does), so a bf16 activation meets fp32 weights
         input, weight, bias = autocast_cast(input.device.type, (input, weight, bias))
-    stride, padding, P, Q = check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, pool_stride)
+    stride, padding, P, Q, PP = check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size,
+                                                          pool_stride, pool_padding, ceil_mode, activation)
     if _backend.cpu_auto(input):
         # CPU + auto: plain eager PyTorch, the fastest there (the op's index bookkeeping costs ~1.4x on a CPU
         # training step, bench/results/cpu.csv); the reference backend, forced, runs the op (and its memory saving)
-        return reference_conv_relu_pool2d(input, weight, bias, stride, padding, P, Q)
+        return reference_conv_act_pool2d(input, weight, bias, stride, padding, activation, P, Q, PP, ceil_mode)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    y, _ = conv_relu_pool2d_fwd(x, weight, bias, stride, padding, P, Q, choose(x, weight, stride, padding, P, Q,
-                                                                              training))
+    save_preact = training and P == 1 and activation is not None and saves_preact(activation)
+    y, _, _ = conv_relu_pool2d_fwd(x, weight, bias, stride, padding, P, Q, PP, ceil_mode, activation or "none",
+                                   save_preact, choose(x, weight, stride, padding, P, Q, PP, ceil_mode, activation,
+                                                       training))
     if channels_last:
         y = y.contiguous(memory_format=torch.channels_last)
     return y.squeeze(0) if unbatched else y
+
+
+def conv_relu_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+                     pool_size=2, pool_stride=None, pool_padding=0, ceil_mode: bool = False) -> Tensor:
+    """``MaxPool2d(pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode)(ReLU(Conv2d(x)))``: conv_act_pool2d
+    with ReLU (see there for the supported options); pool 2 or 3."""
+    return conv_act_pool2d(input, weight, bias, stride, padding, "relu", pool_size, pool_stride, pool_padding,
+                           ceil_mode)
 
 
 def fold_batchnorm(weight: Tensor, bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
@@ -178,15 +239,19 @@ def fold_batchnorm(weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
     return w, (b + bn_bias if bn_bias is not None else b)
 
 
-def conv_bn_relu_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
-                        running_var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
-                        stride=1, padding=0, pool_size=2, pool_stride=None) -> Tensor:
-    """MaxPool2d(ReLU(BatchNorm2d(Conv2d(x)))) with the BatchNorm in eval mode, folded into the convolution
-    (pydlx.optimize's Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d chains). An input BatchNorm2d would refuse (not
+def conv_bn_act_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
+                       running_var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
+                       stride=1, padding=0, activation: Optional[str] = "relu", pool_size=1, pool_stride=None,
+                       pool_padding=0, ceil_mode: bool = False) -> Tensor:
+    """MaxPool2d(act(BatchNorm2d(Conv2d(x)))) with the BatchNorm in eval mode, folded into the convolution
+    (pydlx.optimize's Conv2d -> BatchNorm2d [-> act] [-> MaxPool2d] chains). An input BatchNorm2d would refuse (not
     4-D) runs the chain eagerly, so it refuses as torch does."""
     if not (isinstance(input, Tensor) and input.dim() == 4):
+        from ..reference.linear import activation_forward
         z = torch.nn.functional.conv2d(input, weight, bias, stride, padding)
-        z = torch.nn.functional.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
-        return torch.nn.functional.max_pool2d(torch.relu(z), pool_size, pool_stride)
+        z = activation_forward(torch.nn.functional.batch_norm(z, running_mean, running_var, bn_weight, bn_bias,
+                                                              False, 0.0, eps), activation)
+        return z if pool_size == 1 else torch.nn.functional.max_pool2d(z, pool_size, pool_stride, pool_padding,
+                                                                       ceil_mode=ceil_mode)
     w, b = fold_batchnorm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
-    return conv_relu_pool2d(input, w, b, stride, padding, pool_size, pool_stride)
+    return conv_act_pool2d(input, w, b, stride, padding, activation, pool_size, pool_stride, pool_padding, ceil_mode)

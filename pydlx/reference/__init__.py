@@ -3,7 +3,7 @@ module has the signatures of pydlx/triton/<family>.py; ``MODULES`` maps the fami
 oracle."""
 from . import conv_relu_pool as _conv_relu_pool_module, linear as _linear_module, lstm as _lstm_module
 from . import mlp as _mlp_module
-from .conv_relu_pool import conv_relu_pool2d
+from .conv_relu_pool import conv_act_pool2d, conv_relu_pool2d
 from .linear import ACTIVATIONS, activation_backward, activation_forward, linear, linear_bwd, linear_fwd
 from .mlp import mlp
 
@@ -12,4 +12,4 @@ MODULES = {"linear": _linear_module, "mlp": _mlp_module, "conv_relu_pool": _conv
            "lstm": _lstm_module}
 
 __all__ = ["ACTIVATIONS", "activation_forward", "activation_backward", "linear", "linear_fwd", "linear_bwd", "mlp",
-           "conv_relu_pool2d", "MODULES"]
+           "conv_act_pool2d", "conv_relu_pool2d", "MODULES"]

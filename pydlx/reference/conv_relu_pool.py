@@ -1,8 +1,10 @@
-"""Reference Conv2d -> ReLU -> MaxPool2d, in eager PyTorch: ``max_pool2d(relu(conv2d(x, w, b, stride, padding)),
-pool_size, pool_stride)`` (floor mode, groups 1, dilation 1). The oracle of the fused kernels and the CPU path;
-``conv_relu_pool_fwd`` is the reference backend of the op (pydlx/triton/conv_relu_pool.py's signature: the
-pooled map and the int8 argmax), ``conv_relu_pool_bwd`` the backward every backend shares (dy through the argmax
-and the ReLU mask into cuDNN's convolution backward)."""
+"""Reference Conv2d -> activation [-> MaxPool2d], in eager PyTorch:
+``max_pool2d(act(conv2d(x, w, b, stride, padding)), pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode)``
+(groups 1, dilation 1; pool_size 1 means no pool). The oracle of the fused kernels and the CPU path;
+``conv_relu_pool_fwd`` is the reference backend of the op (pydlx/triton/conv_relu_pool.py's signature: the output,
+the int8 argmax of each pool window and, without a pool, the pre-activation when the activation's derivative needs
+it), ``conv_relu_pool_bwd`` the backward every backend shares (dy through the argmax and the activation's
+derivative into cuDNN's convolution backward)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -10,52 +12,102 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .linear import activation_backward, activation_forward
+
+
+def conv_act_pool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: int = 1,
+                    padding: int = 0, activation: Optional[str] = "relu", pool_size: int = 1,
+                    pool_stride: Optional[int] = None, pool_padding: int = 0, ceil_mode: bool = False) -> torch.Tensor:
+    """The chain as eager PyTorch runs it (autograd included)."""
+    y = activation_forward(F.conv2d(x, weight, bias, stride=stride, padding=padding), activation)
+    if pool_size == 1:
+        return y
+    return F.max_pool2d(y, pool_size, pool_stride if pool_stride is not None else pool_size, pool_padding,
+                        ceil_mode=ceil_mode)
+
 
 def conv_relu_pool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: int = 1,
-                     padding: int = 0, pool_size: int = 2, pool_stride: Optional[int] = None) -> torch.Tensor:
-    z = F.conv2d(x, weight, bias, stride=stride, padding=padding)
-    return F.max_pool2d(torch.relu(z), pool_size, pool_stride if pool_stride is not None else pool_size)
+                     padding: int = 0, pool_size: int = 2, pool_stride: Optional[int] = None, pool_padding: int = 0,
+                     ceil_mode: bool = False) -> torch.Tensor:
+    return conv_act_pool2d(x, weight, bias, stride, padding, "relu", pool_size, pool_stride, pool_padding, ceil_mode)
 
 
-def out_shape(H: int, W: int, R: int, stride: int, padding: int, P: int, Q: int) -> Tuple[int, int, int, int]:
-    """(HO, WO, HP, WP): the conv output and pooled sizes (floor mode); the one home of this formula."""
+def pooled_size(size: int, P: int, Q: int, pad: int, ceil_mode: bool) -> int:
+    """max_pool2d's output size along one dimension (dilation 1): floor or ceil of (size + 2 pad - P) / Q, plus 1;
+    in ceil mode the last window must start inside the input or its left padding (torch's rule)."""
+    out = (size + 2 * pad - P + ((Q - 1) if ceil_mode else 0)) // Q + 1
+    if ceil_mode and (out - 1) * Q >= size + pad:
+        out -= 1
+    return out
+
+
+def out_shape(H: int, W: int, R: int, stride: int, padding: int, P: int, Q: int, pool_padding: int = 0,
+              ceil_mode: bool = False) -> Tuple[int, int, int, int]:
+    """(HO, WO, HP, WP): the conv output and pooled sizes; the one home of these formulas."""
     HO = (H + 2 * padding - R) // stride + 1
     WO = (W + 2 * padding - R) // stride + 1
-    return HO, WO, (HO - P) // Q + 1, (WO - P) // Q + 1
+    return HO, WO, pooled_size(HO, P, Q, pool_padding, ceil_mode), pooled_size(WO, P, Q, pool_padding, ceil_mode)
 
 
 def why_too_large(x_shape, x_strides, K: int, R: int, HP: int, WP: int) -> Optional[str]:
     return None  # eager PyTorch addresses any size
 
 
-def _window_index(y_idx_flat: torch.Tensor, WO: int, HP: int, WP: int, P: int, Q: int) -> torch.Tensor:
-    """max_pool2d's flat conv-output indices -> the position inside each pool window (int8)."""
-    oh, ow = y_idx_flat // WO, y_idx_flat % WO
-    ph = torch.arange(HP, device=oh.device).view(HP, 1) * Q
-    pw = torch.arange(WP, device=oh.device).view(1, WP) * Q
+def _window_index(flat: torch.Tensor, WO: int, P: int, Q: int, PP: int) -> torch.Tensor:
+    """max_pool2d's flat conv-output indices -> the position inside each pool window (int8), the window of pooled
+    pixel (ph, pw) starting at conv output (ph Q - PP, pw Q - PP)."""
+    HP, WP = flat.shape[-2:]
+    oh, ow = flat // WO, flat % WO
+    ph = torch.arange(HP, device=oh.device).view(HP, 1) * Q - PP
+    pw = torch.arange(WP, device=oh.device).view(1, WP) * Q - PP
     return ((oh - ph) * P + (ow - pw)).to(torch.int8)
 
 
 def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: int, padding: int,
-                       P: int, Q: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y, idx) for 4-D x: the pooled map (contiguous NCHW) and each max's position in its window (int8)."""
-    z = torch.relu(F.conv2d(x, w, b, stride=stride, padding=padding))
-    y, flat = F.max_pool2d(z, P, Q, return_indices=True)
-    return y.contiguous(), _window_index(flat, z.shape[-1], y.shape[-2], y.shape[-1], P, Q)
+                       P: int, Q: int, PP: int = 0, ceil_mode: bool = False, activation: Optional[str] = "relu",
+                       save_preact: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, idx, z) for 4-D x: the output (contiguous NCHW); with a pool (P > 1) each max's position in its window
+    (int8), else an empty tensor; z the pre-activation when ``save_preact`` (no pool only), else empty."""
+    z = F.conv2d(x, w, b, stride=stride, padding=padding)
+    a = activation_forward(z, activation)
+    empty = x.new_empty(0)
+    if P == 1:
+        zs = (z.clone() if a is z else z).contiguous() if save_preact else empty
+        return a.contiguous(), empty.to(torch.int8), zs
+    y, flat = F.max_pool2d(a, P, Q, PP, ceil_mode=ceil_mode, return_indices=True)
+    return y.contiguous(), _window_index(flat, a.shape[-1], P, Q, PP), empty
 
 
 def conv_relu_pool_bwd(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
-                       has_bias: bool, stride: int, padding: int, P: int, Q: int, need_input: bool,
-                       need_weight: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw, db): dy routed to each max's conv-output position through the ReLU mask (overlapping windows
-    accumulate), then the convolution backward (cuDNN on GPUs). Unneeded gradients come back as None."""
-    N, K, HP, WP = y.shape
-    HO, WO, _, _ = out_shape(*x.shape[-2:], w.shape[-1], stride, padding, P, Q)
-    idx = idx.long()
-    oh = torch.arange(HP, device=y.device).view(HP, 1) * Q + idx // P
-    ow = torch.arange(WP, device=y.device).view(1, WP) * Q + idx % P
-    g = torch.where(y > 0, grad, torch.zeros_like(grad))
-    dz = grad.new_zeros((N, K, HO * WO)).scatter_add_(2, (oh * WO + ow).view(N, K, HP * WP), g.reshape(N, K, HP * WP))
+                       z: torch.Tensor, has_bias: bool, stride: int, padding: int, P: int, Q: int, PP: int,
+                       activation: Optional[str], need_input: bool, need_weight: bool
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw, db): with a pool, dy through the activation's derivative (from the pooled y: pools fuse only with
+    non-decreasing activations, whose derivative is a function of y) and routed to each max's conv-output position
+    (overlapping windows accumulate); without, the derivative from y or the saved pre-activation z. Then the
+    convolution backward (cuDNN on GPUs). Unneeded gradients come back as None."""
+    N, K = x.shape[0], w.shape[0]
+    HO = (x.shape[-2] + 2 * padding - w.shape[-1]) // stride + 1
+    WO = (x.shape[-1] + 2 * padding - w.shape[-1]) // stride + 1
+    g = activation_backward(grad, z if z.numel() else y, activation)
+    if P == 1:
+        dz = g
+    else:
+        HP, WP = y.shape[-2:]
+        idx = idx.long()
+        oh = torch.arange(HP, device=y.device).view(HP, 1) * Q - PP + idx // P
+        ow = torch.arange(WP, device=y.device).view(1, WP) * Q - PP + idx % P
+        dz = grad.new_zeros((N, K, HO * WO)).scatter_add_(2, (oh * WO + ow).view(N, K, HP * WP),
+                                                           g.reshape(N, K, HP * WP)).view(N, K, HO, WO)
     return torch.ops.aten.convolution_backward(
-        dz.view(N, K, HO, WO), x, w, [K] if has_bias else None, [stride, stride], [padding, padding], [1, 1], False,
+        dz, x, w, [K] if has_bias else None, [stride, stride], [padding, padding], [1, 1], False,
         [0, 0], 1, [need_input, need_weight, has_bias])
+
+
+def window_fits(P: int, PP: int) -> bool:
+    """max_pool2d's rule: padding at most half the window."""
+    return 0 <= PP <= P // 2
+
+
+__all__ = ["conv_act_pool2d", "conv_relu_pool2d", "out_shape", "pooled_size", "conv_relu_pool_fwd",
+           "conv_relu_pool_bwd", "why_too_large", "window_fits"]

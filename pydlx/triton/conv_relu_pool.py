@@ -1,16 +1,23 @@
-"""Triton kernel for Conv2d -> ReLU -> MaxPool2d: an implicit-GEMM convolution whose tiles are laid out by pooled
-output pixel, so every pool window is reduced in registers and only the pooled map is written.
+"""Triton kernel for Conv2d -> activation [-> MaxPool2d]: an implicit-GEMM convolution whose tiles are laid out by
+output pixel (the pooled one when there is a pool), so every pool window is reduced in registers and only the
+(pooled) output is written, with the bias and the activation in the epilogue.
 
 Shapes: x[N, C, H, W] (any strides), w[K, C, R, R], b[K]; conv output (never stored) [N, K, HO, WO] with
-HO = (H + 2 pad - R) // stride + 1; pooled y[N, K, HP, WP], HP = (HO - P) // Q + 1 (floor mode).
-A program takes BLOCK_P pooled pixels of one image and BLOCK_K output channels. For each of the P x P positions of
+HO = (H + 2 pad - R) // stride + 1; output y[N, K, HP, WP]: the pooled map (max_pool2d's size for the pool's
+padding and floor/ceil mode: pydlx/reference/conv_relu_pool.py ``out_shape``), or the activated conv output when
+P = 1 (no pool: HP, WP = HO, WO).
+A program takes BLOCK_P output pixels of one image and BLOCK_K output channels. For each of the P x P positions of
 the pool window it computes the conv outputs under them as a GEMM over (tap, channel) = R*R*C, ordered tap-major
 with channels inner (the weight permuted to [R, R, C, K]): each step's bounds mask is one vector over the pixels,
-and with channels_last input each tap's channels are contiguous. Zero padding comes from the masks. It then keeps the running max and its window position. Bias and ReLU come once, after the max:
-a per-channel bias and ReLU are monotone, so relu(max(z) + b) == max(relu(z + b)), exactly.
-Written: y, and idx[N, K, HP, WP] (int8, the argmax's position in the window, 0..P*P-1) for backward, which routes
-dy through idx and the ReLU mask (y > 0) and calls the convolution backward (pydlx/ops/conv_relu_pool.py).
-NaN propagates as in max_pool2d.
+and with channels_last input each tap's channels are contiguous. Zero padding comes from the masks; window
+positions outside the conv output (the pool's padding, ceil mode) take no part, as max_pool2d's -inf padding.
+It keeps the running max and its window position (the first position inside the conv output starts the max, as
+in max_pool2d). Bias and activation come once, after the max: for a per-channel bias and a non-decreasing
+activation (the only ones fused with a pool) act(max(z) + b) == max(act(z + b)), exactly.
+Written: y; with a pool idx[N, K, HP, WP] (int8, the argmax's position in the window, 0..P*P-1) for backward, which
+routes dy through idx and the activation's derivative at y and calls the convolution backward
+(pydlx/ops/conv_relu_pool.py); without a pool, when the activation's derivative needs it (SAVE_Z), the
+pre-activation z. NaN propagates as in max_pool2d.
 """
 from __future__ import annotations
 
@@ -21,20 +28,21 @@ import triton
 import triton.language as tl
 
 from ..reference.conv_relu_pool import out_shape
-from .common import Tuned, _cast, _dot, precision
+from ..reference.linear import parse_activation
+from .common import ACT_CODES, Tuned, _act_fwd, _cast, _dot, precision
 
 
 @triton.jit
 def _conv_relu_pool_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr,
-    C, H, W, K, HP, WP,
+    x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, z_ptr,
+    C, H, W, K, HO, WO, HP, WP,
     stride_xn, stride_xc, stride_xh, stride_xw,
     R: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    PPAD: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
-    rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # pooled pixel index in HP * WP
+    rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # output pixel index in HP * WP
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # output channel
     rc = tl.arange(0, BLOCK_C)
     p_ok = rp < HP * WP
@@ -45,9 +53,13 @@ def _conv_relu_pool_fwd_kernel(
     c_steps = tl.cdiv(C, BLOCK_C)
     best = tl.full((BLOCK_P, BLOCK_K), float("-inf"), tl.float32)
     arg = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.int32)
+    seen = tl.zeros((BLOCK_P,), dtype=tl.int32)  # a window position inside the conv output was taken
     for win in tl.static_range(P * P):
-        ih0 = (ph * Q + win // P) * STRIDE - PAD  # the patch's top-left input pixel for this window position
-        iw0 = (pw * Q + win % P) * STRIDE - PAD
+        oh = ph * Q + win // P - PPAD  # the conv output under this window position
+        ow = pw * Q + win % P - PPAD
+        inside = p_ok & (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
+        ih0 = oh * STRIDE - PAD  # its patch's top-left input pixel
+        iw0 = ow * STRIDE - PAD
         acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
         # one flat loop over the reduction (kh, kw, channel block): the tap's row/column and its bounds mask are
         # scalar arithmetic plus one 1-D vector per step, channels are the GEMM's K
@@ -56,23 +68,31 @@ def _conv_relu_pool_fwd_kernel(
             c = (t % c_steps) * BLOCK_C + rc
             ih = ih0 + tap // R
             iw = iw0 + tap % R
-            ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ok = inside & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             c_ok = c < C
             a = tl.load(x_img + (ih * stride_xh + iw * stride_xw)[:, None] + c[None, :] * stride_xc,
                         mask=ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(w_ptr + (tap * C + c[:, None]) * K + rk[None, :], mask=c_ok[:, None] & k_ok[None, :],
                         other=0.0)  # w as [R*R, C, K] (K contiguous)
             acc = _dot(a, b, acc, PRECISION)
-        take = (acc > best) | (acc != acc)  # first max; a NaN wins (the last one, as in max_pool2d)
-        best = tl.where(take, acc, best)
-        arg = tl.where(take, win, arg)
+        if P == 1:
+            best = acc
+        else:
+            # the first position inside starts the max; then the first larger value, or a NaN (the last one wins,
+            # as in max_pool2d)
+            take = inside[:, None] & ((seen[:, None] == 0) | (acc > best) | (acc != acc))
+            best = tl.where(take, acc, best)
+            arg = tl.where(take, win, arg)
+            seen = tl.where(inside, 1, seen)
     if HAS_BIAS:
         best += tl.load(b_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    best = tl.where(best < 0.0, 0.0, best)  # ReLU, NaN kept
-    out = n * K * HP * WP + rk[None, :] * (HP * WP) + rp[:, None]  # y and idx are contiguous [N, K, HP, WP]
+    out = n * K * HP * WP + rk[None, :] * (HP * WP) + rp[:, None]  # y, idx and z are contiguous [N, K, HP, WP]
     mask = p_ok[:, None] & k_ok[None, :]
-    tl.store(y_ptr + out, _cast(best, y_ptr.dtype.element_ty), mask=mask)
-    tl.store(idx_ptr + out, arg.to(tl.int8), mask=mask)
+    if SAVE_Z:
+        tl.store(z_ptr + out, _cast(best, z_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + out, _cast(_act_fwd(best, ACT, ALPHA), y_ptr.dtype.element_ty), mask=mask)
+    if P > 1:
+        tl.store(idx_ptr + out, arg.to(tl.int8), mask=mask)
 
 
 def _cfg(bp, bk, bc, warps, stages):
@@ -88,17 +108,26 @@ FWD_CONFIGS_16BIT: List[triton.Config] = [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 
 FWD_CONFIGS_FP32: List[triton.Config] = [_cfg(128, 64, 16, 8, 3), _cfg(64, 32, 32, 4, 2), _cfg(128, 32, 16, 8, 2),
                                          _cfg(64, 32, 16, 4, 2), _cfg(32, 32, 16, 4, 2)]
 FWD_CONFIGS: List[triton.Config] = FWD_CONFIGS_16BIT + FWD_CONFIGS_FP32
+# A 3x3 pool window keeps nine window positions' code unrolled: the larger tiles spill (388..1569 LDL/STL for the
+# 128- and 64-row 16-bit tiles, 212..919 for fp32 64x32x32 and 128x64x16, tests/aot_compile.py's crp-stem-pool3p1
+# variant). These are the ones that compile spill-free on sm_80 and sm_90.
+POOL3_CONFIGS_16BIT: List[triton.Config] = [c for c in FWD_CONFIGS_16BIT if c.kwargs["BLOCK_P"] == 32]
+POOL3_CONFIGS_FP32: List[triton.Config] = [c for c in FWD_CONFIGS_FP32
+                                           if c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_C"] <= 512]
 INTERPRET_CONFIG = _cfg(16, 16, 16, 4, 1)
 
 
-def configs_for(elt_bytes: int) -> List[triton.Config]:
-    """The configs that ship for this element size (the autotuner's pruning; what tests/aot_compile.py compiles)."""
+def configs_for(elt_bytes: int, P: int = 2) -> List[triton.Config]:
+    """The configs that ship for this element size and pool window (the autotuner's pruning; what
+    tests/aot_compile.py compiles)."""
+    if P >= 3:
+        return POOL3_CONFIGS_FP32 if elt_bytes == 4 else POOL3_CONFIGS_16BIT
     return FWD_CONFIGS_FP32 if elt_bytes == 4 else FWD_CONFIGS_16BIT
 
 
 _conv_relu_pool_fwd = Tuned(
-    _conv_relu_pool_fwd_kernel, FWD_CONFIGS, ["C", "H", "W", "K", "R", "STRIDE", "PAD", "P", "Q", "PRECISION"],
-    lambda configs, named, **kw: configs_for(named["x_ptr"].element_size()), INTERPRET_CONFIG)
+    _conv_relu_pool_fwd_kernel, FWD_CONFIGS, ["C", "H", "W", "K", "R", "STRIDE", "PAD", "P", "Q", "PPAD", "ACT", "SAVE_Z", "PRECISION"],
+    lambda configs, named, **kw: configs_for(named["x_ptr"].element_size(), kw["P"]), INTERPRET_CONFIG)
 
 
 def why_too_large(x_shape, x_strides, K: int, R: int, HP: int, WP: int) -> Optional[str]:
@@ -116,18 +145,24 @@ def why_too_large(x_shape, x_strides, K: int, R: int, HP: int, WP: int) -> Optio
     return None
 
 
-def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b, stride: int, padding: int, P: int, Q: int):
-    """(y, idx) for 4-D x: y = max_pool(relu(conv(x))) contiguous NCHW, idx the argmax's window position (int8)."""
+def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b, stride: int, padding: int, P: int, Q: int, PP: int = 0,
+                       ceil_mode: bool = False, activation: Optional[str] = "relu", save_preact: bool = False):
+    """(y, idx, z) for 4-D x: y the (pooled) output contiguous NCHW; idx the argmax's window position (int8) with a
+    pool, else empty; z the pre-activation when ``save_preact`` (no pool only), else empty."""
     N, C, H, W = x.shape
     K, _, R, _ = w.shape
-    _, _, HP, WP = out_shape(H, W, R, stride, padding, P, Q)
+    HO, WO, HP, WP = out_shape(H, W, R, stride, padding, P, Q, PP, ceil_mode)  # P = 1: HP, WP = HO, WO
     w = w.permute(2, 3, 1, 0).contiguous()  # [R, R, C, K]: each tap's channels x output channels, K contiguous
     y = x.new_empty((N, K, HP, WP))
-    idx = torch.empty((N, K, HP, WP), dtype=torch.int8, device=x.device)
+    idx = torch.empty((N, K, HP, WP) if P > 1 else (0,), dtype=torch.int8, device=x.device)
+    z = x.new_empty((N, K, HP, WP) if save_preact else (0,))
     if y.numel() == 0:
-        return y, idx
-    args = (x, w, b.contiguous() if b is not None else w, y, idx, C, H, W, K, HP, WP, *x.stride())
-    kwargs = dict(R=R, STRIDE=stride, PAD=padding, P=P, Q=Q, HAS_BIAS=b is not None, PRECISION=precision(x.dtype))
+        return y, idx, z
+    name, alpha = parse_activation(activation)
+    args = (x, w, b.contiguous() if b is not None else w, y, idx if P > 1 else y, z if save_preact else y,
+            C, H, W, K, HO, WO, HP, WP, *x.stride())
+    kwargs = dict(R=R, STRIDE=stride, PAD=padding, P=P, Q=Q, PPAD=PP, ACT=ACT_CODES[name], ALPHA=float(alpha),
+                  HAS_BIAS=b is not None, SAVE_Z=save_preact, PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(HP * WP, meta["BLOCK_P"]), triton.cdiv(K, meta["BLOCK_K"]), N)  # noqa: E731
     _conv_relu_pool_fwd(grid, args, kwargs)
-    return y, idx
+    return y, idx, z
