@@ -22,6 +22,7 @@ MATRIX = [
     ("mlp", "triton", ("fp32", "fp16", "bf16"), True), ("mlp", "cuda", ("fp16", "bf16"), False),
     ("conv_relu_pool", "triton", ("fp32", "fp16", "bf16"), True),
     ("conv_relu_pool", "cuda", ("fp32", "fp16", "bf16"), True),
+    ("conv_act_pool", "triton", ("fp32", "bf16"), True), ("conv_act_pool", "cuda", ("fp32", "bf16"), True),
     ("lstm", "triton", ("fp32", "fp16", "bf16"), True), ("lstm", "cuda", ("fp32", "fp16", "bf16"), True),
     ("lstm_cell", "triton", ("fp32", "fp16", "bf16"), True),
 ]
@@ -40,6 +41,20 @@ def _params():
     return out
 
 
+class _ZooConvBlocks(nn.Module):
+    """A ResNet-like stem (7x7 stride 2 pad 3, ReLU, 3/2 pool with padding 1 in ceil mode) and a conv + SiLU without
+    a pool (the pre-activation saved), through pydlx.ops.conv_act_pool2d over ``seq``'s own parameters."""
+
+    def __init__(self, seq):
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x):
+        c1, c2 = self.seq[0], self.seq[3]
+        y = pydlx.ops.conv_act_pool2d(x, c1.weight, c1.bias, 2, 3, "relu", 3, 2, 1, True)
+        return pydlx.ops.conv_act_pool2d(y, c2.weight, c2.bias, 1, 1, "silu")
+
+
 def _model(family):
     if family == "linear":
         lin = nn.Linear(70, 45)
@@ -50,6 +65,10 @@ def _model(family):
     if family == "conv_relu_pool":
         seq = nn.Sequential(nn.Conv2d(3, 10, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         return seq, pydlx.nn.ConvReLUPool2d.from_modules(seq[0], seq[2]), (3, 3, 13, 13)
+    if family == "conv_act_pool":
+        seq = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3), nn.ReLU(), nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+                            nn.Conv2d(8, 6, 3, padding=1), nn.SiLU())
+        return seq, _ZooConvBlocks(seq), (2, 3, 19, 17)
     if family == "lstm":
         m = nn.LSTM(6, 20)
         return m, pydlx.nn.LSTM.from_module(m), (7, 5, 6)

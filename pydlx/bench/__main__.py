@@ -21,8 +21,8 @@ import pydlx
 from pydlx import bench
 from pydlx.bench import conv_relu_pool, linear, lstm, mlp, model
 
-FAMILIES = {"linear": linear.cases, "mlp": mlp.cases, "conv_relu_pool": conv_relu_pool.cases, "lstm": lstm.cases,
-            "model": model.cases}
+FAMILIES = {"linear": linear.cases, "mlp": mlp.cases, "conv_relu_pool": conv_relu_pool.cases,
+            "conv_act_pool": conv_relu_pool.variant_cases, "lstm": lstm.cases, "model": model.cases}
 
 
 def _list(arg: str, allowed, what: str):

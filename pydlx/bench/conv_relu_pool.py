@@ -1,17 +1,21 @@
-"""Benchmark cases for the conv_relu_pool family: MaxPool2d(ReLU(Conv2d(x))).
+"""Benchmark cases for the conv_relu_pool family, MaxPool2d(ReLU(Conv2d(x))), and for conv_act_pool, the zoo's other
+conv blocks (pydlx.ops.conv_act_pool2d: no pool, padded and ceil-mode pools, other activations).
 
 Shapes (``N,C,H,W->K kxk sS pP poolA/B``): the seed CNN's layers (batch 256: 3->32 at 32x32 and 32->64 at 16x16,
 3x3 pad 1, pool 2/2), VGG-style 64->128 at 112x112 and 256->256 at 28x28, AlexNet-style 3->64 11x11 stride 4 pad 2
 at 224x224 with a 3/2 pool. Providers: ``pydlx`` (auto: eager inside the op until a measured policy says otherwise),
 ``pydlx-triton`` (the fused Triton kernel), ``pydlx-cuda`` (csrc/conv_relu_pool.cu's direct convolution, first
 layers: at most 8 input channels; n/a elsewhere), ``eager`` (cuDNN) and ``compile``.
+conv_act_pool shapes (``... act poolA/B[pP][ceil]`` or ``nopool``): ResNet's stem (7x7 stride 2 pad 3, ReLU, pool
+3/2 pad 1) and body (3x3 64->64 at 56x56, the folded BatchNorm's conv + ReLU), GoogLeNet's ceil-mode pool, a
+MobileNetV3 1x1 conv + Hardswish. Its rows are not policy rows (pydlx/_policy.py FAMILIES): ``auto`` keeps these
+variants eager until the policy can key them.
 """
 from __future__ import annotations
 
 from typing import List
 
 import torch
-import torch.nn.functional as F
 
 from . import Case, pick
 
@@ -24,21 +28,33 @@ GPU_DTYPES = [torch.bfloat16, torch.float32]
 CPU_DTYPES = [torch.float32]
 
 
-def _eager(x, w, b, s, p, P, Q):
-    return F.max_pool2d(torch.relu(F.conv2d(x, w, b, stride=s, padding=p)), P, Q)
+# (N, C, H, W, K, kernel, stride, padding, activation, pool, pool_stride, pool_padding, ceil_mode)
+VARIANT_GPU_SHAPES = {
+    "resnet_stem": (64, 3, 224, 224, 64, 7, 2, 3, "relu", 3, 2, 1, False),
+    "resnet_3x3_64": (64, 64, 56, 56, 64, 3, 1, 1, "relu", 1, 1, 0, False),
+    "googlenet_3x3_ceil": (64, 64, 56, 56, 192, 3, 1, 1, "relu", 3, 2, 0, True),
+    "mobilenet_1x1_hardswish": (64, 96, 14, 14, 576, 1, 1, 0, "hardswish", 1, 1, 0, False),
+}
+VARIANT_CPU_SHAPES = {"resnet_stem": (4, 3, 32, 32, 16, 7, 2, 3, "relu", 3, 2, 1, False),
+                      "resnet_3x3_64": (4, 16, 16, 16, 16, 3, 1, 1, "relu", 1, 1, 0, False)}
 
 
-def _make_case(device: torch.device, op: str, shape, dtype: torch.dtype) -> Case:
-    N, C, H, W, K, R, s, p, P, Q = shape
+def _make_case(device: torch.device, op: str, shape, dtype: torch.dtype, family: str = "conv_relu_pool") -> Case:
+    N, C, H, W, K, R, s, p, act, P, Q, PP, ceil = shape if len(shape) == 13 else (*shape[:8], "relu", *shape[8:],
+                                                                                  0, False)
     state = {}
 
     def make(provider: str):
         import pydlx
+        from pydlx.reference.conv_relu_pool import conv_act_pool2d as eager_chain
 
-        def eager(x, w, b):
-            return _eager(x, w, b, s, p, P, Q)
+        def eager(x, w, b):  # Conv2d, the activation, MaxPool2d as three eager calls
+            return eager_chain(x, w, b, s, p, act, P, Q, PP, ceil)
 
-        f = pick(provider, state, eager, lambda: lambda x, w, b: pydlx.ops.conv_relu_pool2d(x, w, b, s, p, P, Q))
+        fused = (lambda: lambda x, w, b: pydlx.ops.conv_relu_pool2d(x, w, b, s, p, P, Q)) \
+            if family == "conv_relu_pool" else \
+            (lambda: lambda x, w, b: pydlx.ops.conv_act_pool2d(x, w, b, s, p, act, P, Q, PP, ceil))
+        f = pick(provider, state, eager, fused)
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(N, C, H, W, generator=gen, device=device, dtype=dtype)
         w = torch.randn(K, C, R, R, generator=gen, device=device, dtype=dtype) / (C * R * R) ** 0.5
@@ -60,11 +76,20 @@ def _make_case(device: torch.device, op: str, shape, dtype: torch.dtype) -> Case
 
         return fwd, fwdbwd
 
-    return Case(family="conv_relu_pool", op=op, shape=f"{N},{C},{H},{W}->{K} {R}x{R} s{s} p{p} pool{P}/{Q}",
-                dtype=dtype, make=make)
+    shape_words = f"{N},{C},{H},{W}->{K} {R}x{R} s{s} p{p} pool{P}/{Q}"
+    if family != "conv_relu_pool":
+        shape_words = (f"{N},{C},{H},{W}->{K} {R}x{R} s{s} p{p} {act} "
+                       + (f"pool{P}/{Q}" + (f"p{PP}" if PP else "") + ("ceil" if ceil else "") if P > 1 else "nopool"))
+    return Case(family=family, op=op, shape=shape_words, dtype=dtype, make=make)
 
 
 def cases(device, small: bool) -> List[Case]:
     device = torch.device(device)
     shapes, dtypes = (CPU_SHAPES, CPU_DTYPES) if small else (GPU_SHAPES, GPU_DTYPES)
     return [_make_case(device, op, shape, dt) for dt in dtypes for op, shape in shapes.items()]
+
+
+def variant_cases(device, small: bool) -> List[Case]:
+    device = torch.device(device)
+    shapes, dtypes = (VARIANT_CPU_SHAPES, CPU_DTYPES) if small else (VARIANT_GPU_SHAPES, GPU_DTYPES)
+    return [_make_case(device, op, shape, dt, "conv_act_pool") for dt in dtypes for op, shape in shapes.items()]
