@@ -57,7 +57,7 @@ def _normal_cdf(z):
 
 
 @triton.jit
-def _act_fwd(z, ACT: tl.constexpr):
+def _act_fwd(z, ACT: tl.constexpr, ALPHA: tl.constexpr = 0.0):
     """act(z) in fp32, in forms that keep relative accuracy at every magnitude and do not overflow
     (tests/test_activations.py sweeps 1e-8 .. 1e2, both signs). NaN propagates (relu keeps NaN like torch.relu)."""
     if ACT == 1:
