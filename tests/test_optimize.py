@@ -558,3 +558,33 @@ def test_explain_names_each_kept_block_once_with_its_reason():
     text = pydlx.explain(stem.train())
     assert "keep   0: Conv2d + BatchNorm2d (folded) + ReLU + MaxPool2d (forward code)" in text, text
     assert "in training mode (batch statistics)" in text
+
+class _VggSlices(nn.Module):
+    """A style-transfer VGG split into slices: Conv -> ReLU ends one nn.Sequential, MaxPool starts the next."""
+
+    def __init__(self, return_inner: bool):
+        super().__init__()
+        self.return_inner = return_inner
+        self.slice1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True))
+        self.slice2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True),
+                                    nn.Conv2d(8, 4, 1))
+
+    def forward(self, x):
+        h1 = self.slice1(x)
+        h2 = self.slice2(h1)
+        return (h1, h2) if self.return_inner else h2
+
+
+def test_chains_across_sequential_boundaries():
+    """Issue 14.4: the parent's forward traces through both slices, so Conv -> ReLU (slice1) -> MaxPool (slice2)
+    is one block; when the forward also returns the ReLU output (the style-transfer features), the pool cannot be
+    fused (two users) and Conv + ReLU fuse alone. Switching return_inner re-traces (a guarded attribute)."""
+    model = _VggSlices(return_inner=False).double()
+    fast = pydlx.optimize(model)
+    x = torch.randn(2, 3, 12, 10, dtype=torch.float64)
+    assert _pydlx_calls(fast, x) == ["conv_relu_pool2d", "conv_act_pool2d"], _pydlx_calls(fast, x)
+    _same(fast, model, x)
+    assert "fuse   slice1.0: Conv2d + ReLU + MaxPool2d (forward code)" in pydlx.explain(model)
+    model.return_inner = fast.return_inner = True
+    assert _pydlx_calls(fast, x) == ["conv_act_pool2d", "conv_act_pool2d"], _pydlx_calls(fast, x)
+    _same(fast, model, x)
