@@ -588,3 +588,41 @@ def test_chains_across_sequential_boundaries():
     model.return_inner = fast.return_inner = True
     assert _pydlx_calls(fast, x) == ["conv_act_pool2d", "conv_act_pool2d"], _pydlx_calls(fast, x)
     _same(fast, model, x)
+
+
+class _BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock, written out, with the residual added in place by ``add_`` (torch.fx records
+    ResNet's ``out += identity`` as an out-of-place add): the folded Conv -> BatchNorm's output is updated in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out.add_(identity)
+        return self.relu(out)
+
+
+def test_frozen_batchnorm_fine_tuning_with_in_place_residual():
+    """Eval-mode BatchNorm with gradients (fine-tuning with frozen statistics): the folded Conv -> BN output is then
+    updated in place (``out.add_(identity)``), which eager allows because BatchNorm saves its input, not its output; the
+    fused op must not save it either (autograd would raise "modified by an inplace operation")."""
+    block = _BasicBlock().double()
+    for bn in (block.bn1, block.bn2):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    block.eval()
+    fast = pydlx.optimize(block)
+    x = torch.randn(2, 4, 7, 9, dtype=torch.float64, requires_grad=True)
+    assert _pydlx_calls(fast, x)[:2] == ["conv_bn_act_pool2d", "conv_bn_act_pool2d"], _pydlx_calls(fast, x)
+    for backend in ("auto", "reference"):
+        with pydlx.use_backend(backend):
+            got = torch.autograd.grad(fast(x).square().sum(), [x, *fast.parameters()])
+        want = torch.autograd.grad(block(x).square().sum(), [x, *block.parameters()])
+        for a, b in zip(got, want):
+            assert_close(a, b, name=f"grad {backend}")

@@ -101,7 +101,11 @@ def _setup_context(ctx, inputs, output):
     y, idx, z = output
     ctx.mark_non_differentiable(idx, z)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, weight, y if z.numel() == 0 else y.new_empty(0), idx, z)  # z or y, not both
+    # y only where backward reads it (a pool, or an activation whose derivative is a function of y): without an
+    # activation nothing but x and w, so a later in-place op on y (ResNet's ``out += identity`` after a folded
+    # Conv -> BatchNorm) is as legal as in eager
+    needs_y = pool_size > 1 or (_act_name(activation) is not None and z.numel() == 0)
+    ctx.save_for_backward(input, weight, y if needs_y else y.new_empty(0), idx, z)
     ctx.args = (bias is not None, stride, padding, pool_size, pool_stride, pool_padding, activation)
 
 
