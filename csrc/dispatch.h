@@ -1,7 +1,8 @@
 // pydlx: the one shared compile-time switch header for the C++/CUDA kernels.
 //  * PYDLX_DISPATCH_FLOAT(dtype, NAME, ...): runs the body with scalar_t = float, at::Half or at::BFloat16.
-//  * PYDLX_DISPATCH_ACT(act, ...): runs the body with `constexpr int ACT` for an activation name.
-// Activation codes match ACT_CODES in pydlx/triton/linear.py.
+//  * PYDLX_DISPATCH_ACT(act, ...): runs the body with `constexpr int ACT` for an activation code (act_code of its name;
+//    the parameter of leaky_relu / elu travels as a run-time float next to it).
+// Activation codes match ACT_CODES in pydlx/triton/common.py.
 #pragma once
 
 #include <string>
@@ -13,7 +14,10 @@
 
 namespace pydlx {
 
-enum Act : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kTanh = 5, kSigmoid = 6 };
+enum Act : int {
+  kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kTanh = 5, kSigmoid = 6,
+  kLeakyRelu = 7, kElu = 8, kHardswish = 9, kHardsigmoid = 10, kMish = 11, kRelu6 = 12
+};
 
 inline int act_code(const std::string& name) {
   if (name == "none") return kNone;
@@ -23,8 +27,14 @@ inline int act_code(const std::string& name) {
   if (name == "silu") return kSilu;
   if (name == "tanh") return kTanh;
   if (name == "sigmoid") return kSigmoid;
-  TORCH_CHECK(false, "pydlx: activation must be one of none, relu, gelu, gelu_tanh, silu, tanh, sigmoid; got '",
-              name, "'");
+  if (name == "leaky_relu") return kLeakyRelu;
+  if (name == "elu") return kElu;
+  if (name == "hardswish") return kHardswish;
+  if (name == "hardsigmoid") return kHardsigmoid;
+  if (name == "mish") return kMish;
+  if (name == "relu6") return kRelu6;
+  TORCH_CHECK(false, "pydlx: activation must be one of none, relu, gelu, gelu_tanh, silu, tanh, sigmoid, leaky_relu, "
+              "elu, hardswish, hardsigmoid, mish, relu6; got '", name, "'");
 }
 
 }  // namespace pydlx
@@ -47,7 +57,10 @@ inline int act_code(const std::string& name) {
       PYDLX_ACT_CASE(pydlx::kNone, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kRelu, __VA_ARGS__)           \
       PYDLX_ACT_CASE(pydlx::kGelu, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kGeluTanh, __VA_ARGS__)       \
       PYDLX_ACT_CASE(pydlx::kSilu, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kTanh, __VA_ARGS__)           \
-      PYDLX_ACT_CASE(pydlx::kSigmoid, __VA_ARGS__)                                                   \
+      PYDLX_ACT_CASE(pydlx::kSigmoid, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kLeakyRelu, __VA_ARGS__)    \
+      PYDLX_ACT_CASE(pydlx::kElu, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kHardswish, __VA_ARGS__)        \
+      PYDLX_ACT_CASE(pydlx::kHardsigmoid, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kMish, __VA_ARGS__)     \
+      PYDLX_ACT_CASE(pydlx::kRelu6, __VA_ARGS__)                                                     \
       default: TORCH_CHECK(false, "pydlx: unknown activation code ", CODE);                         \
     }                                                                                                \
   }()

@@ -2,7 +2,8 @@
 //
 // The cuda backend computes z = x @ w^T + b with cuBLAS (torch.addmm, bias in cuBLAS's epilogue) and then
 // one of these kernels: act_fwd_cuda writes y = act(z) in one pass; act_bwd_cuda writes dz = dy * act'(s)
-// in one pass (s = y for relu/tanh/sigmoid, s = z for gelu/gelu_tanh/silu; see pydlx/reference/linear.py).
+// in one pass (s = z for gelu/gelu_tanh/silu/hardswish/mish, s = y for the others; see pydlx/reference/linear.py).
+// `alpha` is the activation's parameter (leaky_relu's negative slope, elu's alpha; ignored by the others).
 // Math in fp32 whatever the storage dtype; vectorised 16-byte loads where the tensors are aligned.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -23,7 +24,7 @@ struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
 
 template <typename scalar_t, int ACT, int VEC, bool BWD>
 __global__ void act_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ s,
-                           scalar_t* __restrict__ out, int64_t n) {
+                           scalar_t* __restrict__ out, int64_t n, float alpha) {
   using P = Pack<scalar_t, VEC>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i * VEC < n; i += stride) {
@@ -36,20 +37,22 @@ __global__ void act_kernel(const scalar_t* __restrict__ a, const scalar_t* __res
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const float x = static_cast<float>(pa.v[j]);
-        po.v[j] = static_cast<scalar_t>(BWD ? act_bwd<ACT>(x, static_cast<float>(ps.v[j])) : act_fwd<ACT>(x));
+        po.v[j] = static_cast<scalar_t>(BWD ? act_bwd<ACT>(x, static_cast<float>(ps.v[j]), alpha)
+                                            : act_fwd<ACT>(x, alpha));
       }
       reinterpret_cast<P*>(out)[i] = po;
     } else {
       for (int64_t e = base; e < n; ++e) {
         const float x = static_cast<float>(a[e]);
-        out[e] = static_cast<scalar_t>(BWD ? act_bwd<ACT>(x, static_cast<float>(s[e])) : act_fwd<ACT>(x));
+        out[e] = static_cast<scalar_t>(BWD ? act_bwd<ACT>(x, static_cast<float>(s[e]), alpha) : act_fwd<ACT>(x, alpha));
       }
     }
   }
 }
 
 template <bool BWD>
-at::Tensor launch(const at::Tensor& a, const at::Tensor& s, const std::string& activation, const char* name) {
+at::Tensor launch(const at::Tensor& a, const at::Tensor& s, const std::string& activation, double alpha,
+                  const char* name) {
   TORCH_CHECK(a.is_cuda(), name, ": input must be a CUDA tensor, got one on ", a.device());
   TORCH_CHECK(a.is_contiguous(), name, ": input must be contiguous");
   if (BWD) {
@@ -78,9 +81,9 @@ at::Tensor launch(const at::Tensor& a, const at::Tensor& s, const std::string& a
       const auto* sp = reinterpret_cast<const scalar_t*>(sc.data_ptr());
       auto* op = reinterpret_cast<scalar_t*>(out.data_ptr());
       if (aligned) {
-        act_kernel<scalar_t, ACT, kVec, BWD><<<blocks, threads, 0, stream>>>(ap, sp, op, n);
+        act_kernel<scalar_t, ACT, kVec, BWD><<<blocks, threads, 0, stream>>>(ap, sp, op, n, static_cast<float>(alpha));
       } else {
-        act_kernel<scalar_t, ACT, 1, BWD><<<blocks, threads, 0, stream>>>(ap, sp, op, n);
+        act_kernel<scalar_t, ACT, 1, BWD><<<blocks, threads, 0, stream>>>(ap, sp, op, n, static_cast<float>(alpha));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -88,20 +91,20 @@ at::Tensor launch(const at::Tensor& a, const at::Tensor& s, const std::string& a
   return out;
 }
 
-at::Tensor act_fwd_cuda(const at::Tensor& z, std::string activation) {
-  return launch<false>(z, z, activation, "pydlx::act_fwd_cuda");
+at::Tensor act_fwd_cuda(const at::Tensor& z, std::string activation, double alpha) {
+  return launch<false>(z, z, activation, alpha, "pydlx::act_fwd_cuda");
 }
 
-at::Tensor act_bwd_cuda(const at::Tensor& grad, const at::Tensor& saved, std::string activation) {
-  return launch<true>(grad, saved, activation, "pydlx::act_bwd_cuda");
+at::Tensor act_bwd_cuda(const at::Tensor& grad, const at::Tensor& saved, std::string activation, double alpha) {
+  return launch<true>(grad, saved, activation, alpha, "pydlx::act_bwd_cuda");
 }
 
 }  // namespace
 }  // namespace pydlx
 
 TORCH_LIBRARY_FRAGMENT(pydlx, m) {
-  m.def("act_fwd_cuda(Tensor z, str activation) -> Tensor");
-  m.def("act_bwd_cuda(Tensor grad, Tensor saved, str activation) -> Tensor");
+  m.def("act_fwd_cuda(Tensor z, str activation, float alpha) -> Tensor");
+  m.def("act_bwd_cuda(Tensor grad, Tensor saved, str activation, float alpha) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pydlx, CUDA, m) {

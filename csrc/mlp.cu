@@ -1,6 +1,7 @@
 // pydlx: fully fused MLP forward in CUDA C++ with tensor-core MMA (WMMA 16x16x16), for the `cuda` backend.
 //
-// y = act_L(... act_1(x @ W0^T + b0) ...), every layer at most 128 wide, fp16 or bf16, fp32 accumulation.
+// y = act_L(... act_1(x @ W0^T + b0) ...), every layer at most 128 wide, fp16 or bf16, fp32 accumulation. The
+// hidden and last activations are each a name and a parameter (alpha: leaky_relu's slope, elu's alpha, else 0).
 // One block of 8 warps takes 128 rows; each warp owns 16 of them through every layer. Per layer the block stages
 // the layer's weights in shared memory (zero-padded to W x W, W = the padded width) and each warp multiplies its
 // 16 activation rows (shared memory, input dtype) by them into W/16 fp32 accumulator fragments, then applies bias
@@ -96,7 +97,7 @@ __device__ void warp_mma(const T* sa, const T* sw, wmma::fragment<wmma::accumula
 template <typename T, int W>
 __global__ void __launch_bounds__(kThreads) mlp_fwd_kernel(const T* __restrict__ x, int64_t M, int K0,
                                                            MlpLayers<T> p, T* __restrict__ y, int act,
-                                                           int last_act) {
+                                                           float alpha, int last_act, float last_alpha) {
   extern __shared__ __align__(128) unsigned char smem[];
   T* sa = reinterpret_cast<T*>(smem);
   T* sw = sa + kRows * Smem<W>::lda;
@@ -132,13 +133,14 @@ __global__ void __launch_bounds__(kThreads) mlp_fwd_kernel(const T* __restrict__
     __syncwarp();
     const bool last = l + 1 == p.count;
     const int n_out = p.n_out[l], a = last ? last_act : act;
+    const float al = last ? last_alpha : alpha;
     const T* bias = p.b[l];
     for (int i = lane; i < 16 * W; i += 32) {
       const int r = i / W, c = i % W;
       float v = 0.f;
       if (c < n_out) {
         v = sc[r * Smem<W>::ldc + c] + (bias != nullptr ? to_float(bias[c]) : 0.f);
-        v = act_fwd_rt(a, v);
+        v = act_fwd_rt(a, v, al);
       }
       if (!last) {
         sa[(warp * 16 + r) * Smem<W>::lda + c] = from_float<T>(v);  // padded columns stay 0
@@ -151,7 +153,8 @@ __global__ void __launch_bounds__(kThreads) mlp_fwd_kernel(const T* __restrict__
 }
 
 template <typename T, int W>
-void launch_width(const at::Tensor& x, const MlpLayers<T>& p, at::Tensor& y, int act, int last_act) {
+void launch_width(const at::Tensor& x, const MlpLayers<T>& p, at::Tensor& y, int act, float alpha, int last_act,
+                  float last_alpha) {
   const int64_t M = x.size(0);
   const size_t smem = Smem<W>::template bytes<T>();
   auto kernel = mlp_fwd_kernel<T, W>;
@@ -159,13 +162,13 @@ void launch_width(const at::Tensor& x, const MlpLayers<T>& p, at::Tensor& y, int
   const dim3 grid(static_cast<unsigned>((M + kRows - 1) / kRows));
   kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), M, static_cast<int>(x.size(1)), p,
-      reinterpret_cast<T*>(y.data_ptr()), act, last_act);
+      reinterpret_cast<T*>(y.data_ptr()), act, alpha, last_act, last_alpha);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void launch(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& bs,
-            at::Tensor& y, int act, int last_act, int width) {
+            at::Tensor& y, int act, float alpha, int last_act, float last_alpha, int width) {
   MlpLayers<T> p{};
   p.count = static_cast<int>(ws.size());
   for (int l = 0; l < p.count; ++l) {
@@ -175,15 +178,16 @@ void launch(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::v
     p.n_in[l] = static_cast<int>(ws[l].size(1));
   }
   switch (width) {
-    case 16: return launch_width<T, 16>(x, p, y, act, last_act);
-    case 32: return launch_width<T, 32>(x, p, y, act, last_act);
-    case 64: return launch_width<T, 64>(x, p, y, act, last_act);
-    default: return launch_width<T, 128>(x, p, y, act, last_act);
+    case 16: return launch_width<T, 16>(x, p, y, act, alpha, last_act, last_alpha);
+    case 32: return launch_width<T, 32>(x, p, y, act, alpha, last_act, last_alpha);
+    case 64: return launch_width<T, 64>(x, p, y, act, alpha, last_act, last_alpha);
+    default: return launch_width<T, 128>(x, p, y, act, alpha, last_act, last_alpha);
   }
 }
 
 at::Tensor mlp_fwd_cuda(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
-                        const c10::List<bool>& has_bias, std::string activation, std::string last_activation) {
+                        const c10::List<bool>& has_bias, std::string activation, double alpha,
+                        std::string last_activation, double last_alpha) {
   const char* name = "pydlx::mlp_fwd_cuda";
   TORCH_CHECK(input.is_cuda(), name, ": input must be a CUDA tensor, got one on ", input.device());
   TORCH_CHECK(input.dim() == 2, name, ": input must be 2-D (rows, in_features), got ", input.dim(), "-D");
@@ -224,9 +228,10 @@ at::Tensor mlp_fwd_cuda(const at::Tensor& input, at::TensorList weights, at::Ten
   if (x.size(0) == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
   if (dtype == at::kHalf) {
-    launch<__half>(x, ws, bs, y, act, last_act, width);
+    launch<__half>(x, ws, bs, y, act, static_cast<float>(alpha), last_act, static_cast<float>(last_alpha), width);
   } else {
-    launch<__nv_bfloat16>(x, ws, bs, y, act, last_act, width);
+    launch<__nv_bfloat16>(x, ws, bs, y, act, static_cast<float>(alpha), last_act, static_cast<float>(last_alpha),
+                          width);
   }
   return y;
 }
@@ -236,7 +241,7 @@ at::Tensor mlp_fwd_cuda(const at::Tensor& input, at::TensorList weights, at::Ten
 
 TORCH_LIBRARY_FRAGMENT(pydlx, m) {
   m.def("mlp_fwd_cuda(Tensor input, Tensor[] weights, Tensor[] biases, bool[] has_bias, str activation, "
-        "str last_activation) -> Tensor");
+        "float alpha, str last_activation, float last_alpha) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pydlx, CUDA, m) { m.impl("mlp_fwd_cuda", &pydlx::mlp_fwd_cuda); }

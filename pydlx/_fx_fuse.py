@@ -1,6 +1,7 @@
 """The torch.fx half of ``pydlx.optimize``: fusable chains written in a model's forward rather than as modules in an
 ``nn.Sequential`` — the seed CNN's ``self.pool(F.relu(self.conv1(x)))`` (one pool module reused twice) and
-``F.relu(self.fc1(x))``, with ``torch.relu`` / ``F.gelu`` / ``x.relu()`` / in-place ``ReLU(True)`` variants.
+``F.relu(self.fc1(x))``, with ``torch.relu`` / ``F.gelu`` / ``x.relu()`` / in-place ``ReLU(True)`` variants, and every
+activation pydlx has (``F.leaky_relu(x, 0.2)``, ``F.elu``, ``F.hardswish``, ``nn.Mish()``, ...) after a Linear.
 
 The forward is traced with ``torch.fx`` (pydlx's and torch's RNN modules are leaves) and the fusable chains in the
 graph become calls of pydlx's ops over the modules' own parameters (``get_attr``); no module is replaced, so the
@@ -35,14 +36,20 @@ from torch.nn.modules.utils import _pair
 from .nn.conv_relu_pool import ConvReLUPool2d, fused_args, unsupported as conv_unsupported
 from .nn.linear import Linear
 from .nn.lstm import LSTM, LSTMCell
-from .nn.mlp import MLP, activation_name
-from .reference.linear import MONOTONE, parse_activation
+from .nn.mlp import MLP, _module_spec
+from .reference.linear import MONOTONE, PARAMETERS, activation_refused, activation_spec, parse_activation
 from .reference.mlp import fuses_in_one_kernel
 
 _LEAVES = (Linear, MLP, ConvReLUPool2d, LSTM, LSTMCell, nn.RNNBase, nn.LSTMCell)
 
 _FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.silu: "silu",
-              torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid"}
+              torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+              F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.mish: "mish", F.relu6: "relu6"}
+# (input, inplace=False): in place or not, the result is the same
+_INPLACE_ARG = (F.relu, F.silu, F.hardswish, F.hardsigmoid, F.mish, F.relu6)
+# function: (activation, its parameter's argument name, whether it also takes ``inplace``)
+_PARAMETRISED = {F.leaky_relu: ("leaky_relu", "negative_slope", True), F.elu: ("elu", "alpha", True),
+                 F.leaky_relu_: ("leaky_relu", "negative_slope", False), F.elu_: ("elu", "alpha", False)}
 _METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid",
             "sigmoid_": "sigmoid"}
 
@@ -257,15 +264,39 @@ def describe_guards(guards: list) -> str:
 
 # ----------------------------------------------------------------------------------------------- patterns
 def _activation(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
-    """pydlx's activation name for what ``node`` computes from its first argument alone, else None."""
+    """pydlx's activation spec for what ``node`` computes from its first argument alone, if pydlx fuses it, else
+    None."""
+    spec = _activation_spec(node, modules)
+    return spec if spec is not None and activation_refused(spec) is None else None
+
+
+def _parameter(node: fx.Node, name: str, param: str, inplace: bool) -> Optional[str]:
+    """The spec of a call of F.leaky_relu / F.elu (or their in-place forms) with a constant parameter, else None."""
+    names = ["input", param] + (["inplace"] if inplace else [])
+    if len(node.args) > len(names) or any(k not in names[1:] for k in node.kwargs):
+        return None
+    value = dict(zip(names, node.args), **node.kwargs).get(param, PARAMETERS[name])
+    if isinstance(value, bool) or not isinstance(value, (int, float)):  # e.g. a traced value
+        return None
+    try:
+        return activation_spec(name, value)
+    except ValueError:  # not finite
+        return None
+
+
+def _activation_spec(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
+    """pydlx's activation spec for what ``node`` computes from its first argument alone (parameters that the fused
+    ops refuse included: ``activation_refused`` says why), else None."""
     if node.op == "call_module":
-        return activation_name(modules[node.target])
+        return _module_spec(modules[node.target])
     if node.op == "call_function":
         t = node.target
         if t is F.gelu:
             approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
             return {"none": "gelu", "tanh": "gelu_tanh"}.get(approx)
-        if t in (F.relu, F.silu):  # (input, inplace=False): in place or not, the result is the same
+        if t in _PARAMETRISED:
+            return _parameter(node, *_PARAMETRISED[t])
+        if t in _INPLACE_ARG:
             return _FUNCTIONS[t]
         if t in _FUNCTIONS and len(node.args) == 1 and not node.kwargs:
             return _FUNCTIONS[t]
@@ -497,6 +528,8 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
             act = _activation(act_node, modules) if act_node is not None else None
             if act is not None:
                 matches.append((node, first + [act_node], None, act, bn))
+            elif act_node is not None and _activation_spec(act_node, modules) is not None:  # one the ops refuse
+                matches.append((node, first + [act_node], None, _activation_spec(act_node, modules), bn))
             else:  # Linear -> BatchNorm1d with no activation after it: the folded Linear alone
                 matches.append((node, first, None, None, bn) if bn is not None else None)
         if not any(matches):
@@ -522,6 +555,8 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
                 None if len(variants) == 1 else f"{fqn}'s calls use different activations or pools")
         elif len({m[3] for m in matches}) != 1:
             why = f"{fqn}'s calls use different activations"
+        elif type(mod) is not nn.Conv2d and matches[0][3] is not None and activation_refused(matches[0][3]):
+            why = activation_refused(matches[0][3])
         if why is None and not (allowed(fqn) and all(allowed(b) for b in bns)):
             why = "excluded by filter_fn"
         if type(mod) is nn.Conv2d:

@@ -5,8 +5,9 @@ What is swapped today (the families of later issues add their patterns here):
     Linear[, act]``, the seed autoencoder's encoder and decoder) becomes ``pydlx.nn.MLP.from_sequential`` of it:
     the same modules under the same names, computed by one ``pydlx.ops.mlp`` call;
   * otherwise, an ``nn.Linear`` followed inside an ``nn.Sequential`` by an activation module (ReLU, GELU, SiLU,
-    Tanh, Sigmoid) becomes ``pydlx.nn.Linear(activation=...)`` sharing the same parameters, and the activation
-    module becomes ``nn.Identity``;
+    Tanh, Sigmoid, LeakyReLU, ELU, Hardswish, Hardsigmoid, Mish, ReLU6) becomes ``pydlx.nn.Linear(activation=...)``
+    sharing the same parameters, and the activation module becomes ``nn.Identity`` (a LeakyReLU with a negative
+    slope or an ELU with alpha <= 0 is kept, and ``explain`` says why);
   * an ``nn.Conv2d, nn.ReLU, nn.MaxPool2d`` run inside an ``nn.Sequential`` becomes ``pydlx.nn.ConvReLUPool2d``
     over the conv's own parameters at the conv's place, the ReLU and pool becoming ``nn.Identity``; unsupported
     options (groups, dilation, ceil mode, ...) are kept as they are and ``explain`` says why;
@@ -34,7 +35,7 @@ from . import _fx_fuse, _policy
 from .nn.conv_relu_pool import ConvReLUPool2d, unsupported as conv_unsupported
 from .nn.linear import Linear
 from .nn.lstm import LSTM, LSTMCell
-from .nn.mlp import MLP, _pattern_error, activation_name
+from .nn.mlp import MLP, _pattern_error, activation_name, activation_refusal
 from .reference.mlp import fuses_in_one_kernel
 
 Filter = Optional[Callable[[nn.Module, str], bool]]
@@ -76,7 +77,8 @@ def _linear_plan(model: nn.Module, filter_fn: Filter, skip: List[str]):
                 found.append((child_fqn, mod, i, None, "no activation follows it"))
                 continue
             act = activation_name(children[i + 1])
-            why = None if act else f"{type(children[i + 1]).__name__} is not a fusable activation"
+            why = None if act else (activation_refusal(children[i + 1])
+                                    or f"{type(children[i + 1]).__name__} is not a fusable activation")
             if type(children[i + 1]) is nn.BatchNorm1d:
                 why = "followed by a BatchNorm1d: folded in eval mode by the forward-code pass (below)"
             found.append((child_fqn, mod, i, act, why))

@@ -2,15 +2,22 @@
 
 A logarithmic sweep of pre-activations, 1e-8 .. 1e2 with both signs (and 0), goes through each backend's
 Linear (identity weight: the GEMM adds nothing) and fused MLP, forward and backward, and each output is compared with
-float64 by relative error. The oracle is written here in forms that are accurate in float64 (the normal CDF as erfc,
-tanh-GELU as z sigmoid(2u)): torch's own fp32 GELU is 100% off below z = -6, where 1 + erf(z) rounds to 0.
+float64 by relative error. The oracle (tests/oracle.py) is written in forms that are accurate in float64 (the normal
+CDF as erfc, tanh-GELU as z sigmoid(2u), elu with expm1, mish's softplus as log1p(exp(z))): torch's own fp32 GELU is
+100% off below z = -6, where 1 + erf(z) rounds to 0.
 
 Tolerances: a few ulps of the dtype (fp32 2e-5: the GPU's exp is accurate to ~1e-6 of |x| at |x| = 100). Where
 the reference backend *is* torch (its forward, on the CPU the fastest path), or a derivative is computed from the
-rounded output y (tanh: (1 - y)(1 + y), sigmoid: y(1 - y), as torch does), an error up to 2x torch's own in the same
-dtype is allowed. The LSTM's tanh and sigmoid: an LSTM with weights scaled to 0.01, by relative error.
+rounded output y (tanh: (1 - y)(1 + y), sigmoid: y(1 - y), as torch does; elu: y + alpha, as torch's in-place elu
+does: it is 0 where y rounds to -alpha, e.g. below z = -17 in fp32), an error up to 2x torch's own in the same dtype
+is allowed. Near a root of a derivative its relative error is ill-conditioned: mish's n + z (1 - n^2) sigmoid(z)
+(n = tanh(softplus(z))) vanishes at z = -1.19243, hardswish's z/3 + 1/2 at z = -1.5, where the fp32 roundings of
+the terms are large against their sum. The sweep's points are away from both (condition at most 10); the roots get
+their own test, whose bound is the dtype's tolerance plus fp32's scaled by the condition of the sum
+(|n| + |z (1 - n^2) sigmoid(z)|) / |n + z (1 - n^2) sigmoid(z)|: the final rounding to the dtype is relative to
+the result, the fp32 roundings inside are relative to the terms.
+The LSTM's tanh and sigmoid: an LSTM with weights scaled to 0.01, by relative error.
 """
-import math
 
 import pytest
 import torch
@@ -18,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pydlx
+from oracle import ORACLE
 from tolerance import rel_err
 
 MAGS = torch.logspace(-8, 2, 31, dtype=torch.float64)
@@ -25,17 +33,16 @@ SWEEP = torch.cat([-MAGS.flip(0), torch.zeros(1, dtype=torch.float64), MAGS])
 TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1.5e-3}
 DTYPES = [pytest.param(d, id=str(d).split(".")[1]) for d in TOL]
 
-ORACLE = {
-    "relu": torch.relu,
-    "gelu": lambda z: z * 0.5 * torch.special.erfc(-z / math.sqrt(2)),
-    "gelu_tanh": lambda z: z * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (z + 0.044715 * z * z * z)),
-    "silu": lambda z: z * torch.sigmoid(z),
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-}
 TORCH = {"relu": torch.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu,
-         "tanh": torch.tanh, "sigmoid": torch.sigmoid}
-FROM_Y = ("tanh", "sigmoid")  # derivatives computed from the rounded output, as torch computes them
+         "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+         # torch's in-place forms take the derivative from the result, as pydlx does for these
+         "leaky_relu": lambda z: F.leaky_relu(z.clone(), inplace=True),
+         "leaky_relu(0.2)": lambda z: F.leaky_relu(z.clone(), 0.2, inplace=True),
+         "elu": lambda z: F.elu(z.clone(), inplace=True), "elu(0.5)": lambda z: F.elu(z.clone(), 0.5, inplace=True),
+         "relu6": lambda z: F.relu6(z.clone(), inplace=True),
+         "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "mish": F.mish}
+# derivatives computed from the rounded output, as torch computes them
+FROM_Y = ("tanh", "sigmoid", "elu", "elu(0.5)")
 ACTS = [pytest.param(a, id=a) for a in ORACLE]
 
 
@@ -127,6 +134,62 @@ def test_gpu_backends(act, dtype, backend):
     _check(act, dtype, _linear_runner(act, backend), "cuda")
     if backend == "triton":
         _check(act, dtype, _mlp_runner(act, backend), "cuda")
+
+
+# roots of derivatives (see the module docstring): z0, the derivative's terms (float64) whose sum it is
+MISH_ROOT, HARDSWISH_ROOT = -1.1924312145154952, -1.5
+
+
+def _mish_terms(z):
+    n = torch.tanh(torch.log1p(torch.exp(z)))
+    return n, z * (1 - n) * (1 + n) * torch.sigmoid(z)
+
+
+ROOTS = {"mish": (MISH_ROOT, _mish_terms), "hardswish": (HARDSWISH_ROOT, lambda z: (z / 3, torch.full_like(z, 0.5)))}
+
+
+def _check_near_root(act, dtype, run, device):
+    """The derivative at points approaching the root, each by relative error within the dtype's tolerance plus
+    fp32's times the condition of the sum of the derivative's terms."""
+    z0, terms = ROOTS[act]
+    offsets = torch.tensor([10.0 ** -k for k in range(1, 8)], dtype=torch.float64)
+    z = torch.cat([z0 - offsets, torch.tensor([z0], dtype=torch.float64), z0 + offsets]).to(dtype).unique()
+    _, dz = run(z.to(device)[:, None].clone())
+    z64 = z.double().requires_grad_()
+    (dz64,) = torch.autograd.grad(ORACLE[act](z64).sum(), z64)
+    a, b = terms(z.double())
+    # at an exact root (hardswish's -1.5) the derivative must come out 0: no allowance there
+    cond = torch.where(dz64 == 0, torch.zeros_like(dz64), (a.abs() + b.abs()) / dz64.abs())
+    err = _rel(dz.view(-1), dz64, dtype).cpu()
+    bound = TOL[dtype] + TOL[torch.float32] * cond
+    assert cond.max() > 100, "the points must come close to the root"  # (the sweep's points: at most 10)
+    bad = err > bound
+    assert not bad.any(), (f"{act} derivative ({dtype}) near its root {z0}: relative error {err[bad].tolist()} > "
+                           f"{bound[bad].tolist()} at z = {z[bad].tolist()}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["mish", "hardswish"])
+def test_derivative_near_its_root_reference(act, dtype):
+    _check_near_root(act, dtype, _linear_runner(act, "reference"), "cpu")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["mish", "hardswish"])
+def test_derivative_near_its_root_triton_interpreter(act, dtype):
+    _check_near_root(act, dtype, _linear_runner(act, "triton"), "cpu")
+    _check_near_root(act, dtype, _mlp_runner(act, "triton"), "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["mish", "hardswish"])
+def test_derivative_near_its_root_gpu(act, dtype, backend):
+    _check_near_root(act, dtype, _linear_runner(act, backend), "cuda")
+    if backend == "triton":
+        _check_near_root(act, dtype, _mlp_runner(act, backend), "cuda")
 
 
 def _small_lstm(proj):

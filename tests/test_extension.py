@@ -8,7 +8,8 @@ import torch
 
 import pydlx
 from pydlx import _ext
-from pydlx.reference.linear import ACTIVATIONS, SAVES_PREACT, activation_backward, activation_forward
+from pydlx.reference.linear import (ACTIVATIONS, activation_backward, activation_forward, parse_activation,
+                                    saves_preact)
 from tolerance import assert_close
 
 # the same folder as first-use builds when PYDLX_BUILD_DIR is set (scripts/gpu_check.sh): one build, not two
@@ -26,15 +27,16 @@ def built():
 
 
 def test_extension_builds_and_registers_ops(built):
-    for name, schema in [("act_fwd_cuda", "pydlx::act_fwd_cuda(Tensor z, str activation) -> Tensor"),
-                         ("act_bwd_cuda", "pydlx::act_bwd_cuda(Tensor grad, Tensor saved, str activation) -> Tensor")]:
+    for name, schema in [("act_fwd_cuda", "pydlx::act_fwd_cuda(Tensor z, str activation, float alpha) -> Tensor"),
+                         ("act_bwd_cuda", "pydlx::act_bwd_cuda(Tensor grad, Tensor saved, str activation, float alpha) "
+                                          "-> Tensor")]:
         op = getattr(torch.ops.pydlx, name)
         assert str(op.default._schema) == schema
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CUDA")
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CPU")
     op = torch.ops.pydlx.mlp_fwd_cuda.default
     assert str(op._schema) == ("pydlx::mlp_fwd_cuda(Tensor input, Tensor[] weights, Tensor[] biases, bool[] has_bias, "
-                               "str activation, str last_activation) -> Tensor")
+                               "str activation, float alpha, str last_activation, float last_alpha) -> Tensor")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
     op = torch.ops.pydlx.conv_relu_pool2d_fwd_cuda.default
     assert str(op._schema) == ("pydlx::conv_relu_pool2d_fwd_cuda(Tensor input, Tensor weight, Tensor? bias, "
@@ -54,7 +56,7 @@ def test_extension_builds_and_registers_ops(built):
 
 def test_extension_ops_reject_cpu_tensors(built):
     with pytest.raises(NotImplementedError, match="CPU"):
-        torch.ops.pydlx.act_fwd_cuda(torch.randn(4), "relu")
+        torch.ops.pydlx.act_fwd_cuda(torch.randn(4), "relu", 0.0)
 
 
 def test_sources_are_all_built():
@@ -64,19 +66,20 @@ def test_sources_are_all_built():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("act", [a for a in ACTIVATIONS if a is not None])
+@pytest.mark.parametrize("act", [a for a in ACTIVATIONS if a is not None] + ["leaky_relu(0.2)", "elu(0.5)"])
 @pytest.mark.parametrize("n", [1, 7, 4099, 1 << 20])
 def test_gpu_activation_kernels(act, dtype, n, built, poison):
     z = torch.randn(n, device="cuda", dtype=dtype) * 3
-    y = torch.ops.pydlx.act_fwd_cuda(z, act)
+    name, alpha = parse_activation(act)
+    y = torch.ops.pydlx.act_fwd_cuda(z, name, alpha)
     assert_close(y, activation_forward(z.double(), act), dtype=dtype, name="act_fwd_cuda",
                  baseline=activation_forward(z, act))
     g = torch.randn_like(z)
-    saved = z if act in SAVES_PREACT else activation_forward(z, act)
-    dz = torch.ops.pydlx.act_bwd_cuda(g, saved, act)
+    saved = z if saves_preact(act) else activation_forward(z, act)
+    dz = torch.ops.pydlx.act_bwd_cuda(g, saved, name, alpha)
     assert_close(dz, activation_backward(g.double(), saved.double(), act), dtype=dtype, name="act_bwd_cuda",
                  baseline=activation_backward(g, saved, act))
     # a misaligned view takes the scalar path
     if n > 1:
-        assert_close(torch.ops.pydlx.act_fwd_cuda(z[1:], act), activation_forward(z[1:].double(), act),
+        assert_close(torch.ops.pydlx.act_fwd_cuda(z[1:], name, alpha), activation_forward(z[1:].double(), act),
                      dtype=dtype, name="act_fwd_cuda misaligned", baseline=activation_forward(z[1:], act))

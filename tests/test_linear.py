@@ -7,6 +7,7 @@ GPU (marked gpu): every backend against the float64 reference, bf16 included, at
 import importlib
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -17,12 +18,20 @@ from torch import nn
 
 import pydlx
 from pydlx import reference as ref
-from pydlx.reference.linear import ACTIVATIONS, SAVES_PREACT, activation_backward
+from pydlx.reference.linear import (ACTIVATIONS, MONOTONE, activation_backward, activation_spec, parse_activation,
+                                    saves_preact)
+import oracle
 from tolerance import assert_close, rel_err
 
-ACTS = [pytest.param(a, id=str(a)) for a in ACTIVATIONS]
+# The first seven run through the full cross product of shapes and dtypes on the interpreter; the six of issue 14.3
+# (and leaky_relu / elu with a parameter) through fewer shapes (test_triton_interpreter_new_activations).
+ACTS = [pytest.param(a, id=str(a)) for a in (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")]
+NEW_ACTS = [pytest.param(a, id=a) for a in oracle.NEW]
+ALL_ACTS = ACTS + NEW_ACTS
 TORCH_ACT = {None: nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU("tanh"),
-             "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+             "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU,
+             "leaky_relu(0.2)": lambda: nn.LeakyReLU(0.2), "elu": nn.ELU, "elu(0.5)": lambda: nn.ELU(0.5),
+             "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "mish": nn.Mish, "relu6": nn.ReLU6}
 # (leading dims, in_features, out_features): odd, non-power-of-two and size-1 dims; 3-D and 1-D inputs.
 SHAPES = [
     pytest.param(((37,), 70, 45), id="37x70->45"),
@@ -63,7 +72,7 @@ def run_fwd_bwd(fn, x, w, b, g):
 
 # ---- the reference itself ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_reference_matches_torch_nn_float64(act, bias):
     x, w, b = make((29,), 31, 23, torch.float64, bias=bias)
@@ -76,20 +85,64 @@ def test_reference_matches_torch_nn_float64(act, bias):
         assert_close(got, want, name=f"d{name}")
 
 
-@pytest.mark.parametrize("act", [a for a in ACTIVATIONS if a is not None])
+@pytest.mark.parametrize("act", [a for a in ALL_ACTS if a.values[0] is not None])
 def test_reference_activation_backward_is_the_derivative(act):
-    """The hand-written derivatives (the kernels' oracle) against autograd, in float64, over a wide range."""
-    z = (torch.randn(4001, dtype=torch.float64) * 4).requires_grad_()
-    y = ref.activation_forward(z, act)
+    """The hand-written derivatives (the kernels' oracle) against autograd of the float64 oracle (tests/oracle.py;
+    torch's own float64 hardsigmoid backward multiplies by 1/6 rounded to float32), over a wide range; at the kinks
+    (0, relu6's 6, hardswish's and hardsigmoid's -3 and 3) and for NaN, torch's conventions (relu excepted at NaN:
+    pydlx's relu derivative is 0 there, torch's passes the gradient, as before issue 14.3)."""
+    kinks = [0.0, -0.0, 6.0, -3.0, 3.0] + ([float("nan")] if act != "relu" else [])
+    z = torch.cat([torch.randn(4001, dtype=torch.float64) * 4, torch.tensor(kinks, dtype=torch.float64)])
+    z.requires_grad_()
+    y = oracle.ORACLE[act](z)
     g = torch.randn_like(z)
     (want,) = torch.autograd.grad(y, z, g)
-    saved = z.detach() if act in SAVES_PREACT else y.detach()
+    assert_close(ref.activation_forward(z.detach(), act), y, name=act)
+    saved = z.detach() if saves_preact(act) else y.detach()
     assert_close(activation_backward(g, saved, act), want, name=f"{act}'")
+
+
+def test_activation_specs():
+    """Specs: parsed, written back in canonical form (exactly: Python's float repr), refused with the reason."""
+    assert parse_activation(None) == (None, 0.0) and parse_activation("gelu") == ("gelu", 0.0)
+    assert parse_activation("leaky_relu") == ("leaky_relu", 0.01) and parse_activation("elu") == ("elu", 1.0)
+    assert parse_activation("leaky_relu(0.2)") == ("leaky_relu", 0.2)
+    assert parse_activation("elu( 5e-1 )") == ("elu", 0.5)
+    for name, value in (("leaky_relu", 0.1 + 0.2), ("elu", 1 / 3), ("leaky_relu", 0.0), ("elu", 2.0)):
+        spec = activation_spec(name, value)
+        assert parse_activation(spec) == (name, value) and activation_spec(*parse_activation(spec)) == spec
+    assert activation_spec("leaky_relu", 0.01) == "leaky_relu" and activation_spec("elu", 1) == "elu"
+    assert activation_spec("leaky_relu", 0.2) == "leaky_relu(0.2)" and activation_spec("mish", 0.0) == "mish"
+    for bad, msg in (("swish", "activation must be one of"), ("leaky_relu()", "finite number"),
+                     ("elu(inf)", "finite number"), ("relu(0.5)", "takes no parameter"), (3, "must be one of"),
+                     ("leaky_relu(0.2", "must be one of")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            parse_activation(bad)
+    with pytest.raises(ValueError, match="negative slope"):
+        ref.check_activation("leaky_relu(-0.1)")
+    with pytest.raises(ValueError, match="alpha <= 0"):
+        ref.check_activation("elu(0.0)")
+    assert ref.check_activation("leaky_relu(0.0)") == ("leaky_relu", 0.0)
+    assert {a for a in ACTIVATIONS if a and saves_preact(a)} == {"gelu", "gelu_tanh", "silu", "hardswish", "mish"}
+
+
+@pytest.mark.parametrize("act", sorted(MONOTONE))
+def test_monotone_activations_are_non_decreasing(act):
+    """MONOTONE (max pooling commutes with these): non-decreasing, with the parameters the ops accept."""
+    z = torch.linspace(-60, 60, 200001, dtype=torch.float64)
+    for spec in ({"leaky_relu": ["leaky_relu", "leaky_relu(0.0)", "leaky_relu(3.0)"],
+                  "elu": ["elu", "elu(0.01)", "elu(4.0)"]}.get(act, [act])):
+        y = ref.activation_forward(z, spec)
+        assert (y[1:] >= y[:-1]).all(), spec
+    assert not set(MONOTONE) - set(ACTIVATIONS)
+    for other in {"gelu", "gelu_tanh", "silu", "hardswish", "mish"}:  # and the others are not: dips below 0
+        y = ref.activation_forward(z, other)
+        assert not (y[1:] >= y[:-1]).all() and other not in MONOTONE
 
 
 # ---- the op on the reference backend (autograd through the custom op) --------------------------------------------
 
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_op_reference_backend_float64(shape, act):
     lead, k, n = shape
@@ -97,7 +150,7 @@ def test_op_reference_backend_float64(shape, act):
     g = torch.randn(*lead, n, dtype=torch.float64)
     with pydlx.use_backend("reference"):
         got = run_fwd_bwd(lambda *a: pydlx.ops.linear(*a, activation=act), x, w, b, g)
-    want = run_fwd_bwd(lambda *a: ref.linear(*a, activation=act), x, w, b, g)
+    want = run_fwd_bwd(lambda *a: oracle.activation(F.linear(*a), act, torch.float64), x, w, b, g)
     for a_, e_, name in zip(got, want, ["y", "dx", "dw", "db"]):
         assert_close(a_, e_, name=name)
 
@@ -109,11 +162,12 @@ DTYPES_INTERP = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.floa
 
 
 def check_against_fp64(fn_dtype, x, w, b, g, act, dtype, baseline=True):
-    """Run the pydlx op on ``x, w, b`` (in ``dtype``) and compare y, dx, dw, db to float64, with eager PyTorch in
+    """Run the pydlx op on ``x, w, b`` (in ``dtype``) and compare y, dx, dw, db to float64 (tests/oracle.py: for
+    the activations whose derivative is taken from y, from y rounded to ``dtype`` as stored), with eager PyTorch in
     the same dtype as the baseline error for fp16/bf16."""
     got = run_fwd_bwd(fn_dtype, x, w, b, g)
     x64, w64, b64 = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)]
-    want = run_fwd_bwd(lambda *a: ref.linear(*a, activation=act), x64, w64, b64, g.double())
+    want = run_fwd_bwd(lambda *a: oracle.activation(F.linear(*a), act, dtype), x64, w64, b64, g.double())
     eager = run_fwd_bwd(lambda *a: ref.linear(*a, activation=act), x, w, b, g) if baseline else [None] * 4
     for a_, e_, base, name in zip(got, want, eager, ["y", "dx", "dw", "db"]):
         assert a_.dtype == dtype, f"{name} dtype {a_.dtype} != {dtype}"
@@ -134,6 +188,14 @@ def check_backend(backend, shape, act, dtype, device):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_triton_interpreter(shape, act, dtype, poison):
+    check_backend("triton", shape, act, dtype, "cpu")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES_INTERP)
+@pytest.mark.parametrize("act", NEW_ACTS)
+@pytest.mark.parametrize("shape", [p for p in SHAPES if p.id in ("37x70->45", "150x40->66-splitk")])
+def test_triton_interpreter_new_activations(shape, act, dtype, poison):
     check_backend("triton", shape, act, dtype, "cpu")
 
 
@@ -193,7 +255,7 @@ def test_triton_every_shipped_forward_config_under_interpreter(poison):
         grid = (math.ceil(67 / cfg.kwargs["BLOCK_M"]) * math.ceil(130 / cfg.kwargs["BLOCK_N"]),)
         tri._linear_fwd_kernel[grid](x, w, b, y, z, 67, 130, 70, x.stride(0), x.stride(1), w.stride(0),
                                      w.stride(1), y.stride(0), y.stride(1),
-                                     ACT=2, HAS_BIAS=True, SAVE_PREACT=True, PRECISION="tf32",
+                                     ACT=2, ALPHA=0.0, HAS_BIAS=True, SAVE_PREACT=True, PRECISION="tf32",
                                      **cfg.kwargs)
         assert_close(y, want, dtype=torch.float16, name=f"y[{cfg}]")
         assert_close(z, x.double() @ w.double().t() + b.double(), dtype=torch.float16, name=f"z[{cfg}]")
@@ -242,7 +304,7 @@ def test_empty_batch(backend):
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
 
 
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_nan_propagates_like_torch(backend, act):
     x, w, b = make((6,), 10, 8, torch.float32, requires_grad=False)
@@ -342,6 +404,10 @@ BAD = [
     pytest.param(lambda x, w, b: (x.long(), w, b, None), TypeError, "input must be a floating", id="int-input"),
     pytest.param(lambda x, w, b: (x, w.int(), b, None), TypeError, "weight must be a floating", id="int-weight"),
     pytest.param(lambda x, w, b: (x, w, b, "swish"), ValueError, "activation must be one of", id="activation"),
+    pytest.param(lambda x, w, b: (x, w, b, "swish(0.2)"), ValueError, "activation must be one of", id="unknown-spec"),
+    pytest.param(lambda x, w, b: (x, w, b, "leaky_relu(a)"), ValueError, "finite number", id="bad-parameter"),
+    pytest.param(lambda x, w, b: (x, w, b, "leaky_relu(-0.1)"), ValueError, "negative slope", id="negative-slope"),
+    pytest.param(lambda x, w, b: (x, w, b, "elu(-1.0)"), ValueError, "alpha <= 0", id="elu-alpha"),
     pytest.param(lambda x, w, b: (x, w.to("meta"), b, None), ValueError, "weight is on meta", id="devices"),
     pytest.param(lambda x, w, b: (x, w[0], b, None), ValueError, "weight must be a 2-D", id="weight-rank"),
     pytest.param(lambda x, w, b: (x, w, b[:-1], None), ValueError, "bias must be 1-D", id="bias-shape"),
@@ -364,6 +430,8 @@ def test_bad_input_raises_clear_error_before_any_kernel(mutate, exc, msg, backen
 def test_module_rejects_unknown_activation():
     with pytest.raises(ValueError, match="activation must be one of"):
         pydlx.nn.Linear(3, 4, activation="swish")
+    with pytest.raises(ValueError, match="negative slope"):
+        pydlx.nn.Linear(3, 4, activation="leaky_relu(-0.5)")
 
 
 # ---- modules -----------------------------------------------------------------------------------------------------
@@ -389,10 +457,10 @@ def test_from_module_rejects_other_modules():
 
 # ---- torch.library: opcheck, torch.compile, autocast ----------------------------------------------------------------
 
-@pytest.mark.parametrize("act", ["relu", "gelu", "none"])
+@pytest.mark.parametrize("act", ["relu", "gelu", "none", "leaky_relu(0.2)", "mish"])
 def test_opcheck(act):
     x, w, b = make((2, 7), 11, 5, torch.float32)
-    save = act == "gelu"
+    save = act in ("gelu", "mish")
     torch.library.opcheck(torch.ops.pydlx.linear_fwd.default, (x, w, b, act, save, "reference"))
     torch.library.opcheck(torch.ops.pydlx.linear_fwd.default, (x, w, None, act, save, "reference"))
     g = torch.randn(2, 7, 5)
@@ -458,7 +526,7 @@ def test_gpu_backend_against_reference(shape, act, dtype, backend, poison):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 @pytest.mark.parametrize("shape", [pytest.param(((37,), 70, 45), id="37x70->45"),
                                    pytest.param(((256,), 512, 384), id="256x512->384")])
 def test_gpu_every_activation(shape, act, dtype, backend, poison):

@@ -4,14 +4,18 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import oracle
 import pydlx
 from pydlx import reference as ref
 from tolerance import assert_close
 
 TORCH_ACT = {None: None, "relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU("tanh"), "silu": nn.SiLU,
-             "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+             "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU,
+             "leaky_relu(0.2)": lambda: nn.LeakyReLU(0.2), "elu": nn.ELU, "elu(0.5)": lambda: nn.ELU(0.5),
+             "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "mish": nn.Mish, "relu6": nn.ReLU6}
 # (sizes, which layers have a bias): odd widths, one layer, deep, wide first layer, narrow last layer
 FUSED = [
     pytest.param(([70, 64, 64, 16], None), id="70-64-64-16"),
@@ -23,6 +27,10 @@ FUSED = [
 ACT_PAIRS = [pytest.param(("relu", None), id="relu"), pytest.param(("gelu", "sigmoid"), id="gelu-sigmoid"),
              pytest.param(("tanh", "silu"), id="tanh-silu"), pytest.param((None, "gelu_tanh"), id="none-gelutanh"),
              pytest.param(("sigmoid", "relu"), id="sigmoid-relu"), pytest.param(("silu", None), id="silu")]
+# issue 14.3's activations, each once hidden and once last (z saved for hardswish / mish, y for the others)
+NEW_PAIRS = [pytest.param(pair, id="-".join(pair).replace("(", "").replace(")", "")) for pair in (
+    ("leaky_relu(0.2)", "hardswish"), ("elu(0.5)", "mish"), ("hardswish", "relu6"), ("mish", "hardsigmoid"),
+    ("relu6", "elu"), ("hardsigmoid", "leaky_relu"))]
 
 
 def make(sizes, bias, dtype, device="cpu", lead=(77,), requires_grad=True):
@@ -49,10 +57,11 @@ def fwd_bwd(fn, x, ws, bs, g):
 def mlp_fp64_rounded(x, ws, bs, acts, dtype):
     """The float64 oracle for an MLP computed in ``dtype``: float64 math, with each hidden activation rounded to
     ``dtype`` as eager PyTorch and the kernels store it (straight-through gradient). Without the rounding the oracle
-    sees a different z, and a ReLU at its kink flips for a kernel and eager alike: only by luck the same way."""
+    sees a different z, and a ReLU at its kink flips for a kernel and eager alike: only by luck the same way. The
+    activations are tests/oracle.py's (a derivative pydlx takes from y: from y rounded to ``dtype``)."""
     h = x
     for i, (w, b) in enumerate(zip(ws, bs)):
-        h = ref.linear(h, w, b, acts[0] if i + 1 < len(ws) else acts[1])
+        h = oracle.activation(F.linear(h, w, b), acts[0] if i + 1 < len(ws) else acts[1], dtype)
         if i + 1 < len(ws) and dtype != torch.float64:
             h = h + (h.to(dtype).double() - h).detach()
     return h
@@ -67,7 +76,7 @@ def weight_grad_abs_sums(x, ws, bs, g, acts, dtype):
         inputs.append(h)
         z = (h @ w.detach().double().t() + (b.detach().double() if b is not None else 0)).requires_grad_()
         zs.append(z)
-        h = ref.activation_forward(z, acts[0] if i + 1 < len(ws) else acts[1])
+        h = oracle.activation(z, acts[0] if i + 1 < len(ws) else acts[1], dtype)
         if i + 1 < len(ws) and dtype != torch.float64:
             h = h + (h.to(dtype).double() - h).detach()
     dzs = torch.autograd.grad(h, zs, g.detach().double().reshape(h.shape))
@@ -93,7 +102,7 @@ def pydlx_mlp(acts):
 
 # ---- reference and the op's own autograd ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("acts", ACT_PAIRS)
+@pytest.mark.parametrize("acts", ACT_PAIRS + NEW_PAIRS)
 def test_reference_matches_torch_nn_float64(acts):
     sizes = [13, 21, 8, 5]
     x, ws, bs = make(sizes, None, torch.float64)
@@ -117,7 +126,7 @@ def test_reference_matches_torch_nn_float64(acts):
         assert_close(a, e)
 
 
-@pytest.mark.parametrize("acts", ACT_PAIRS)
+@pytest.mark.parametrize("acts", ACT_PAIRS + NEW_PAIRS)
 @pytest.mark.parametrize("case", FUSED)
 def test_op_reference_backend_float64(case, acts):
     """pydlx::mlp_fused and its backward op, computed eagerly: the H/Z layout and the weight-gradient GEMMs."""
@@ -126,7 +135,7 @@ def test_op_reference_backend_float64(case, acts):
     g = torch.randn(3, 7, sizes[-1], dtype=torch.float64)
     with pydlx.use_backend("reference"):
         got = fwd_bwd(pydlx_mlp(acts), x, ws, bs, g)
-    want = fwd_bwd(lambda *a: ref.mlp(*a, *acts), x, ws, bs, g)
+    want = fwd_bwd(lambda *a: mlp_fp64_rounded(*a, acts, torch.float64), x, ws, bs, g)
     for a, e in zip(got, want):
         assert_close(a, e)
 
@@ -139,6 +148,19 @@ def test_op_reference_backend_float64(case, acts):
 @pytest.mark.parametrize("acts", ACT_PAIRS)
 @pytest.mark.parametrize("case", FUSED)
 def test_fused_triton_interpreter(case, acts, dtype, poison):
+    sizes, bias = case
+    x, ws, bs = make(sizes, bias, dtype)
+    g = torch.randn(77, sizes[-1], dtype=dtype)
+    with pydlx.use_backend("triton"):
+        check_against_fp64(pydlx_mlp(acts), x, ws, bs, g, acts, dtype)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+                                   pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("acts", NEW_PAIRS)
+@pytest.mark.parametrize("case", [p for p in FUSED if p.id in ("70-64-64-16", "33-128-100-3-mixedbias")])
+def test_fused_triton_interpreter_new_activations(case, acts, dtype, poison):
     sizes, bias = case
     x, ws, bs = make(sizes, bias, dtype)
     g = torch.randn(77, sizes[-1], dtype=dtype)
@@ -232,6 +254,12 @@ BAD = [
                  id="activation"),
     pytest.param(lambda x, ws, bs: (x, ws, bs, "relu", "softmax"), ValueError, "last_activation must be one of",
                  id="last-activation"),
+    pytest.param(lambda x, ws, bs: (x, ws, bs, "softplus(2.0)", None), ValueError, "activation must be one of",
+                 id="unknown-spec"),
+    pytest.param(lambda x, ws, bs: (x, ws, bs, "leaky_relu(-0.2)", None), ValueError, "negative slope",
+                 id="negative-slope"),
+    pytest.param(lambda x, ws, bs: (x, ws, bs, "relu", "elu(0.0)"), ValueError,
+                 r"last_activation 'elu\(0.0\)'.*alpha <= 0", id="last-elu-alpha"),
     pytest.param(lambda x, ws, bs: (x.int(), ws, bs, "relu", None), TypeError, "floating-point", id="int-input"),
     pytest.param(lambda x, ws, bs: (x, [ws[0].half(), ws[1]], bs, "relu", None), TypeError, r"weights\[0\] has dtype",
                  id="mixed-dtype"),
@@ -255,11 +283,15 @@ def test_bad_input_raises_clear_error_before_any_kernel(mutate, exc, msg, backen
 
 # ---- modules ------------------------------------------------------------------------------------------------------
 
-def test_module_state_dict_is_the_sequentials():
-    m = pydlx.nn.MLP([12, 32, 32, 4], activation="silu", last_activation="tanh", dtype=torch.float64)
-    seq = nn.Sequential(nn.Linear(12, 32), nn.SiLU(), nn.Linear(32, 32), nn.SiLU(), nn.Linear(32, 4), nn.Tanh())
+@pytest.mark.parametrize("acts,mods", [
+    (("silu", "tanh"), (nn.SiLU, nn.Tanh)), (("mish", "relu6"), (nn.Mish, nn.ReLU6)),
+    (("leaky_relu(0.2)", "elu(0.5)"), (lambda: nn.LeakyReLU(0.2), lambda: nn.ELU(0.5)))])
+def test_module_state_dict_is_the_sequentials(acts, mods):
+    m = pydlx.nn.MLP([12, 32, 32, 4], activation=acts[0], last_activation=acts[1], dtype=torch.float64)
+    seq = nn.Sequential(nn.Linear(12, 32), mods[0](), nn.Linear(32, 32), mods[0](), nn.Linear(32, 4), mods[1]())
     seq = seq.double()
     assert list(m.state_dict()) == list(seq.state_dict())
+    assert repr(m[1]) == repr(seq[1]) and repr(m[5]) == repr(seq[5])  # the same torch.nn modules, parameters too
     seq.load_state_dict(m.state_dict())
     m.load_state_dict(seq.state_dict())
     x = torch.randn(6, 12, dtype=torch.float64)
@@ -275,11 +307,17 @@ def test_from_sequential_shares_modules_and_keeps_names():
     assert_close(m(x), seq(x), dtype=torch.float32, name="from_sequential")
     m2 = pydlx.nn.MLP.from_sequential(nn.Sequential(nn.Linear(3, 4), nn.GELU("tanh"), nn.Linear(4, 2), nn.Sigmoid()))
     assert (m2.activation, m2.last_activation) == ("gelu_tanh", "sigmoid")
+    m3 = pydlx.nn.MLP.from_sequential(nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.25), nn.Linear(4, 2), nn.ELU()))
+    assert (m3.activation, m3.last_activation) == ("leaky_relu(0.25)", "elu")
+    assert pydlx.nn.MLP([3, 4, 2], activation="elu(1.0)", last_activation="leaky_relu(0.01)").activation == "elu"
 
 
 @pytest.mark.parametrize("seq,msg", [
     (nn.Sequential(nn.ReLU(), nn.Linear(3, 4)), "start with an nn.Linear"),
-    (nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(), nn.Linear(4, 2)), "LeakyReLU"),
+    (nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 2)), "Softplus after '0' is not a fusable"),
+    (nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(-0.1), nn.Linear(4, 2)), "LeakyReLU.* negative slope"),
+    (nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.1), nn.Linear(4, 2), nn.LeakyReLU(0.2), nn.Linear(2, 2)),
+     "differ"),
     (nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.Tanh(), nn.Linear(2, 2)), "differ"),
     (nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Dropout(), nn.Linear(4, 2)), "more than one module"),
 ])
@@ -291,13 +329,15 @@ def test_from_sequential_rejects_other_patterns(seq, msg):
 def test_module_rejects_bad_arguments():
     with pytest.raises(ValueError, match="activation must be one of"):
         pydlx.nn.MLP([3, 4], activation="swish")
+    with pytest.raises(ValueError, match="last_activation 'elu.-1.0.'.*alpha <= 0"):
+        pydlx.nn.MLP([3, 4], last_activation="elu(-1.0)")
     with pytest.raises(ValueError, match="at least two positive sizes"):
         pydlx.nn.MLP([3])
 
 
 # ---- torch.library: opcheck, torch.compile, autocast -----------------------------------------------------------------
 
-@pytest.mark.parametrize("acts", [("relu", "none"), ("gelu", "sigmoid"), ("none", "silu")])
+@pytest.mark.parametrize("acts", [("relu", "none"), ("gelu", "sigmoid"), ("none", "silu"), ("elu(0.5)", "mish")])
 def test_opcheck(acts):
     x, ws, bs = make([9, 16, 12, 3], (True, False, True), torch.float32, lead=(2, 5))
     present, has = [b for b in bs if b is not None], [b is not None for b in bs]
@@ -348,7 +388,7 @@ GPU_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("acts", [pytest.param(("relu", None), id="relu"),
-                                  pytest.param(("gelu", "sigmoid"), id="gelu-sigmoid")])
+                                  pytest.param(("gelu", "sigmoid"), id="gelu-sigmoid")] + NEW_PAIRS[:2])
 @pytest.mark.parametrize("case", FUSED + [pytest.param(([784, 400, 200, 32, 200, 400, 784], None),
                                                        id="seed-autoencoder-chain")])
 def test_gpu_against_reference(case, acts, dtype, backend, poison):
@@ -362,7 +402,7 @@ def test_gpu_against_reference(case, acts, dtype, backend, poison):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize("acts", [pytest.param(("relu", None), id="relu"),
-                                  pytest.param(("gelu", "sigmoid"), id="gelu-sigmoid")])
+                                  pytest.param(("gelu", "sigmoid"), id="gelu-sigmoid")] + NEW_PAIRS)
 @pytest.mark.parametrize("case", FUSED + [pytest.param(([300, 16, 16], None), id="300-16-16-multichunk")])
 def test_gpu_cuda_fused_forward(case, acts, dtype, poison):
     """The C++/CUDA fused MLP forward (inference) against float64, eager in the same dtype as the baseline."""

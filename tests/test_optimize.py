@@ -43,7 +43,10 @@ def test_optimize_seed_autoencoder_keeps_state_dict_and_outputs():
 
 
 @pytest.mark.parametrize("act,name", [(nn.GELU(), "gelu"), (nn.GELU("tanh"), "gelu_tanh"), (nn.SiLU(), "silu"),
-                                      (nn.Tanh(), "tanh"), (nn.Sigmoid(), "sigmoid"), (nn.ReLU(), "relu")])
+                                      (nn.Tanh(), "tanh"), (nn.Sigmoid(), "sigmoid"), (nn.ReLU(), "relu"),
+                                      (nn.LeakyReLU(), "leaky_relu"), (nn.LeakyReLU(0.2, True), "leaky_relu(0.2)"),
+                                      (nn.ELU(), "elu"), (nn.ELU(0.5), "elu(0.5)"), (nn.Hardswish(), "hardswish"),
+                                      (nn.Hardsigmoid(), "hardsigmoid"), (nn.Mish(), "mish"), (nn.ReLU6(), "relu6")])
 def test_each_activation_module_is_fused(act, name):
     model = nn.Sequential(nn.Linear(5, 6), act, nn.Linear(6, 2)).double()
     fast = pydlx.optimize(model)
@@ -78,14 +81,101 @@ def test_mlp_shaped_sequentials_inside_a_model_and_filter_fn():
 
 
 def test_inplace_and_filter_fn_and_explain():
-    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 7), nn.LeakyReLU(), nn.Linear(7, 3), nn.Tanh())
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 7), nn.Softplus(), nn.Linear(7, 3), nn.Tanh())
     text = pydlx.explain(model)
     assert "fuse   0: Linear + relu" in text
-    assert "keep   2: Linear (LeakyReLU is not a fusable activation)" in text
+    assert "keep   2: Linear (Softplus is not a fusable activation)" in text
     assert "fuse   4: Linear + tanh" in text
     same = pydlx.optimize(model, inplace=True, filter_fn=lambda m, fqn: fqn != "4")
     assert same is model
     assert isinstance(model[0], pydlx.nn.Linear) and type(model[4]) is nn.Linear and isinstance(model[5], nn.Tanh)
+
+
+def _same_outputs_and_grads(fast, model, x):
+    """float64 outputs and gradients. The gradients to 1e-7 relative: torch's float64 hardsigmoid backward multiplies
+    by 1/6 rounded to float32 (3e-8 off), pydlx's reference backward by 1/6 in float64."""
+    assert_close(fast(x), model(x), name="y")
+    x = x.clone().requires_grad_()
+    for a, b in zip(torch.autograd.grad(fast(x).square().sum(), [x, *fast.parameters()]),
+                    torch.autograd.grad(model(x).square().sum(), [x, *model.parameters()])):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+
+
+def test_new_activation_modules_fuse_and_a_negative_slope_is_kept_with_the_reason():
+    """Issue 14.3: Linear -> LeakyReLU(0.2) / Hardswish / ELU(0.5) / Mish modules become fused Linears; a LeakyReLU with
+    a negative slope is kept (its derivative cannot be taken from the output), and explain says why."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.LeakyReLU(0.2), nn.Linear(6, 7), nn.Hardswish(), nn.Linear(7, 4),
+                          nn.ELU(0.5), nn.Linear(4, 4), nn.LeakyReLU(-0.1), nn.Linear(4, 3), nn.Mish()).double()
+    text = pydlx.explain(model)
+    for line in ("fuse   0: Linear + leaky_relu(0.2) -> pydlx.nn.Linear(activation='leaky_relu(0.2)')",
+                 "fuse   2: Linear + hardswish", "fuse   4: Linear + elu(0.5)", "fuse   8: Linear + mish",
+                 "keep   6: Linear (LeakyReLU(negative_slope=-0.1): leaky_relu with a negative slope (-0.1) is not"):
+        assert line in text, text
+    original = copy.deepcopy(model.state_dict())
+    fast = pydlx.optimize(model)
+    assert [getattr(m, "activation", None) for m in fast if isinstance(m, pydlx.nn.Linear)] == [
+        "leaky_relu(0.2)", "hardswish", "elu(0.5)", "mish"]
+    assert type(fast[6]) is nn.Linear and type(fast[7]) is nn.LeakyReLU
+    sd = fast.state_dict()
+    assert list(sd) == list(original) and all(torch.equal(sd[k], original[k]) for k in sd)
+    _same_outputs_and_grads(fast, model, torch.randn(9, 5, dtype=torch.float64))
+    mlp = pydlx.optimize(nn.Sequential(nn.Linear(5, 6), nn.Hardsigmoid(), nn.Linear(6, 7), nn.Hardsigmoid(),
+                                       nn.Linear(7, 2), nn.ReLU6()))
+    assert isinstance(mlp, pydlx.nn.MLP) and (mlp.activation, mlp.last_activation) == ("hardsigmoid", "relu6")
+
+
+class _NewActsNet(nn.Module):
+    """Issue 14.3's activations in forward code: functional, in-place and module spellings."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.fc4, self.fc5, self.fc6 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.neg, self.out, self.mish = nn.Linear(8, 8), nn.Linear(8, 3), nn.Mish()
+
+    def forward(self, x):  # (the arithmetic between the blocks keeps them from forming one MLP chain)
+        h = F.elu(self.fc2(F.leaky_relu(self.fc1(x), negative_slope=0.2)), alpha=0.5, inplace=True)  # one mlp call
+        h = F.hardswish(self.fc3(h * 2))
+        h = self.mish(self.fc4(h + 1)) * 3
+        h = F.leaky_relu_(self.fc6(F.hardsigmoid(self.fc5(h))), 0.3) - 1  # one mlp call
+        h = F.leaky_relu(self.neg(h), -0.1) + 1  # refused: kept
+        return F.relu6(self.out(h), inplace=True)
+
+
+def test_new_activations_in_forward_code_fuse():
+    model = _NewActsNet().double()
+    text = pydlx.explain(model)
+    for line in ("fuse   fc1, fc2: Linear chain (forward code) -> pydlx.ops.mlp(sizes=[6, 8, 8], "
+                 "activation='leaky_relu(0.2)', last_activation='elu(0.5)')",
+                 "fuse   fc3: Linear + activation (forward code) -> pydlx.ops.linear(activation='hardswish')",
+                 "fuse   fc4: Linear + activation (forward code) -> pydlx.ops.linear(activation='mish')",
+                 "fuse   fc5, fc6: Linear chain (forward code) -> pydlx.ops.mlp(sizes=[8, 8, 8], "
+                 "activation='hardsigmoid', last_activation='leaky_relu(0.3)')",
+                 "keep   neg: Linear + activation (forward code) -> pydlx.ops.linear(activation='leaky_relu(-0.1)') "
+                 "(leaky_relu with a negative slope (-0.1) is not supported",
+                 "fuse   out: Linear + activation (forward code) -> pydlx.ops.linear(activation='relu6')"):
+        assert line in text, text
+    original = copy.deepcopy(model.state_dict())
+    fast = pydlx.optimize(model)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert _pydlx_calls(fast, x) == ["mlp", "mul", "linear", "add", "linear", "mul", "mlp", "sub", "leaky_relu",
+                                     "add", "linear"], _pydlx_calls(fast, x)
+    sd = fast.state_dict()
+    assert list(sd) == list(original) and all(torch.equal(sd[k], original[k]) for k in sd)
+    for backend in ("auto", "reference"):
+        with pydlx.use_backend(backend):
+            _same_outputs_and_grads(fast, model, x)
+
+
+@pytest.mark.interpreter
+def test_optimized_new_activations_run_the_triton_kernels_under_the_interpreter():
+    model = nn.Sequential(nn.Linear(7, 16), nn.LeakyReLU(0.2), nn.Linear(16, 16), nn.LeakyReLU(0.2), nn.Linear(16, 5),
+                          nn.ELU(0.5))
+    fast = pydlx.optimize(model)
+    x = torch.randn(11, 7)
+    with pydlx.use_backend("triton"):
+        got = fast(x)
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_explain_with_nothing_to_fuse():

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..reference.linear import parse_activation
 from ..reference.mlp import FUSED_MAX_LAYERS, FUSED_MAX_WIDTH, fuses_in_one_kernel
 
 
@@ -24,8 +25,9 @@ def mlp_fwd(x, weights, biases, activation, last_activation, save):
     """(y, H, Z) for 2-D x; H and Z are always empty (the forward saves nothing: inference only)."""
     if save:
         raise RuntimeError("pydlx.cuda.mlp: the C++/CUDA fused MLP is forward-only (inference)")
+    (act, alpha), (last, last_alpha) = parse_activation(activation), parse_activation(last_activation)
     y = torch.ops.pydlx.mlp_fwd_cuda(x, list(weights), [b for b in biases if b is not None],
-                                     [b is not None for b in biases], activation or "none", last_activation or "none")
+                                     [b is not None for b in biases], act or "none", alpha, last or "none", last_alpha)
     return y, x.new_empty(0), x.new_empty(0)
 
 

@@ -7,20 +7,24 @@ import torch
 from torch import nn
 
 from ..ops.linear import linear
-from ..reference.linear import ACTIVATIONS
+from ..reference.linear import check_activation
 
 
 class Linear(nn.Linear):
     """``act(nn.Linear(in_features, out_features, bias)(x))`` in one kernel.
 
     A subclass of nn.Linear: ``weight``/``bias``, their initialisation and the state_dict are nn.Linear's, so
-    checkpoints load both ways. ``activation`` is None, "relu", "gelu", "gelu_tanh", "silu", "tanh" or "sigmoid".
+    checkpoints load both ways. ``activation`` is an activation spec as pydlx.ops.linear takes: None, "relu", "gelu",
+    "gelu_tanh", "silu", "tanh", "sigmoid", "leaky_relu" / "leaky_relu(0.2)", "elu" / "elu(0.5)", "hardswish",
+    "hardsigmoid", "mish" or "relu6".
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: Optional[str] = None,
                  device=None, dtype=None) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"pydlx.nn.Linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        try:
+            check_activation(activation)
+        except ValueError as e:
+            raise ValueError(f"pydlx.nn.Linear: {e}") from None
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
 

@@ -13,33 +13,68 @@ import torch
 from torch import nn
 
 from ..ops.mlp import mlp
-from ..reference.linear import ACTIVATIONS
+from ..reference.linear import PARAMETERS, activation_refused, activation_spec, check_activation, parse_activation
 
 _MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
-            "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+            "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU,
+            "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "mish": nn.Mish, "relu6": nn.ReLU6}
+_PLAIN = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Hardswish: "hardswish",
+          nn.Hardsigmoid: "hardsigmoid", nn.Mish: "mish", nn.ReLU6: "relu6"}
+
+
+def activation_module(spec: str) -> nn.Module:
+    """The torch.nn module of an activation spec (``"leaky_relu(0.2)"`` -> ``nn.LeakyReLU(0.2)``)."""
+    name, alpha = parse_activation(spec)
+    return _MODULES[name](alpha) if name in PARAMETERS else _MODULES[name]()
+
+
+def _module_spec(m: nn.Module) -> Optional[str]:
+    """The activation spec of a module pydlx has the activation of (parameters it refuses included), else None."""
+    t = type(m)  # exact types: a subclass may compute something else
+    if t is nn.GELU:
+        return "gelu" if m.approximate == "none" else "gelu_tanh"
+    try:
+        if t is nn.LeakyReLU:
+            return activation_spec("leaky_relu", m.negative_slope)
+        if t is nn.ELU:
+            return activation_spec("elu", m.alpha)
+    except (TypeError, ValueError):  # a parameter that is not a finite number
+        return None
+    return _PLAIN.get(t)
 
 
 def activation_name(m: nn.Module) -> Optional[str]:
-    """pydlx's name for an activation module, or None if it is not one pydlx fuses."""
-    if type(m) is nn.ReLU:
-        return "relu"
-    if type(m) is nn.GELU:
-        return "gelu" if m.approximate == "none" else "gelu_tanh"
-    return {nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}.get(type(m))
+    """pydlx's activation spec for an activation module (``nn.LeakyReLU(0.2)`` -> ``"leaky_relu(0.2)"``), or None
+    if it is not one pydlx fuses (``activation_refusal`` says why, for the modules pydlx knows)."""
+    spec = _module_spec(m)
+    return spec if spec is not None and activation_refused(spec) is None else None
+
+
+def activation_refusal(m: nn.Module) -> Optional[str]:
+    """Why pydlx does not fuse an activation module it knows (leaky_relu with a negative slope, elu with alpha <= 0),
+    else None."""
+    spec = _module_spec(m)
+    why = activation_refused(spec) if spec is not None else None
+    return f"{type(m).__name__}({m.extra_repr()}): {why}" if why else None
 
 
 class MLP(nn.Sequential):
     """``Linear(s0, s1), act, ..., Linear(s[-2], s[-1]), last_activation`` computed by ``pydlx.ops.mlp``.
 
-    sizes: [in_features, hidden..., out_features]. activation / last_activation: None, "relu", "gelu",
-    "gelu_tanh", "silu", "tanh" or "sigmoid". Layers all at most 128 wide run in one fused kernel.
+    sizes: [in_features, hidden..., out_features]. activation / last_activation: an activation spec as
+    pydlx.ops.linear takes (None, "relu", "gelu", "leaky_relu(0.2)", "mish", ...; kept in canonical form), built as
+    the matching torch.nn module. Layers all at most 128 wide run in one fused kernel.
     """
 
     def __init__(self, sizes: Sequence[int], activation: Optional[str] = "relu",
                  last_activation: Optional[str] = None, bias: bool = True, device=None, dtype=None) -> None:
+        specs = []
         for a, arg in ((activation, "activation"), (last_activation, "last_activation")):
-            if a not in ACTIVATIONS:
-                raise ValueError(f"pydlx.nn.MLP: {arg} must be one of {ACTIVATIONS}, got {a!r}")
+            try:
+                specs.append(activation_spec(*check_activation(a, arg)))
+            except ValueError as e:
+                raise ValueError(f"pydlx.nn.MLP: {e}") from None
+        activation, last_activation = specs
         if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
             raise ValueError(f"pydlx.nn.MLP: sizes must list at least two positive sizes (in, ..., out), got "
                              f"{list(sizes)}")
@@ -48,7 +83,7 @@ class MLP(nn.Sequential):
             layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias, device=device, dtype=dtype))
             act = activation if i + 2 < len(sizes) else last_activation
             if act is not None:
-                layers.append(_MODULES[act]())
+                layers.append(activation_module(act))
         super().__init__(*layers)
         self.activation, self.last_activation = activation, last_activation
 
@@ -96,7 +131,8 @@ def _pattern_error(children, linears) -> Optional[str]:
         if between:
             name = activation_name(between[0])
             if name is None:
-                return f"{type(between[0]).__name__} after {children[i][0]!r} is not a fusable activation"
+                return activation_refusal(between[0]) or (
+                    f"{type(between[0]).__name__} after {children[i][0]!r} is not a fusable activation")
             if k + 1 < len(linears):
                 expected_acts.add(name)
         elif k + 1 < len(linears):

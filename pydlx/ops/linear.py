@@ -7,9 +7,10 @@ Ops (schemas defined once, here):
   pydlx::linear_bwd(grad, input, weight, saved, activation, has_bias, need_dx, need_dw, backend) -> (dx, dw, db)
       empty tensors stand for gradients that are not needed.
 
-Saved for backward: input, weight and one M×N tensor: y for relu/tanh/sigmoid (their derivative is a function
-of y), z for gelu/gelu_tanh/silu (it is not; recomputing z would cost a second forward GEMM). With no
-activation nothing but input and weight is saved.
+``activation`` is a spec string (pydlx/reference/linear.py: "relu", "leaky_relu(0.2)", ..., or "none"), passed in
+its canonical form. Saved for backward: input, weight and one M×N tensor: y for relu/tanh/sigmoid/leaky_relu/elu/
+relu6/hardsigmoid (their derivative is a function of y), z for gelu/gelu_tanh/silu/hardswish/mish (it is not;
+recomputing z would cost a second forward GEMM). With no activation nothing but input and weight is saved.
 
 Each call's backend is chosen by the dispatcher (pydlx/_backend.py: forced, or auto by the GPU's measured policy)
 before the op runs and passed to it (``backend``): the backward runs on the forward's backend, and torch.compile
@@ -25,12 +26,17 @@ from torch import Tensor
 from .. import _backend
 from .._policy import size_of
 from ._common import ArgumentError, DtypeError, rows, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
-from ..reference.linear import ACTIVATIONS, SAVES_PREACT, activation_forward
+from ..reference.linear import activation_forward, activation_spec, check_activation, saves_preact
 from ..reference.linear import linear as reference_linear
 
 
 def _act_name(activation: str) -> Optional[str]:
     return None if activation == "none" else activation
+
+
+def _op_activation(activation: Optional[str]) -> str:
+    """The spec a custom op takes: canonical (one spelling, one compiled kernel), "none" for None."""
+    return activation_spec(*check_activation(activation)) or "none"
 
 
 def _impl(backend: str):
@@ -88,7 +94,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(z)
     ctx.set_materialize_grads(False)
     act = _act_name(activation)
-    saved = (z if act in SAVES_PREACT else y) if act is not None else input.new_empty(0)
+    saved = (z if saves_preact(act) else y) if act is not None else input.new_empty(0)
     ctx.save_for_backward(input, weight, saved)
     ctx.activation = activation
     ctx.has_bias = bias is not None
@@ -99,7 +105,7 @@ def _backward(ctx, grad_y, grad_z):
     input, weight, saved = ctx.saved_tensors
     if grad_y is None:
         return None, None, None, None, None, None
-    if _act_name(ctx.activation) in SAVES_PREACT and saved.numel() == 0 and grad_y.numel() != 0:
+    if saves_preact(_act_name(ctx.activation)) and saved.numel() == 0 and grad_y.numel() != 0:
         raise RuntimeError("pydlx.ops.linear: backward needs the pre-activation, but the forward ran with "
                            "save_preact=False; call pydlx.ops.linear, which sets it when gradients are needed")
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
@@ -119,8 +125,10 @@ def check_linear_args(input, weight, bias, activation) -> None:
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         got = f"shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
         raise ArgumentError(f"pydlx.ops.linear: weight must be a 2-D tensor (out_features, in_features), got {got}")
-    if activation not in ACTIVATIONS:
-        raise ArgumentError(f"pydlx.ops.linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    try:
+        check_activation(activation)
+    except ValueError as e:
+        raise ArgumentError(f"pydlx.ops.linear: {e}") from None
     if input.dim() == 0:
         raise ArgumentError("pydlx.ops.linear: input must have at least 1 dimension, got a 0-D tensor")
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
@@ -149,9 +157,10 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """act(input @ weight.T + bias), like ``act(F.linear(input, weight, bias))``, in one fused kernel.
 
     input: (*, in_features); weight: (out_features, in_features); bias: (out_features,) or None.
-    activation: None, "relu", "gelu", "gelu_tanh", "silu", "tanh" or "sigmoid".
+    activation: None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "leaky_relu" (or
+    "leaky_relu(slope)", slope >= 0), "elu" (or "elu(alpha)", alpha > 0), "hardswish", "hardsigmoid", "mish", "relu6".
     Under torch.autocast the three tensors are cast to the autocast dtype, as F.linear's are.
-    Backward saves y (relu, tanh, sigmoid) or the pre-activation z (gelu, gelu_tanh, silu); see module docs.
+    Backward saves y or the pre-activation z (gelu, gelu_tanh, silu, hardswish, mish); see module docs.
     """
     if all(isinstance(t, Tensor) and t.is_floating_point() for t in (input, weight, bias) if t is not None):
         # under torch.autocast, cast first (as F.linear does), so a bf16 activation meets fp32 weights
@@ -161,8 +170,9 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         return reference_linear(input, weight, bias, activation)
     needs_grad = torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    save_preact = needs_grad and activation in SAVES_PREACT
-    y, _ = linear_fwd(input, weight, bias, activation or "none", save_preact, choose(input, weight, needs_grad))
+    save_preact = needs_grad and saves_preact(activation)
+    y, _ = linear_fwd(input, weight, bias, _op_activation(activation), save_preact,
+                      choose(input, weight, needs_grad))
     return y
 
 

@@ -27,10 +27,10 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from .. import _backend
 from .._policy import size_of
-from ..reference.linear import ACTIVATIONS
+from ..reference.linear import check_activation
 from ..reference.mlp import fuses_in_one_kernel, mlp as reference_mlp, saves_z
 from ._common import ArgumentError, DtypeError, rows, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
-from .linear import _act_name, linear
+from .linear import _act_name, _op_activation, linear
 
 
 def _impl(backend: str):
@@ -146,8 +146,10 @@ def check_mlp_args(input, weights, biases, activation, last_activation) -> None:
         raise ArgumentError(f"{name}: biases must be a list with one tensor or None per weight ({len(weights)}), "
                          f"got {len(biases) if isinstance(biases, (list, tuple)) else type(biases).__name__}")
     for a, arg in ((activation, "activation"), (last_activation, "last_activation")):
-        if a not in ACTIVATIONS:
-            raise ArgumentError(f"{name}: {arg} must be one of {ACTIVATIONS}, got {a!r}")
+        try:
+            check_activation(a, arg)
+        except ValueError as e:
+            raise ArgumentError(f"{name}: {e}") from None
     if input.dtype not in FLOAT_DTYPES:
         raise DtypeError(f"{name}: input must be a floating-point tensor (float16, bfloat16, float32, float64), "
                         f"got {input.dtype}")
@@ -179,6 +181,7 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     """``Linear(s0, s1) -> activation -> ... -> Linear(s[-2], s[-1]) -> last_activation``.
 
     weights[i]: (s[i+1], s[i]) as nn.Linear stores them; biases[i]: (s[i+1],) or None. Any leading dims.
+    activation / last_activation: an activation spec as pydlx.ops.linear takes (None, "relu", "leaky_relu(0.2)", ...).
     Layers all at most 128 wide run fused (one kernel forward, one backward walk + weight-gradient GEMMs);
     wider MLPs run as a chain of pydlx.ops.linear (GEMMs with the activation in their epilogues).
     """
@@ -200,8 +203,8 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
             t.requires_grad for t in (*weights, *[b for b in biases if b is not None])))
         y, _, _ = mlp_fused(input, list(weights), [b for b in biases if b is not None],
-                            [b is not None for b in biases], activation or "none", last_activation or "none",
-                            needs_grad, choose(input, sizes, needs_grad))
+                            [b is not None for b in biases], _op_activation(activation),
+                            _op_activation(last_activation), needs_grad, choose(input, sizes, needs_grad))
         return y
     h = input
     for i, (w, b) in enumerate(zip(weights, biases)):

@@ -3,72 +3,196 @@
 ``linear(x, w, b, act) == act(x @ w.T + b)``. The activations and their derivatives are written out here,
 once, and are the definition the Triton and CUDA kernels are tested against.
 
-Backward needs the activation's derivative at the pre-activation ``z``. For relu, tanh and sigmoid it is a
-function of the output ``y`` (relu: y > 0; tanh: 1 - y^2; sigmoid: y(1 - y)), so only ``y`` is kept; for
-gelu, gelu_tanh and silu it is not, so ``z`` is kept (see ``SAVES_PREACT``).
+An activation is given by its *spec*: None, a name of ``ACTIVATIONS``, or for the two with a parameter the name
+with its value, ``"leaky_relu(0.2)"`` (negative slope; ``"leaky_relu"`` is torch's 0.01) and ``"elu(0.5)"``
+(alpha; ``"elu"`` is 1.0). ``parse_activation`` reads a spec, ``activation_spec`` writes the canonical one (the
+plain name for the default value, else ``f"{name}({value!r})"``: Python's float repr, which round-trips).
+
+Backward needs the activation's derivative at the pre-activation ``z``. Where it is a function of the output ``y``
+only ``y`` is kept (relu: y > 0; tanh: 1 - y^2; sigmoid: y(1 - y); leaky_relu: y > 0; elu: y + alpha below 0;
+relu6: 0 < y < 6; hardsigmoid: 0 < y < 1); for gelu, gelu_tanh, silu, hardswish and mish it is not, so ``z`` is
+kept (see ``saves_preact``). Deriving from ``y`` needs ``y > 0`` exactly where ``z > 0``: a negative slope or an
+alpha <= 0 breaks that, and the fused ops refuse them (``check_activation``), as torch refuses the backward of an
+in-place leaky_relu with a negative slope.
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "leaky_relu", "elu", "hardswish",
+               "hardsigmoid", "mish", "relu6")
+# The activations with a parameter, and its default (torch's): leaky_relu's negative slope, elu's alpha.
+PARAMETERS = {"leaky_relu": 0.01, "elu": 1.0}
 # Activations whose derivative needs the pre-activation z (the others derive it from the output).
-SAVES_PREACT = frozenset({"gelu", "gelu_tanh", "silu"})
+SAVES_PREACT = frozenset({"gelu", "gelu_tanh", "silu", "hardswish", "mish"})
+# Non-decreasing activations (with the parameters check_activation accepts): max commutes with them, so a max pool
+# may run before or after them.
+MONOTONE = frozenset({"relu", "leaky_relu", "elu", "relu6", "hardsigmoid", "sigmoid", "tanh"})
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_SPEC = re.compile(r"([a-z_0-9]+)\((.*)\)")
+
+
+def _accepted(what: str, spec) -> str:
+    return (f"{what} must be one of {ACTIVATIONS} (leaky_relu and elu also with their parameter, e.g. "
+            f"'leaky_relu(0.2)', 'elu(0.5)'), got {spec!r}")
+
+
+def parse_activation(spec: Optional[str], what: str = "activation") -> Tuple[Optional[str], float]:
+    """(name, parameter) of an activation spec: ``"leaky_relu(0.2)"`` -> ("leaky_relu", 0.2), ``"elu"`` ->
+    ("elu", 1.0), ``"gelu"`` -> ("gelu", 0.0), None -> (None, 0.0). The parameter is 0.0 for activations without
+    one. Raises ValueError for an unknown name, a parameter given to an activation that has none, or a parameter
+    that is not a finite number. ``what`` names the argument in the message."""
+    if spec is None:
+        return None, 0.0
+    if not isinstance(spec, str):
+        raise ValueError(_accepted(what, spec))
+    if spec in ACTIVATIONS:
+        return spec, PARAMETERS.get(spec, 0.0)
+    m = _SPEC.fullmatch(spec.strip())
+    if m is None or m.group(1) not in ACTIVATIONS:
+        raise ValueError(_accepted(what, spec))
+    name, arg = m.group(1), m.group(2).strip()
+    if name not in PARAMETERS:
+        raise ValueError(f"{what} {spec!r}: {name} takes no parameter (only {' and '.join(PARAMETERS)} do)")
+    try:
+        value = float(arg)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"{what} {spec!r}: {name}'s parameter must be a finite number, got {arg!r}")
+    return name, value
+
+
+def activation_spec(name: Optional[str], alpha: float = 0.0) -> Optional[str]:
+    """The canonical spec of an activation and its parameter: the plain name for the default value (and for
+    activations without a parameter, whose ``alpha`` is ignored), else ``f"{name}({float(alpha)!r})"``."""
+    if name not in PARAMETERS:
+        parse_activation(name)  # an unknown name raises
+        return name
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"{name}'s parameter must be a finite number, got {alpha!r}")
+    return name if alpha == PARAMETERS[name] else f"{name}({alpha!r})"
+
+
+def activation_refused(spec: Optional[str]) -> Optional[str]:
+    """Why the fused ops refuse a well-formed spec, or None: the derivatives of leaky_relu and elu are taken from
+    the output y (y > 0 exactly where z > 0), which a negative slope or an alpha <= 0 breaks."""
+    name, alpha = parse_activation(spec)
+    if name == "leaky_relu" and alpha < 0:
+        return (f"leaky_relu with a negative slope ({alpha!r}) is not supported: its derivative is taken from the "
+                "output, which needs slope >= 0")
+    if name == "elu" and alpha <= 0:
+        return (f"elu with alpha <= 0 ({alpha!r}) is not supported: its derivative is taken from the output, which "
+                "needs alpha > 0")
+    return None
+
+
+def check_activation(spec: Optional[str], what: str = "activation") -> Tuple[Optional[str], float]:
+    """Raise ValueError with a clear message unless the fused ops take ``spec`` (a known activation, a finite
+    parameter where it has one, slope >= 0 / alpha > 0); returns (name, parameter) as ``parse_activation``."""
+    name, alpha = parse_activation(spec, what)
+    why = activation_refused(spec)
+    if why is not None:
+        raise ValueError(f"{what} {spec!r}: {why}")
+    return name, alpha
+
+
+def saves_preact(spec: Optional[str]) -> bool:
+    """Whether backward needs the pre-activation z (else the output y, or nothing for None)."""
+    return parse_activation(spec)[0] in SAVES_PREACT
 
 
 def activation_forward(z: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
-    if activation is None:
+    name, alpha = parse_activation(activation)
+    if name is None:
         return z
-    if activation == "relu":
+    if name == "relu":
         return torch.relu(z)
-    if activation == "gelu":
+    if name == "gelu":
         return F.gelu(z)
-    if activation == "gelu_tanh":
+    if name == "gelu_tanh":
         return F.gelu(z, approximate="tanh")
-    if activation == "silu":
+    if name == "silu":
         return F.silu(z)
-    if activation == "tanh":
+    if name == "tanh":
         return torch.tanh(z)
-    if activation == "sigmoid":
+    if name == "sigmoid":
         return torch.sigmoid(z)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if name == "leaky_relu":
+        return F.leaky_relu(z, alpha)
+    if name == "elu":
+        return F.elu(z, alpha)  # alpha expm1(z) below 0 (torch's kernel uses expm1: no cancellation near 0)
+    if name == "hardswish":
+        return F.hardswish(z)
+    if name == "hardsigmoid":
+        return F.hardsigmoid(z)
+    if name == "mish":
+        return F.mish(z)
+    return F.relu6(z)
 
 
 def activation_backward(grad: torch.Tensor, saved: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
     """dL/dz from dL/dy. ``saved`` is z for SAVES_PREACT activations, else the output y. Computed in fp32 for
     16-bit tensors (rounded once, as torch's own backward kernels do), in forms that do not cancel: 1 - sigmoid(v)
-    as sigmoid(-v), 1 - y^2 as (1 - y)(1 + y), the normal CDF of z < 0 as erfc (the kernels use the same)."""
-    if activation is None:
+    as sigmoid(-v), 1 - y^2 as (1 - y)(1 + y), the normal CDF of z < 0 as erfc, mish's 1 - tanh(softplus(z)) from
+    exact fractions of exp(-|z|) (the kernels use the same). At the kinks and for NaN, torch's conventions."""
+    name, alpha = check_activation(activation)
+    if name is None:
         return grad
-    if activation == "relu":
+    if name == "relu":
         # NaN in y propagates like torch's threshold_backward (grad * (y > 0) would also zero NaN: keep torch's)
         return torch.where(saved > 0, grad, torch.zeros_like(grad))
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     dtype = torch.promote_types(grad.dtype, saved.dtype)
     math_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     g, s = grad.to(math_dtype), saved.to(math_dtype)
-    if activation == "tanh":
+    if name == "tanh":
         d = (1 - s) * (1 + s)
-    elif activation == "sigmoid":
+    elif name == "sigmoid":
         d = s * (1 - s)
-    elif activation == "gelu":
+    elif name == "gelu":
         d = normal_cdf(s) + s * torch.exp(-0.5 * s * s) / math.sqrt(2 * math.pi)
-    elif activation == "gelu_tanh":
+    elif name == "gelu_tanh":
         v = 2 * _SQRT_2_OVER_PI * (s + 0.044715 * s * s * s)
         dv = 2 * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * s * s)
         sg = torch.sigmoid(v)
         d = sg + s * dv * sg * torch.sigmoid(-v)
-    else:  # silu
+    elif name == "silu":
         d = torch.sigmoid(s) * (1 + s * torch.sigmoid(-s))
+    elif name == "leaky_relu":  # from y (torch's leaky_relu_backward: y > 0 ? g : g * slope)
+        return torch.where(s > 0, g, g * alpha).to(dtype)
+    elif name == "elu":  # from y: z <= 0 where y <= 0, and there dy/dz = alpha e^z = y + alpha (NaN: g, as torch)
+        return torch.where(s <= 0, g * (s + alpha), g).to(dtype)
+    elif name == "hardswish":  # from z, torch's hardswish_backward: 0 at z <= -3, 1 at z >= 3
+        return torch.where(s <= -3, torch.zeros_like(g), torch.where(s < 3, g * (s / 3 + 0.5), g)).to(dtype)
+    elif name == "hardsigmoid":  # from y: 1/6 where 0 < y < 1 (torch: -3 < z < 3), else 0 (NaN too, as torch)
+        return torch.where((s > 0) & (s < 1), g / 6, torch.zeros_like(g)).to(dtype)
+    elif name == "relu6":  # from y, torch's hardtanh_backward: 0 where y <= 0 or y >= 6, else g (NaN: g)
+        return torch.where((s <= 0) | (s >= 6), torch.zeros_like(g), g).to(dtype)
+    else:  # mish: n + z (1 - n)(1 + n) sigmoid(z), n = tanh(softplus(z))
+        n, one_minus_n, sg = mish_parts(s)
+        d = n + s * one_minus_n * (1 + n) * sg
     return (g * d).to(dtype)
+
+
+def mish_parts(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, 1 - n, sigmoid(z)) with n = tanh(softplus(z)), from t = exp(-|z|) <= 1 (no overflow) as exact fractions
+    (no cancellation): with e = e^z, n = (e^2 + 2e) / (e^2 + 2e + 2); for z <= 0 (e = t) n = t(t+2) / (t(t+2) + 2),
+    1 - n = 2 / (t(t+2) + 2), sigmoid = t / (1 + t); for z > 0 (e = 1/t) n = (1 + 2t) / (1 + 2t + 2t^2),
+    1 - n = 2t^2 / (1 + 2t + 2t^2), sigmoid = 1 / (1 + t)."""
+    t = torch.exp(-z.abs())
+    neg = z <= 0
+    num = torch.where(neg, t * (t + 2), 1 + 2 * t)
+    rest = torch.where(neg, torch.full_like(t, 2.0), 2 * t * t)
+    den = num + rest
+    return num / den, rest / den, torch.where(neg, t, torch.ones_like(t)) / (1 + t)
 
 
 def normal_cdf(z: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .linear import SAVES_PREACT, activation_backward, activation_forward, linear
+from .linear import activation_backward, activation_forward, linear, saves_preact
 
 
 # The fused MLP kernels' limits (pydlx/triton/mlp.py, csrc/mlp.cu's kMaxWidth / kMaxLayers): every layer at most
@@ -26,8 +26,8 @@ def fuses_in_one_kernel(sizes: Sequence[int]) -> bool:
 
 def saves_z(activation: Optional[str], last_activation: Optional[str]) -> bool:
     """Whether a fused MLP keeps the pre-activations for backward: only when an activation's derivative needs z
-    (gelu, gelu_tanh, silu); relu/tanh/sigmoid derive it from the layer outputs, which are kept anyway."""
-    return activation in SAVES_PREACT or last_activation in SAVES_PREACT
+    (gelu, gelu_tanh, silu, hardswish, mish); the others derive it from the layer outputs, which are kept anyway."""
+    return saves_preact(activation) or saves_preact(last_activation)
 
 
 def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
@@ -74,7 +74,7 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], 
         a = last_activation if i == L - 1 else activation
         if a is None:
             dz = g
-        elif a in SAVES_PREACT:
+        elif saves_preact(a):
             dz = activation_backward(g, z[:, cols[i]:cols[i] + sizes[i + 1]], a)
         else:
             dz = activation_backward(g, y if i == L - 1 else h[:, cols[i]:cols[i] + sizes[i + 1]], a)

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator, List, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
+from ..reference.linear import parse_activation
 
-# Activation codes, shared with csrc/dispatch.h.
-ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5, "sigmoid": 6}
+# Activation codes, shared with csrc/dispatch.h. A kernel takes the code (ACT) and the activation's parameter (ALPHA,
+# a float constexpr: leaky_relu's slope, elu's alpha, 0.0 for the others): ``act_args(spec)``.
+ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5, "sigmoid": 6, "leaky_relu": 7,
+             "elu": 8, "hardswish": 9, "hardsigmoid": 10, "mish": 11, "relu6": 12}
 # Activations whose derivative needs z; for the others the saved tensor is y (pydlx/reference/linear.py).
-PREACT_CODES = (2, 3, 4)
+PREACT_CODES = (2, 3, 4, 9, 11)
+
+
+def act_args(spec: Optional[str]) -> Tuple[int, float]:
+    """(ACT, ALPHA) of an activation spec (pydlx/reference/linear.py's parse_activation)."""
+    name, alpha = parse_activation(spec)
+    return ACT_CODES[name], float(alpha)
 
 
 @triton.jit
@@ -25,17 +34,52 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _one_minus_exp_neg_series(y):
+    """1 - e^-y = -expm1(-y) for 0 <= y < 0.25 from its series (6 terms; the next is 5e-8 of the value below 0.25),
+    where 1 - exp(-y) would cancel."""
+    return y * (1.0 - y * (0.5 - y * (0.16666666666666666 - y * (0.041666666666666664 - y * (
+        0.008333333333333333 - y * 0.001388888888888889)))))
+
+
+@triton.jit
 def _tanh(x):
     """tanh keeping its relative accuracy near zero, where 2 sigmoid(2x) - 1 cancels (1e-8: 100% off):
     sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) <= 1 (no overflow), and 1 - e = -expm1(-2|x|) from its series
-    below |x| = 0.125 (6 terms; the next is 5e-8 of the value), where 1 - e would cancel. NaN stays NaN."""
+    below |x| = 0.125, where 1 - e would cancel. NaN stays NaN."""
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
     y = 2.0 * a
-    num = tl.where(a < 0.125, y * (1.0 - y * (0.5 - y * (0.16666666666666666 - y * (0.041666666666666664 - y * (
-        0.008333333333333333 - y * 0.001388888888888889))))), 1.0 - e)
+    num = tl.where(a < 0.125, _one_minus_exp_neg_series(y), 1.0 - e)
     t = num / (1.0 + e)
     return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _expm1_nonpos(z):
+    """e^z - 1 for z <= 0 with relative accuracy: its series above z = -0.125 (where exp(z) - 1 cancels), else
+    exp(z) - 1 (at most a factor 8.5 of cancellation: 1 - e^-0.125 = 0.12). NaN stays NaN."""
+    return tl.where(z > -0.125, -_one_minus_exp_neg_series(-z), tl.exp(z) - 1.0)
+
+
+@triton.jit
+def _mish_parts(z):
+    """(n, 1 - n, sigmoid(z)) with n = tanh(softplus(z)), from t = exp(-|z|) <= 1 (no overflow) as exact fractions
+    that do not cancel (pydlx/reference/linear.py's mish_parts): for z <= 0, n = t(t+2) / (t(t+2) + 2),
+    1 - n = 2 / (t(t+2) + 2), sigmoid = t / (1 + t); for z > 0, n = (1+2t) / (1+2t+2t^2), 1 - n = 2t^2 / (...),
+    sigmoid = 1 / (1 + t)."""
+    t = tl.exp(-tl.abs(z))
+    neg = z <= 0.0
+    num = tl.where(neg, t * (t + 2.0), 1.0 + 2.0 * t)
+    rest = tl.where(neg, 2.0, 2.0 * t * t)
+    den = num + rest
+    return num / den, rest / den, tl.where(neg, t, 1.0) / (1.0 + t)
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    """min(max(x, lo), hi) keeping NaN (tl.minimum / tl.maximum may drop it on GPUs)."""
+    x = tl.where(x < lo, lo, x)
+    return tl.where(x > hi, hi, x)
 
 
 @triton.jit
@@ -57,9 +101,10 @@ def _normal_cdf(z):
 
 
 @triton.jit
-def _act_fwd(z, ACT: tl.constexpr, ALPHA: tl.constexpr = 0.0):
+def _act_fwd(z, ACT: tl.constexpr, ALPHA: tl.constexpr):
     """act(z) in fp32, in forms that keep relative accuracy at every magnitude and do not overflow
-    (tests/test_activations.py sweeps 1e-8 .. 1e2, both signs). NaN propagates (relu keeps NaN like torch.relu)."""
+    (tests/test_activations.py sweeps 1e-8 .. 1e2, both signs). NaN propagates (relu keeps NaN like torch.relu).
+    ALPHA: leaky_relu's negative slope, elu's alpha (unused by the others)."""
     if ACT == 1:
         return tl.where(z < 0.0, 0.0, z)
     elif ACT == 2:
@@ -73,14 +118,28 @@ def _act_fwd(z, ACT: tl.constexpr, ALPHA: tl.constexpr = 0.0):
         return _tanh(z)
     elif ACT == 6:
         return _sigmoid(z)
+    elif ACT == 7:
+        return tl.where(z > 0.0, z, z * ALPHA)
+    elif ACT == 8:
+        return tl.where(z > 0.0, z, ALPHA * _expm1_nonpos(tl.where(z > 0.0, 0.0, z)))
+    elif ACT == 9:
+        return z * _clamp(z + 3.0, 0.0, 6.0) / 6.0  # torch's order: (z * clamp) / 6
+    elif ACT == 10:
+        return _clamp(z + 3.0, 0.0, 6.0) / 6.0
+    elif ACT == 11:
+        n, _, _ = _mish_parts(z)
+        return z * n
+    elif ACT == 12:
+        return _clamp(z, 0.0, 6.0)
     else:
         return z
 
 
 @triton.jit
-def _act_bwd(g, s, ACT: tl.constexpr):
-    """dL/dz from g = dL/dy in fp32; s is z for gelu/gelu_tanh/silu, y for the others. 1 - sigmoid(v) is taken
-    as sigmoid(-v) and 1 - y^2 as (1 - y)(1 + y), which do not cancel."""
+def _act_bwd(g, s, ACT: tl.constexpr, ALPHA: tl.constexpr):
+    """dL/dz from g = dL/dy in fp32; s is z for gelu/gelu_tanh/silu/hardswish/mish (PREACT_CODES), y for the
+    others. 1 - sigmoid(v) is taken as sigmoid(-v) and 1 - y^2 as (1 - y)(1 + y), which do not cancel. At the kinks
+    and for NaN, torch's conventions (pydlx/reference/linear.py's activation_backward)."""
     if ACT == 1:
         return tl.where(s > 0.0, g, 0.0)
     elif ACT == 2:
@@ -97,6 +156,19 @@ def _act_bwd(g, s, ACT: tl.constexpr):
         return g * ((1.0 - s) * (1.0 + s))
     elif ACT == 6:
         return g * s * (1.0 - s)
+    elif ACT == 7:
+        return tl.where(s > 0.0, g, g * ALPHA)
+    elif ACT == 8:
+        return tl.where(s <= 0.0, g * (s + ALPHA), g)  # y <= 0 exactly where z <= 0: alpha e^z = y + alpha
+    elif ACT == 9:
+        return tl.where(s <= -3.0, 0.0, tl.where(s < 3.0, g * (s / 3.0 + 0.5), g))
+    elif ACT == 10:
+        return tl.where((s > 0.0) & (s < 1.0), g / 6.0, 0.0)
+    elif ACT == 11:
+        n, one_minus_n, sg = _mish_parts(s)
+        return g * (n + s * one_minus_n * (1.0 + n) * sg)
+    elif ACT == 12:
+        return tl.where((s <= 0.0) | (s >= 6.0), 0.0, g)
     else:
         return g
 

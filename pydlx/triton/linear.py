@@ -11,9 +11,10 @@ Fused: bias, activation and the cast to the output dtype in the forward epilogue
 derivative in the backward prologue (dz is formed tile by tile from dy and the saved tensor, in both
 backward GEMMs), and db as a by-product of the dw GEMM.
 
-Stored for backward (chosen in pydlx/ops/linear.py, see SAVES_PREACT in pydlx/reference/linear.py): the
-output y for relu, tanh and sigmoid, whose derivatives are functions of y; the pre-activation z for gelu,
-gelu_tanh and silu, written by the forward epilogue as a second output. Recomputing z in backward would
+Stored for backward (chosen in pydlx/ops/linear.py, see saves_preact in pydlx/reference/linear.py): the
+output y for relu, tanh, sigmoid, leaky_relu, elu, relu6 and hardsigmoid, whose derivatives are functions of y;
+the pre-activation z for gelu, gelu_tanh, silu, hardswish and mish, written by the forward epilogue as a second
+output. The activation is a code and a parameter (ACT, ALPHA: common.act_args). Recomputing z in backward would
 cost a second forward GEMM; storing it costs one M×N write and read, which is cheaper at every shape benched.
 
 Accumulation is fp32. fp32 inputs use tf32 tensor cores when torch.backends.cuda.matmul.allow_tf32 is set.
@@ -30,8 +31,7 @@ import triton
 import triton.language as tl
 
 from ..reference.linear import activation_backward
-from .common import (ACT_CODES, SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, Tuned, arch,
-                     precision)
+from .common import SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, arch, precision
 
 @triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -52,7 +52,7 @@ def _linear_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr,
+    ACT: tl.constexpr, ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -82,7 +82,7 @@ def _linear_fwd_kernel(
     offs = rm[:, None] * stride_ym + rn[None, :] * stride_yn  # 32-bit tile
     if SAVE_PREACT:  # z has y's shape and strides: one offset tile serves both stores
         tl.store(z_ptr + tile + offs, _cast(acc, z_ptr.dtype.element_ty), mask=mask)
-    y = _act_fwd(acc, ACT)
+    y = _act_fwd(acc, ACT, ALPHA)
     tl.store(y_ptr + tile + offs, _cast(y, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -92,7 +92,7 @@ def _linear_bwd_kernel(
     M, N, K, K_PER_SPLIT,
     stride_gm, stride_gk, stride_bk, stride_bn,
     stride_cs, stride_cm, stride_cn,
-    ACT: tl.constexpr, ROWSUM: tl.constexpr,
+    ACT: tl.constexpr, ALPHA: tl.constexpr, ROWSUM: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -125,7 +125,7 @@ def _linear_bwd_kernel(
         a = tl.load(g_ptr + a_offs, mask=a_mask, other=0.0)
         if ACT != 0:
             s = tl.load(s_ptr + a_offs, mask=a_mask, other=0.0).to(tl.float32)
-            a = _cast(_act_bwd(a.to(tl.float32), s, ACT), g_ptr.dtype.element_ty)
+            a = _cast(_act_bwd(a.to(tl.float32), s, ACT, ALPHA), g_ptr.dtype.element_ty)
         if ROWSUM:
             rowsum += tl.sum(a.to(tl.float32), axis=1)
         b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < n_left), other=0.0)
@@ -228,7 +228,8 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], acti
     zz = z if save_preact else y  # a valid pointer; never written without SAVE_PREACT
     args = (x, w, b if b is not None else y, y, zz, M, N, K,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1))
-    kwargs = dict(ACT=ACT_CODES[activation], HAS_BIAS=b is not None, SAVE_PREACT=save_preact,
+    act, alpha = act_args(activation)
+    kwargs = dict(ACT=act, ALPHA=alpha, HAS_BIAS=b is not None, SAVE_PREACT=save_preact,
                   PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _linear_fwd(grid, args, kwargs)
@@ -262,10 +263,10 @@ def max_split_rows(row_stride: int) -> int:
     return max(64, ((2**31 - 1 - 256) // max(row_stride, 1) - 64) // 64 * 64)
 
 
-def _gemm_dact(g, s, b, c, db, M, N, K, g_strides, b_strides, c_strides, k_per_split, act_code):
-    """g and s share strides (the caller makes them contiguous)."""
+def _gemm_dact(g, s, b, c, db, M, N, K, g_strides, b_strides, c_strides, k_per_split, act):
+    """g and s share strides (the caller makes them contiguous); ``act`` is (ACT, ALPHA)."""
     args = (g, s, b, c, db if db is not None else c, M, N, K, k_per_split, *g_strides, *b_strides, *c_strides)
-    kwargs = dict(ACT=act_code, ROWSUM=db is not None, PRECISION=precision(g.dtype))
+    kwargs = dict(ACT=act[0], ALPHA=act[1], ROWSUM=db is not None, PRECISION=precision(g.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
                          triton.cdiv(K, k_per_split))
     _linear_bwd(grid, args, kwargs)
@@ -278,9 +279,9 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, saved: torch.
     M, K = x.shape
     N = w.shape[0]
     x, w = _small_strides(x), _small_strides(w)
-    act = ACT_CODES[activation]
+    act = act_args(activation)
     dy = dy.contiguous()
-    s = saved.contiguous() if act != 0 else dy  # the kernel reads dy and saved with one set of strides
+    s = saved.contiguous() if act[0] != 0 else dy  # the kernel reads dy and saved with one set of strides
     dx = dw = db = None
     if need_dx:
         dx = x.new_empty((M, K))

@@ -9,8 +9,10 @@ K0 in BLOCK_K chunks (any input width); then, layer after layer, h = act(h @ W^T
 to the input dtype between layers exactly as eager PyTorch rounds its stored activations. Only y is written, plus,
 when training, what backward needs:
   H[M, sum s(1..L-1)]  the hidden layers' outputs: the next layer's inputs (for the weight gradients) and, for
-                       relu/tanh/sigmoid, the derivative's argument;
-  Z[M, sum s(1..L)]    pre-activations, only when an activation's derivative needs z (gelu, gelu_tanh, silu).
+                       the activations whose derivative is a function of y, the derivative's argument;
+  Z[M, sum s(1..L)]    pre-activations, only when an activation's derivative needs z (gelu, gelu_tanh, silu,
+                       hardswish, mish).
+The hidden and last activations are each a code and a parameter (ACT, ALPHA; LAST_ACT, LAST_ALPHA: act_args).
 Backward (one program per BLOCK_M rows): from dy, walks the layers back in registers, dz(l) = g * act'(saved),
 g = dz(l) @ W(l); writes each dz(l) (DZ, laid out like Z) for the weight-gradient GEMMs, and dx = dz(0) @ W(0) in
 K0 chunks. The weight gradients dW(l) = dz(l)^T @ input(l) over all rows are GEMMs (pydlx/ops/mlp.py): a fused
@@ -28,7 +30,7 @@ import triton.language as tl
 
 from ..reference.mlp import saves_z
 from ..reference.mlp import FUSED_MAX_LAYERS, FUSED_MAX_WIDTH
-from .common import ACT_CODES, PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, Tuned, precision
+from .common import PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, precision
 
 MAX_WIDTH, MAX_LAYERS = FUSED_MAX_WIDTH, FUSED_MAX_LAYERS  # widest layer (output side), most layers
 
@@ -46,7 +48,8 @@ def _mlp_fwd_kernel(
     M, stride_xm, stride_xk,
     SIZES: tl.constexpr, PADS: tl.constexpr, HAS_B: tl.constexpr, L: tl.constexpr,
     HCOLS: tl.constexpr, HW: tl.constexpr, ZCOLS: tl.constexpr, ZW: tl.constexpr,
-    ACT: tl.constexpr, LAST_ACT: tl.constexpr, SAVE_H: tl.constexpr, SAVE_Z: tl.constexpr,
+    ACT: tl.constexpr, ALPHA: tl.constexpr, LAST_ACT: tl.constexpr, LAST_ALPHA: tl.constexpr,
+    SAVE_H: tl.constexpr, SAVE_Z: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -83,11 +86,11 @@ def _mlp_fwd_kernel(
             tl.store(z_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[l] + rn[None, :]), _cast(acc, dt),
                      mask=mask)
         if l + 1 < L:
-            h = _cast(_act_fwd(acc, ACT), dt)
+            h = _cast(_act_fwd(acc, ACT, ALPHA), dt)
             if SAVE_H:
                 tl.store(h_ptr + m0 * HW + (rm[:, None] * HW + HCOLS[l] + rn[None, :]), h, mask=mask)
         else:
-            y = _cast(_act_fwd(acc, LAST_ACT), dt)
+            y = _cast(_act_fwd(acc, LAST_ACT, LAST_ALPHA), dt)
             tl.store(y_ptr + m0 * SIZES[L] + (rm[:, None] * SIZES[L] + rn[None, :]), y, mask=mask)
 
 
@@ -97,7 +100,8 @@ def _mlp_bwd_kernel(
     M, stride_gm,
     SIZES: tl.constexpr, PADS: tl.constexpr, L: tl.constexpr,
     HCOLS: tl.constexpr, HW: tl.constexpr, ZCOLS: tl.constexpr, ZW: tl.constexpr,
-    ACT: tl.constexpr, LAST_ACT: tl.constexpr, HID_FROM_Z: tl.constexpr, LAST_FROM_Z: tl.constexpr,
+    ACT: tl.constexpr, ALPHA: tl.constexpr, LAST_ACT: tl.constexpr, LAST_ALPHA: tl.constexpr,
+    HID_FROM_Z: tl.constexpr, LAST_FROM_Z: tl.constexpr,
     NEED_DX: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -116,7 +120,7 @@ def _mlp_bwd_kernel(
             s = tl.load(z_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[L - 1] + rn[None, :]), mask=mask, other=0.0)
         else:
             s = tl.load(y_ptr + m0 * SIZES[L] + (rm[:, None] * SIZES[L] + rn[None, :]), mask=mask, other=0.0)
-        g = _act_bwd(g, s.to(tl.float32), LAST_ACT)
+        g = _act_bwd(g, s.to(tl.float32), LAST_ACT, LAST_ALPHA)
     dz = _cast(g, dt)
     tl.store(dz_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[L - 1] + rn[None, :]), dz, mask=mask)
     # hidden layers, last to first: g = dz(l) @ W_l, dz(l-1) = g * act'(h or z of layer l-1)
@@ -134,7 +138,7 @@ def _mlp_bwd_kernel(
             else:
                 s = tl.load(h_ptr + m0 * HW + (rm[:, None] * HW + HCOLS[L - 2 - i] + rk[None, :]), mask=mask,
                             other=0.0)
-            g = _act_bwd(g, s.to(tl.float32), ACT)
+            g = _act_bwd(g, s.to(tl.float32), ACT, ALPHA)
         dz = _cast(g, dt)
         tl.store(dz_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[L - 2 - i] + rk[None, :]), dz, mask=mask)
     if NEED_DX:  # dx = dz(0) @ W0, in K0 chunks
@@ -254,8 +258,9 @@ def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[O
     if M == 0:
         return y, h, z
     args = (x, ws, bs, y, h if save_h else y, z if save_z else y, M, x.stride(0), x.stride(1))
-    kwargs = dict(plan.constexprs(), HAS_B=tuple(b is not None for b in biases), ACT=ACT_CODES[activation],
-                  LAST_ACT=ACT_CODES[last_activation], SAVE_H=save_h, SAVE_Z=save_z,
+    (act, alpha), (last, last_alpha) = act_args(activation), act_args(last_activation)
+    kwargs = dict(plan.constexprs(), HAS_B=tuple(b is not None for b in biases), ACT=act, ALPHA=alpha,
+                  LAST_ACT=last, LAST_ALPHA=last_alpha, SAVE_H=save_h, SAVE_Z=save_z,
                   PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _mlp_fwd(grid, args, kwargs)
@@ -276,10 +281,10 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], 
         return dx, dz
     from_z = z.numel() > 0
     args = (dy, y, ws, h if h.numel() else y, z if from_z else y, dz, dx if need_dx else dz, M, dy.stride(0))
-    kwargs = dict(plan.constexprs(), ACT=ACT_CODES[activation], LAST_ACT=ACT_CODES[last_activation],
-                  HID_FROM_Z=from_z and ACT_CODES[activation] in PREACT_CODES,
-                  LAST_FROM_Z=from_z and ACT_CODES[last_activation] in PREACT_CODES, NEED_DX=need_dx,
-                  PRECISION=precision(x.dtype))
+    (act, alpha), (last, last_alpha) = act_args(activation), act_args(last_activation)
+    kwargs = dict(plan.constexprs(), ACT=act, ALPHA=alpha, LAST_ACT=last, LAST_ALPHA=last_alpha,
+                  HID_FROM_Z=from_z and act in PREACT_CODES, LAST_FROM_Z=from_z and last in PREACT_CODES,
+                  NEED_DX=need_dx, PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _mlp_bwd(grid, args, kwargs)
     return dx, dz
