@@ -226,20 +226,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
            activation: Optional[str] = None) -> torch.Tensor:
     """act(x @ weight.T + bias) for any leading dims, through torch's own autograd."""
     return activation_forward(F.linear(x, weight, bias), activation)
-
-
-# SHIM (not committed): the act branch's interface
-MONOTONE = frozenset({"relu", "sigmoid", "tanh"})
-
-
-def parse_activation(spec):
-    return spec, 0.0
-
-
-def check_activation(spec):
-    if spec not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {spec!r}")
-
-
-def saves_preact(spec):
-    return spec in SAVES_PREACT
