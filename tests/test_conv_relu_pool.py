@@ -3,8 +3,10 @@ interpreter (on GPU compiled), the op's autograd (backward through the saved int
 saved-tensor memory, modules, errors, opcheck, compile."""
 import importlib
 
+import oracle
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import pydlx
@@ -236,6 +238,12 @@ VARIANTS = [
     pytest.param((2, 6, 7, 9, 5, 1, 1, 0, "relu", 1, 1, 0, False), id="nopool-1x1-relu"),
     pytest.param((2, 3, 9, 8, 7, 3, 2, 1, "silu", 1, 1, 0, False), id="nopool-3x3s2-silu-preact"),
     pytest.param((1, 5, 8, 8, 4, 3, 1, 1, None, 1, 1, 0, False), id="nopool-none"),
+    pytest.param((2, 3, 12, 10, 6, 4, 2, 1, "leaky_relu(0.2)", 2, 2, 0, False), id="dcgan-4x4s2-leaky0.2-pool2"),
+    pytest.param((1, 6, 7, 7, 9, 1, 1, 0, "hardswish", 1, 1, 0, False), id="mobilenet-1x1-hardswish"),
+    pytest.param((1, 4, 9, 9, 5, 3, 1, 1, "mish", 1, 1, 0, False), id="nopool-mish"),
+    pytest.param((1, 3, 11, 9, 4, 3, 2, 1, "relu6", 3, 2, 1, False), id="relu6-pool3s2p1"),
+    pytest.param((1, 3, 9, 9, 4, 3, 1, 0, "elu(0.5)", 2, 2, 0, True), id="elu0.5-pool2-ceil"),
+    pytest.param((1, 3, 8, 8, 4, 3, 1, 1, "hardsigmoid", 1, 1, 0, False), id="nopool-hardsigmoid"),
 ]
 
 
@@ -246,16 +254,26 @@ def make_variant(case, dtype, device="cpu", bias=True):
                          ceil_mode=ceil)
 
 
+def float64_chain(x, w, b, kw, dtype):
+    """The float64 oracle: F.conv2d, tests/oracle.py's activation (for a kernel computing in ``dtype``: written
+    independently of torch, whose own float64 hardsigmoid backward uses a float32 1/6), F.max_pool2d."""
+    z = F.conv2d(x, w, b, stride=kw["stride"], padding=kw["padding"])
+    y = oracle.activation(z, kw["activation"], dtype)
+    if kw["pool_size"] == 1:
+        return y
+    return F.max_pool2d(y, kw["pool_size"], kw["pool_stride"], kw["pool_padding"], ceil_mode=kw["ceil_mode"])
+
+
 def check_variant(x, w, b, kw, dtype):
     fn = lambda *a: pydlx.ops.conv_act_pool2d(*a, **kw)  # noqa: E731
-    oracle = lambda *a: ref.conv_act_pool2d(*a, **kw)  # noqa: E731  (eager torch: conv2d, act, max_pool2d)
+    eager_chain = lambda *a: ref.conv_act_pool2d(*a, **kw)  # noqa: E731  (eager torch: conv2d, act, max_pool2d)
     y = fn(x, w, b)
-    assert y.shape == oracle(x, w, b).shape
+    assert y.shape == eager_chain(x, w, b).shape
     g = torch.randn(y.shape, dtype=dtype, device=x.device)
     got = fwd_bwd(fn, x, w, b, g)
     up = lambda t: t.detach().double().requires_grad_() if t is not None else None  # noqa: E731
-    want = fwd_bwd(oracle, up(x), up(w), up(b), g.double())
-    eager = fwd_bwd(oracle, x, w, b, g)
+    want = fwd_bwd(lambda *a: float64_chain(*a, kw, dtype), up(x), up(w), up(b), g.double())
+    eager = fwd_bwd(eager_chain, x, w, b, g)
     for a_, e_, base, name in zip(got, want, eager, ["y", "dx", "dw", "db"]):
         assert a_.dtype == dtype
         assert_close(a_, e_, dtype=dtype, name=name, baseline=base)
