@@ -716,3 +716,57 @@ def test_frozen_batchnorm_fine_tuning_with_in_place_residual():
         want = torch.autograd.grad(block(x).square().sum(), [x, *block.parameters()])
         for a, b in zip(got, want):
             assert_close(a, b, name=f"grad {backend}")
+
+
+class _DCGANDiscriminator(nn.Module):
+    """PyTorch examples' DCGAN discriminator (64x64 in, scaled down): its forward branches on ``input.is_cuda and
+    self.ngpu > 1``, which torch.fx cannot trace; the Sequential inside can."""
+
+    def __init__(self, ngpu=1, nc=3, ndf=4):
+        super().__init__()
+        self.ngpu = ngpu
+        self.main = nn.Sequential(
+            nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf * 2, 1, 4, 1, 0, bias=False), nn.Sigmoid())
+
+    def forward(self, input):
+        if input.is_cuda and self.ngpu > 1:
+            output = nn.parallel.data_parallel(self.main, input, range(self.ngpu))
+        else:
+            output = self.main(input)
+        return output.view(-1, 1).squeeze(1)
+
+
+def test_dcgan_discriminator_fuses_inside_its_untraceable_forward():
+    """Issue 14.4 with 14.3: the untraceable forward runs as written; its Sequential's Conv -> LeakyReLU(0.2),
+    Conv -> BatchNorm (eval: folded) -> LeakyReLU(0.2) and Conv -> Sigmoid fuse; training mode keeps the BatchNorm
+    block as written. Outputs and gradients equal in both modes and across switches."""
+    model = _DCGANDiscriminator().double()
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+    fast = pydlx.optimize(model)
+    text = pydlx.explain(model)
+    assert "forward code of the model not traced by torch.fx" in text, text
+    assert "fuse   main.0: Conv2d + leaky_relu(0.2) (forward code)" in text, text
+    assert "main.2: Conv2d + BatchNorm2d (folded) + leaky_relu(0.2) (forward code)" in text, text
+    assert "fuse   main.5: Conv2d + sigmoid (forward code)" in text, text
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    for mode in ("train", "eval", "train"):
+        getattr(model, mode)()
+        getattr(fast, mode)()
+        calls = _pydlx_calls(fast.main, x)
+        assert calls == (["conv_act_pool2d", "conv_bn_act_pool2d", "conv_act_pool2d"] if mode == "eval" else
+                         ["conv_act_pool2d", "conv_act_pool2d"]), (mode, calls)
+        for backend in ("auto", "reference"):
+            fast_copy, model_copy = copy.deepcopy(fast), copy.deepcopy(model)  # train mode updates BN statistics
+            with pydlx.use_backend(backend):
+                yf = fast_copy(x)
+                gf = torch.autograd.grad(yf.sum(), [x, *fast_copy.parameters()])
+            ym = model_copy(x)
+            gm = torch.autograd.grad(ym.sum(), [x, *model_copy.parameters()])
+            assert_close(yf, ym, name=f"{mode} {backend}")
+            for a, b in zip(gf, gm):
+                assert_close(a, b, name=f"grad {mode} {backend}")
