@@ -243,19 +243,37 @@ def fold_batchnorm(weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
     return w, (b + bn_bias if bn_bias is not None else b)
 
 
+def fold_costs_memory(input: Tensor, weight: Tensor, out_elems: int, *others: Optional[Tensor]) -> bool:
+    """Whether folding would make backward keep more than eager does: with gradients, the folded weight (as large as
+    the weight) is saved for backward, where eager's BatchNorm keeps its input (one output map). Folding pays when
+    the map is at least the weight's size -- the early, wide layers; the late layers of a small batch (ResNet-18's
+    512x512x3x3 convs on 4x4 maps at batch 8) run as written. Without gradients nothing is saved: always fold."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (input, weight, *others)):
+        return False
+    return weight.numel() > out_elems
+
+
 def conv_bn_act_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
                        running_var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
                        stride=1, padding=0, activation: Optional[str] = "relu", pool_size=1, pool_stride=None,
                        pool_padding=0, ceil_mode: bool = False) -> Tensor:
     """MaxPool2d(act(BatchNorm2d(Conv2d(x)))) with the BatchNorm in eval mode, folded into the convolution
     (pydlx.optimize's Conv2d -> BatchNorm2d [-> act] [-> MaxPool2d] chains). An input BatchNorm2d would refuse (not
-    4-D) runs the chain eagerly, so it refuses as torch does."""
-    if not (isinstance(input, Tensor) and input.dim() == 4):
+    4-D) runs the chain eagerly, so it refuses as torch does; so does a call where folding would save more for
+    backward than eager (``fold_costs_memory``)."""
+    def out_elems() -> int:
+        R = weight.shape[-1]
+        st, pd = (v if isinstance(v, int) else v[0] for v in (stride, padding))
+        HO, WO = ((n + 2 * pd - R) // st + 1 for n in input.shape[-2:])
+        return input.shape[0] * weight.shape[0] * max(HO, 0) * max(WO, 0)
+
+    if not (isinstance(input, Tensor) and input.dim() == 4) or fold_costs_memory(
+            input, weight, out_elems(), bias, bn_weight, bn_bias):
         from ..reference.linear import activation_forward
         z = torch.nn.functional.conv2d(input, weight, bias, stride, padding)
         z = activation_forward(torch.nn.functional.batch_norm(z, running_mean, running_var, bn_weight, bn_bias,
                                                               False, 0.0, eps), activation)
-        return z if pool_size == 1 else torch.nn.functional.max_pool2d(z, pool_size, pool_stride, pool_padding,
-                                                                       ceil_mode=ceil_mode)
+        return z if pool_size == 1 else torch.nn.functional.max_pool2d(
+            z, pool_size, pool_stride if pool_stride is not None else pool_size, pool_padding, ceil_mode=ceil_mode)
     w, b = fold_batchnorm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
     return conv_act_pool2d(input, w, b, stride, padding, activation, pool_size, pool_stride, pool_padding, ceil_mode)

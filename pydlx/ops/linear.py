@@ -181,10 +181,12 @@ def linear_batchnorm(input: Tensor, weight: Tensor, bias: Optional[Tensor], runn
                      activation: Optional[str] = None) -> Tensor:
     """act(BatchNorm1d(Linear(x))) with the BatchNorm in eval mode, folded into the Linear (pydlx.optimize's
     Linear -> BatchNorm1d [-> act] chains). BatchNorm1d normalises dim 1, the Linear's features only for 2-D input:
-    other ranks run the chain eagerly, as torch does."""
-    from .conv_relu_pool import fold_batchnorm
+    other ranks run the chain eagerly, as torch does; so does a call where folding would save more for backward
+    than eager (pydlx.ops.conv_relu_pool.fold_costs_memory)."""
+    from .conv_relu_pool import fold_batchnorm, fold_costs_memory
 
-    if not (isinstance(input, Tensor) and input.dim() == 2):
+    if not (isinstance(input, Tensor) and input.dim() == 2) or fold_costs_memory(
+            input, weight, input.shape[0] * weight.shape[0], bias, bn_weight, bn_bias):
         z = torch.nn.functional.batch_norm(torch.nn.functional.linear(input, weight, bias), running_mean, running_var,
                                            bn_weight, bn_bias, False, 0.0, eps)
         return activation_forward(z, activation)
