@@ -4,9 +4,16 @@ what the chip would get: registers, shared memory, spills and tensor-core instru
     python tests/aot_compile.py            # a table
     python tests/aot_compile.py --json     # what tests/test_kernels_compile.py reads
 
+    python tests/aot_compile.py --acts all # also every shipped config for each activation of issue 14.3
+
 Runs with TRITON_INTERPRET=0 (under the interpreter @triton.jit functions cannot be compiled), so the test
 suite calls it in a subprocess. Each kernel is compiled in its heaviest variant: gelu with the pre-activation
-stored; in backward, gelu's derivative from a saved tile (plus the db row sum in the dw GEMM).
+stored; in backward, gelu's derivative from a saved tile (plus the db row sum in the dw GEMM). The activations of
+issue 14.3 (NEW_ACTS) are compiled as variants "<variant>+<activation>" of the Linear and MLP kernels, with the
+configs that ship for that activation (pydlx.triton.linear.ACT_SPILLS, pydlx.triton.mlp.ACT_SPILLS): by default
+(the test suite) the first one, for each kernel and arch in one dtype (rotating over the three with the activation
+and kernel, so that every dtype is compiled); ``--acts all`` compiles every shipped config in every dtype for each
+(run when configs, kernels or activations change: bench/NOTES.md has the last run).
 """
 import json
 import os
@@ -26,8 +33,11 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from pydlx.triton import linear as tri  # noqa: E402
 from pydlx.triton import conv_relu_pool as tri_crp  # noqa: E402
+from pydlx.triton.common import ACT_CODES  # noqa: E402
 from pydlx.triton import lstm as tri_lstm  # noqa: E402
 from pydlx.triton import mlp as tri_mlp  # noqa: E402
+from pydlx.triton.common import act_args  # noqa: E402
+from pydlx.reference.linear import saves_preact  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 ARCHS = (80, 90)
@@ -39,20 +49,39 @@ FWD_ARGS = dict(x_ptr="ptr", w_ptr="ptr", b_ptr="ptr", y_ptr="ptr", z_ptr="ptr",
                 stride_xm="div16", stride_xk=1, stride_wn="div16", stride_wk=1, stride_ym="div16", stride_yn=1)
 VARIANTS = {
     # name: (kernel attribute, config list, {arg: "ptr" | "div16" | 1 | "fp32ptr"}, constexprs)
-    "fwd": ("_linear_fwd_kernel", "FWD_CONFIGS", FWD_ARGS, dict(ACT=2, HAS_BIAS=True, SAVE_PREACT=True)),
+    "fwd": ("_linear_fwd_kernel", "FWD_CONFIGS", FWD_ARGS, dict(ACT=2, ALPHA=0.0, HAS_BIAS=True, SAVE_PREACT=True)),
     # the wide tiles ship for the cheap epilogues only (pydlx.triton.linear.WIDE_ACTS)
-    "fwdwide": ("_linear_fwd_kernel", "FWD_CONFIGS_WIDE", FWD_ARGS, dict(ACT=1, HAS_BIAS=True, SAVE_PREACT=False)),
+    "fwdwide": ("_linear_fwd_kernel", "FWD_CONFIGS_WIDE", FWD_ARGS,
+                dict(ACT=1, ALPHA=0.0, HAS_BIAS=True, SAVE_PREACT=False)),
     "dx": ("_linear_bwd_kernel", "BWD_CONFIGS",  # dx = dact(dy, z) @ w
            dict(g_ptr="ptr", s_ptr="ptr", b_ptr="ptr", c_ptr="ptr", db_ptr="fp32ptr", M="div16", N="div16",
                 K="div16", K_PER_SPLIT="div16", stride_gm="div16", stride_gk=1, stride_bk="div16", stride_bn=1,
                 stride_cs="div16", stride_cm="div16", stride_cn=1),
-           dict(ACT=2, ROWSUM=False)),
+           dict(ACT=2, ALPHA=0.0, ROWSUM=False)),
     "dw": ("_linear_bwd_kernel", "BWD_CONFIGS",  # dw = dact(dy, z)^T @ x, split over rows, db row sums
            dict(g_ptr="ptr", s_ptr="ptr", b_ptr="ptr", c_ptr="fp32ptr", db_ptr="fp32ptr", M="div16", N="div16",
                 K="div16", K_PER_SPLIT="div16", stride_gm=1, stride_gk="div16", stride_bk="div16", stride_bn=1,
                 stride_cs="div16", stride_cm="div16", stride_cn=1),
-           dict(ACT=2, ROWSUM=True)),
+           dict(ACT=2, ALPHA=0.0, ROWSUM=True)),
 }
+
+
+# Issue 14.3's activations, with a parameter where they take one (its value does not change the code's size).
+NEW_ACTS = ("leaky_relu(0.2)", "elu(0.5)", "hardswish", "hardsigmoid", "mish", "relu6")
+# The wide forward tiles ship for these too (pydlx.triton.linear.WIDE_ACTS): cheap epilogues, y saved.
+WIDE_NEW_ACTS = ("leaky_relu(0.2)", "hardsigmoid", "relu6")
+
+
+def act_name(spec):
+    return spec.split("(")[0]
+
+
+def act_constexprs(variant, spec):
+    """The constexprs of a Linear kernel variant with activation ``spec``, as pydlx.triton.linear launches it."""
+    act, alpha = act_args(spec)
+    if variant.startswith("fwd"):
+        return dict(ACT=act, ALPHA=alpha, HAS_BIAS=True, SAVE_PREACT=saves_preact(spec))
+    return dict(ACT=act, ALPHA=alpha, ROWSUM=variant == "dw")
 
 
 def cfg_id(cfg):
@@ -69,8 +98,21 @@ def mlp_cfg_id(cfg):
     return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
 
 
-def cases():
-    """(case id, variant, arch, dtype name, config index) for every shipped config that fits each arch."""
+def _compiled_here(acts, spec, kernel, dname):
+    """Whether the new activation ``spec`` is compiled for this kernel in this dtype (see the module docstring)."""
+    if acts == "all":
+        return True
+    k = (NEW_ACTS.index(spec) + KERNELS.index(kernel)) % len(DTYPES)
+    return list(DTYPES)[k] == dname
+
+
+KERNELS = ("fwd", "fwdwide", "dx", "dw", "mlpfwd-w64", "mlpbwd-w64", "mlpfwd-w128", "mlpbwd-w128")
+
+
+def cases(acts="ci"):
+    """(case id, variant, arch, dtype name, config index) for every shipped config that fits each arch; for the new
+    activations (variant "<variant>+<activation>") the configs that ship for each: ``acts="ci"`` the first one in one
+    dtype per kernel and arch, ``acts="all"`` every one in every dtype."""
     out = []
     for arch in ARCHS:
         for dname, (dt, _) in DTYPES.items():
@@ -80,6 +122,14 @@ def cases():
                 for i, cfg in enumerate(cfgs):
                     if cfg in fits:
                         out.append((f"{variant}-sm{arch}-{dname}-{cfg_id(cfg)}", variant, arch, dname, i))
+                for spec in (WIDE_NEW_ACTS if variant == "fwdwide" else NEW_ACTS):
+                    if not _compiled_here(acts, spec, variant, dname):
+                        continue
+                    ships = tri.configs_for(cfgs, dt.itemsize, arch, act_args(spec)[0])  # (none: fp32 wide tiles)
+                    v = f"{variant}+{act_name(spec)}"
+                    for cfg in (ships if acts == "all" else ships[:1]):
+                        i = next(j for j, c in enumerate(cfgs) if c is cfg)
+                        out.append((f"{v}-sm{arch}-{dname}-{cfg_id(cfg)}", v, arch, dname, i))
             # the seed CNN's block in every dtype; the zoo's variants (padded 3/2 pool after a 7x7 stride-2 conv,
             # the ResNet stem; no pool, the pre-activation stored) in one 16-bit dtype and fp32
             for variant in ("crp",) + (tuple(CRP_VARIANTS) if dname != "fp16" else ()):
@@ -94,6 +144,15 @@ def cases():
                         i = next(j for j, c in enumerate(cfgs) if c is cfg)
                         out.append((f"{kind}-{net}-sm{arch}-{dname}-{mlp_cfg_id(cfg)}", f"{kind}-{net}", arch,
                                     dname, i))
+                    for spec in NEW_ACTS:
+                        if not _compiled_here(acts, spec, f"{kind}-{net}", dname):
+                            continue
+                        code = act_args(spec)[0]
+                        ships = tri_mlp.configs_for(kind[3:], tri_mlp.Plan(sizes).pads, dt.itemsize, (code, code))
+                        v = f"{kind}-{net}+{act_name(spec)}"
+                        for cfg in (ships if acts == "all" else ships[:1]):
+                            i = next(j for j, c in enumerate(cfgs) if c is cfg)
+                            out.append((f"{v}-sm{arch}-{dname}-{mlp_cfg_id(cfg)}", v, arch, dname, i))
             for i, (kind, bh, seq, resident, proj, warps) in enumerate(tri_lstm.LAUNCHES):
                 how = ("seq-resident" if resident else "seq") if seq else "step"
                 name = f"lstm{kind}" + (f"-{how}" if kind == "fwd" else "") + ("-proj" if proj else "")
@@ -131,6 +190,10 @@ def crp_cfg_id(cfg):
 CRP_VARIANTS = {
     "crp-stem-pool3p1": dict(R=7, STRIDE=2, PAD=3, P=3, Q=2, PPAD=1, ACT=1, SAVE_Z=False),
     "crp-nopool-silu-z": dict(R=3, STRIDE=1, PAD=1, P=1, Q=1, PPAD=0, ACT=4, SAVE_Z=True),
+    # the heaviest epilogue (mish: exp, two divisions) without a pool; a parametrised one (DCGAN's leaky_relu(0.2))
+    "crp-nopool-mish-z": dict(R=1, STRIDE=1, PAD=0, P=1, Q=1, PPAD=0, ACT=ACT_CODES["mish"], SAVE_Z=True),
+    "crp-pool2-leaky0.2": dict(R=3, STRIDE=1, PAD=1, P=2, Q=2, PPAD=0, ACT=ACT_CODES["leaky_relu"],
+                               ALPHA=0.2, SAVE_Z=False),
 }
 
 
@@ -144,25 +207,39 @@ def _crp_source(ptr, idx, variant="crp"):
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr",
                                                                             "idx_ptr", "z_ptr", "stride_xn",
                                                                             "stride_xc")}
-    const = dict(stride_xw=1, HAS_BIAS=True, ALPHA=0.0,
-                 **CRP_VARIANTS.get(variant, dict(R=3, STRIDE=1, PAD=1, P=2, Q=2, PPAD=0, ACT=1, SAVE_Z=False)))
+    const = dict(stride_xw=1, HAS_BIAS=True, ALPHA=0.0)
+    const.update(CRP_VARIANTS.get(variant, dict(R=3, STRIDE=1, PAD=1, P=2, Q=2, PPAD=0, ACT=1, SAVE_Z=False)))
     return fn, cfg, sig, attrs, const
 
 
+def _spec(variant):
+    """The activation spec of a "<variant>+<activation>" case (None: the variant's own)."""
+    name = variant.partition("+")[2]
+    return next(s for s in NEW_ACTS if act_name(s) == name) if name else None
+
+
 def _mlp_source(variant, ptr, idx):
-    kind, net = variant.split("-")
+    base, spec = variant.partition("+")[0], _spec(variant)
+    kind, net = base.split("-")
     plan = tri_mlp.Plan(MLP_SIZES[net])
     tup = tuple([ptr] * plan.L)
     if kind == "mlpfwd":
         fn, cfg = tri_mlp._mlp_fwd_kernel, tri_mlp.FWD_CONFIGS[idx]
         sig = {"x_ptr": ptr, "ws": tup, "bs": tup, "y_ptr": ptr, "h_ptr": ptr, "z_ptr": ptr, "M": "i32",
                "stride_xm": "i32"}
-        const = dict(stride_xk=1, HAS_B=(True,) * plan.L, ACT=2, LAST_ACT=0, SAVE_H=True, SAVE_Z=True)
+        const = dict(stride_xk=1, HAS_B=(True,) * plan.L, ACT=2, ALPHA=0.0, LAST_ACT=0, LAST_ALPHA=0.0, SAVE_H=True,
+                     SAVE_Z=True)
     else:
         fn, cfg = tri_mlp._mlp_bwd_kernel, tri_mlp.BWD_CONFIGS[idx]
         sig = {"g_ptr": ptr, "y_ptr": ptr, "ws": tup, "h_ptr": ptr, "z_ptr": ptr, "dz_ptr": ptr, "dx_ptr": ptr,
                "M": "i32", "stride_gm": "i32"}
-        const = dict(ACT=2, LAST_ACT=0, HID_FROM_Z=True, LAST_FROM_Z=False, NEED_DX=True)
+        const = dict(ACT=2, ALPHA=0.0, LAST_ACT=0, LAST_ALPHA=0.0, HID_FROM_Z=True, LAST_FROM_Z=False,
+                     NEED_DX=True)
+    if spec is not None:  # the new activation hidden and last (z saved and read back where its derivative needs it)
+        act, alpha = act_args(spec)
+        pre = saves_preact(spec)
+        const.update(ACT=act, ALPHA=alpha, LAST_ACT=act, LAST_ALPHA=alpha)
+        const.update(dict(SAVE_Z=pre) if kind == "mlpfwd" else dict(HID_FROM_Z=pre, LAST_FROM_Z=pre))
     const.update(plan.constexprs())
     # pointers are 16-byte aligned at run time (tuple elements are addressed as (argument, element))
     attrs = {}
@@ -185,9 +262,10 @@ def compile_one(case):
     elif variant == "lstm":
         fn, cfg, sig, attrs, const = _lstm_source(ptr, idx)
     else:
-        fn_name, cfgs_name, args, const = VARIANTS[variant]
+        base, spec = variant.partition("+")[0], _spec(variant)
+        fn_name, cfgs_name, args, const = VARIANTS[base]
         fn, cfg = getattr(tri, fn_name), getattr(tri, cfgs_name)[idx]
-        sig, attrs, const = {}, {}, dict(const)
+        sig, attrs, const = {}, {}, dict(const) if spec is None else act_constexprs(base, spec)
         for name, kind in args.items():
             if kind == 1:
                 const[name] = 1
@@ -215,7 +293,7 @@ def compile_one(case):
 
 
 def main():
-    all_cases = cases()
+    all_cases = cases(sys.argv[sys.argv.index("--acts") + 1] if "--acts" in sys.argv else "ci")
     if "--only" in sys.argv:  # --only dx,lstm: the cases whose id starts with one of these (for development)
         want = sys.argv[sys.argv.index("--only") + 1].split(",")
         all_cases = [c for c in all_cases if c[0].startswith(tuple(want))]

@@ -36,6 +36,24 @@ def test_every_arch_and_dtype_keeps_configs():
                 assert any(c[1] == kind and c[2] == arch and c[3] == dname for c in CASES), (kind, arch, dname)
 
 
+def test_every_new_activation_is_compiled_on_both_archs_in_every_dtype():
+    """Issue 14.3's activations: each Linear and MLP kernel compiled with each of them on sm_80 and sm_90 (the
+    configs that ship for it), every dtype for each across the kernels; the wide forward tiles for those that take
+    them."""
+    from pydlx.triton import linear as tri
+    from pydlx.triton.common import act_args
+
+    kinds = ("fwd", "dx", "dw", "mlpfwd-w64", "mlpbwd-w64", "mlpfwd-w128", "mlpbwd-w128")
+    for spec in aot_compile.NEW_ACTS:
+        name = aot_compile.act_name(spec)
+        for arch in aot_compile.ARCHS:
+            for kind in kinds + (("fwdwide",) if spec in aot_compile.WIDE_NEW_ACTS else ()):
+                assert any(c[1] == f"{kind}+{name}" and c[2] == arch for c in CASES), (spec, kind, arch)
+        for dname in aot_compile.DTYPES:
+            assert any(c[1].endswith(f"+{name}") and c[3] == dname for c in CASES), (spec, dname)
+    assert {act_args(s)[0] for s in aot_compile.WIDE_NEW_ACTS} == set(tri.WIDE_ACTS) - {0, 1}
+
+
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in CASES])
 def test_config_compiles_without_spills_on_tensor_cores(case, compiled):
     cid, variant, arch, dname, _ = case
@@ -50,3 +68,23 @@ def test_config_compiles_without_spills_on_tensor_cores(case, compiled):
         return
     mma = "hgmma" if arch == 90 else "hmma"
     assert r[mma], f"{cid}: no {mma.upper()} tensor-core instruction in the SASS"
+
+
+def test_configs_that_spill_with_an_activation_are_not_shipped_for_it():
+    """pydlx/triton/{linear,mlp}.py's ACT_SPILLS (found by tests/aot_compile.py --acts all): dropped for that
+    activation only, and every activation keeps at least one config for every kernel, dtype and arch."""
+    from pydlx.triton import linear as tri, mlp as tri_mlp
+
+    for code in range(13):
+        for elt in (2, 4):
+            for arch in aot_compile.ARCHS:
+                ships = tri.configs_for(tri.BWD_CONFIGS, elt, arch, code)
+                assert ships and not any(c is o for c in ships for o in tri.ACT_SPILLS.get((code, elt), ()))
+            for sizes in aot_compile.MLP_SIZES.values():
+                pads = tri_mlp.Plan(sizes).pads
+                for kind in ("fwd", "bwd"):
+                    ships = tri_mlp.configs_for(kind, pads, elt, (code, code))
+                    spills = tri_mlp.ACT_SPILLS.get((kind, max(pads[1:]) > 64, elt), {}).get(code, ())
+                    assert ships and not any(c is o for c in ships for o in spills), (code, elt, kind, sizes)
+    assert tri_mlp.configs_for("fwd", (32, 128, 3), 4, (8, 8)) == tri_mlp.FWD_WIDE_FP32_ELU
+    assert tri_mlp.configs_for("fwd", (32, 128, 3), 4, (2, 0)) == tri_mlp.FWD_WIDE_FP32  # the others: unchanged

@@ -156,13 +156,17 @@ FWD_CONFIGS: List[triton.Config] = [
     _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 8, 3), _cfg(128, 64, 64, 8, 3),
     _cfg(64, 128, 32, 4, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 64, 64, 4, 3), _cfg(64, 64, 32, 4, 4),
 ]
-# Added for the cheap epilogues (none, relu) only: 128 accumulators a thread spill under gelu/silu/tanh.
+# Added for the cheap epilogues only (none, relu, leaky_relu, hardsigmoid, relu6: y saved, no z store): 128
+# accumulators a thread spill under gelu/silu/tanh.
 FWD_CONFIGS_WIDE: List[triton.Config] = [_cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3)]
-WIDE_ACTS = (0, 1)
+WIDE_ACTS = (0, 1, 7, 10, 12)
 # The backward prologue (dy * act'(saved), in fp32) spills at 128x128 with 64-wide K steps, and on sm_80 (fp16,
 # dw) even with 32-wide ones: those are sm_90 only.
 SM90_ONLY: List[triton.Config] = [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 4)]
 BWD_CONFIGS: List[triton.Config] = SM90_ONLY + [_cfg(64, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 4)]
+# Configs that spill with one activation's derivative (tests/aot_compile.py --acts all: the tf32 dx GEMM on sm_80,
+# 2-3 LDL/STL), dropped for it: {(activation code, element bytes): configs}. hardswish and mish keep the other one.
+ACT_SPILLS = {(9, 4): BWD_CONFIGS[2:3], (11, 4): BWD_CONFIGS[3:4]}
 # Small tiles for the interpreter: masks and strides are exercised with a few programs.
 INTERPRET_CONFIG = _cfg(32, 32, 32, 4, 1, group=2)
 
@@ -175,20 +179,22 @@ def smem_bytes(cfg: triton.Config, elt_bytes: int) -> int:
     return (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elt_bytes * cfg.num_stages
 
 
-def configs_for(configs: List[triton.Config], elt_bytes: int, arch: int) -> List[triton.Config]:
-    """The configs of a list that ship for this arch and element size."""
+def configs_for(configs: List[triton.Config], elt_bytes: int, arch: int, act: int = 0) -> List[triton.Config]:
+    """The configs of a list that ship for this arch, element size and activation code."""
+    spills = ACT_SPILLS.get((act, elt_bytes), ())
     return [c for c in configs if smem_bytes(c, elt_bytes) <= SMEM_LIMIT[arch]
-            and (arch >= 90 or not any(c is o for o in SM90_ONLY))]
+            and (arch >= 90 or not any(c is o for o in SM90_ONLY)) and not any(c is o for o in spills)]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
     act = kwargs.get("ACT", named_args.get("ACT"))
     keep = [c for c in configs if c not in FWD_CONFIGS_WIDE or act in WIDE_ACTS]
-    return configs_for(keep, named_args["x_ptr"].element_size(), arch()) or configs[-1:]
+    return configs_for(keep, named_args["x_ptr"].element_size(), arch(), act) or configs[-1:]
 
 
-def _prune_bwd(configs, named_args, **_):
-    return configs_for(configs, named_args["g_ptr"].element_size(), arch()) or configs[-1:]
+def _prune_bwd(configs, named_args, **kwargs):
+    act = kwargs.get("ACT", named_args.get("ACT"))
+    return configs_for(configs, named_args["g_ptr"].element_size(), arch(), act) or configs[-1:]
 
 
 _linear_fwd = Tuned(_linear_fwd_kernel, FWD_CONFIGS + FWD_CONFIGS_WIDE,
