@@ -11,6 +11,7 @@ from torch import nn
 
 import pydlx
 from pydlx import reference as ref
+from pydlx.bench import seed_models as S
 from tolerance import assert_close
 
 # (N, C, H, W, K, kernel, stride, padding, pool, pool_stride): odd sizes, 1x1 and 11x11 kernels, strides 1..4,
@@ -42,14 +43,10 @@ def fwd_bwd(fn, x, w, b, g):
 
 
 def check(fn, x, w, b, args, dtype):
-    g = torch.randn(fn(x, w, b).shape, dtype=dtype, device=x.device)
-    got = fwd_bwd(fn, x, w, b, g)
-    up = lambda t: t.detach().double().requires_grad_() if t is not None else None  # noqa: E731
-    want = fwd_bwd(lambda *a: ref.conv_relu_pool2d(*a, *args), up(x), up(w), up(b), g.double())
-    eager = fwd_bwd(lambda *a: ref.conv_relu_pool2d(*a, *args), x, w, b, g)
-    for a_, e_, base, name in zip(got, want, eager, ["y", "dx", "dw", "db"]):
-        assert a_.dtype == dtype
-        assert_close(a_, e_, dtype=dtype, name=name, baseline=base)
+    """fn (conv_relu_pool2d's positional form, ``args`` = (stride, padding, pool, pool_stride)) against float64."""
+    s, p, P, Q = args
+    kw = dict(stride=s, padding=p, activation="relu", pool_size=P, pool_stride=Q, pool_padding=0, ceil_mode=False)
+    check_variant(x, w, b, kw, dtype, fn)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -107,15 +104,7 @@ def test_saved_tensors_at_most_half_of_eager():
     x = torch.randn(8, 32, 16, 16, requires_grad=True)
 
     def saved_bytes(fn):
-        seen = {}
-
-        def pack(t):
-            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(x)
-        return sum(seen.values())
+        return S.saved_bytes(lambda: fn(x))
 
     eager = saved_bytes(lambda t: pool(torch.relu(conv(t))))
     with pydlx.use_backend("reference"):  # the op with the eager forward inside: what auto runs on GPUs
@@ -264,8 +253,8 @@ def float64_chain(x, w, b, kw, dtype):
     return F.max_pool2d(y, kw["pool_size"], kw["pool_stride"], kw["pool_padding"], ceil_mode=kw["ceil_mode"])
 
 
-def check_variant(x, w, b, kw, dtype):
-    fn = lambda *a: pydlx.ops.conv_act_pool2d(*a, **kw)  # noqa: E731
+def check_variant(x, w, b, kw, dtype, fn=None):
+    fn = fn or (lambda *a: pydlx.ops.conv_act_pool2d(*a, **kw))
     eager_chain = lambda *a: ref.conv_act_pool2d(*a, **kw)  # noqa: E731  (eager torch: conv2d, act, max_pool2d)
     y = fn(x, w, b)
     assert y.shape == eager_chain(x, w, b).shape
@@ -323,15 +312,7 @@ def test_variant_saves_no_more_than_eager_without_a_pool():
     w = torch.randn(16, 8, 3, 3, requires_grad=True)
 
     def saved(fn):
-        seen = {}
-
-        def pack(t):
-            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(seen.values())
+        return S.saved_bytes(fn)
 
     act_map = 4 * 16 * 12 * 12 * 4
     for act, pool in (("relu", 1), ("silu", 1), ("relu", 3)):

@@ -774,18 +774,9 @@ def test_dcgan_discriminator_fuses_inside_its_untraceable_forward():
 
 def _saved_bytes(model, x, y):
     """Bytes autograd saves for backward in one forward + loss (parameters excluded; each storage counted once)."""
-    params = {p.data_ptr() for p in model.parameters()}
-    seen = {}
+    from pydlx.bench.seed_models import saved_bytes
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        F.cross_entropy(model(x), y)
-    return sum(seen.values())
+    return saved_bytes(lambda: F.cross_entropy(model(x), y), list(model.parameters()))
 
 
 def test_resnet18_saved_activation_bytes():

@@ -175,19 +175,25 @@ def evaluate(kind: str, model: nn.Module, data: Dict[str, torch.Tensor]) -> Dict
             "f1": float(f1_score(truth.numpy(), pred.numpy(), average="macro"))}
 
 
-def saved_activation_bytes(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves for backward in one forward + loss (parameters excluded; each storage
-    counted once)."""
-    params = {p.data_ptr() for p in model.parameters()}
+def saved_bytes(run, exclude=()) -> int:
+    """Bytes of the tensors autograd saves for backward while ``run()`` runs, each storage counted once, the storages
+    of the tensors in ``exclude`` (a model's parameters) left out."""
+    skip = {t.data_ptr() for t in exclude}
     seen: Dict[int, int] = {}
-    x = x.clone()  # its own storage: a slice of the dataset would count the whole dataset
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
+        if ptr not in skip:
             seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_fn(kind, model, x, y)
+        run()
     return sum(seen.values())
+
+
+def saved_activation_bytes(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward + loss (parameters excluded; each storage
+    counted once)."""
+    x = x.clone()  # its own storage: a slice of the dataset would count the whole dataset
+    return saved_bytes(lambda: loss_fn(kind, model, x, y), list(model.parameters()))
