@@ -27,7 +27,8 @@ to the original's within fp32 tolerance; training-mode outputs equal (``torch.ma
 for dropout and stochastic depth); one SGD step (cross-entropy, same input and target) gives the same gradients
 and parameters, and the BatchNorm statistics that training forwards update stay equal (both models see the same
 sequence of forwards); eval and then training again after the step still equal. Every error is relative: the
-largest difference over the largest magnitude of the reference tensor (``RTOL``). A failed check, an error, or a
+largest difference over the largest magnitude of the reference tensor (at most ``RTOL``; for gradients and state_dict
+entries, that magnitude is at least ``FLOOR`` times the largest of their kind). A failed check, an error, or a
 disagreement between explain and optimize makes the exit status 1.
 
 The README's "Coverage on the torchvision zoo" table is this command's ``--check --markdown`` output (between the
