@@ -42,6 +42,7 @@ import datetime
 import gc
 import inspect
 import math
+import os
 import platform
 import re
 import sys
@@ -627,11 +628,16 @@ def summary(rows: List[Row], check: bool) -> str:
 def header(size: int, check: bool, backend: Optional[str] = None) -> str:
     import torchvision
     return (f"pydlx.coverage: torch {torch.__version__}, torchvision {torchvision.__version__}, "
-            f"python {platform.python_version()}, CPU {_cpu_name()} ({torch.get_num_threads()} threads), "
+            f"python {platform.python_version()}, CPU {_cpu_name()} ({_threads()}), "
             f"{datetime.date.today().isoformat()}\n"
             f"batch {BATCH}, --size {size} (raised where a model needs more), random weights (seeded), "
             f"{NUM_CLASSES} classes, pydlx backend {backend or 'auto'}; "
             f"{'--check: rtol ' + str(RTOL) + ', SGD lr ' + str(LR) if check else 'no --check'}")
+
+
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n != 1 else ''} of {os.cpu_count()} CPUs"
 
 
 def _cpu_name() -> str:
