@@ -9,14 +9,15 @@ seed, CPU, a batch of 2 small images — ``--size``, raised where a model needs 
 ``pydlx.explain`` and ``pydlx.optimize`` and prints one row:
 
 * the fused blocks, by kind (from explain's ``fuse`` lines);
-* the share of the model's Conv2d/Linear FLOPs that run inside a pydlx op, in eval and in training mode. The FLOPs
-  of each Conv2d/Linear call are counted with forward hooks on the original model at that input; a module counts
-  as inside a pydlx op when, in the same forward of the optimized model, it ran as a pydlx module
+* the share of the model's conv2d/linear FLOPs that run inside a pydlx op, in eval and in training mode. The FLOPs
+  of every conv2d / linear the original model computes at that input are counted (a TorchFunctionMode,
+  ``count_flops``) by the module owning the weight — a Conv2d/Linear module called, or its weight used
+  functionally (Swin's attention calls ``F.linear(x, self.qkv.weight, ...)``; nn.MultiheadAttention's projections);
+  a module counts as inside a pydlx op when, in the same forward of the optimized model, it ran as a pydlx module
   (``pydlx.nn.Linear``/``ConvReLUPool2d``/``MLP``, which call one op over the module's parameters) or the fused
   forward code that ran (the specialisation ``_fx_fuse.current`` selects for that call) passes its weight to a
   ``pydlx.ops`` call (``covered_by_graph``: the fused call reads the module's own weight, a BatchNorm folded
-  into it included). Linear layers that a module calls through ``F.linear`` on its weight without calling the
-  module (``nn.MultiheadAttention``'s projections) are not counted;
+  into it included);
 * what explain keeps, and why (its ``keep`` lines, grouped by kind and reason; ``note`` lines for forwards that
   torch.fx cannot trace);
 * whether explain and optimize agree (every block explain says it fuses runs in a pydlx op, and nothing else).
@@ -26,7 +27,8 @@ to the original's within fp32 tolerance; training-mode outputs equal (``torch.ma
 for dropout and stochastic depth); one SGD step (cross-entropy, same input and target) gives the same gradients
 and parameters, and the BatchNorm statistics that training forwards update stay equal (both models see the same
 sequence of forwards); eval and then training again after the step still equal. Every error is relative: the
-largest difference over the largest magnitude of the reference tensor (``RTOL``). A failed check, an error, or a
+largest difference over the largest magnitude of the reference tensor (at most ``RTOL``; for gradients and state_dict
+entries, that magnitude is at least ``FLOOR`` times the largest of their kind). A failed check, an error, or a
 disagreement between explain and optimize makes the exit status 1.
 
 The README's "Coverage on the torchvision zoo" table is this command's ``--check --markdown`` output (between the
@@ -38,7 +40,9 @@ import argparse
 import contextlib
 import datetime
 import gc
+import inspect
 import math
+import os
 import platform
 import re
 import sys
@@ -49,7 +53,9 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
 from . import _fx_fuse
 from ._backend import use_backend
@@ -176,12 +182,58 @@ def parse_explain(text: str) -> Explained:
 
 
 # ----------------------------------------------------------------------------------------------- coverage
-def conv_linear_flops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
-    """Multiply-adds x 2 of one Conv2d / Linear call (bias not counted)."""
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return 2 * out.numel() * (module.in_channels // module.groups) * kh * kw
-    return 2 * out.numel() * module.in_features
+UNOWNED = "(weights no module owns)"
+
+
+class _ConvLinearFlops(TorchFunctionMode):
+    """Counts the FLOPs (2 x multiply-adds, bias not counted) of every conv2d / linear computed while active, by the
+    module owning the weight: calls of Conv2d/Linear modules, and the modules' weights used functionally
+    (``F.linear(x, self.qkv.weight)`` in Swin's attention, nn.MultiheadAttention's projections). A torch function
+    mode does not see the calls inside a function it handles, so ``F.multi_head_attention_forward`` is counted from
+    its arguments; while the mode is active nn.MultiheadAttention takes that path rather than its fused inference
+    one (the same arithmetic)."""
+
+    def __init__(self, owners: Dict[int, str]):
+        super().__init__()
+        self.owners, self.flops = owners, Counter()
+
+    def _add(self, weight, flops: int) -> None:
+        self.flops[self.owners.get(id(weight), UNOWNED)] += int(flops)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.conv2d or func is F.linear:
+            w = args[1] if len(args) > 1 else kwargs["weight"]
+            # conv: each output element sums (in_channels / groups) x kh x kw products = w[0].numel()
+            self._add(w, 2 * out.numel() * (w.shape[-1] if func is F.linear else w[0].numel()))
+        elif func is F.multi_head_attention_forward:
+            a = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
+            q, k, v, embed = a["query"], a["key"], a["value"], a["embed_dim_to_check"]
+            if a.get("use_separate_proj_weight"):
+                for t, w in ((q, a["q_proj_weight"]), (k, a["k_proj_weight"]), (v, a["v_proj_weight"])):
+                    self._add(w, 2 * (t.numel() // t.shape[-1]) * w.numel())
+            else:
+                self._add(a["in_proj_weight"], 2 * sum(t.numel() // t.shape[-1] for t in (q, k, v)) * embed * embed)
+            self._add(a["out_proj_weight"], 2 * (q.numel() // q.shape[-1]) * embed * embed)
+        return out
+
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+@contextlib.contextmanager
+def count_flops(model: nn.Module):
+    """Yields {fqn: FLOPs} of the conv2d / linear computed meanwhile (``_ConvLinearFlops``), by owning module: its
+    fqn when the weight is a module's ``weight`` (Conv2d, Linear), else ``fqn.parameter`` (a MultiheadAttention's
+    ``in_proj_weight``)."""
+    owners = {}
+    for fqn, mod in model.named_modules():
+        for name, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), fqn if name == "weight" else f"{fqn}.{name}" if fqn else name)
+    mode = _ConvLinearFlops(owners)
+    with mode:
+        yield mode.flops
 
 
 def covered_by_graph(graph: fx.Graph, owner: nn.Module) -> Set[str]:
@@ -203,22 +255,6 @@ def covered_by_graph(graph: fx.Graph, owner: nn.Module) -> Set[str]:
             if attr == "weight" and isinstance(mod, (nn.Conv2d, nn.Linear)):
                 found.add(fqn)
     return found
-
-
-@contextlib.contextmanager
-def count_flops(model: nn.Module):
-    """Forward hooks on every Conv2d / Linear of ``model``: yields {fqn: FLOPs summed over its calls}."""
-    flops: Counter = Counter()
-    handles = []
-    for fqn, mod in model.named_modules():
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            handles.append(mod.register_forward_hook(
-                lambda m, args, out, fqn=fqn: flops.update({fqn: conv_linear_flops(m, args[0], out)})))
-    try:
-        yield flops
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -261,9 +297,9 @@ def _tensors(out) -> List[torch.Tensor]:
     return []
 
 
-def rel_err(actual, expected) -> float:
-    """max |actual - expected| / max |expected| over the tensors of two outputs (inf if their structure or NaN
-    pattern differs; integer tensors must be equal)."""
+def rel_err(actual, expected, floor: float = 0.0) -> float:
+    """max |actual - expected| / max(max |expected|, floor) over the tensors of two outputs (inf if their structure
+    or NaN pattern differs; integer tensors must be equal)."""
     a, e = _tensors(actual), _tensors(expected)
     if len(a) != len(e) or any(x.shape != y.shape or x.dtype != y.dtype for x, y in zip(a, e)):
         return math.inf
@@ -285,9 +321,33 @@ def rel_err(actual, expected) -> float:
             if x.numel() == 0:
                 continue
         diff = (x - y).abs().max().item()  # (in the tensors' own dtype: fp32 rounding is far below RTOL)
-        scale = y.abs().max().item()
+        scale = max(y.abs().max().item(), floor)
         worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
     return worst
+
+
+# A tensor of a state_dict or a gradient is compared relative to its own largest magnitude, or to FLOOR times the
+# largest magnitude among its kind (parameters, buffers, gradients) where that is more: a gradient that is zero in
+# exact arithmetic (a BatchNorm's bias before another BatchNorm in training mode: MaxViT's MBConv pre_norm) is
+# rounding noise in both models, up to ~1e-7 of the largest gradient, and different noise when an op sums in
+# another order (maxvit_t with --backend reference: 1e-4 of the largest gradient at FLOOR 1e-3, 1e-5 at 1e-2).
+FLOOR = 1e-2
+
+
+def _scale(tensors) -> float:
+    return max((t.detach().abs().max().item() for t in tensors if t is not None and t.is_floating_point()
+                and t.numel()), default=0.0)
+
+
+def _worst(pairs, floor: float) -> Tuple[float, str]:
+    worst, where = 0.0, ""
+    for k, a, b in pairs:
+        if (a is None) != (b is None):
+            return math.inf, f"{k} is None in one model only"
+        err = rel_err(a, b, floor) if a is not None else 0.0
+        if err > worst:
+            worst, where = err, k
+    return worst, where
 
 
 def _state_err(a: nn.Module, b: nn.Module) -> Tuple[float, str]:
@@ -295,25 +355,47 @@ def _state_err(a: nn.Module, b: nn.Module) -> Tuple[float, str]:
     sa, sb = a.state_dict(), b.state_dict()
     if list(sa) != list(sb):
         return math.inf, "state_dict keys differ"
-    worst, where = 0.0, ""
-    for k in sa:
-        err = rel_err(sa[k], sb[k])
-        if err > worst:
-            worst, where = err, k
-    return worst, where
+    params = {k for k, _ in b.named_parameters()}
+    out = []
+    for group in (params, set(sb) - params):
+        floor = FLOOR * _scale(sb[k] for k in group)
+        out.append(_worst([(k, sa[k], sb[k]) for k in sb if k in group], floor))
+    return max(out)
 
 
-def _grad_err(a: nn.Module, b: nn.Module) -> Tuple[float, str]:
-    worst, where = 0.0, ""
-    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    for k in pa:
-        ga, gb = pa[k].grad, pb[k].grad
-        if (ga is None) != (gb is None):
-            return math.inf, f"{k}.grad is None in one model only"
-        err = rel_err(ga, gb) if ga is not None else 0.0
-        if err > worst:
-            worst, where = err, k
-    return worst, where
+def _sgd_steps(model: nn.Module, fast: nn.Module, ref, out, target) -> Tuple[float, str]:
+    """One SGD step (lr LR, cross-entropy on the first output) on each model; returns the worst relative error of
+    ``fast``'s gradients against ``model``'s and where. ``fast``'s gradients are compared, applied (p -= lr * grad,
+    what torch.optim.SGD does) and freed one by one as backward completes them, with ``model``'s: two copies of the
+    parameters' size fewer at the peak (vit_h_14, regnet_y_128gf: 2.5 GB each)."""
+    nn.functional.cross_entropy(_tensors(ref)[0], target).backward()
+    want = {k: p.grad for k, p in model.named_parameters()}
+    floor = FLOOR * _scale(want.values())
+    torch.optim.SGD(model.parameters(), lr=LR).step()
+    for p in model.parameters():
+        p.grad = None  # (held in ``want`` until compared)
+    errs: Dict[str, float] = {}
+    names = {id(p): k for k, p in fast.named_parameters()}
+
+    def compare_and_step(p):
+        k = names[id(p)]
+        errs[k] = rel_err(p.grad, want[k], floor) if want.get(k) is not None else math.inf
+        want[k] = None
+        with torch.no_grad():
+            p.add_(p.grad, alpha=-LR)
+        p.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(compare_and_step) for p in fast.parameters() if p.requires_grad]
+    try:
+        nn.functional.cross_entropy(_tensors(out)[0], target).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    for k, g in want.items():  # a gradient the original has and the optimized model did not produce
+        if g is not None:
+            errs[k] = math.inf
+    worst = max(errs.items(), key=lambda kv: kv[1], default=("", 0.0))
+    return worst[1], f"{worst[0]}.grad" if worst[1] > 0 else ""
 
 
 # ----------------------------------------------------------------------------------------------- one model
@@ -401,6 +483,7 @@ def analyse(row: Row, model: nn.Module, x: torch.Tensor, target: torch.Tensor, c
     row.fused = Counter(kind for _, kind in ex.fused)
     row.kept = Counter((kind, why) for _, kind, why in ex.kept)
     row.notes = ex.notes
+    gc.collect()  # (explain's copy of the model: module graphs hold reference cycles; 2.5 GB for vit_h_14)
     row.stage = "optimize"
     fast = optimize(model)
     if check:
@@ -410,9 +493,11 @@ def analyse(row: Row, model: nn.Module, x: torch.Tensor, target: torch.Tensor, c
 
     # eval: coverage and outputs
     row.stage = "eval forward"
-    with torch.no_grad(), count_flops(model) as flops, record_pydlx(fast) as covered:
-        ref = model(x)
-        out = fast(x)
+    with torch.no_grad():
+        with count_flops(model) as flops:
+            ref = model(x)
+        with record_pydlx(fast) as covered:
+            out = fast(x)
     row.calls, row.flops = len(flops), sum(flops.values())
     row.eval_share, row.eval_covered = _share(flops, covered), len(covered & set(flops))
     row.kept_share = _share(flops, [f for fqns, _, _ in ex.kept for f in fqns])
@@ -439,15 +524,9 @@ def analyse(row: Row, model: nn.Module, x: torch.Tensor, target: torch.Tensor, c
         if check:
             row.checks["train"] = rel_err(out, ref)
             row.stage = "SGD step"
-            for m, y in ((model, ref), (fast, out)):
-                loss = nn.functional.cross_entropy(_tensors(y)[0], target)
-                loss.backward()
-                torch.optim.SGD(m.parameters(), lr=LR).step()
+            row.checks["grad"], where = _sgd_steps(model, fast, ref, out, target)
             del ref, out
-            row.checks["grad"], where = _grad_err(fast, model)
             row.checks["step"], where2 = _state_err(fast, model)  # parameters and BatchNorm statistics
-            for p in (*model.parameters(), *fast.parameters()):
-                p.grad = None
             # train -> eval -> train again, after the step (BatchNorm statistics moved: the folding follows)
             row.stage = "eval and training forwards after the step"
             model.eval()
@@ -549,11 +628,16 @@ def summary(rows: List[Row], check: bool) -> str:
 def header(size: int, check: bool, backend: Optional[str] = None) -> str:
     import torchvision
     return (f"pydlx.coverage: torch {torch.__version__}, torchvision {torchvision.__version__}, "
-            f"python {platform.python_version()}, CPU {_cpu_name()} ({torch.get_num_threads()} threads), "
+            f"python {platform.python_version()}, CPU {_cpu_name()} ({_threads()}), "
             f"{datetime.date.today().isoformat()}\n"
             f"batch {BATCH}, --size {size} (raised where a model needs more), random weights (seeded), "
             f"{NUM_CLASSES} classes, pydlx backend {backend or 'auto'}; "
             f"{'--check: rtol ' + str(RTOL) + ', SGD lr ' + str(LR) if check else 'no --check'}")
+
+
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n != 1 else ''} of {os.cpu_count()} CPUs"
 
 
 def _cpu_name() -> str:

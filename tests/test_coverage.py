@@ -56,7 +56,8 @@ class _Toy(nn.Module):
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """One intra-op thread: at these small inputs a second one gains little, and on a CPU shared with other work two
-    threads per process spin against each other (this file: ~35 s with one thread under load, ~6 min with two)."""
+    threads per process spin against each other (this file, on a loaded 2-core machine: ~1 min with one thread, over 6
+    minutes with two)."""
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -91,8 +92,35 @@ def test_coverage_of_a_model_with_known_answer():
     assert row.kept == collections.Counter({("Linear", "no activation follows it"): 1})
     assert len(row.notes) == 1 and row.notes[0].startswith("the model not traced (")
     assert set(row.checks) == {"eval", "train", "grad", "step", "eval2", "train2"}
-    assert 0 < row.checks["eval"] <= coverage.RTOL  # folding the BatchNorm rounds differently, within fp32
+    assert max(row.checks.values()) <= coverage.RTOL
     assert row.disagree == [] and row.failures == []
+
+
+def test_flops_of_weights_used_functionally_and_of_multihead_attention():
+    class Attn(nn.Module):  # Swin's way: the Linear modules' weights passed to F.linear, the modules never called
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.sep = nn.MultiheadAttention(8, 2, kdim=4, vdim=6)
+
+        def forward(self, x):
+            y = F.linear(F.linear(x, self.qkv.weight, self.qkv.bias)[..., :8], self.proj.weight)
+            y = self.mha(y, y, y, need_weights=False)[0]  # (in eval mode without grad: its fused inference path)
+            return self.sep(y.transpose(0, 1), torch.randn(7, 3, 4), torch.randn(7, 3, 6))[0]
+
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), coverage.count_flops(Attn().eval()) as flops:
+            Attn().eval()(torch.randn(3, 5, 8))  # (another instance: its weights count as nobody's)
+        assert flops == {coverage.UNOWNED: 2 * 15 * 8 * 24 + 2 * 15 * 8 * 8 + 2 * 3 * 15 * 8 * 8 + 2 * 15 * 8 * 8
+                         + 2 * 15 * 8 * 8 + 2 * 21 * 8 * 4 + 2 * 21 * 8 * 6 + 2 * 15 * 8 * 8}
+        model = Attn().eval()
+        with torch.set_grad_enabled(grad), coverage.count_flops(model) as flops:
+            model(torch.randn(3, 5, 8))
+        assert flops == {"qkv": 2 * 15 * 8 * 24, "proj": 2 * 15 * 8 * 8, "mha.in_proj_weight": 2 * 3 * 15 * 8 * 8,
+                         "mha.out_proj": 2 * 15 * 8 * 8, "sep.q_proj_weight": 2 * 15 * 8 * 8,
+                         "sep.k_proj_weight": 2 * 21 * 8 * 4, "sep.v_proj_weight": 2 * 21 * 8 * 6,
+                         "sep.out_proj": 2 * 15 * 8 * 8}
 
 
 def test_covered_by_graph_reads_the_fused_calls_weights():
@@ -138,6 +166,19 @@ def test_check_fails_when_only_the_training_step_differs(monkeypatch):
     assert any(f.startswith("step differs") for f in row.failures), row.failures
 
 
+def test_check_fails_when_a_gradient_is_missing(monkeypatch):
+    real = pydlx.optimize
+
+    def frozen_fc2(model, **kw):
+        fast = real(model, **kw)
+        fast.head.fc2.weight.requires_grad_(False)
+        return fast
+
+    monkeypatch.setattr(coverage, "optimize", frozen_fc2)
+    row = _toy_row()
+    assert not row.ok and row.checks["grad"] == float("inf") and row.where["grad"] == "head.fc2.weight.grad"
+
+
 def test_explain_and_optimize_disagreeing_is_a_failure(monkeypatch):
     said = pydlx.explain
 
@@ -172,6 +213,17 @@ def test_parse_explain_kinds_and_reasons():
                        (["head.1"], "Linear", "Hardswish is not a fusable activation")]
     assert ex.notes == ["blocks.3 not traced (TraceError: symbolically traced variables cannot be used as inputs to "
                         "control flow)"]
+
+
+def test_relative_errors_and_the_floor_for_gradients_that_are_zero_in_exact_arithmetic():
+    assert coverage.rel_err(torch.tensor([1.0, -2.0]), torch.tensor([1.0, -2.0])) == 0.0
+    assert coverage.rel_err((torch.tensor([1.0, 2.002]),), [torch.tensor([1.0, 2.0])]) == pytest.approx(1e-3, rel=1e-3)
+    assert coverage.rel_err(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 0.0])) == float("inf")
+    assert coverage.rel_err(torch.tensor([3, 4]), torch.tensor([3, 5])) == float("inf")  # integers: equal or not
+    assert coverage.rel_err(torch.ones(2), torch.ones(3)) == float("inf")
+    noise = torch.tensor([1e-9, -3e-9])  # (a BatchNorm bias before another BatchNorm: zero up to rounding)
+    assert coverage.rel_err(-noise, noise) == pytest.approx(2.0)
+    assert coverage.rel_err(-noise, noise, floor=1e-2 * 0.5) == pytest.approx(6e-9 / 5e-3, rel=1e-3)
 
 
 def test_input_sizes():
@@ -218,7 +270,7 @@ def test_zoo_model_checks(name):
     assert row.ok, coverage.cells(row, True)
     assert set(row.checks) == {"eval", "train", "grad", "step", "eval2", "train2"}
     if name in ("alexnet", "vgg11", "vgg11_bn", "inception_v3", "swin_v2_t", "vit_b_32"):  # blocks fused today
-        assert row.fused and row.eval_share > 0.2, coverage.cells(row, True)
+        assert row.fused and row.eval_share > 0.02, coverage.cells(row, True)
 
 
 # On a CPU, auto runs plain eager PyTorch in place of each pydlx op; the reference backend, forced, runs the ops
@@ -226,4 +278,4 @@ def test_zoo_model_checks(name):
 @pytest.mark.parametrize("name", ["alexnet", "inception_v3", "swin_v2_t"])
 def test_zoo_model_checks_through_the_pydlx_ops(name):
     row = coverage.run_model(name, 32, check=True, backend="reference")
-    assert row.ok and row.eval_share > 0.2, coverage.cells(row, True)
+    assert row.ok and row.eval_share > 0.02, coverage.cells(row, True)
