@@ -35,7 +35,7 @@ from . import _fx_fuse, _policy
 from .nn.conv_relu_pool import ConvReLUPool2d, unsupported as conv_unsupported
 from .nn.linear import Linear
 from .nn.lstm import LSTM, LSTMCell
-from .nn.mlp import MLP, _pattern_error, activation_name, activation_refusal
+from .nn.mlp import MLP, _pattern_error, activation_name, not_fused_reason
 from .reference.mlp import fuses_in_one_kernel
 
 Filter = Optional[Callable[[nn.Module, str], bool]]
@@ -77,8 +77,7 @@ def _linear_plan(model: nn.Module, filter_fn: Filter, skip: List[str]):
                 found.append((child_fqn, mod, i, None, "no activation follows it"))
                 continue
             act = activation_name(children[i + 1])
-            why = None if act else (activation_refusal(children[i + 1])
-                                    or f"{type(children[i + 1]).__name__} is not a fusable activation")
+            why = None if act else not_fused_reason(children[i + 1])
             if type(children[i + 1]) is nn.BatchNorm1d:
                 why = "followed by a BatchNorm1d: folded in eval mode by the forward-code pass (below)"
             found.append((child_fqn, mod, i, act, why))

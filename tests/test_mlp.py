@@ -315,6 +315,7 @@ def test_from_sequential_shares_modules_and_keeps_names():
 @pytest.mark.parametrize("seq,msg", [
     (nn.Sequential(nn.ReLU(), nn.Linear(3, 4)), "start with an nn.Linear"),
     (nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 2)), "Softplus after '0' is not a fusable"),
+    (nn.Sequential(nn.Linear(3, 4), nn.Dropout(), nn.Linear(4, 2)), "Dropout after '0' is not an activation"),
     (nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(-0.1), nn.Linear(4, 2)), "LeakyReLU.* negative slope"),
     (nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.1), nn.Linear(4, 2), nn.LeakyReLU(0.2), nn.Linear(2, 2)),
      "differ"),

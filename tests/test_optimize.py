@@ -91,6 +91,18 @@ def test_inplace_and_filter_fn_and_explain():
     assert isinstance(model[0], pydlx.nn.Linear) and type(model[4]) is nn.Linear and isinstance(model[5], nn.Tanh)
 
 
+def test_explain_names_a_module_that_is_no_activation_as_such():
+    class Permute(nn.Module):  # (torchvision's, after ConvNeXt's second Linear)
+        def forward(self, x):
+            return x.flip(-1)
+
+    model = nn.Sequential(nn.Linear(5, 6), nn.Dropout(), nn.Linear(6, 7), Permute(), nn.Linear(7, 3), nn.Softplus())
+    text = pydlx.explain(model)
+    assert "keep   0: Linear (followed by Dropout, not an activation)" in text
+    assert "keep   2: Linear (followed by Permute, not an activation)" in text
+    assert "keep   4: Linear (Softplus is not a fusable activation)" in text
+
+
 def _same_outputs_and_grads(fast, model, x):
     """float64 outputs and gradients. The gradients to 1e-7 relative: torch's float64 hardsigmoid backward multiplies
     by 1/6 rounded to float32 (3e-8 off), pydlx's reference backward by 1/6 in float64."""

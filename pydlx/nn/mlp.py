@@ -58,6 +58,21 @@ def activation_refusal(m: nn.Module) -> Optional[str]:
     return f"{type(m).__name__}({m.extra_repr()}): {why}" if why else None
 
 
+def is_activation(m: nn.Module) -> bool:
+    """Whether ``m`` is an activation module: one pydlx knows, or any of torch.nn's activations (Softplus, ...)."""
+    t = type(m)
+    return _module_spec(m) is not None or (t.__module__ == "torch.nn.modules.activation"
+                                           and t is not nn.MultiheadAttention)
+
+
+def not_fused_reason(m: nn.Module) -> str:
+    """Why a Linear followed by ``m`` keeps its own kernel, for a module ``activation_name`` refuses: a parameter
+    pydlx refuses, an activation pydlx does not fuse, or a module that is no activation (Dropout, Permute)."""
+    name = type(m).__name__
+    return activation_refusal(m) or (f"{name} is not a fusable activation" if is_activation(m)
+                                     else f"followed by {name}, not an activation")
+
+
 class MLP(nn.Sequential):
     """``Linear(s0, s1), act, ..., Linear(s[-2], s[-1]), last_activation`` computed by ``pydlx.ops.mlp``.
 
@@ -132,7 +147,8 @@ def _pattern_error(children, linears) -> Optional[str]:
             name = activation_name(between[0])
             if name is None:
                 return activation_refusal(between[0]) or (
-                    f"{type(between[0]).__name__} after {children[i][0]!r} is not a fusable activation")
+                    f"{type(between[0]).__name__} after {children[i][0]!r} is not "
+                    f"{'a fusable activation' if is_activation(between[0]) else 'an activation'}")
             if k + 1 < len(linears):
                 expected_acts.add(name)
         elif k + 1 < len(linears):
