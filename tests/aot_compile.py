@@ -194,6 +194,8 @@ CRP_VARIANTS = {
     "crp-nopool-mish-z": dict(R=1, STRIDE=1, PAD=0, P=1, Q=1, PPAD=0, ACT=ACT_CODES["mish"], SAVE_Z=True),
     "crp-pool2-leaky0.2": dict(R=3, STRIDE=1, PAD=1, P=2, Q=2, PPAD=0, ACT=ACT_CODES["leaky_relu"],
                                ALPHA=0.2, SAVE_Z=False),
+    # the plain convolution (no activation, no pool): the training-mode Conv -> BatchNorm's conv, forward and recompute
+    "crp-conv-only": dict(R=3, STRIDE=1, PAD=1, P=1, Q=1, PPAD=0, ACT=0, SAVE_Z=False),
 }
 
 

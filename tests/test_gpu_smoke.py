@@ -23,6 +23,7 @@ MATRIX = [
     ("conv_relu_pool", "triton", ("fp32", "fp16", "bf16"), True),
     ("conv_relu_pool", "cuda", ("fp32", "fp16", "bf16"), True),
     ("conv_act_pool", "triton", ("fp32", "bf16"), True), ("conv_act_pool", "cuda", ("fp32", "bf16"), True),
+    ("conv_bn_train", "triton", ("fp32", "bf16"), True),
     ("lstm", "triton", ("fp32", "fp16", "bf16"), True), ("lstm", "cuda", ("fp32", "fp16", "bf16"), True),
     ("lstm_cell", "triton", ("fp32", "fp16", "bf16"), True),
 ]
@@ -55,6 +56,21 @@ class _ZooConvBlocks(nn.Module):
         return pydlx.ops.conv_act_pool2d(y, c2.weight, c2.bias, 1, 1, "silu")
 
 
+class _TrainingConvBN(nn.Module):
+    """ResNet's stem in training mode (Conv 7x7/2 -> BatchNorm2d with batch statistics -> ReLU -> MaxPool 3/2 pad 1)
+    through pydlx.ops.conv_bn_act_pool2d(training=True) over ``seq``'s parameters and BatchNorm buffers."""
+
+    def __init__(self, seq):
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x):
+        conv, bn = self.seq[0], self.seq[1]
+        return pydlx.ops.conv_bn_act_pool2d(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight,
+                                            bn.bias, bn.eps, 2, 3, "relu", 3, 2, 1, training=True,
+                                            momentum=bn.momentum, num_batches_tracked=bn.num_batches_tracked)
+
+
 def _model(family):
     if family == "linear":
         lin = nn.Linear(70, 45)
@@ -69,6 +85,9 @@ def _model(family):
         seq = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3), nn.ReLU(), nn.MaxPool2d(3, 2, 1, ceil_mode=True),
                             nn.Conv2d(8, 6, 3, padding=1), nn.SiLU())
         return seq, _ZooConvBlocks(seq), (2, 3, 19, 17)
+    if family == "conv_bn_train":
+        seq = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        return seq, _TrainingConvBN(seq), (2, 3, 19, 17)
     if family == "lstm":
         m = nn.LSTM(6, 20)
         return m, pydlx.nn.LSTM.from_module(m), (7, 5, 6)

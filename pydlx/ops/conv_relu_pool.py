@@ -22,13 +22,17 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
 from ._common import ArgumentError, DtypeError, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
 from .._policy import size_of
 from ..reference.conv_relu_pool import conv_act_pool2d as reference_conv_act_pool2d, conv_relu_pool_bwd, out_shape
-from ..reference.linear import MONOTONE, check_activation, parse_activation, saves_preact
+from ..reference.conv_relu_pool import conv_bn_train_bwd as reference_conv_bn_train_bwd
+from ..reference.conv_relu_pool import conv_bn_train_fwd as reference_conv_bn_train_fwd, math_dtype
+from ..reference.conv_relu_pool import update_running_stats
+from ..reference.linear import MONOTONE, activation_forward, check_activation, parse_activation, saves_preact
 
 NAME = "pydlx.ops.conv_relu_pool2d"
 
@@ -256,11 +260,22 @@ def fold_costs_memory(input: Tensor, weight: Tensor, out_elems: int, *others: Op
 def conv_bn_act_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
                        running_var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
                        stride=1, padding=0, activation: Optional[str] = "relu", pool_size=1, pool_stride=None,
-                       pool_padding=0, ceil_mode: bool = False) -> Tensor:
-    """MaxPool2d(act(BatchNorm2d(Conv2d(x)))) with the BatchNorm in eval mode, folded into the convolution
-    (pydlx.optimize's Conv2d -> BatchNorm2d [-> act] [-> MaxPool2d] chains). An input BatchNorm2d would refuse (not
-    4-D) runs the chain eagerly, so it refuses as torch does; so does a call where folding would save more for
-    backward than eager (``fold_costs_memory``)."""
+                       pool_padding=0, ceil_mode: bool = False, training: bool = False,
+                       momentum: Optional[float] = 0.1, num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """MaxPool2d(act(BatchNorm2d(Conv2d(x)))) (pydlx.optimize's Conv2d -> BatchNorm2d [-> act] [-> MaxPool2d]
+    chains); the BatchNorm's arguments are F.batch_norm's, ``num_batches_tracked`` its buffer (incremented here in
+    training mode, as BatchNorm2d.forward does; ``momentum`` None: the cumulative average).
+
+    Eval mode (``training`` False): the BatchNorm folded into the convolution from the running statistics. Training
+    mode: batch statistics (running statistics updated in place) -- the conv output cannot be folded, so the op saves
+    only x for backward and recomputes the conv and the BatchNorm there (``conv_bn_train``); under ``auto`` it runs
+    as eager PyTorch until a GPU measures the recompute. An input BatchNorm2d would refuse (not 4-D, one value per
+    channel in training) runs the chain eagerly, so it refuses as torch does; so does an eval-mode call where folding
+    would save more for backward than eager (``fold_costs_memory``)."""
+    if training:
+        return conv_bn_train(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride, padding,
+                             activation, pool_size, pool_stride, pool_padding, ceil_mode, momentum,
+                             num_batches_tracked)
     def out_elems() -> int:
         R = weight.shape[-1]
         st, pd = (v if isinstance(v, int) else v[0] for v in (stride, padding))
@@ -269,11 +284,129 @@ def conv_bn_act_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], ru
 
     if not (isinstance(input, Tensor) and input.dim() == 4) or fold_costs_memory(
             input, weight, out_elems(), bias, bn_weight, bn_bias):
-        from ..reference.linear import activation_forward
-        z = torch.nn.functional.conv2d(input, weight, bias, stride, padding)
-        z = activation_forward(torch.nn.functional.batch_norm(z, running_mean, running_var, bn_weight, bn_bias,
-                                                              False, 0.0, eps), activation)
-        return z if pool_size == 1 else torch.nn.functional.max_pool2d(
-            z, pool_size, pool_stride if pool_stride is not None else pool_size, pool_padding, ceil_mode=ceil_mode)
+        return _eager_conv_bn(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
+                              padding, activation, pool_size, pool_stride, pool_padding, ceil_mode, False, 0.0)
     w, b = fold_batchnorm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
     return conv_act_pool2d(input, w, b, stride, padding, activation, pool_size, pool_stride, pool_padding, ceil_mode)
+
+
+def _eager_conv_bn(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride, padding,
+                   activation, pool_size, pool_stride, pool_padding, ceil_mode, training, momentum) -> Tensor:
+    """The chain as eager PyTorch runs it (torch's own argument errors included: BatchNorm2d's for a 3-D input)."""
+    z = F.conv2d(input, weight, bias, stride, padding)
+    if z.dim() != 4:
+        raise ValueError(f"expected 4D input (got {z.dim()}D input)")  # BatchNorm2d._check_input_dim's error
+    z = activation_forward(F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps),
+                           activation)
+    return z if pool_size == 1 else F.max_pool2d(
+        z, pool_size, pool_stride if pool_stride is not None else pool_size, pool_padding, ceil_mode=ceil_mode)
+
+
+# --------------------------------------------------------------------- training-mode BatchNorm: recomputed in backward
+def _conv_fn(backend: str, stride: int, padding: int):
+    """The backend's convolution (no activation, no pool) as conv(x, w, b)."""
+    impl = _impl(backend)
+    return lambda x, w, b: impl.conv_relu_pool_fwd(x, w, b, stride, padding, 1, 1, 0, False, None, False)[0]
+
+
+@torch.library.custom_op("pydlx::conv_bn_train_fwd", mutates_args=())
+def conv_bn_train_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                      bn_bias: Optional[Tensor], eps: float, stride: int, padding: int, pool_size: int,
+                      pool_stride: int, pool_padding: int, ceil_mode: bool, activation: str, backend: str
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    return reference_conv_bn_train_fwd(_conv_fn(backend, stride, padding), input, weight, bias, bn_weight, bn_bias,
+                                       eps, pool_size, pool_stride, pool_padding, ceil_mode, _act_name(activation))
+
+
+@conv_bn_train_fwd.register_fake
+def _(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, pool_size, pool_stride, pool_padding, ceil_mode,
+      activation, backend):
+    _, _, HP, WP = out_shape(*input.shape[-2:], weight.shape[-1], stride, padding, pool_size, pool_stride,
+                             pool_padding, ceil_mode)
+    stats = input.new_empty(weight.shape[0], dtype=math_dtype(input.dtype))
+    return input.new_empty((input.shape[0], weight.shape[0], HP, WP)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("pydlx::conv_bn_train_bwd", mutates_args=())
+def conv_bn_train_bwd(grad: Tensor, input: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float,
+                      stride: int, padding: int, pool_size: int, pool_stride: int, pool_padding: int, ceil_mode: bool,
+                      activation: str, backend: str, need_input: bool, need_weight: bool, need_bias: bool
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = reference_conv_bn_train_bwd(_conv_fn(backend, stride, padding), grad, input, weight, bias, bn_weight,
+                                        bn_bias, mean, var, eps, stride, padding, pool_size, pool_stride,
+                                        pool_padding, ceil_mode, _act_name(activation), need_input, need_weight,
+                                        need_bias)
+    like = (input, weight, bias, bn_weight, bn_bias)
+    return tuple(g.to(t.dtype) if g is not None else input.new_empty(0) for g, t in zip(grads, like))
+
+
+@conv_bn_train_bwd.register_fake
+def _(grad, input, weight, bias, bn_weight, bn_bias, mean, var, eps, stride, padding, pool_size, pool_stride,
+      pool_padding, ceil_mode, activation, backend, need_input, need_weight, need_bias):
+    def like(t, needed):
+        return torch.empty_like(t) if t is not None and needed else input.new_empty(0)
+    return (like(input, need_input), like(weight, need_weight), like(bias, need_bias), like(bn_weight, True),
+            like(bn_bias, True))
+
+
+def _train_setup_context(ctx, inputs, output):
+    input, weight, bias, bn_weight, bn_bias, eps, stride, padding, P, Q, PP, ceil_mode, activation, backend = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)
+    # x and the per-channel statistics only (and the parameters, which live anyway): no activation-sized tensor
+    ctx.save_for_backward(input, weight, bias, bn_weight, bn_bias, mean, var)
+    ctx.args = (eps, stride, padding, P, Q, PP, ceil_mode, activation, backend)
+
+
+def _train_backward(ctx, grad_y, grad_mean, grad_var):
+    input, weight, bias, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    if grad_y is None:
+        return (None,) * 14
+    need = ctx.needs_input_grad
+    dx, dw, db, dg, dbeta = conv_bn_train_bwd(grad_y.contiguous(), input, weight, bias, bn_weight, bn_bias, mean,
+                                              var, *ctx.args, need[0], need[1], need[2])
+    keep = lambda g, i, t: g if need[i] and t is not None else None  # noqa: E731
+    return (keep(dx, 0, input), keep(dw, 1, weight), keep(db, 2, bias), keep(dg, 3, bn_weight),
+            keep(dbeta, 4, bn_bias)) + (None,) * 9
+
+
+torch.library.register_autograd("pydlx::conv_bn_train_fwd", _train_backward, setup_context=_train_setup_context)
+
+
+def conv_bn_train(input: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
+                  bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float, stride=1, padding=0,
+                  activation: Optional[str] = "relu", pool_size=1, pool_stride=None, pool_padding=0,
+                  ceil_mode: bool = False, momentum: Optional[float] = 0.1,
+                  num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """``conv_bn_act_pool2d`` with the BatchNorm in training mode: the conv output is needed whole for the batch
+    statistics, so the conv runs first (the backend's), then the normalisation, activation and pool; backward
+    recomputes the conv output from x. Saved for backward: x and two per-channel vectors -- against eager's x, the
+    conv output (BatchNorm's input), the activation output and int64 pool indices; the price is one more
+    convolution forward in backward. Under ``auto`` (CPU, and GPUs until a measurement says the memory is worth the
+    recompute) the chain runs as eager PyTorch."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)  # BatchNorm2d.forward's bookkeeping, as the module would do it
+        if momentum is None:
+            momentum = 1.0 / float(num_batches_tracked)
+    factor = 0.0 if momentum is None else momentum
+    if not (isinstance(input, Tensor) and input.dim() == 4) or _backend.current_backend() == "auto" or \
+            running_mean is None or running_var is None:
+        return _eager_conv_bn(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
+                              padding, activation, pool_size, pool_stride, pool_padding, ceil_mode, True, factor)
+    if all(isinstance(t, Tensor) and t.is_floating_point() for t in (input, weight, bias) if t is not None):
+        input, weight, bias = autocast_cast(input.device.type, (input, weight, bias))
+    stride, padding, P, Q, PP = check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size,
+                                                          pool_stride, pool_padding, ceil_mode, activation)
+    HO, WO, _, _ = out_shape(*input.shape[-2:], weight.shape[-1], stride, padding, P, Q, PP, ceil_mode)
+    if input.shape[0] * HO * WO == 1:  # torch: "Expected more than 1 value per channel when training" (ValueError)
+        return _eager_conv_bn(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
+                              padding, activation, P, Q, PP, ceil_mode, True, factor)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    backend = choose(input, weight, stride, padding, 1, 1, 0, False, None, training)
+    channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+    y, mean, var = conv_bn_train_fwd(input, weight, bias, bn_weight, bn_bias, float(eps), stride, padding, P, Q,
+                                     PP, ceil_mode, activation or "none", backend)
+    update_running_stats(running_mean, running_var, mean, var, input.shape[0] * HO * WO, factor)
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
