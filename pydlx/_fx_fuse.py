@@ -378,11 +378,19 @@ def _batchnorm(node: fx.Node, mod: nn.Module, modules) -> Optional[Tuple[fx.Node
 
 
 def _why_not_folded(bn: nn.Module) -> Optional[str]:
-    if bn.training:
-        return "in training mode (batch statistics): folded in eval mode only"
+    """Why the BatchNorm after a Conv2d / Linear stays eager, or None. A BatchNorm2d in training mode joins the
+    conv's op (batch statistics, the conv recomputed in backward: ``conv_bn_train``); a BatchNorm1d does not."""
     if not bn.track_running_stats or bn.running_mean is None:
         return "track_running_stats=False (batch statistics in eval too)"
+    if bn.training and type(bn) is not nn.BatchNorm2d:
+        return "in training mode (batch statistics): folded in eval mode only"
     return None
+
+
+def _bn_words(bn: nn.Module) -> str:
+    if bn.training and type(bn) is nn.BatchNorm2d:
+        return f"{type(bn).__name__} (training: batch statistics, conv recomputed in backward)"
+    return f"{type(bn).__name__} (folded)"
 
 
 def _bn_params(graph: fx.Graph, fqn: str, bn: nn.Module):
@@ -475,6 +483,10 @@ def _single_apply(graph: fx.Graph, fqn: str, mod: nn.Module, matches) -> None:
                 kw = fused_args(mod, pool)
                 if op != "conv_relu_pool2d":
                     kw["activation"] = act
+                if bn is not None and bn[2].training:  # (a guard: the other mode is another specialisation)
+                    kw.update(training=True, momentum=graph.call_function(getattr, (graph.get_attr(bn[1]),
+                                                                                    "momentum")),
+                              num_batches_tracked=graph.get_attr(f"{bn[1]}.num_batches_tracked"))
                 new = graph.call_function(getattr(conv_ops, op), (x, w, b, *(bnp or ())), kw)
             elif bn is not None:
                 new = graph.call_function(linear_batchnorm, (x, w, b, *bnp), {"activation": act})
@@ -538,10 +550,10 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
         m0 = next(m for m in matches if m is not None)
         if type(mod) is nn.Conv2d:
             act_words = {"relu": "ReLU"}.get(m0[3], m0[3])
-            kind = " + ".join(["Conv2d"] + (["BatchNorm2d (folded)"] if bns else []) + ([act_words] if m0[3] else [])
+            kind = " + ".join(["Conv2d"] + ([_bn_words(m0[4][2])] if m0[4] else []) + ([act_words] if m0[3] else [])
                               + (["MaxPool2d"] if m0[2] is not None else []))
         else:
-            kind = "Linear + " + ("BatchNorm1d (folded) + " if bns else "") + "activation"
+            kind = "Linear + " + (f"{_bn_words(m0[4][2])} + " if m0[4] else "") + "activation"
         why = None
         if bn_why is not None:
             why = f"BatchNorm {', '.join(sorted(bns))} {bn_why}"

@@ -216,6 +216,8 @@ def explain(model: nn.Module) -> str:
             if act is not None:
                 lines.append(f"fuse   {fqn}: Linear + {act} -> pydlx.nn.Linear(activation={act!r}); "
                              + _auto("linear", parent[i].weight))
+            elif i + 1 < len(parent) and type(parent[i + 1]) is nn.BatchNorm1d:
+                continue  # the forward-code pass names it with the BatchNorm's mode and reason
             else:
                 lines.append(f"keep   {fqn}: Linear ({why})")
 

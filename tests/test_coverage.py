@@ -85,8 +85,8 @@ def test_coverage_of_a_model_with_known_answer():
     in_eval = ["stem.conv", "block.0", "head.fc1", "head.fc2"]
     assert row.eval_covered == 4
     assert row.eval_share == pytest.approx(sum(flops[f] for f in in_eval) / total)
-    # training mode: the BatchNorm uses batch statistics, so stem.conv runs as written; the rest stays fused
-    assert row.train_share == pytest.approx(sum(flops[f] for f in in_eval[1:]) / total)
+    # training mode: the BatchNorm uses batch statistics, and stem.conv's block becomes the op's training form
+    assert row.train_share == pytest.approx(sum(flops[f] for f in in_eval) / total)
     assert row.kept_share == pytest.approx(flops["out.0"] / total)
     assert row.fused == collections.Counter({"Conv+BN+ReLU+MaxPool": 1, "Conv+ReLU+MaxPool": 1, "MLP(2 Linear)": 1})
     assert row.kept == collections.Counter({("Linear", "no activation follows it"): 1})
@@ -130,8 +130,9 @@ def test_covered_by_graph_reads_the_fused_calls_weights():
     assert coverage.covered_by_graph(stem.graph, model.stem) == {"conv"}  # (bn.weight is read too: not a conv's)
     head = pydlx._fx_fuse.current(model.head, torch.randn(1, 64))
     assert coverage.covered_by_graph(head.graph, model.head) == {"fc1", "fc2"}
-    model.train()  # training mode: the BatchNorm is not folded, the stem's forward runs as written
-    assert pydlx._fx_fuse.current(model.stem, torch.randn(2, 3, 16, 16)).graph is None
+    model.train()  # training mode: the BatchNorm uses batch statistics, in the op's training form
+    stem = pydlx._fx_fuse.current(model.stem, torch.randn(2, 3, 16, 16))
+    assert coverage.covered_by_graph(stem.graph, model.stem) == {"conv"}
     assert coverage.covered_by_graph(pydlx._fx_fuse.current(model.head, torch.randn(2, 64)).graph,
                                      model.head) == {"fc1", "fc2"}
 

@@ -22,7 +22,7 @@ from pydlx import bench
 from pydlx.bench import conv_relu_pool, linear, lstm, mlp, model
 
 FAMILIES = {"linear": linear.cases, "mlp": mlp.cases, "conv_relu_pool": conv_relu_pool.cases,
-            "conv_act_pool": conv_relu_pool.variant_cases, "lstm": lstm.cases, "model": model.cases}
+            "conv_act_pool": conv_relu_pool.variant_cases, "conv_bn_train": conv_relu_pool.train_cases, "lstm": lstm.cases, "model": model.cases}
 
 
 def _list(arg: str, allowed, what: str):

@@ -93,3 +93,78 @@ def variant_cases(device, small: bool) -> List[Case]:
     device = torch.device(device)
     shapes, dtypes = (VARIANT_CPU_SHAPES, CPU_DTYPES) if small else (VARIANT_GPU_SHAPES, GPU_DTYPES)
     return [_make_case(device, op, shape, dt, "conv_act_pool") for dt in dtypes for op, shape in shapes.items()]
+
+
+# conv_bn_train: Conv2d -> BatchNorm2d (training mode) [-> act] [-> MaxPool2d], a training step's forward + backward.
+# ``pydlx`` runs the op's training form (pydlx.ops.conv_bn_act_pool2d(training=True): x saved, the conv recomputed
+# in backward) with cuDNN's convolution (the reference backend, forced inside the case: under auto it would run
+# eagerly); ``pydlx-triton`` with pydlx's Triton convolution; ``eager`` the three/four torch calls. The question
+# these rows answer: what the recompute costs (one more convolution forward per block) against eager, for 0.34x of
+# eager's saved bytes on ResNet-18 (bench/NOTES.md). Not policy rows: auto keeps the training form eager.
+TRAIN_GPU_SHAPES = {
+    "resnet_stem_bn": (64, 3, 224, 224, 64, 7, 2, 3, "relu", 3, 2, 1, False),
+    "resnet_3x3_64_bn": (64, 64, 56, 56, 64, 3, 1, 1, "relu", 1, 1, 0, False),
+    "resnet_3x3_256_bn_noact": (64, 256, 14, 14, 256, 3, 1, 1, None, 1, 1, 0, False),
+}
+TRAIN_CPU_SHAPES = {"resnet_stem_bn": (4, 3, 32, 32, 16, 7, 2, 3, "relu", 3, 2, 1, False),
+                    "resnet_3x3_64_bn": (4, 16, 16, 16, 16, 3, 1, 1, "relu", 1, 1, 0, False)}
+
+
+def _make_train_case(device: torch.device, op: str, shape, dtype: torch.dtype) -> Case:
+    N, C, H, W, K, R, s, p, act, P, Q, PP, ceil = shape
+
+    def make(provider: str):
+        import torch.nn.functional as F
+
+        import pydlx
+        from pydlx.reference.linear import activation_forward
+
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(N, C, H, W, generator=gen, device=device, dtype=dtype).requires_grad_()
+        w = (torch.randn(K, C, R, R, generator=gen, device=device, dtype=dtype) / (C * R * R) ** 0.5).requires_grad_()
+        gamma = torch.ones(K, device=device, requires_grad=True)  # BatchNorm's parameters and stats stay fp32
+        beta = torch.zeros(K, device=device, requires_grad=True)
+        rm, rv = torch.zeros(K, device=device), torch.ones(K, device=device)
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+        def eager():
+            with autocast:
+                z = activation_forward(F.batch_norm(F.conv2d(x, w, None, s, p), rm, rv, gamma, beta, True, 0.1),
+                                       act)
+                return z if P == 1 else F.max_pool2d(z, P, Q, PP, ceil_mode=ceil)
+
+        def fused():
+            with autocast, pydlx.use_backend("reference" if pydlx.current_backend() == "auto" else
+                                             pydlx.current_backend()):
+                return pydlx.ops.conv_bn_act_pool2d(x, w, None, rm, rv, gamma, beta, 1e-5, s, p, act, P, Q, PP, ceil,
+                                                    training=True, momentum=0.1)
+
+        f = eager if provider == "eager" else fused if provider == "pydlx" else \
+            pick(provider, {}, eager, lambda: fused)
+        g = None
+
+        def fwd():
+            with torch.no_grad():
+                return f()
+
+        def fwdbwd():
+            nonlocal g
+            x.grad = w.grad = gamma.grad = beta.grad = None
+            y = f()
+            if g is None:
+                g = torch.randn(y.shape, generator=gen, device=device, dtype=y.dtype)
+            y.backward(g)
+            return y
+
+        return fwd, fwdbwd
+
+    shape_words = (f"{N},{C},{H},{W}->{K} {R}x{R} s{s} p{p} bn {act or 'none'} "
+                   + (f"pool{P}/{Q}" + (f"p{PP}" if PP else "") + ("ceil" if ceil else "") if P > 1 else "nopool"))
+    return Case(family="conv_bn_train", op=op, shape=shape_words, dtype=dtype, make=make,
+                providers=("pydlx", "eager", "compile", "pydlx-triton"))
+
+
+def train_cases(device, small: bool) -> List[Case]:
+    device = torch.device(device)
+    shapes, dtypes = (TRAIN_CPU_SHAPES, CPU_DTYPES) if small else (TRAIN_GPU_SHAPES, GPU_DTYPES)
+    return [_make_train_case(device, op, shape, dt) for dt in dtypes for op, shape in shapes.items()]
