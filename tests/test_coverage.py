@@ -64,12 +64,15 @@ def _one_thread():
     torch.set_num_threads(prev)
 
 
-def _toy_row(check=True, seed=0):
-    torch.manual_seed(seed)
-    model = _Toy().eval()
+def _toy_row(check=True, seed=0, rtol=coverage.RTOL, rejudge=False):
+    def build():
+        torch.manual_seed(seed)
+        return _Toy().eval()
+
+    model = build()
     x, target = torch.randn(2, 3, 16, 16), torch.tensor([1, 3])
     row = coverage.Row("toy")
-    coverage.analyse(row, model, x, target, check=check)
+    coverage.analyse(row, model, x, target, check=check, rebuild=build if rejudge else None, rtol=rtol)
     return row
 
 
@@ -151,20 +154,34 @@ def test_check_fails_when_the_optimized_model_differs(monkeypatch):
     assert {"state_dict", "eval", "train", "step", "eval2", "train2"} <= failed, row.failures
 
 
+def _no_grad_to_fc1(model, **kw):
+    """A wrong optimize: no gradient reaches head.fc1 (outputs unchanged)."""
+    fast = pydlx.optimize(model, **kw)
+    fast.head.fc1.weight.register_hook(lambda g: g * 0)
+    return fast
+
+
 def test_check_fails_when_only_the_training_step_differs(monkeypatch):
-    real = pydlx.optimize
-
-    def no_grad_to_fc1(model, **kw):
-        fast = real(model, **kw)
-        fast.head.fc1.weight.register_hook(lambda g: g * 0)
-        return fast
-
-    monkeypatch.setattr(coverage, "optimize", no_grad_to_fc1)
+    monkeypatch.setattr(coverage, "optimize", _no_grad_to_fc1)
     row = _toy_row()
     assert not row.ok
     assert row.checks["eval"] <= coverage.RTOL and row.checks["train"] <= coverage.RTOL
     assert any(f.startswith("grad differs") and "head.fc1.weight" in f for f in row.failures), row.failures
     assert any(f.startswith("step differs") for f in row.failures), row.failures
+
+
+def test_float64_rejudge_accepts_rounding_and_still_fails_a_wrong_model(monkeypatch):
+    """An fp32 check that fails is run again in float64: fp32 rounding (here made to fail with a limit of 1e-12:
+    folding the BatchNorm rounds differently) passes there and the row says so with both figures; a model that is
+    wrong (no gradient reaches fc1) fails in float64 too."""
+    row = _toy_row(rtol=1e-12, rejudge=True)
+    assert row.ok, row.failures
+    assert row.checks["eval"] > 1e-12 and max(row.checks64.values()) <= coverage.RTOL64, (row.checks, row.checks64)
+    assert coverage._check_text(row, True).startswith("ok in float64")
+    monkeypatch.setattr(coverage, "optimize", _no_grad_to_fc1)
+    row = _toy_row(rejudge=True)
+    assert not row.ok
+    assert any(f.startswith("float64: grad differs") for f in row.failures), row.failures
 
 
 def test_check_fails_when_a_gradient_is_missing(monkeypatch):
