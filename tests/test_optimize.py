@@ -861,3 +861,56 @@ def test_a_fold_that_would_save_more_than_eager_runs_as_written():
             y = conv_bn_act_pool2d(x, *args, padding=1, activation="relu")
         assert ("pydlx" in y.grad_fn.name()) == fused, (hw, y.grad_fn.name())
         assert_close(y, torch.relu(bn(conv(x))), dtype=torch.float32, name=f"{hw}")
+
+
+class _TinyResNet(nn.Module):
+    """torchvision's ResNet shape in miniature: a stem Conv -> BN -> ReLU -> MaxPool(3, 2, 1), one BasicBlock with
+    a strided downsample (Conv -> BN), an in-place residual add, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 5, 2, 2, bias=False), nn.BatchNorm2d(8)
+        self.relu, self.maxpool = nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        self.b_conv1, self.b_bn1 = nn.Conv2d(8, 12, 3, 2, 1, bias=False), nn.BatchNorm2d(12)
+        self.b_conv2, self.b_bn2 = nn.Conv2d(12, 12, 3, 1, 1, bias=False), nn.BatchNorm2d(12)
+        self.down = nn.Sequential(nn.Conv2d(8, 12, 1, 2, bias=False), nn.BatchNorm2d(12))
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out = self.relu(self.b_bn1(self.b_conv1(x)))
+        out = self.b_bn2(self.b_conv2(out))
+        out += self.down(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.relu(out), 1), 1))
+
+
+@pytest.mark.interpreter
+def test_optimized_resnet_like_model_runs_the_triton_kernels_in_both_modes(poison):
+    """Issue 14 on the Triton path: the folded eval-mode blocks and the training form (its convolution, forward and
+    recompute, is the Triton kernel) through the interpreter, against eager in float64: outputs, every gradient and
+    the BatchNorm statistics, train -> eval -> train."""
+    torch.manual_seed(0)
+    model = _TinyResNet()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.2)
+    fast = pydlx.optimize(model)
+    x = torch.randn(3, 3, 19, 17)
+    for mode in ("train", "eval", "train"):
+        getattr(model, mode)()
+        getattr(fast, mode)()
+        assert _pydlx_calls(fast, x).count("conv_bn_act_pool2d") == 4, _pydlx_calls(fast, x)
+        with pydlx.use_backend("triton"):
+            yf = fast(x)
+            gf = torch.autograd.grad(yf.square().sum(), list(fast.parameters()))
+        m64 = copy.deepcopy(model).double()
+        y64 = m64(x.double())
+        g64 = torch.autograd.grad(y64.square().sum(), list(m64.parameters()))
+        with torch.no_grad():
+            model(x)  # eager fp32: moves the original's statistics as the fused model's moved
+        assert_close(yf, y64, dtype=torch.float32, name=f"{mode} output")
+        for (name, _), a, b in zip(model.named_parameters(), gf, g64):
+            assert_close(a, b, dtype=torch.float32, name=f"{mode} {name}.grad")
+        for (name, a), b in zip(fast.named_buffers(), model.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
