@@ -666,6 +666,7 @@ def summary(rows: List[Row], check: bool) -> str:
     reasons = Counter()
     for r in done:
         for (k, why), n in r.kept.items():
+            why = re.sub(r"groups=\d+ \(only 1\)", "groups > 1 (only 1)", why or "")  # one reason, not 130
             reasons[f"{k} ({why})" if why else k] += n
     if reasons:
         text += "\nkept over the zoo: " + "; ".join(f"{n} {k}" for k, n in reasons.most_common())

@@ -297,3 +297,13 @@ def test_zoo_model_checks(name):
 def test_zoo_model_checks_through_the_pydlx_ops(name):
     row = coverage.run_model(name, 32, check=True, backend="reference")
     assert row.ok and row.eval_share > 0.02, coverage.cells(row, True)
+
+
+def test_summary_groups_the_groups_reasons():
+    """Each grouped conv's reason names its groups; the zoo-wide summary counts them as one reason."""
+    rows = [coverage.Row("a", fused=collections.Counter({"Conv+BN+ReLU": 1})),
+            coverage.Row("b", fused=collections.Counter({"Conv+BN+ReLU": 2}))]
+    rows[0].kept = collections.Counter({("Conv+BN+ReLU", "groups=32 (only 1)"): 3, ("Linear", None): 1})
+    rows[1].kept = collections.Counter({("Conv+BN+ReLU", "groups=4 (only 1)"): 2})
+    text = coverage.summary(rows, check=False)
+    assert "kept over the zoo: 5 Conv+BN+ReLU (groups > 1 (only 1)); 1 Linear" in text, text
