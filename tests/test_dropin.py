@@ -159,3 +159,20 @@ def test_empty_dimensions_as_torch(make_torch, make_pydlx, shape, backend):
     torch.testing.assert_close(xp.grad, xt.grad, rtol=1e-5, atol=1e-5)
     for (name, pp), pt in zip(model_p.named_parameters(), model_t.parameters()):
         torch.testing.assert_close(pp.grad, pt.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_double_backward_raises_torchs_error_not_a_wrong_gradient():
+    """The ops' backward passes are not differentiable: create_graph=True then a second backward raises torch's
+    RuntimeError through a forced backend (README, Not supported yet); under auto on a CPU (plain PyTorch) it works."""
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    with pydlx.use_backend("reference"), pytest.raises(RuntimeError, match="no autograd formula"):
+        y = pydlx.ops.linear(x, w, None, activation="gelu")
+        (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        g.sum().backward()
+    y = pydlx.ops.linear(x, w, None, activation="gelu")
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), w)
+    y_ = torch.nn.functional.gelu(torch.nn.functional.linear(x, w))
+    (g_,) = torch.autograd.grad(y_.square().sum(), x, create_graph=True)
+    torch.testing.assert_close(gg, torch.autograd.grad(g_.sum(), w)[0])
