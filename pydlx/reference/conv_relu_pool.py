@@ -125,20 +125,24 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, 
         running_var.mul_(1 - momentum).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
 
 
+def _per_channel(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
+                 gamma: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """(invstd, gamma invstd, values per channel), per-channel vectors in the math dtype."""
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd * gamma.to(mean.dtype) if gamma is not None else invstd
+    return invstd, scale, z.numel() // z.shape[1]
+
+
 def bn_act(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, gamma: Optional[torch.Tensor],
-           beta: Optional[torch.Tensor], activation: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(xhat, pre, a): the normalised z (math dtype), gamma xhat + beta and its activation (z's dtype). Forward and
-    backward both call it, so the recomputed activation (its ReLU mask, the pool's argmax) is the forward's, bit for
-    bit."""
+           beta: Optional[torch.Tensor], activation: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(pre, a): gamma (z - mean) / sqrt(var + eps) + beta as one multiply-add over z with per-channel scale and
+    shift (math dtype, rounded to z's dtype once; ATen's CPU batch norm uses the same form), and its activation. Forward and backward both call it, so the
+    recomputed activation (its ReLU mask, the pool's argmax) is the forward's, bit for bit."""
     view = (1, -1, 1, 1)
-    xhat = (z.to(mean.dtype) - mean.view(view)) * torch.rsqrt(var + eps).view(view)
-    pre = xhat
-    if gamma is not None:
-        pre = pre * gamma.to(mean.dtype).view(view)
-    if beta is not None:
-        pre = pre + beta.to(mean.dtype).view(view)
-    pre = pre.to(z.dtype)
-    return xhat, pre, activation_forward(pre, activation)
+    _, scale, _ = _per_channel(z, mean, var, eps, gamma)
+    shift = -mean * scale + (beta.to(mean.dtype) if beta is not None else 0)
+    pre = torch.addcmul(shift.view(view), z.to(mean.dtype), scale.view(view)).to(z.dtype)
+    return pre, activation_forward(pre, activation)
 
 
 def conv_bn_train_fwd(conv, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
@@ -150,7 +154,7 @@ def conv_bn_train_fwd(conv, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.
     convolution. The conv output lives only inside this call: backward recomputes it from x."""
     z = conv(x, w, b)
     mean, var = batch_stats(z)
-    a = bn_act(z, mean, var, eps, gamma, beta, activation)[2]
+    a = bn_act(z, mean, var, eps, gamma, beta, activation)[1]
     y = a if P == 1 else F.max_pool2d(a, P, Q, PP, ceil_mode=ceil_mode)
     return y.contiguous(), mean, var
 
@@ -165,18 +169,23 @@ def conv_bn_train_bwd(conv, grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor
     recomputed map: the forward's argmax, ties included), the activation's derivative, the BatchNorm backward with
     the batch statistics (math dtype) and the convolution backward (cuDNN on GPUs)."""
     z = conv(x, w, b)
-    xhat, pre, a = bn_act(z, mean, var, eps, gamma, beta, activation)
+    pre, a = bn_act(z, mean, var, eps, gamma, beta, activation)
     if P > 1:
         _, where = F.max_pool2d(a, P, Q, PP, ceil_mode=ceil_mode, return_indices=True)
         grad = torch.ops.aten.max_pool2d_with_indices_backward(grad, a, [P, P], [Q, Q], [PP, PP], [1, 1], ceil_mode,
                                                                where)
-    g = activation_backward(grad, pre if saves_preact(activation) else a, activation).to(xhat.dtype)
-    dims = (0, 2, 3)
-    dbeta = g.sum(dims) if beta is not None else None
-    dgamma = (g * xhat).sum(dims) if gamma is not None else None
-    dxhat = g * gamma.to(xhat.dtype).view(1, -1, 1, 1) if gamma is not None else g
-    dz = (dxhat - dxhat.mean(dims, keepdim=True) - xhat * (dxhat * xhat).mean(dims, keepdim=True)) \
-        * torch.rsqrt(var + eps).view(1, -1, 1, 1)
+    g = activation_backward(grad, pre if saves_preact(activation) else a, activation).to(mean.dtype)
+    del pre, a
+    # BatchNorm's backward in per-channel coefficients: with xhat = (z - mean) invstd, sg = sum g, sgx = sum g xhat
+    # over the n values of a channel, dz = gamma invstd (g - sg / n - xhat sgx / n) = c1 g + c2 xhat + c3
+    view, dims = (1, -1, 1, 1), (0, 2, 3)
+    invstd, scale, n = _per_channel(z, mean, var, eps, gamma)
+    xhat = (z.to(mean.dtype) - mean.view(view)).mul_(invstd.view(view))  # (subtracting first: no cancellation)
+    sg, sgx = g.sum(dims), (g * xhat).sum(dims)
+    dz = torch.addcmul(torch.addcmul((-scale * sg / n).view(view), xhat, (-scale * sgx / n).view(view)), g,
+                       scale.view(view))
+    dbeta = sg if beta is not None else None
+    dgamma = sgx if gamma is not None else None
     K = w.shape[0]
     dx, dw, db = torch.ops.aten.convolution_backward(
         dz.to(z.dtype), x, w, [K] if b is not None else None, [stride, stride], [padding, padding], [1, 1], False,
