@@ -378,19 +378,25 @@ def _batchnorm(node: fx.Node, mod: nn.Module, modules) -> Optional[Tuple[fx.Node
 
 
 def _why_not_folded(bn: nn.Module) -> Optional[str]:
-    """Why the BatchNorm after a Conv2d / Linear stays eager, or None. A BatchNorm2d in training mode joins the
-    conv's op (batch statistics, the conv recomputed in backward: ``conv_bn_train``); a BatchNorm1d does not."""
+    """Why the BatchNorm after a Conv2d / Linear stays eager, or None. In training mode it joins the layer's op all
+    the same (batch statistics, the layer's output recomputed in backward: the ops' training forms)."""
     if not bn.track_running_stats or bn.running_mean is None:
         return "track_running_stats=False (batch statistics in eval too)"
-    if bn.training and type(bn) is not nn.BatchNorm2d:
-        return "in training mode (batch statistics): folded in eval mode only"
     return None
 
 
 def _bn_words(bn: nn.Module) -> str:
-    if bn.training and type(bn) is nn.BatchNorm2d:
-        return f"{type(bn).__name__} (training: batch statistics, conv recomputed in backward)"
+    if bn.training:
+        layer = "conv" if type(bn) is nn.BatchNorm2d else "Linear"
+        return f"{type(bn).__name__} (training: batch statistics, {layer} recomputed in backward)"
     return f"{type(bn).__name__} (folded)"
+
+
+def _bn_training_kwargs(graph: fx.Graph, fqn: str) -> dict:
+    """The training form's extra arguments: the BatchNorm's momentum (read from the module at every call) and its
+    num_batches_tracked buffer. (The BatchNorm's mode is a guard: the other mode is another specialisation.)"""
+    return dict(training=True, momentum=graph.call_function(getattr, (graph.get_attr(fqn), "momentum")),
+                num_batches_tracked=graph.get_attr(f"{fqn}.num_batches_tracked"))
 
 
 def _bn_params(graph: fx.Graph, fqn: str, bn: nn.Module):
@@ -483,13 +489,12 @@ def _single_apply(graph: fx.Graph, fqn: str, mod: nn.Module, matches) -> None:
                 kw = fused_args(mod, pool)
                 if op != "conv_relu_pool2d":
                     kw["activation"] = act
-                if bn is not None and bn[2].training:  # (a guard: the other mode is another specialisation)
-                    kw.update(training=True, momentum=graph.call_function(getattr, (graph.get_attr(bn[1]),
-                                                                                    "momentum")),
-                              num_batches_tracked=graph.get_attr(f"{bn[1]}.num_batches_tracked"))
+                if bn is not None and bn[2].training:
+                    kw.update(_bn_training_kwargs(graph, bn[1]))
                 new = graph.call_function(getattr(conv_ops, op), (x, w, b, *(bnp or ())), kw)
             elif bn is not None:
-                new = graph.call_function(linear_batchnorm, (x, w, b, *bnp), {"activation": act})
+                kw = _bn_training_kwargs(graph, bn[1]) if bn[2].training else {}
+                new = graph.call_function(linear_batchnorm, (x, w, b, *bnp), {"activation": act, **kw})
             else:
                 new = graph.call_function(linear, (x, w, b), {"activation": act})
         (chain[-1] if chain else node).replace_all_uses_with(new)
@@ -577,7 +582,8 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
                 f" [{_pool_words(pool)}]" if pool is not None and (pool.ceil_mode or _pair(pool.padding) != (0, 0))
                 else "") + (f"; the MaxPool2d after it runs eagerly ({m0[5]})" if m0[5] else "")
         else:
-            desc = f"{kind} (forward code) -> pydlx.ops.linear(activation={matches[0][3]!r})" if all(matches) \
+            op = "linear_batchnorm" if m0[4] is not None else "linear"
+            desc = f"{kind} (forward code) -> pydlx.ops.{op}(activation={matches[0][3]!r})" if all(matches) \
                 else kind
         found.append((fqn, desc, why, lambda fqn=fqn, mod=mod, m=matches: _single_apply(graph, fqn, mod, m)))
     return found

@@ -129,7 +129,9 @@ def build(name: str, size: int, seed: int = 0) -> Tuple[nn.Module, int]:
 
 
 # ----------------------------------------------------------------------------------------------- explain's lines
-_SHORT = [(" (forward code)", ""), (" (folded)", ""), ("BatchNorm2d", "BN"), ("BatchNorm1d", "BN"),
+_SHORT = [(" (forward code)", ""), (" (folded)", ""), (" (training: batch statistics, conv recomputed in backward)", ""),
+          (" (training: batch statistics, Linear recomputed in backward)", ""), ("BatchNorm2d", "BN"),
+          ("BatchNorm1d", "BN"),
           ("MaxPool2d", "MaxPool"), ("Conv2d", "Conv"), (" + ", "+")]
 
 

@@ -23,7 +23,7 @@ MATRIX = [
     ("conv_relu_pool", "triton", ("fp32", "fp16", "bf16"), True),
     ("conv_relu_pool", "cuda", ("fp32", "fp16", "bf16"), True),
     ("conv_act_pool", "triton", ("fp32", "bf16"), True), ("conv_act_pool", "cuda", ("fp32", "bf16"), True),
-    ("conv_bn_train", "triton", ("fp32", "bf16"), True),
+    ("conv_bn_train", "triton", ("fp32", "bf16"), True), ("linear_bn_train", "triton", ("fp32", "bf16"), True),
     ("lstm", "triton", ("fp32", "fp16", "bf16"), True), ("lstm", "cuda", ("fp32", "fp16", "bf16"), True),
     ("lstm_cell", "triton", ("fp32", "fp16", "bf16"), True),
 ]
@@ -71,6 +71,21 @@ class _TrainingConvBN(nn.Module):
                                             momentum=bn.momentum, num_batches_tracked=bn.num_batches_tracked)
 
 
+class _TrainingLinearBN(nn.Module):
+    """Linear -> BatchNorm1d (batch statistics) -> ReLU through pydlx.ops.linear_batchnorm(training=True) over
+    ``seq``'s parameters and BatchNorm buffers."""
+
+    def __init__(self, seq):
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x):
+        fc, bn = self.seq[0], self.seq[1]
+        return pydlx.ops.linear_batchnorm(x, fc.weight, fc.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                          bn.eps, "relu", training=True, momentum=bn.momentum,
+                                          num_batches_tracked=bn.num_batches_tracked)
+
+
 def _model(family):
     if family == "linear":
         lin = nn.Linear(70, 45)
@@ -88,6 +103,9 @@ def _model(family):
     if family == "conv_bn_train":
         seq = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
         return seq, _TrainingConvBN(seq), (2, 3, 19, 17)
+    if family == "linear_bn_train":
+        seq = nn.Sequential(nn.Linear(37, 23), nn.BatchNorm1d(23), nn.ReLU())
+        return seq, _TrainingLinearBN(seq), (19, 37)
     if family == "lstm":
         m = nn.LSTM(6, 20)
         return m, pydlx.nn.LSTM.from_module(m), (7, 5, 6)

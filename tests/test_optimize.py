@@ -543,8 +543,8 @@ def _pydlx_calls(fast, *args):
 def test_batchnorm_is_folded_in_eval_and_recomputed_in_training():
     """Issue 14: Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d and Linear -> BatchNorm1d -> ReLU fuse in eval mode, the
     BatchNorm folded into the weights from its running statistics at every call; in training mode (batch
-    statistics, running-stat updates) the conv block becomes the op's training form (the conv recomputed in
-    backward) and the Linear -> BatchNorm1d runs as written. Optimized in training mode, the default."""
+    statistics, running-stat updates) both become the ops' training forms (the layer's output recomputed in
+    backward). Optimized in training mode, the default."""
     net = _bn_net()
     fast = pydlx.optimize(net)
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
@@ -553,8 +553,7 @@ def test_batchnorm_is_folded_in_eval_and_recomputed_in_training():
         getattr(fast, mode)()
         _same(fast, net, x)
         calls = _pydlx_calls(fast, x)
-        assert calls == (["conv_bn_act_pool2d", "linear_batchnorm"] if mode == "eval" else
-                         ["conv_bn_act_pool2d"]), (mode, calls)
+        assert calls == ["conv_bn_act_pool2d", "linear_batchnorm"], (mode, calls)
         if mode == "train":
             for backend in ("reference", "auto"):  # the training form forced, and eager under auto
                 f, n = copy.deepcopy(fast), copy.deepcopy(net)
@@ -591,8 +590,8 @@ def test_batchnorm_that_cannot_fold_is_kept_with_the_reason():
     _same(fast, net, x)
     assert _pydlx_calls(fast, x) == []
     train_text = pydlx.explain(_bn_net().train())
-    assert "keep   5: Linear + BatchNorm1d (folded) + activation" in train_text, train_text
-    assert "in training mode (batch statistics): folded in eval mode only" in train_text
+    assert ("fuse   5: Linear + BatchNorm1d (training: batch statistics, Linear recomputed in backward) + "
+            "activation") in train_text, train_text
     assert ("fuse   0: Conv2d + BatchNorm2d (training: batch statistics, conv recomputed in backward) + ReLU + "
             "MaxPool2d") in train_text, train_text
 

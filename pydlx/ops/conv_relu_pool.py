@@ -30,8 +30,8 @@ from ._common import ArgumentError, DtypeError, FLOAT_DTYPES, autocast_cast, why
 from .._policy import size_of
 from ..reference.conv_relu_pool import conv_act_pool2d as reference_conv_act_pool2d, conv_relu_pool_bwd, out_shape
 from ..reference.conv_relu_pool import conv_bn_train_bwd as reference_conv_bn_train_bwd
-from ..reference.conv_relu_pool import conv_bn_train_fwd as reference_conv_bn_train_fwd, math_dtype
-from ..reference.conv_relu_pool import update_running_stats
+from ..reference.conv_relu_pool import conv_bn_train_fwd as reference_conv_bn_train_fwd
+from ..reference.batchnorm import math_dtype, update_running_stats
 from ..reference.linear import MONOTONE, activation_forward, check_activation, parse_activation, saves_preact
 
 NAME = "pydlx.ops.conv_relu_pool2d"

@@ -27,6 +27,9 @@ from .. import _backend
 from .._policy import size_of
 from ._common import ArgumentError, DtypeError, rows, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
 from ..reference.linear import activation_forward, activation_spec, check_activation, saves_preact
+from ..reference.batchnorm import linear_bn_train_bwd as reference_linear_bn_train_bwd
+from ..reference.batchnorm import linear_bn_train_fwd as reference_linear_bn_train_fwd, math_dtype
+from ..reference.batchnorm import update_running_stats
 from ..reference.linear import linear as reference_linear
 
 
@@ -178,13 +181,23 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
 def linear_batchnorm(input: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
                      running_var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
-                     activation: Optional[str] = None) -> Tensor:
-    """act(BatchNorm1d(Linear(x))) with the BatchNorm in eval mode, folded into the Linear (pydlx.optimize's
-    Linear -> BatchNorm1d [-> act] chains). BatchNorm1d normalises dim 1, the Linear's features only for 2-D input:
-    other ranks run the chain eagerly, as torch does; so does a call where folding would save more for backward
-    than eager (pydlx.ops.conv_relu_pool.fold_costs_memory)."""
+                     activation: Optional[str] = None, training: bool = False, momentum: Optional[float] = 0.1,
+                     num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """act(BatchNorm1d(Linear(x))) (pydlx.optimize's Linear -> BatchNorm1d [-> act] chains); the BatchNorm's
+    arguments are F.batch_norm's, ``num_batches_tracked`` its buffer (incremented here in training mode, as
+    BatchNorm1d.forward does; ``momentum`` None: the cumulative average). BatchNorm1d normalises dim 1, the Linear's
+    features only for 2-D input: other ranks run the chain eagerly, as torch does.
+
+    Eval mode: the BatchNorm folded into the Linear from its running statistics; a call where folding would save
+    more for backward than eager runs eagerly (pydlx.ops.conv_relu_pool.fold_costs_memory). Training mode: batch
+    statistics; under a forced backend the op saves only x and recomputes the Linear's output in backward (against
+    eager's x, the Linear's output and the activation's), under ``auto`` the chain runs as eager PyTorch until a GPU
+    measures the recompute."""
     from .conv_relu_pool import fold_batchnorm, fold_costs_memory
 
+    if training:
+        return _linear_bn_train(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, activation,
+                                momentum, num_batches_tracked)
     if not (isinstance(input, Tensor) and input.dim() == 2) or fold_costs_memory(
             input, weight, input.shape[0] * weight.shape[0], bias, bn_weight, bn_bias):
         z = torch.nn.functional.batch_norm(torch.nn.functional.linear(input, weight, bias), running_mean, running_var,
@@ -192,3 +205,91 @@ def linear_batchnorm(input: Tensor, weight: Tensor, bias: Optional[Tensor], runn
         return activation_forward(z, activation)
     w, b = fold_batchnorm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
     return linear(input, w, b, activation)
+
+
+# --------------------------------------------------------------------- training-mode BatchNorm: recomputed in backward
+def _gemm(backend: str):
+    """The backend's Linear (no activation) as linear(x2d, w, b)."""
+    impl = _impl(backend)
+    return lambda x, w, b: impl.linear_fwd(x, w, b, None, False)[0]
+
+
+@torch.library.custom_op("pydlx::linear_bn_train_fwd", mutates_args=())
+def linear_bn_train_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                        bn_bias: Optional[Tensor], eps: float, activation: str, backend: str
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+    return reference_linear_bn_train_fwd(_gemm(backend), input, weight, bias, bn_weight, bn_bias, eps,
+                                         _act_name(activation))
+
+
+@linear_bn_train_fwd.register_fake
+def _(input, weight, bias, bn_weight, bn_bias, eps, activation, backend):
+    stats = input.new_empty(weight.shape[0], dtype=math_dtype(input.dtype))
+    return input.new_empty((input.shape[0], weight.shape[0])), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("pydlx::linear_bn_train_bwd", mutates_args=())
+def linear_bn_train_bwd(grad: Tensor, input: Tensor, weight: Tensor, bias: Optional[Tensor],
+                        bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float,
+                        activation: str, backend: str, need_input: bool, need_weight: bool, need_bias: bool
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = reference_linear_bn_train_bwd(_gemm(backend), grad, input, weight, bias, bn_weight, bn_bias, mean, var,
+                                          eps, _act_name(activation), need_input, need_weight, need_bias)
+    return tuple(g.to(t.dtype) if g is not None else input.new_empty(0)
+                 for g, t in zip(grads, (input, weight, bias, bn_weight, bn_bias)))
+
+
+@linear_bn_train_bwd.register_fake
+def _(grad, input, weight, bias, bn_weight, bn_bias, mean, var, eps, activation, backend, need_input, need_weight,
+      need_bias):
+    def like(t, needed):
+        return torch.empty_like(t) if t is not None and needed else input.new_empty(0)
+    return (like(input, need_input), like(weight, need_weight), like(bias, need_bias), like(bn_weight, True),
+            like(bn_bias, True))
+
+
+def _train_setup_context(ctx, inputs, output):
+    input, weight, bias, bn_weight, bn_bias, eps, activation, backend = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(input, weight, bias, bn_weight, bn_bias, mean, var)  # no activation-sized tensor but x
+    ctx.args = (eps, activation, backend)
+
+
+def _train_backward(ctx, grad_y, grad_mean, grad_var):
+    input, weight, bias, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    if grad_y is None:
+        return (None,) * 8
+    need = ctx.needs_input_grad
+    grads = linear_bn_train_bwd(grad_y.contiguous(), input, weight, bias, bn_weight, bn_bias, mean, var, *ctx.args,
+                                need[0], need[1], need[2])
+    return tuple(g if need[i] and t is not None else None
+                 for i, (g, t) in enumerate(zip(grads, (input, weight, bias, bn_weight, bn_bias)))) + (None,) * 3
+
+
+torch.library.register_autograd("pydlx::linear_bn_train_fwd", _train_backward, setup_context=_train_setup_context)
+
+
+def _linear_bn_train(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, activation, momentum,
+                     num_batches_tracked) -> Tensor:
+    """``linear_batchnorm`` in training mode (see there)."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)  # BatchNorm1d.forward's bookkeeping, as the module would do it
+        if momentum is None:
+            momentum = 1.0 / float(num_batches_tracked)
+    factor = 0.0 if momentum is None else momentum
+    if not (isinstance(input, Tensor) and input.dim() == 2) or _backend.current_backend() == "auto" or \
+            running_mean is None or running_var is None or input.shape[0] == 1:
+        # (torch's own errors: "Expected more than 1 value per channel when training" for one row)
+        z = torch.nn.functional.batch_norm(torch.nn.functional.linear(input, weight, bias), running_mean, running_var,
+                                           bn_weight, bn_bias, True, factor, eps)
+        return activation_forward(z, activation)
+    if all(isinstance(t, Tensor) and t.is_floating_point() for t in (input, weight, bias) if t is not None):
+        input, weight, bias = autocast_cast(input.device.type, (input, weight, bias))
+    check_linear_args(input, weight, bias, activation)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    y, mean, var = linear_bn_train_fwd(input, weight, bias, bn_weight, bn_bias, float(eps),
+                                       _op_activation(activation), choose(input, weight, needs_grad))
+    update_running_stats(running_mean, running_var, mean, var, input.shape[0], factor)
+    return y

@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .linear import activation_backward, activation_forward, saves_preact
+from .batchnorm import batch_stats, bn_act, bn_act_backward
+from .linear import activation_backward, activation_forward
 
 
 def conv_act_pool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: int = 1,
@@ -105,52 +106,12 @@ def conv_relu_pool_bwd(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, y: 
 
 
 # ------------------------------------------------------------------- training-mode BatchNorm, recomputed in backward
-def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def batch_stats(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance) per channel of z [N, K, H, W], in the math dtype (fp32 for 16-bit z), as
-    training-mode BatchNorm2d normalises with them."""
-    var, mean = torch.var_mean(z.to(math_dtype(z.dtype)), dim=(0, 2, 3), correction=0)
-    return mean, var
-
-
-def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                         var: torch.Tensor, count: int, momentum: float) -> None:
-    """Move the running statistics as training-mode BatchNorm does: an exponential average (factor ``momentum``)
-    of the batch mean and the unbiased batch variance (``count`` values per channel)."""
-    with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
-
-
-def _per_channel(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
-                 gamma: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """(invstd, gamma invstd, values per channel), per-channel vectors in the math dtype."""
-    invstd = torch.rsqrt(var + eps)
-    scale = invstd * gamma.to(mean.dtype) if gamma is not None else invstd
-    return invstd, scale, z.numel() // z.shape[1]
-
-
-def bn_act(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, gamma: Optional[torch.Tensor],
-           beta: Optional[torch.Tensor], activation: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(pre, a): gamma (z - mean) / sqrt(var + eps) + beta as one multiply-add over z with per-channel scale and
-    shift (math dtype, rounded to z's dtype once; ATen's CPU batch norm uses the same form), and its activation. Forward and backward both call it, so the
-    recomputed activation (its ReLU mask, the pool's argmax) is the forward's, bit for bit."""
-    view = (1, -1, 1, 1)
-    _, scale, _ = _per_channel(z, mean, var, eps, gamma)
-    shift = -mean * scale + (beta.to(mean.dtype) if beta is not None else 0)
-    pre = torch.addcmul(shift.view(view), z.to(mean.dtype), scale.view(view)).to(z.dtype)
-    return pre, activation_forward(pre, activation)
-
-
 def conv_bn_train_fwd(conv, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
                       gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], eps: float, P: int, Q: int,
                       PP: int, ceil_mode: bool, activation: Optional[str]
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, var): max_pool2d(act(BatchNorm2d(conv(x)))) with the BatchNorm in training mode (batch statistics;
-    the caller moves the running statistics with ``update_running_stats``). ``conv(x, w, b)`` is the backend's
+    the caller moves the running statistics: pydlx/reference/batchnorm.py). ``conv(x, w, b)`` is the backend's
     convolution. The conv output lives only inside this call: backward recomputes it from x."""
     z = conv(x, w, b)
     mean, var = batch_stats(z)
@@ -166,29 +127,19 @@ def conv_bn_train_bwd(conv, grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor
                       ) -> Tuple[Optional[torch.Tensor], ...]:
     """(dx, dw, db, dgamma, dbeta): the conv output, the BatchNorm and the activation recomputed from x (the same
     conv as the forward's, the same ``bn_act``), dy routed through the pool (max_pool2d's own backward over the
-    recomputed map: the forward's argmax, ties included), the activation's derivative, the BatchNorm backward with
-    the batch statistics (math dtype) and the convolution backward (cuDNN on GPUs)."""
+    recomputed map: the forward's argmax, ties included), the activation's and BatchNorm's backward
+    (``bn_act_backward``) and the convolution backward (cuDNN on GPUs)."""
     z = conv(x, w, b)
-    pre, a = bn_act(z, mean, var, eps, gamma, beta, activation)
+    pool = None
     if P > 1:
-        _, where = F.max_pool2d(a, P, Q, PP, ceil_mode=ceil_mode, return_indices=True)
-        grad = torch.ops.aten.max_pool2d_with_indices_backward(grad, a, [P, P], [Q, Q], [PP, PP], [1, 1], ceil_mode,
-                                                               where)
-    g = activation_backward(grad, pre if saves_preact(activation) else a, activation).to(mean.dtype)
-    del pre, a
-    # BatchNorm's backward in per-channel coefficients: with xhat = (z - mean) invstd, sg = sum g, sgx = sum g xhat
-    # over the n values of a channel, dz = gamma invstd (g - sg / n - xhat sgx / n) = c1 g + c2 xhat + c3
-    view, dims = (1, -1, 1, 1), (0, 2, 3)
-    invstd, scale, n = _per_channel(z, mean, var, eps, gamma)
-    xhat = (z.to(mean.dtype) - mean.view(view)).mul_(invstd.view(view))  # (subtracting first: no cancellation)
-    sg, sgx = g.sum(dims), (g * xhat).sum(dims)
-    dz = torch.addcmul(torch.addcmul((-scale * sg / n).view(view), xhat, (-scale * sgx / n).view(view)), g,
-                       scale.view(view))
-    dbeta = sg if beta is not None else None
-    dgamma = sgx if gamma is not None else None
+        def pool(a, grad):
+            _, where = F.max_pool2d(a, P, Q, PP, ceil_mode=ceil_mode, return_indices=True)
+            return torch.ops.aten.max_pool2d_with_indices_backward(grad, a, [P, P], [Q, Q], [PP, PP], [1, 1],
+                                                                   ceil_mode, where)
+    dz, dgamma, dbeta = bn_act_backward(grad, z, mean, var, eps, gamma, beta, activation, pool)
     K = w.shape[0]
     dx, dw, db = torch.ops.aten.convolution_backward(
-        dz.to(z.dtype), x, w, [K] if b is not None else None, [stride, stride], [padding, padding], [1, 1], False,
+        dz, x, w, [K] if b is not None else None, [stride, stride], [padding, padding], [1, 1], False,
         [0, 0], 1, [need_input, need_weight, b is not None and need_bias])
     return dx, dw, db, dgamma, dbeta
 
@@ -199,5 +150,4 @@ def window_fits(P: int, PP: int) -> bool:
 
 
 __all__ = ["conv_act_pool2d", "conv_relu_pool2d", "out_shape", "pooled_size", "conv_relu_pool_fwd",
-           "conv_relu_pool_bwd", "why_too_large", "window_fits", "math_dtype", "batch_stats", "update_running_stats", "bn_act", "conv_bn_train_fwd",
-           "conv_bn_train_bwd"]
+           "conv_relu_pool_bwd", "why_too_large", "window_fits", "conv_bn_train_fwd", "conv_bn_train_bwd"]
