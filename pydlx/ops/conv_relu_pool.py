@@ -31,7 +31,7 @@ from .._policy import size_of
 from ..reference.conv_relu_pool import conv_act_pool2d as reference_conv_act_pool2d, conv_relu_pool_bwd, out_shape
 from ..reference.conv_relu_pool import conv_bn_train_bwd as reference_conv_bn_train_bwd
 from ..reference.conv_relu_pool import conv_bn_train_fwd as reference_conv_bn_train_fwd
-from ..reference.batchnorm import math_dtype, update_running_stats
+from ..reference.batchnorm import math_dtype, momentum_factor, update_running_stats
 from ..reference.linear import MONOTONE, activation_forward, check_activation, parse_activation, saves_preact
 
 NAME = "pydlx.ops.conv_relu_pool2d"
@@ -386,11 +386,7 @@ def conv_bn_train(input: Tensor, weight: Tensor, bias: Optional[Tensor], running
     conv output (BatchNorm's input), the activation output and int64 pool indices; the price is one more
     convolution forward in backward. Under ``auto`` (CPU, and GPUs until a measurement says the memory is worth the
     recompute) the chain runs as eager PyTorch."""
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)  # BatchNorm2d.forward's bookkeeping, as the module would do it
-        if momentum is None:
-            momentum = 1.0 / float(num_batches_tracked)
-    factor = 0.0 if momentum is None else momentum
+    factor = momentum_factor(momentum, num_batches_tracked)  # (BatchNorm2d.forward's bookkeeping)
     if not (isinstance(input, Tensor) and input.dim() == 4) or _backend.current_backend() == "auto" or \
             running_mean is None or running_var is None:
         return _eager_conv_bn(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,

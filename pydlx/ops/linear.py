@@ -29,7 +29,7 @@ from ._common import ArgumentError, DtypeError, rows, FLOAT_DTYPES, autocast_cas
 from ..reference.linear import activation_forward, activation_spec, check_activation, saves_preact
 from ..reference.batchnorm import linear_bn_train_bwd as reference_linear_bn_train_bwd
 from ..reference.batchnorm import linear_bn_train_fwd as reference_linear_bn_train_fwd, math_dtype
-from ..reference.batchnorm import update_running_stats
+from ..reference.batchnorm import momentum_factor, update_running_stats
 from ..reference.linear import linear as reference_linear
 
 
@@ -274,11 +274,7 @@ torch.library.register_autograd("pydlx::linear_bn_train_fwd", _train_backward, s
 def _linear_bn_train(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, activation, momentum,
                      num_batches_tracked) -> Tensor:
     """``linear_batchnorm`` in training mode (see there)."""
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)  # BatchNorm1d.forward's bookkeeping, as the module would do it
-        if momentum is None:
-            momentum = 1.0 / float(num_batches_tracked)
-    factor = 0.0 if momentum is None else momentum
+    factor = momentum_factor(momentum, num_batches_tracked)  # (BatchNorm1d.forward's bookkeeping)
     if not (isinstance(input, Tensor) and input.dim() == 2) or _backend.current_backend() == "auto" or \
             running_mean is None or running_var is None or input.shape[0] == 1:
         # (torch's own errors: "Expected more than 1 value per channel when training" for one row)

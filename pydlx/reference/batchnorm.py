@@ -28,6 +28,16 @@ def batch_stats(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
+def momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[torch.Tensor]) -> float:
+    """BatchNorm.forward's bookkeeping in training mode: num_batches_tracked += 1, and the running statistics'
+    exponential-average factor (``momentum``; None: the cumulative average 1 / num_batches_tracked)."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            return 1.0 / float(num_batches_tracked)
+    return 0.0 if momentum is None else momentum
+
+
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
                          var: torch.Tensor, count: int, momentum: float) -> None:
     """Move the running statistics as training-mode BatchNorm does: an exponential average (factor ``momentum``)
@@ -102,5 +112,5 @@ def linear_bn_train_bwd(linear, grad: torch.Tensor, x2d: torch.Tensor, w: torch.
             dz.sum(0) if b is not None and need_bias else None, dgamma, dbeta)
 
 
-__all__ = ["math_dtype", "batch_stats", "update_running_stats", "bn_act", "bn_act_backward", "linear_bn_train_fwd",
+__all__ = ["math_dtype", "batch_stats", "momentum_factor", "update_running_stats", "bn_act", "bn_act_backward", "linear_bn_train_fwd",
            "linear_bn_train_bwd"]
