@@ -88,6 +88,19 @@ def test_triton_interpreter(case, dtype, poison):
     check(case, dtype, "triton")
 
 
+def test_forced_triton_runs_the_gemm(monkeypatch):
+    """Forced triton: the forward's Linear and backward's recompute are pydlx's Triton GEMM (not F.linear)."""
+    from pydlx.triton import linear as tri
+
+    calls = []
+    monkeypatch.setattr(tri, "linear_fwd", lambda *a, **k: calls.append(a) or
+                        pydlx.reference.MODULES["linear"].linear_fwd(*a, **k))
+    x, lin, bn, act = make(CASES[0].values[0], torch.float32)
+    with pydlx.use_backend("triton"):
+        run_op(x, lin, bn, act).sum().backward()
+    assert len(calls) == 2
+
+
 def test_saves_only_the_input_and_refuses_like_torch():
     x, lin, bn, act = make(CASES[0].values[0], torch.float32)
     params = [lin.weight, lin.bias, bn.weight, bn.bias]

@@ -1,6 +1,6 @@
 """``pydlx.ops.conv_act_pool2d``: MaxPool2d(act(Conv2d(x))) -- or act(Conv2d(x)) without the pool -- in one kernel that
-writes only its output; ``pydlx.ops.conv_relu_pool2d`` is its ReLU form, ``conv_bn_act_pool2d`` the form with an
-eval-mode BatchNorm2d folded into the convolution.
+writes only its output; ``pydlx.ops.conv_relu_pool2d`` is its ReLU form, ``conv_bn_act_pool2d`` the form with a
+BatchNorm2d after the conv (eval mode: folded into the convolution; training mode: the training form below).
 
 Ops (schemas defined once, here):
   pydlx::conv_relu_pool2d_fwd(input, weight, bias, stride, padding, pool_size, pool_stride, pool_padding,
@@ -10,6 +10,13 @@ Ops (schemas defined once, here):
       activation's derivative needs it (hardswish, mish, gelu, silu). idx and z are non-differentiable.
   pydlx::conv_relu_pool2d_bwd(grad, input, weight, y, idx, z, has_bias, stride, padding, pool_size, pool_stride,
       pool_padding, activation, need_input, need_weight) -> (dx, dw, db)
+  pydlx::conv_bn_train_fwd(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, pool_size, pool_stride,
+      pool_padding, ceil_mode, activation, backend) -> (y, mean, var)
+      the training form: max_pool(act(BatchNorm2d(conv(x)))) with batch statistics (per channel, fp32 for 16-bit x;
+      non-differentiable; the caller moves the running statistics); saves x, backward recomputes the conv output.
+  pydlx::conv_bn_train_bwd(grad, input, weight, bias, bn_weight, bn_bias, mean, var, eps, stride, padding,
+      pool_size, pool_stride, pool_padding, ceil_mode, activation, backend, need_input, need_weight, need_bias)
+      -> (dx, dw, db, dgamma, dbeta)
 Saved for backward: x, w, the output y (and idx / z) -- against eager's x, w, the full conv output, the full
 activation output and int64 pool indices. With a pool the activation must be non-decreasing (max commutes with it;
 its derivative is then a function of y). The forced ``cuda`` backend runs csrc/conv_relu_pool.cu's direct

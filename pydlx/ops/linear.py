@@ -6,6 +6,11 @@ Ops (schemas defined once, here):
       empty tensor. z is non-differentiable: it exists only to be saved for backward.
   pydlx::linear_bwd(grad, input, weight, saved, activation, has_bias, need_dx, need_dw, backend) -> (dx, dw, db)
       empty tensors stand for gradients that are not needed.
+  pydlx::linear_bn_train_fwd(input, weight, bias, bn_weight, bn_bias, eps, activation, backend) -> (y, mean, var)
+      ``linear_batchnorm``'s training form: act(BatchNorm1d(x W^T + b)) with batch statistics (mean and biased
+      variance per feature, fp32 for 16-bit x; non-differentiable); saves x, backward recomputes x W^T + b.
+  pydlx::linear_bn_train_bwd(grad, input, weight, bias, bn_weight, bn_bias, mean, var, eps, activation, backend,
+      need_input, need_weight, need_bias) -> (dx, dw, db, dgamma, dbeta)
 
 ``activation`` is a spec string (pydlx/reference/linear.py: "relu", "leaky_relu(0.2)", ..., or "none"), passed in
 its canonical form. Saved for backward: input, weight and one M×N tensor: y for relu/tanh/sigmoid/leaky_relu/elu/
@@ -200,11 +205,18 @@ def linear_batchnorm(input: Tensor, weight: Tensor, bias: Optional[Tensor], runn
                                 momentum, num_batches_tracked)
     if not (isinstance(input, Tensor) and input.dim() == 2) or fold_costs_memory(
             input, weight, input.shape[0] * weight.shape[0], bias, bn_weight, bn_bias):
-        z = torch.nn.functional.batch_norm(torch.nn.functional.linear(input, weight, bias), running_mean, running_var,
-                                           bn_weight, bn_bias, False, 0.0, eps)
-        return activation_forward(z, activation)
+        return _eager_linear_bn(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, activation,
+                                False, 0.0)
     w, b = fold_batchnorm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
     return linear(input, w, b, activation)
+
+
+def _eager_linear_bn(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, activation, training,
+                     momentum) -> Tensor:
+    """The chain as eager PyTorch runs it (torch's own argument errors included)."""
+    z = torch.nn.functional.batch_norm(torch.nn.functional.linear(input, weight, bias), running_mean, running_var,
+                                       bn_weight, bn_bias, training, momentum, eps)
+    return activation_forward(z, activation)
 
 
 # --------------------------------------------------------------------- training-mode BatchNorm: recomputed in backward
@@ -278,9 +290,8 @@ def _linear_bn_train(input, weight, bias, running_mean, running_var, bn_weight, 
     if not (isinstance(input, Tensor) and input.dim() == 2) or _backend.current_backend() == "auto" or \
             running_mean is None or running_var is None or input.shape[0] == 1:
         # (torch's own errors: "Expected more than 1 value per channel when training" for one row)
-        z = torch.nn.functional.batch_norm(torch.nn.functional.linear(input, weight, bias), running_mean, running_var,
-                                           bn_weight, bn_bias, True, factor, eps)
-        return activation_forward(z, activation)
+        return _eager_linear_bn(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, activation,
+                                True, factor)
     if all(isinstance(t, Tensor) and t.is_floating_point() for t in (input, weight, bias) if t is not None):
         input, weight, bias = autocast_cast(input.device.type, (input, weight, bias))
     check_linear_args(input, weight, bias, activation)
