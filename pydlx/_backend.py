@@ -207,8 +207,8 @@ def implementation(family: str, backend: str) -> ModuleType:
     """The module implementing ``family`` on ``backend``: pydlx/<backend>/<family>.py (imported on first use, by
     import statements that torch.compile can trace)."""
     if backend == "reference":
-        from .reference import MODULES
-        return MODULES[family]
+        from . import reference
+        return getattr(reference, family)
     if backend == "triton":
         from .triton import conv_relu_pool, linear, lstm, mlp
     elif backend == "cuda":

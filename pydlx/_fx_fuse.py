@@ -36,22 +36,11 @@ from torch.nn.modules.utils import _pair
 from .nn.conv_relu_pool import ConvReLUPool2d, fused_args, unsupported as conv_unsupported
 from .nn.linear import Linear
 from .nn.lstm import LSTM, LSTMCell
-from .nn.mlp import MLP, _module_spec
-from .reference.linear import MONOTONE, PARAMETERS, activation_refused, activation_spec, parse_activation
+from .nn.mlp import MLP
+from .activations import activation_refused, function_spec, is_monotone, method_spec, module_spec
 from .reference.mlp import fuses_in_one_kernel
 
 _LEAVES = (Linear, MLP, ConvReLUPool2d, LSTM, LSTMCell, nn.RNNBase, nn.LSTMCell)
-
-_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.silu: "silu",
-              torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
-              F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.mish: "mish", F.relu6: "relu6"}
-# (input, inplace=False): in place or not, the result is the same
-_INPLACE_ARG = (F.relu, F.silu, F.hardswish, F.hardsigmoid, F.mish, F.relu6)
-# function: (activation, its parameter's argument name, whether it also takes ``inplace``)
-_PARAMETRISED = {F.leaky_relu: ("leaky_relu", "negative_slope", True), F.elu: ("elu", "alpha", True),
-                 F.leaky_relu_: ("leaky_relu", "negative_slope", False), F.elu_: ("elu", "alpha", False)}
-_METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid",
-            "sigmoid_": "sigmoid"}
 
 MAX_SPECIALISATIONS = 8  # fused forwards kept per model; past that, new guard values run the unfused forward
 
@@ -270,39 +259,16 @@ def _activation(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
     return spec if spec is not None and activation_refused(spec) is None else None
 
 
-def _parameter(node: fx.Node, name: str, param: str, inplace: bool) -> Optional[str]:
-    """The spec of a call of F.leaky_relu / F.elu (or their in-place forms) with a constant parameter, else None."""
-    names = ["input", param] + (["inplace"] if inplace else [])
-    if len(node.args) > len(names) or any(k not in names[1:] for k in node.kwargs):
-        return None
-    value = dict(zip(names, node.args), **node.kwargs).get(param, PARAMETERS[name])
-    if isinstance(value, bool) or not isinstance(value, (int, float)):  # e.g. a traced value
-        return None
-    try:
-        return activation_spec(name, value)
-    except ValueError:  # not finite
-        return None
-
-
 def _activation_spec(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
     """pydlx's activation spec for what ``node`` computes from its first argument alone (parameters that the fused
-    ops refuse included: ``activation_refused`` says why), else None."""
+    ops refuse included: ``activation_refused`` says why), else None: the spellings of pydlx/activations.py's
+    table."""
     if node.op == "call_module":
-        return _module_spec(modules[node.target])
-    if node.op == "call_function":
-        t = node.target
-        if t is F.gelu:
-            approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-            return {"none": "gelu", "tanh": "gelu_tanh"}.get(approx)
-        if t in _PARAMETRISED:
-            return _parameter(node, *_PARAMETRISED[t])
-        if t in _INPLACE_ARG:
-            return _FUNCTIONS[t]
-        if t in _FUNCTIONS and len(node.args) == 1 and not node.kwargs:
-            return _FUNCTIONS[t]
-        return None
-    if node.op == "call_method" and len(node.args) == 1 and not node.kwargs:
-        return _METHODS.get(node.target)
+        return module_spec(modules[node.target])
+    if node.op == "call_function" and node.args:
+        return function_spec(node.target, node.args[1:], node.kwargs)
+    if node.op == "call_method" and not node.kwargs:
+        return method_spec(node.target, len(node.args) - 1)
     return None
 
 
@@ -428,11 +394,6 @@ def _mlp_apply(graph: fx.Graph, modules, linears, acts, hidden, last_node, last)
         graph.erase_node(n)
 
 
-def _monotone(spec: Optional[str]) -> bool:
-    """Whether max commutes with the activation (a non-decreasing function): only those fuse with a pool."""
-    return spec is not None and parse_activation(spec)[0] in MONOTONE
-
-
 def _conv_match(node: fx.Node, mod: nn.Module, first: list, bn, modules):
     """(node, chain nodes, pool, activation spec, bn, why the pool after it stays eager or None) for one call of a
     Conv2d whose output (after ``first``: the eval-mode BatchNorm, if any) goes through an activation, then maybe a
@@ -443,7 +404,7 @@ def _conv_match(node: fx.Node, mod: nn.Module, first: list, bn, modules):
     a = _only_user(head)
     act = _activation(a, modules) if a is not None else None
     if act is not None:
-        b = _only_user(a) if _monotone(act) else None
+        b = _only_user(a) if is_monotone(act) else None
         pool = _max_pool(b, modules) if b is not None else None
         dropped = conv_unsupported(mod, pool) if pool is not None and conv_unsupported(mod) is None else None
         if dropped is not None:
@@ -453,7 +414,7 @@ def _conv_match(node: fx.Node, mod: nn.Module, first: list, bn, modules):
     if pool is not None:
         b = _only_user(a)
         act = _activation(b, modules) if b is not None else None
-        if _monotone(act):
+        if is_monotone(act):
             return (node, first + [a, b], pool, act, bn, None)
     return (node, first, None, None, bn, None) if bn is not None else None
 

@@ -33,11 +33,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from pydlx.triton import linear as tri  # noqa: E402
 from pydlx.triton import conv_relu_pool as tri_crp  # noqa: E402
-from pydlx.triton.common import ACT_CODES  # noqa: E402
 from pydlx.triton import lstm as tri_lstm  # noqa: E402
 from pydlx.triton import mlp as tri_mlp  # noqa: E402
 from pydlx.triton.common import act_args  # noqa: E402
-from pydlx.reference.linear import saves_preact  # noqa: E402
+from pydlx.activations import saves_preact  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 ARCHS = (80, 90)
@@ -191,8 +190,8 @@ CRP_VARIANTS = {
     "crp-stem-pool3p1": dict(R=7, STRIDE=2, PAD=3, P=3, Q=2, PPAD=1, ACT=1, SAVE_Z=False),
     "crp-nopool-silu-z": dict(R=3, STRIDE=1, PAD=1, P=1, Q=1, PPAD=0, ACT=4, SAVE_Z=True),
     # the heaviest epilogue (mish: exp, two divisions) without a pool; a parametrised one (DCGAN's leaky_relu(0.2))
-    "crp-nopool-mish-z": dict(R=1, STRIDE=1, PAD=0, P=1, Q=1, PPAD=0, ACT=ACT_CODES["mish"], SAVE_Z=True),
-    "crp-pool2-leaky0.2": dict(R=3, STRIDE=1, PAD=1, P=2, Q=2, PPAD=0, ACT=ACT_CODES["leaky_relu"],
+    "crp-nopool-mish-z": dict(R=1, STRIDE=1, PAD=0, P=1, Q=1, PPAD=0, ACT=act_args("mish")[0], SAVE_Z=True),
+    "crp-pool2-leaky0.2": dict(R=3, STRIDE=1, PAD=1, P=2, Q=2, PPAD=0, ACT=act_args("leaky_relu")[0],
                                ALPHA=0.2, SAVE_Z=False),
     # the plain convolution (no activation, no pool): the training-mode Conv -> BatchNorm's conv, forward and recompute
     "crp-conv-only": dict(R=3, STRIDE=1, PAD=1, P=1, Q=1, PPAD=0, ACT=0, SAVE_Z=False),

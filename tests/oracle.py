@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from pydlx.reference.linear import parse_activation
+from pydlx.activations import parse_activation
 
 
 def _leaky_relu(slope):

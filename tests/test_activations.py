@@ -240,3 +240,56 @@ class _no_tf32:
 
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_tf32 = self.prev
+
+
+# ----------------------------------------------------------------------------------------------- one table
+def test_the_cpp_codes_are_the_tables():
+    """csrc/dispatch.h's enum Act, its name -> code function and both switch statements (dispatch.h's
+    PYDLX_DISPATCH_ACT, activations.cuh's act_fwd_rt) hold exactly pydlx/activations.py's rows, code for code."""
+    import os
+    import re
+
+    from pydlx.activations import NONE_CODE, TABLE
+
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    header = open(os.path.join(csrc, "dispatch.h")).read()
+    cuh = open(os.path.join(csrc, "activations.cuh")).read()
+    enum = dict((name, int(code)) for name, code in re.findall(r"\b(k[A-Za-z0-9]+) = (\d+)",
+                                                                  re.search(r"enum Act[^{]*\{([^}]*)\}", header)[1]))
+    returned = dict(re.findall(r'if \(name == "([a-z_0-9]+)"\) return (k[A-Za-z0-9]+);', header))
+    by_code = {code: name for name, code in enum.items()}
+    want = {a.name: a.code for a in TABLE}
+    assert {n: enum[k] for n, k in returned.items()} == dict(want, none=NONE_CODE)
+    assert set(enum.values()) == set(want.values()) | {NONE_CODE}
+    dispatched = {enum[k] for k in re.findall(r"PYDLX_ACT_CASE\(pydlx::(k[A-Za-z0-9]+)", header)}
+    assert dispatched == set(want.values()) | {NONE_CODE}
+    runtime = {enum[k] for k in re.findall(r"case (k[A-Za-z0-9]+): return act_fwd<", cuh)}
+    assert runtime == set(want.values()), sorted(by_code[c] for c in set(want.values()) - runtime)
+
+
+def test_the_table_is_torchs():
+    """Each row's module, functions and methods compute its forward (torch's), at its default parameter and another;
+    the module the table builds is the one it recognises."""
+    from pydlx import activations as A
+
+    z = torch.randn(257, dtype=torch.float64) * 4
+    for a in A.TABLE:
+        for value in ([a.default, 0.3] if a.param else [0.0]):
+            spec = A.activation_spec(a.name, value)
+            want = a.forward(z, value)
+            m = A.module_of(spec)
+            assert A.module_spec(m) == spec
+            torch.testing.assert_close(m(z.clone()), want, rtol=0, atol=0)
+            for s in a.functions:
+                args = {k: value for k in s.args if a.param and k == a.param[0]}
+                args.update({k: v for k, v in s.fixed.items()})
+                assert A.function_spec(s.fn, (), args) == spec, (s, args)
+                torch.testing.assert_close(s.fn(z.clone(), **args), want, rtol=0, atol=0)
+        for method in a.methods:
+            assert A.method_spec(method, 0) == a.name
+            torch.testing.assert_close(getattr(z.clone(), method)(), a.forward(z, 0.0), rtol=0, atol=0)
+    assert A.function_spec(F.gelu, (), {"approximate": "tanh"}) == "gelu_tanh"
+    assert A.function_spec(F.gelu, ("tanh",), {}) == "gelu_tanh" and A.function_spec(F.gelu, (), {}) == "gelu"
+    assert A.function_spec(F.leaky_relu, (0.2, True), {}) == "leaky_relu(0.2)"
+    assert A.function_spec(torch.relu, (True,), {}) is None  # torch.relu takes no second argument
+    assert A.function_spec(F.softplus, (), {}) is None

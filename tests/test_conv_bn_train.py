@@ -57,7 +57,7 @@ def run_chain(x, conv, bn, kw, act=None):
     """The chain written with torch's modules (BatchNorm2d.forward does its own bookkeeping); ``act``: the
     activation function (default: pydlx's reference, i.e. torch's functions)."""
     z = bn(conv(x))
-    z = act(z) if act is not None else pydlx.reference.activation_forward(z, kw["activation"])
+    z = act(z) if act is not None else pydlx.activations.forward(z, kw["activation"])
     return z if kw["pool_size"] == 1 else F.max_pool2d(z, kw["pool_size"], kw["pool_stride"], kw["pool_padding"],
                                                        ceil_mode=kw["ceil_mode"])
 
@@ -116,7 +116,7 @@ def test_forced_triton_conv_runs_the_kernel(monkeypatch):
 
     calls = []
     monkeypatch.setattr(tri, "conv_relu_pool_fwd", lambda *a, **k: calls.append(a) or
-                        pydlx.reference.MODULES["conv_relu_pool"].conv_relu_pool_fwd(*a, **k))
+                        pydlx.reference.conv_relu_pool.conv_relu_pool_fwd(*a, **k))
     x, conv, bn, kw = make(CASES[1].values[0], torch.float32)
     with pydlx.use_backend("triton"):
         run_op(x, conv, bn, kw).sum().backward()

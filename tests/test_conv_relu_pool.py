@@ -52,10 +52,10 @@ def check(fn, x, w, b, args, dtype):
 @pytest.mark.parametrize("case", CASES)
 def test_op_reference_backend_float64(case):
     x, w, b, args = make(case, torch.float64)
-    g = torch.randn(ref.conv_relu_pool2d(x, w, b, *args).shape, dtype=torch.float64)
+    g = torch.randn(ref.conv_relu_pool.conv_relu_pool2d(x, w, b, *args).shape, dtype=torch.float64)
     with pydlx.use_backend("reference"):
         got = fwd_bwd(lambda *a: pydlx.ops.conv_relu_pool2d(*a, *args), x, w, b, g)
-    want = fwd_bwd(lambda *a: ref.conv_relu_pool2d(*a, *args), x, w, b, g)
+    want = fwd_bwd(lambda *a: ref.conv_relu_pool.conv_relu_pool2d(*a, *args), x, w, b, g)
     for a_, e_ in zip(got, want):
         assert_close(a_, e_)
 
@@ -75,16 +75,16 @@ def test_triton_no_bias_unbatched_channels_last_and_nan(poison):
     with pydlx.use_backend("triton"):
         check(lambda *a: pydlx.ops.conv_relu_pool2d(*a, *args), x, w, None, args, torch.float32)
         y1 = pydlx.ops.conv_relu_pool2d(x[0], w, None, *args)
-        assert y1.shape == ref.conv_relu_pool2d(x[0], w, None, *args).shape
+        assert y1.shape == ref.conv_relu_pool.conv_relu_pool2d(x[0], w, None, *args).shape
         xc = x.detach().contiguous(memory_format=torch.channels_last)
         yc = pydlx.ops.conv_relu_pool2d(xc, w, None, *args)
         assert yc.is_contiguous(memory_format=torch.channels_last)
         xn = x.detach().clone()
         xn[0, 0, 3, 3] = float("nan")
         yn = pydlx.ops.conv_relu_pool2d(xn, w, None, *args)
-    want = ref.conv_relu_pool2d(xn, w.detach(), None, *args)
+    want = ref.conv_relu_pool.conv_relu_pool2d(xn, w.detach(), None, *args)
     assert torch.equal(torch.isnan(yn), torch.isnan(want)) and torch.isnan(yn).any()
-    assert_close(yc, ref.conv_relu_pool2d(xc, w.detach(), None, *args), dtype=torch.float32, name="channels_last")
+    assert_close(yc, ref.conv_relu_pool.conv_relu_pool2d(xc, w.detach(), None, *args), dtype=torch.float32, name="channels_last")
 
 
 @pytest.mark.interpreter
@@ -205,8 +205,8 @@ def test_gpu_cuda_direct_conv_against_reference(case, dtype, poison):
         xc[0, 0, 1, 1] = float("nan")
         y = pydlx.ops.conv_relu_pool2d(xc, w.detach(), None, *args)
         assert y.is_contiguous(memory_format=torch.channels_last)
-        assert_close(y, ref.conv_relu_pool2d(xc.double(), w.detach().double(), None, *args), dtype=dtype,
-                     name="channels_last nan", baseline=ref.conv_relu_pool2d(xc, w.detach(), None, *args))
+        assert_close(y, ref.conv_relu_pool.conv_relu_pool2d(xc.double(), w.detach().double(), None, *args), dtype=dtype,
+                     name="channels_last nan", baseline=ref.conv_relu_pool.conv_relu_pool2d(xc, w.detach(), None, *args))
 
 
 @pytest.mark.gpu
@@ -255,7 +255,7 @@ def float64_chain(x, w, b, kw, dtype):
 
 def check_variant(x, w, b, kw, dtype, fn=None):
     fn = fn or (lambda *a: pydlx.ops.conv_act_pool2d(*a, **kw))
-    eager_chain = lambda *a: ref.conv_act_pool2d(*a, **kw)  # noqa: E731  (eager torch: conv2d, act, max_pool2d)
+    eager_chain = lambda *a: ref.conv_relu_pool.conv_act_pool2d(*a, **kw)  # noqa: E731  (eager torch: conv2d, act, max_pool2d)
     y = fn(x, w, b)
     assert y.shape == eager_chain(x, w, b).shape
     g = torch.randn(y.shape, dtype=dtype, device=x.device)
@@ -291,14 +291,14 @@ def test_pool_window_of_minus_inf_takes_its_first_position_inside(poison):
     x = torch.full((1, 1, 5, 5), float("-inf"))
     w = torch.ones(2, 1, 1, 1)
     kw = dict(activation=None, pool_size=3, pool_stride=2, pool_padding=1, ceil_mode=True)
-    want = ref.conv_act_pool2d(x, w, None, **kw)
+    want = ref.conv_relu_pool.conv_act_pool2d(x, w, None, **kw)
     for backend in ("reference", "triton"):
         xg = x.clone().requires_grad_()
         with pydlx.use_backend(backend):
             y = pydlx.ops.conv_act_pool2d(xg, w, None, **kw)
         assert torch.equal(y, want)
         xe = x.clone().requires_grad_()
-        ref.conv_act_pool2d(xe, w, None, **kw).sum().backward()
+        ref.conv_relu_pool.conv_act_pool2d(xe, w, None, **kw).sum().backward()
         y.sum().backward()
         assert torch.equal(torch.nan_to_num(xg.grad), torch.nan_to_num(xe.grad)), backend
 
@@ -318,7 +318,7 @@ def test_variant_saves_no_more_than_eager_without_a_pool():
     for act, pool in (("relu", 1), ("silu", 1), ("relu", 3)):
         kw = dict(padding=1, activation=act, pool_size=pool, pool_stride=2 if pool > 1 else 1,
                   pool_padding=pool // 2, ceil_mode=pool > 1)
-        eager = saved(lambda: ref.conv_act_pool2d(x, w, None, **kw))
+        eager = saved(lambda: ref.conv_relu_pool.conv_act_pool2d(x, w, None, **kw))
         with pydlx.use_backend("reference"):
             ours = saved(lambda: pydlx.ops.conv_act_pool2d(x, w, None, **kw))
         assert ours <= (eager if pool == 1 else eager - act_map), (act, pool, ours, eager)
@@ -346,7 +346,7 @@ def test_variant_under_autocast_casts_like_conv2d():
     x, w, b, kw = make_variant(VARIANTS[0].values[0], torch.float32)
     with pydlx.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
         y = pydlx.ops.conv_act_pool2d(x, w, b, **kw)
-        want = ref.conv_act_pool2d(x, w, b, **kw)
+        want = ref.conv_relu_pool.conv_act_pool2d(x, w, b, **kw)
     assert y.dtype == want.dtype == torch.bfloat16
     assert_close(y, want, dtype=torch.bfloat16, name="autocast")
 

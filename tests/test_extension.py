@@ -8,8 +8,8 @@ import torch
 
 import pydlx
 from pydlx import _ext
-from pydlx.reference.linear import (ACTIVATIONS, activation_backward, activation_forward, parse_activation,
-                                    saves_preact)
+from pydlx.activations import ACTIVATIONS, forward as activation_forward, parse_activation, saves_preact
+from pydlx.reference.linear import activation_backward
 from tolerance import assert_close
 
 # the same folder as first-use builds when PYDLX_BUILD_DIR is set (scripts/gpu_check.sh): one build, not two

@@ -18,8 +18,8 @@ from torch import nn
 
 import pydlx
 from pydlx import reference as ref
-from pydlx.reference.linear import (ACTIVATIONS, MONOTONE, activation_backward, activation_spec, parse_activation,
-                                    saves_preact)
+from pydlx.activations import ACTIVATIONS, MONOTONE, activation_spec, parse_activation, saves_preact
+from pydlx.reference.linear import activation_backward
 import oracle
 from tolerance import assert_close, rel_err
 
@@ -78,7 +78,7 @@ def test_reference_matches_torch_nn_float64(act, bias):
     x, w, b = make((29,), 31, 23, torch.float64, bias=bias)
     mod = torch_module(31, 23, act, bias, x.detach(), w.detach(), b.detach() if bias else None)
     g = torch.randn(29, 23, dtype=torch.float64)
-    y = ref.linear(x, w, b, act)
+    y = ref.linear.linear(x, w, b, act)
     y_nn = mod(x)
     assert_close(y, y_nn, name="y")
     for got, want, name in zip(grads(y, g, x, w, b), grads(y_nn, g, x, *mod[0].parameters()), "xwb"):
@@ -97,7 +97,7 @@ def test_reference_activation_backward_is_the_derivative(act):
     y = oracle.ORACLE[act](z)
     g = torch.randn_like(z)
     (want,) = torch.autograd.grad(y, z, g)
-    assert_close(ref.activation_forward(z.detach(), act), y, name=act)
+    assert_close(pydlx.activations.forward(z.detach(), act), y, name=act)
     saved = z.detach() if saves_preact(act) else y.detach()
     assert_close(activation_backward(g, saved, act), want, name=f"{act}'")
 
@@ -119,10 +119,10 @@ def test_activation_specs():
         with pytest.raises(ValueError, match=re.escape(msg)):
             parse_activation(bad)
     with pytest.raises(ValueError, match="negative slope"):
-        ref.check_activation("leaky_relu(-0.1)")
+        pydlx.activations.check_activation("leaky_relu(-0.1)")
     with pytest.raises(ValueError, match="alpha <= 0"):
-        ref.check_activation("elu(0.0)")
-    assert ref.check_activation("leaky_relu(0.0)") == ("leaky_relu", 0.0)
+        pydlx.activations.check_activation("elu(0.0)")
+    assert pydlx.activations.check_activation("leaky_relu(0.0)") == ("leaky_relu", 0.0)
     assert {a for a in ACTIVATIONS if a and saves_preact(a)} == {"gelu", "gelu_tanh", "silu", "hardswish", "mish"}
 
 
@@ -132,11 +132,11 @@ def test_monotone_activations_are_non_decreasing(act):
     z = torch.linspace(-60, 60, 200001, dtype=torch.float64)
     for spec in ({"leaky_relu": ["leaky_relu", "leaky_relu(0.0)", "leaky_relu(3.0)"],
                   "elu": ["elu", "elu(0.01)", "elu(4.0)"]}.get(act, [act])):
-        y = ref.activation_forward(z, spec)
+        y = pydlx.activations.forward(z, spec)
         assert (y[1:] >= y[:-1]).all(), spec
     assert not set(MONOTONE) - set(ACTIVATIONS)
     for other in {"gelu", "gelu_tanh", "silu", "hardswish", "mish"}:  # and the others are not: dips below 0
-        y = ref.activation_forward(z, other)
+        y = pydlx.activations.forward(z, other)
         assert not (y[1:] >= y[:-1]).all() and other not in MONOTONE
 
 
@@ -168,7 +168,7 @@ def check_against_fp64(fn_dtype, x, w, b, g, act, dtype, baseline=True):
     got = run_fwd_bwd(fn_dtype, x, w, b, g)
     x64, w64, b64 = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)]
     want = run_fwd_bwd(lambda *a: oracle.activation(F.linear(*a), act, dtype), x64, w64, b64, g.double())
-    eager = run_fwd_bwd(lambda *a: ref.linear(*a, activation=act), x, w, b, g) if baseline else [None] * 4
+    eager = run_fwd_bwd(lambda *a: ref.linear.linear(*a, activation=act), x, w, b, g) if baseline else [None] * 4
     for a_, e_, base, name in zip(got, want, eager, ["y", "dx", "dw", "db"]):
         assert a_.dtype == dtype, f"{name} dtype {a_.dtype} != {dtype}"
         assert_close(a_, e_, dtype=dtype, name=name, baseline=base)
@@ -248,7 +248,7 @@ def test_triton_every_shipped_forward_config_under_interpreter(poison):
     from pydlx.triton import linear as tri
 
     x, w, b = make((67,), 70, 130, torch.float16, requires_grad=False)
-    want = ref.linear(x.double(), w.double(), b.double(), "gelu")
+    want = ref.linear.linear(x.double(), w.double(), b.double(), "gelu")
     for cfg in tri.FWD_CONFIGS:
         y = x.new_empty(67, 130)
         z = torch.empty_like(y)
@@ -587,7 +587,7 @@ def test_gpu_fp32_follows_allow_tf32(tf32):
             y = pydlx.ops.linear(x, w, b, "relu")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
-    err = rel_err(y, ref.linear(x.double(), w.double(), b.double(), "relu"))
+    err = rel_err(y, ref.linear.linear(x.double(), w.double(), b.double(), "relu"))
     assert (err < 1e-5) if not tf32 else (1e-6 < err < 5e-3), f"relative error {err:.2e} with allow_tf32={tf32}"
 
 
@@ -607,5 +607,5 @@ def test_gpu_auto_picks_triton_and_cuda_graph_capture():
     static_x.data.copy_(torch.randn_like(static_x))
     graph.replay()
     torch.cuda.synchronize()
-    assert_close(out, ref.linear(static_x.double(), lin.weight.double(), lin.bias.double(), "gelu"),
+    assert_close(out, ref.linear.linear(static_x.double(), lin.weight.double(), lin.bias.double(), "gelu"),
                  dtype=torch.bfloat16, name="graph replay")

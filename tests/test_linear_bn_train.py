@@ -47,7 +47,7 @@ def run_op(x, lin, bn, act):
 
 def run_chain(x, lin, bn, act, fn=None):
     z = bn(lin(x))
-    return fn(z) if fn is not None else pydlx.reference.activation_forward(z, act)
+    return fn(z) if fn is not None else pydlx.activations.forward(z, act)
 
 
 def fwd_bwd(fn, x, lin, bn, g):
@@ -94,7 +94,7 @@ def test_forced_triton_runs_the_gemm(monkeypatch):
 
     calls = []
     monkeypatch.setattr(tri, "linear_fwd", lambda *a, **k: calls.append(a) or
-                        pydlx.reference.MODULES["linear"].linear_fwd(*a, **k))
+                        pydlx.reference.linear.linear_fwd(*a, **k))
     x, lin, bn, act = make(CASES[0].values[0], torch.float32)
     with pydlx.use_backend("triton"):
         run_op(x, lin, bn, act).sum().backward()

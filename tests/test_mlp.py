@@ -88,7 +88,7 @@ def check_against_fp64(fn, x, ws, bs, g, acts, dtype):
     up = lambda t: t.detach().double().requires_grad_() if t is not None else None  # noqa: E731
     x64, ws64, bs64 = up(x), [up(w) for w in ws], [up(b) for b in bs]
     want = fwd_bwd(lambda a, b_, c: mlp_fp64_rounded(a, b_, c, acts, dtype), x64, ws64, bs64, g.double())
-    eager = fwd_bwd(lambda a, b_, c: ref.mlp(a, b_, c, *acts), x, ws, bs, g)
+    eager = fwd_bwd(lambda a, b_, c: ref.mlp.mlp(a, b_, c, *acts), x, ws, bs, g)
     names = ["y", "dx"] + [f"dW{i}" for i in range(len(ws))] + [f"db{i}" for i, b in enumerate(bs) if b is not None]
     sums = [None, None] + weight_grad_abs_sums(x, ws, bs, g, acts, dtype) + [None] * len(names)
     for a, e, base, name, abs_sum in zip(got, want, eager, names, sums):
@@ -118,7 +118,7 @@ def test_reference_matches_torch_nn_float64(acts):
             layers.append(TORCH_ACT[a]())
     seq = nn.Sequential(*layers)
     g = torch.randn(77, 5, dtype=torch.float64)
-    got = fwd_bwd(lambda *a: ref.mlp(*a, *acts), x, ws, bs, g)
+    got = fwd_bwd(lambda *a: ref.mlp.mlp(*a, *acts), x, ws, bs, g)
     y = seq(x)
     want = [y, *torch.autograd.grad(y, [x, *[p for m in seq if isinstance(m, nn.Linear) for p in
                                              (m.weight,)], *[m.bias for m in seq if isinstance(m, nn.Linear)]], g)]
@@ -413,4 +413,4 @@ def test_gpu_cuda_fused_forward(case, acts, dtype, poison):
         y = pydlx.ops.mlp(x, ws, bs, *acts)
     up = lambda t: t.double() if t is not None else None  # noqa: E731
     want = mlp_fp64_rounded(x.double(), [w.double() for w in ws], [up(b) for b in bs], acts, dtype)
-    assert_close(y, want, dtype=dtype, name="y", baseline=ref.mlp(x, ws, bs, *acts))
+    assert_close(y, want, dtype=dtype, name="y", baseline=ref.mlp.mlp(x, ws, bs, *acts))

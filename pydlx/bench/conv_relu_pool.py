@@ -117,7 +117,7 @@ def _make_train_case(device: torch.device, op: str, shape, dtype: torch.dtype) -
         import torch.nn.functional as F
 
         import pydlx
-        from pydlx.reference.linear import activation_forward
+        from pydlx.activations import forward as activation_forward
 
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(N, C, H, W, generator=gen, device=device, dtype=dtype).requires_grad_()

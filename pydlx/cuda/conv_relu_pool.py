@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..reference.linear import parse_activation
+from ..activations import parse_activation
 
 MAX_CHANNELS = 8  # csrc/conv_relu_pool.cu's kMaxChannels: a direct convolution is for first layers
 

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..reference.linear import parse_activation
+from ..activations import parse_activation
 
 
 def why_cannot(in_features: int, out_features: int) -> Optional[str]:

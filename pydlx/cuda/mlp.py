@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..reference.linear import parse_activation
+from ..activations import parse_activation
 from ..reference.mlp import FUSED_MAX_LAYERS, FUSED_MAX_WIDTH, fuses_in_one_kernel
 
 

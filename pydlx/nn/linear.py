@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..ops.linear import linear
-from ..reference.linear import check_activation
+from ..activations import check_activation
 
 
 class Linear(nn.Linear):

@@ -13,47 +13,20 @@ import torch
 from torch import nn
 
 from ..ops.mlp import mlp
-from ..reference.linear import PARAMETERS, activation_refused, activation_spec, check_activation, parse_activation
-
-_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
-            "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU,
-            "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "mish": nn.Mish, "relu6": nn.ReLU6}
-_PLAIN = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Hardswish: "hardswish",
-          nn.Hardsigmoid: "hardsigmoid", nn.Mish: "mish", nn.ReLU6: "relu6"}
-
-
-def activation_module(spec: str) -> nn.Module:
-    """The torch.nn module of an activation spec (``"leaky_relu(0.2)"`` -> ``nn.LeakyReLU(0.2)``)."""
-    name, alpha = parse_activation(spec)
-    return _MODULES[name](alpha) if name in PARAMETERS else _MODULES[name]()
-
-
-def _module_spec(m: nn.Module) -> Optional[str]:
-    """The activation spec of a module pydlx has the activation of (parameters it refuses included), else None."""
-    t = type(m)  # exact types: a subclass may compute something else
-    if t is nn.GELU:
-        return "gelu" if m.approximate == "none" else "gelu_tanh"
-    try:
-        if t is nn.LeakyReLU:
-            return activation_spec("leaky_relu", m.negative_slope)
-        if t is nn.ELU:
-            return activation_spec("elu", m.alpha)
-    except (TypeError, ValueError):  # a parameter that is not a finite number
-        return None
-    return _PLAIN.get(t)
+from ..activations import activation_refused, activation_spec, check_activation, module_of, module_spec
 
 
 def activation_name(m: nn.Module) -> Optional[str]:
     """pydlx's activation spec for an activation module (``nn.LeakyReLU(0.2)`` -> ``"leaky_relu(0.2)"``), or None
     if it is not one pydlx fuses (``activation_refusal`` says why, for the modules pydlx knows)."""
-    spec = _module_spec(m)
+    spec = module_spec(m)
     return spec if spec is not None and activation_refused(spec) is None else None
 
 
 def activation_refusal(m: nn.Module) -> Optional[str]:
     """Why pydlx does not fuse an activation module it knows (leaky_relu with a negative slope, elu with alpha <= 0),
     else None."""
-    spec = _module_spec(m)
+    spec = module_spec(m)
     why = activation_refused(spec) if spec is not None else None
     return f"{type(m).__name__}({m.extra_repr()}): {why}" if why else None
 
@@ -61,7 +34,7 @@ def activation_refusal(m: nn.Module) -> Optional[str]:
 def is_activation(m: nn.Module) -> bool:
     """Whether ``m`` is an activation module: one pydlx knows, or any of torch.nn's activations (Softplus, ...)."""
     t = type(m)
-    return _module_spec(m) is not None or (t.__module__ == "torch.nn.modules.activation"
+    return module_spec(m) is not None or (t.__module__ == "torch.nn.modules.activation"
                                            and t is not nn.MultiheadAttention)
 
 
@@ -98,7 +71,7 @@ class MLP(nn.Sequential):
             layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias, device=device, dtype=dtype))
             act = activation if i + 2 < len(sizes) else last_activation
             if act is not None:
-                layers.append(activation_module(act))
+                layers.append(module_of(act))
         super().__init__(*layers)
         self.activation, self.last_activation = activation, last_activation
 

@@ -39,7 +39,7 @@ from ..reference.conv_relu_pool import conv_act_pool2d as reference_conv_act_poo
 from ..reference.conv_relu_pool import conv_bn_train_bwd as reference_conv_bn_train_bwd
 from ..reference.conv_relu_pool import conv_bn_train_fwd as reference_conv_bn_train_fwd
 from ..reference.batchnorm import math_dtype, momentum_factor, update_running_stats
-from ..reference.linear import MONOTONE, activation_forward, check_activation, parse_activation, saves_preact
+from ..activations import MONOTONE, check_activation, forward as activation_forward, is_monotone, saves_preact
 
 NAME = "pydlx.ops.conv_relu_pool2d"
 
@@ -185,8 +185,7 @@ def check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, p
         raise ArgumentError(f"{NAME}: ceil_mode must be a bool, got {ceil_mode!r}")
     if pool_size == 1 and (pool_stride != 1 or ceil_mode):
         raise ArgumentError(f"{NAME}: pool_size 1 means no pool: pool_stride must be 1 and ceil_mode False")
-    name, _ = parse_activation(activation)
-    if pool_size > 1 and name is not None and name not in MONOTONE:
+    if pool_size > 1 and activation is not None and not is_monotone(activation):
         raise ArgumentError(f"{NAME}: a pool fuses only after a non-decreasing activation ({sorted(MONOTONE)}), "
                             f"got {activation!r}: max does not commute with it")
     HO, WO, HP, WP = out_shape(*input.shape[-2:], R, stride, padding, pool_size, pool_stride, pool_padding,

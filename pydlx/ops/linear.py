@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import _backend
 from .._policy import size_of
 from ._common import ArgumentError, DtypeError, rows, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
-from ..reference.linear import activation_forward, activation_spec, check_activation, saves_preact
+from ..activations import activation_spec, check_activation, forward as activation_forward, saves_preact
 from ..reference.batchnorm import linear_bn_train_bwd as reference_linear_bn_train_bwd
 from ..reference.batchnorm import linear_bn_train_fwd as reference_linear_bn_train_fwd, math_dtype
 from ..reference.batchnorm import momentum_factor, update_running_stats

@@ -27,7 +27,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from .. import _backend
 from .._policy import size_of
-from ..reference.linear import check_activation
+from ..activations import check_activation
 from ..reference.mlp import fuses_in_one_kernel, mlp as reference_mlp, saves_z
 from ._common import ArgumentError, DtypeError, rows, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
 from .linear import _act_name, _op_activation, linear

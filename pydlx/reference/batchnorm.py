@@ -9,7 +9,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .linear import activation_backward, activation_forward, saves_preact
+from ..activations import forward as activation_forward, saves_preact
+from .linear import activation_backward
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .batchnorm import batch_stats, bn_act, bn_act_backward
-from .linear import activation_backward, activation_forward
+from ..activations import forward as activation_forward
+from .linear import activation_backward
 
 
 def conv_act_pool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: int = 1,

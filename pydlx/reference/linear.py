@@ -1,142 +1,26 @@
 """Reference Linear + activation, in eager PyTorch.
 
-``linear(x, w, b, act) == act(x @ w.T + b)``. The activations and their derivatives are written out here,
-once, and are the definition the Triton and CUDA kernels are tested against.
-
-An activation is given by its *spec*: None, a name of ``ACTIVATIONS``, or for the two with a parameter the name
-with its value, ``"leaky_relu(0.2)"`` (negative slope; ``"leaky_relu"`` is torch's 0.01) and ``"elu(0.5)"``
-(alpha; ``"elu"`` is 1.0). ``parse_activation`` reads a spec, ``activation_spec`` writes the canonical one (the
-plain name for the default value, else ``f"{name}({value!r})"``: Python's float repr, which round-trips).
+``linear(x, w, b, act) == act(x @ w.T + b)``. The activations' derivatives are written out here, once
+(``activation_backward``), and are the definition the Triton and CUDA kernels are tested against; the activations
+themselves (names, parameters, what backward keeps, torch's forward) are pydlx/activations.py's table.
 
 Backward needs the activation's derivative at the pre-activation ``z``. Where it is a function of the output ``y``
 only ``y`` is kept (relu: y > 0; tanh: 1 - y^2; sigmoid: y(1 - y); leaky_relu: y > 0; elu: y + alpha below 0;
 relu6: 0 < y < 6; hardsigmoid: 0 < y < 1); for gelu, gelu_tanh, silu, hardswish and mish it is not, so ``z`` is
-kept (see ``saves_preact``). Deriving from ``y`` needs ``y > 0`` exactly where ``z > 0``: a negative slope or an
-alpha <= 0 breaks that, and the fused ops refuse them (``check_activation``), as torch refuses the backward of an
-in-place leaky_relu with a negative slope.
+kept (the table's ``saves_preact``).
 """
 from __future__ import annotations
 
 import math
-import re
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "leaky_relu", "elu", "hardswish",
-               "hardsigmoid", "mish", "relu6")
-# The activations with a parameter, and its default (torch's): leaky_relu's negative slope, elu's alpha.
-PARAMETERS = {"leaky_relu": 0.01, "elu": 1.0}
-# Activations whose derivative needs the pre-activation z (the others derive it from the output).
-SAVES_PREACT = frozenset({"gelu", "gelu_tanh", "silu", "hardswish", "mish"})
-# Non-decreasing activations (with the parameters check_activation accepts): max commutes with them, so a max pool
-# may run before or after them.
-MONOTONE = frozenset({"relu", "leaky_relu", "elu", "relu6", "hardsigmoid", "sigmoid", "tanh"})
+from ..activations import check_activation, forward as activation_forward
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_SPEC = re.compile(r"([a-z_0-9]+)\((.*)\)")
-
-
-def _accepted(what: str, spec) -> str:
-    return (f"{what} must be one of {ACTIVATIONS} (leaky_relu and elu also with their parameter, e.g. "
-            f"'leaky_relu(0.2)', 'elu(0.5)'), got {spec!r}")
-
-
-def parse_activation(spec: Optional[str], what: str = "activation") -> Tuple[Optional[str], float]:
-    """(name, parameter) of an activation spec: ``"leaky_relu(0.2)"`` -> ("leaky_relu", 0.2), ``"elu"`` ->
-    ("elu", 1.0), ``"gelu"`` -> ("gelu", 0.0), None -> (None, 0.0). The parameter is 0.0 for activations without
-    one. Raises ValueError for an unknown name, a parameter given to an activation that has none, or a parameter
-    that is not a finite number. ``what`` names the argument in the message."""
-    if spec is None:
-        return None, 0.0
-    if not isinstance(spec, str):
-        raise ValueError(_accepted(what, spec))
-    if spec in ACTIVATIONS:
-        return spec, PARAMETERS.get(spec, 0.0)
-    m = _SPEC.fullmatch(spec.strip())
-    if m is None or m.group(1) not in ACTIVATIONS:
-        raise ValueError(_accepted(what, spec))
-    name, arg = m.group(1), m.group(2).strip()
-    if name not in PARAMETERS:
-        raise ValueError(f"{what} {spec!r}: {name} takes no parameter (only {' and '.join(PARAMETERS)} do)")
-    try:
-        value = float(arg)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise ValueError(f"{what} {spec!r}: {name}'s parameter must be a finite number, got {arg!r}")
-    return name, value
-
-
-def activation_spec(name: Optional[str], alpha: float = 0.0) -> Optional[str]:
-    """The canonical spec of an activation and its parameter: the plain name for the default value (and for
-    activations without a parameter, whose ``alpha`` is ignored), else ``f"{name}({float(alpha)!r})"``."""
-    if name not in PARAMETERS:
-        parse_activation(name)  # an unknown name raises
-        return name
-    alpha = float(alpha)
-    if not math.isfinite(alpha):
-        raise ValueError(f"{name}'s parameter must be a finite number, got {alpha!r}")
-    return name if alpha == PARAMETERS[name] else f"{name}({alpha!r})"
-
-
-def activation_refused(spec: Optional[str]) -> Optional[str]:
-    """Why the fused ops refuse a well-formed spec, or None: the derivatives of leaky_relu and elu are taken from
-    the output y (y > 0 exactly where z > 0), which a negative slope or an alpha <= 0 breaks."""
-    name, alpha = parse_activation(spec)
-    if name == "leaky_relu" and alpha < 0:
-        return (f"leaky_relu with a negative slope ({alpha!r}) is not supported: its derivative is taken from the "
-                "output, which needs slope >= 0")
-    if name == "elu" and alpha <= 0:
-        return (f"elu with alpha <= 0 ({alpha!r}) is not supported: its derivative is taken from the output, which "
-                "needs alpha > 0")
-    return None
-
-
-def check_activation(spec: Optional[str], what: str = "activation") -> Tuple[Optional[str], float]:
-    """Raise ValueError with a clear message unless the fused ops take ``spec`` (a known activation, a finite
-    parameter where it has one, slope >= 0 / alpha > 0); returns (name, parameter) as ``parse_activation``."""
-    name, alpha = parse_activation(spec, what)
-    why = activation_refused(spec)
-    if why is not None:
-        raise ValueError(f"{what} {spec!r}: {why}")
-    return name, alpha
-
-
-def saves_preact(spec: Optional[str]) -> bool:
-    """Whether backward needs the pre-activation z (else the output y, or nothing for None)."""
-    return parse_activation(spec)[0] in SAVES_PREACT
-
-
-def activation_forward(z: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
-    name, alpha = parse_activation(activation)
-    if name is None:
-        return z
-    if name == "relu":
-        return torch.relu(z)
-    if name == "gelu":
-        return F.gelu(z)
-    if name == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    if name == "silu":
-        return F.silu(z)
-    if name == "tanh":
-        return torch.tanh(z)
-    if name == "sigmoid":
-        return torch.sigmoid(z)
-    if name == "leaky_relu":
-        return F.leaky_relu(z, alpha)
-    if name == "elu":
-        return F.elu(z, alpha)  # alpha expm1(z) below 0 (torch's kernel uses expm1: no cancellation near 0)
-    if name == "hardswish":
-        return F.hardswish(z)
-    if name == "hardsigmoid":
-        return F.hardsigmoid(z)
-    if name == "mish":
-        return F.mish(z)
-    return F.relu6(z)
 
 
 def activation_backward(grad: torch.Tensor, saved: torch.Tensor, activation: Optional[str]) -> torch.Tensor:

@@ -11,7 +11,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .linear import activation_backward, activation_forward, linear, saves_preact
+from ..activations import forward as activation_forward, saves_preact
+from .linear import activation_backward, linear
 
 
 # The fused MLP kernels' limits (pydlx/triton/mlp.py, csrc/mlp.cu's kMaxWidth / kMaxLayers): every layer at most

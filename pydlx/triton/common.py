@@ -4,27 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
-from ..reference.linear import parse_activation
+from .. import activations
 
-# Activation codes, shared with csrc/dispatch.h. A kernel takes the code (ACT) and the activation's parameter (ALPHA,
-# a float constexpr: leaky_relu's slope, elu's alpha, 0.0 for the others): ``act_args(spec)``.
-ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5, "sigmoid": 6, "leaky_relu": 7,
-             "elu": 8, "hardswish": 9, "hardsigmoid": 10, "mish": 11, "relu6": 12}
-# Activations whose derivative needs z; for the others the saved tensor is y (pydlx/reference/linear.py).
-PREACT_CODES = (2, 3, 4, 9, 11)
-
-
-def act_args(spec: Optional[str]) -> Tuple[int, float]:
-    """(ACT, ALPHA) of an activation spec (pydlx/reference/linear.py's parse_activation)."""
-    name, alpha = parse_activation(spec)
-    return ACT_CODES[name], float(alpha)
+# An activation reaches a kernel as a code and its parameter (ACT, ALPHA: a float constexpr, leaky_relu's slope, elu's
+# alpha, 0.0 for the others): ``act_args(spec)``. The codes are pydlx/activations.py's table; the formulas below are
+# keyed by the names bound here from it.
+act_args = activations.code
+NONE = tl.constexpr(activations.NONE_CODE)
+RELU, GELU, GELU_TANH, SILU, TANH, SIGMOID, LEAKY_RELU, ELU, HARDSWISH, HARDSIGMOID, MISH, RELU6 = (
+    tl.constexpr(activations.BY_NAME[n].code) for n in ("relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid",
+                                                          "leaky_relu", "elu", "hardswish", "hardsigmoid", "mish",
+                                                          "relu6"))
+# Activations whose derivative needs z; for the others the saved tensor is y.
+PREACT_CODES = tuple(a.code for a in activations.TABLE if a.saves_preact)
 
 
 @triton.jit
@@ -105,31 +104,31 @@ def _act_fwd(z, ACT: tl.constexpr, ALPHA: tl.constexpr):
     """act(z) in fp32, in forms that keep relative accuracy at every magnitude and do not overflow
     (tests/test_activations.py sweeps 1e-8 .. 1e2, both signs). NaN propagates (relu keeps NaN like torch.relu).
     ALPHA: leaky_relu's negative slope, elu's alpha (unused by the others)."""
-    if ACT == 1:
+    if ACT == RELU:
         return tl.where(z < 0.0, 0.0, z)
-    elif ACT == 2:
+    elif ACT == GELU:
         return z * _normal_cdf(z)
-    elif ACT == 3:
+    elif ACT == GELU_TANH:
         inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
         return z * _sigmoid(2.0 * inner)  # 0.5 z (1 + tanh(u)) == z sigmoid(2u), which does not cancel for z << 0
-    elif ACT == 4:
+    elif ACT == SILU:
         return z * _sigmoid(z)
-    elif ACT == 5:
+    elif ACT == TANH:
         return _tanh(z)
-    elif ACT == 6:
+    elif ACT == SIGMOID:
         return _sigmoid(z)
-    elif ACT == 7:
+    elif ACT == LEAKY_RELU:
         return tl.where(z > 0.0, z, z * ALPHA)
-    elif ACT == 8:
+    elif ACT == ELU:
         return tl.where(z > 0.0, z, ALPHA * _expm1_nonpos(tl.where(z > 0.0, 0.0, z)))
-    elif ACT == 9:
+    elif ACT == HARDSWISH:
         return z * _clamp(z + 3.0, 0.0, 6.0) / 6.0  # torch's order: (z * clamp) / 6
-    elif ACT == 10:
+    elif ACT == HARDSIGMOID:
         return _clamp(z + 3.0, 0.0, 6.0) / 6.0
-    elif ACT == 11:
+    elif ACT == MISH:
         n, _, _ = _mish_parts(z)
         return z * n
-    elif ACT == 12:
+    elif ACT == RELU6:
         return _clamp(z, 0.0, 6.0)
     else:
         return z
@@ -140,34 +139,34 @@ def _act_bwd(g, s, ACT: tl.constexpr, ALPHA: tl.constexpr):
     """dL/dz from g = dL/dy in fp32; s is z for gelu/gelu_tanh/silu/hardswish/mish (PREACT_CODES), y for the
     others. 1 - sigmoid(v) is taken as sigmoid(-v) and 1 - y^2 as (1 - y)(1 + y), which do not cancel. At the kinks
     and for NaN, torch's conventions (pydlx/reference/linear.py's activation_backward)."""
-    if ACT == 1:
+    if ACT == RELU:
         return tl.where(s > 0.0, g, 0.0)
-    elif ACT == 2:
+    elif ACT == GELU:
         pdf = tl.exp(-0.5 * s * s) * 0.3989422804014327
         return g * (_normal_cdf(s) + s * pdf)
-    elif ACT == 3:
+    elif ACT == GELU_TANH:
         v = 1.5957691216057308 * (s + 0.044715 * s * s * s)  # 2u
         dv = 1.5957691216057308 * (1.0 + 0.134145 * s * s)
         sg = _sigmoid(v)
         return g * (sg + s * dv * sg * _sigmoid(-v))
-    elif ACT == 4:
+    elif ACT == SILU:
         return g * _sigmoid(s) * (1.0 + s * _sigmoid(-s))
-    elif ACT == 5:
+    elif ACT == TANH:
         return g * ((1.0 - s) * (1.0 + s))
-    elif ACT == 6:
+    elif ACT == SIGMOID:
         return g * s * (1.0 - s)
-    elif ACT == 7:
+    elif ACT == LEAKY_RELU:
         return tl.where(s > 0.0, g, g * ALPHA)
-    elif ACT == 8:
+    elif ACT == ELU:
         return tl.where(s <= 0.0, g * (s + ALPHA), g)  # y <= 0 exactly where z <= 0: alpha e^z = y + alpha
-    elif ACT == 9:
+    elif ACT == HARDSWISH:
         return tl.where(s <= -3.0, 0.0, tl.where(s < 3.0, g * (s / 3.0 + 0.5), g))
-    elif ACT == 10:
+    elif ACT == HARDSIGMOID:
         return tl.where((s > 0.0) & (s < 1.0), g / 6.0, 0.0)
-    elif ACT == 11:
+    elif ACT == MISH:
         n, one_minus_n, sg = _mish_parts(s)
         return g * (n + s * one_minus_n * (1.0 + n) * sg)
-    elif ACT == 12:
+    elif ACT == RELU6:
         return tl.where((s <= 0.0) | (s >= 6.0), 0.0, g)
     else:
         return g

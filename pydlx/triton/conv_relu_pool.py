@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 
 from ..reference.conv_relu_pool import out_shape
-from ..reference.linear import parse_activation
-from .common import ACT_CODES, Tuned, _act_fwd, _cast, _dot, precision
+from .common import Tuned, _act_fwd, _cast, _dot, act_args, precision
 
 
 @triton.jit
@@ -158,10 +157,10 @@ def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b, stride: int, padding
     z = x.new_empty((N, K, HP, WP) if save_preact else (0,))
     if y.numel() == 0:
         return y, idx, z
-    name, alpha = parse_activation(activation)
+    act, alpha = act_args(activation)
     args = (x, w, b.contiguous() if b is not None else w, y, idx if P > 1 else y, z if save_preact else y,
             C, H, W, K, HO, WO, HP, WP, *x.stride())
-    kwargs = dict(R=R, STRIDE=stride, PAD=padding, P=P, Q=Q, PPAD=PP, ACT=ACT_CODES[name], ALPHA=float(alpha),
+    kwargs = dict(R=R, STRIDE=stride, PAD=padding, P=P, Q=Q, PPAD=PP, ACT=act, ALPHA=alpha,
                   HAS_BIAS=b is not None, SAVE_Z=save_preact, PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(HP * WP, meta["BLOCK_P"]), triton.cdiv(K, meta["BLOCK_K"]), N)  # noqa: E731
     _conv_relu_pool_fwd(grid, args, kwargs)

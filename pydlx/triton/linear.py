@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..reference.linear import activation_backward
-from .common import SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, arch, precision
+from .common import NONE, SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, arch, precision
 
 @triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -123,7 +123,7 @@ def _linear_bwd_kernel(
         k_left = k_len - k * BLOCK_K
         a_mask = (rm[:, None] < m_left) & (rk[None, :] < k_left)
         a = tl.load(g_ptr + a_offs, mask=a_mask, other=0.0)
-        if ACT != 0:
+        if ACT != NONE:
             s = tl.load(s_ptr + a_offs, mask=a_mask, other=0.0).to(tl.float32)
             a = _cast(_act_bwd(a.to(tl.float32), s, ACT, ALPHA), g_ptr.dtype.element_ty)
         if ROWSUM:
@@ -159,14 +159,14 @@ FWD_CONFIGS: List[triton.Config] = [
 # Added for the cheap epilogues only (none, relu, leaky_relu, hardsigmoid, relu6: y saved, no z store): 128
 # accumulators a thread spill under gelu/silu/tanh.
 FWD_CONFIGS_WIDE: List[triton.Config] = [_cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3)]
-WIDE_ACTS = (0, 1, 7, 10, 12)
+WIDE_ACTS = tuple(act_args(spec)[0] for spec in (None, "relu", "leaky_relu", "hardsigmoid", "relu6"))
 # The backward prologue (dy * act'(saved), in fp32) spills at 128x128 with 64-wide K steps, and on sm_80 (fp16,
 # dw) even with 32-wide ones: those are sm_90 only.
 SM90_ONLY: List[triton.Config] = [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 4)]
 BWD_CONFIGS: List[triton.Config] = SM90_ONLY + [_cfg(64, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 4)]
 # Configs that spill with one activation's derivative (tests/aot_compile.py --acts all: the tf32 dx GEMM on sm_80,
 # 2-3 LDL/STL), dropped for it: {(activation code, element bytes): configs}. hardswish and mish keep the other one.
-ACT_SPILLS = {(9, 4): BWD_CONFIGS[2:3], (11, 4): BWD_CONFIGS[3:4]}
+ACT_SPILLS = {(act_args("hardswish")[0], 4): BWD_CONFIGS[2:3], (act_args("mish")[0], 4): BWD_CONFIGS[3:4]}
 # Small tiles for the interpreter: masks and strides are exercised with a few programs.
 INTERPRET_CONFIG = _cfg(32, 32, 32, 4, 1, group=2)
 

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..reference.mlp import saves_z
 from ..reference.mlp import FUSED_MAX_LAYERS, FUSED_MAX_WIDTH
-from .common import PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, precision
+from .common import NONE, PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, precision
 
 MAX_WIDTH, MAX_LAYERS = FUSED_MAX_WIDTH, FUSED_MAX_LAYERS  # widest layer (output side), most layers
 
@@ -115,7 +115,7 @@ def _mlp_bwd_kernel(
     mask = row_mask & (rn[None, :] < SIZES[L])
     g = tl.load(g_ptr + m0 * stride_gm + (rm[:, None] * stride_gm + rn[None, :]), mask=mask, other=0.0)
     g = g.to(tl.float32)
-    if LAST_ACT != 0:
+    if LAST_ACT != NONE:
         if LAST_FROM_Z:
             s = tl.load(z_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[L - 1] + rn[None, :]), mask=mask, other=0.0)
         else:
@@ -131,7 +131,7 @@ def _mlp_bwd_kernel(
                     mask=(rn[:, None] < SIZES[L - i]) & (rk[None, :] < SIZES[L - 1 - i]), other=0.0)
         g = _dot(dz, w, _zeros(BLOCK_M, PADS[L - 1 - i]), PRECISION)
         mask = row_mask & (rk[None, :] < SIZES[L - 1 - i])
-        if ACT != 0:
+        if ACT != NONE:
             if HID_FROM_Z:
                 s = tl.load(z_ptr + m0 * ZW + (rm[:, None] * ZW + ZCOLS[L - 2 - i] + rk[None, :]), mask=mask,
                             other=0.0)
@@ -180,14 +180,15 @@ BWD_WIDE_FP32 = [_cfg(16, 64, 4)]
 # {activation code: configs}}. elu in the fp32 wide forward spills in both usual configs: it gets 16 rows on 8 warps
 # (FWD_WIDE_FP32_ELU, spill-free on both chips), which hardswish must not take (58 LDL/STL on sm_90).
 FWD_WIDE_FP32_ELU = [_cfg(16, 64, 8)]
+_ELU, _HARDSWISH, _HARDSIGMOID, _MISH = (act_args(n)[0] for n in ("elu", "hardswish", "hardsigmoid", "mish"))
 ACT_SPILLS = {
-    ("fwd", True, 2): {8: FWD_WIDE[:1], 9: FWD_WIDE[1:], 11: FWD_WIDE[:1]},
-    ("fwd", True, 4): {8: FWD_WIDE_FP32, 9: FWD_WIDE_FP32[1:] + FWD_WIDE_FP32_ELU, 10: FWD_WIDE_FP32[:1],
-                       11: FWD_WIDE_FP32[:1]},
-    ("fwd", False, 4): {11: [FWD_NARROW[0], FWD_NARROW[2], FWD_NARROW[3]]},
-    ("bwd", False, 2): {11: BWD_NARROW[:1]},
+    ("fwd", True, 2): {_ELU: FWD_WIDE[:1], _HARDSWISH: FWD_WIDE[1:], _MISH: FWD_WIDE[:1]},
+    ("fwd", True, 4): {_ELU: FWD_WIDE_FP32, _HARDSWISH: FWD_WIDE_FP32[1:] + FWD_WIDE_FP32_ELU,
+                       _HARDSIGMOID: FWD_WIDE_FP32[:1], _MISH: FWD_WIDE_FP32[:1]},
+    ("fwd", False, 4): {_MISH: [FWD_NARROW[0], FWD_NARROW[2], FWD_NARROW[3]]},
+    ("bwd", False, 2): {_MISH: BWD_NARROW[:1]},
 }
-ACT_EXTRA = {("fwd", True, 4): {8: FWD_WIDE_FP32_ELU}}
+ACT_EXTRA = {("fwd", True, 4): {_ELU: FWD_WIDE_FP32_ELU}}
 FWD_CONFIGS: List[triton.Config] = FWD_NARROW + FWD_WIDE + FWD_WIDE_FP32 + FWD_WIDE_FP32_ELU
 BWD_CONFIGS: List[triton.Config] = BWD_NARROW + BWD_NARROW_FP32 + BWD_WIDE + BWD_WIDE_FP32
 INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
