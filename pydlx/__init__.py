@@ -7,7 +7,9 @@
     with pydlx.use_backend("reference"): ...
     with pydlx.use_policy("off"): ...   # auto without the GPU's measured policy (or a policy file of your own)
 """
-from . import nn, ops, reference
+from . import activations, registry
+from . import reference, triton, cuda  # the built-in backends register themselves (in this order)
+from . import nn, ops
 from ._backend import BackendUnavailableError, backends, current_backend, use_backend
 from ._policy import use_policy
 from .optimize import explain, optimize
@@ -15,4 +17,4 @@ from .optimize import explain, optimize
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "backends", "use_backend", "current_backend", "use_policy", "BackendUnavailableError",
-           "optimize", "explain", "nn", "ops", "reference"]
+           "optimize", "explain", "nn", "ops", "reference", "registry", "activations"]

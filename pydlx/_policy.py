@@ -10,7 +10,7 @@ benchmark CSV rows (pydlx.bench.CSV_COLUMNS) of one GPU run:
                 "backend": "triton", "ratio": 1.31}, ...]}
 
 Each rule is one measured case: family x dtype x mode (inference = forward, training = forward + backward) x size
-(the family's work measure, ``size_of``). Its backend is the implementation measured fastest, or "reference"
+(the family's work measure, pydlx/registry.py ``Family.work``). Its backend is the implementation measured fastest, or "reference"
 (eager PyTorch) when none beat eager beyond the measurement's spread: a candidate must have passed its GPU tests in
 the same run, be at least ``min_ratio`` times faster than eager by the medians, and have its p80 below eager's
 median.
@@ -36,53 +36,20 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tupl
 
 import torch
 
+from . import registry
+
 VERSION = 1
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
 MIN_RATIO = 1.05
 REACH = 2.0  # a rule speaks for sizes within this factor of its own beyond the measured range
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-FAMILIES = ("linear", "mlp", "conv_relu_pool", "lstm")
-BACKENDS = ("triton", "cuda")  # the candidates; "reference" (eager) is the baseline
-
-
-# ----------------------------------------------------------------------------------------------- sizes
-def size_of(family: str, **dims) -> float:
-    """The work measure a family's rules are keyed by: linear M*N*K; mlp M * sum of s_i * s_(i+1);
-    conv_relu_pool N*K*C*R*R*HO*WO; lstm T*B*H*H (the recurrence)."""
-    if family == "linear":
-        return float(dims["M"]) * dims["N"] * dims["K"]
-    if family == "mlp":
-        s = dims["sizes"]
-        return float(dims["M"]) * sum(a * b for a, b in zip(s, s[1:]))
-    if family == "conv_relu_pool":
-        return float(dims["N"]) * dims["K"] * dims["C"] * dims["R"] ** 2 * dims["HO"] * dims["WO"]
-    if family == "lstm":
-        return float(dims["T"]) * dims["B"] * dims["H"] ** 2
-    raise ValueError(f"unknown family {family!r}")
+# the dtypes measured policies are keyed by (the kernels' dtypes), by their names in benchmark rows
+DTYPES = {registry.DTYPE_NAMES[d]: d for d in registry.KERNEL_DTYPES}
 
 
 def size_from_shape(family: str, shape: str) -> Optional[float]:
-    """``size_of`` for a benchmark row's shape string (pydlx/bench/<family>.py writes them), or None."""
-    try:
-        if family == "linear":  # "MxNxK"
-            M, N, K = map(int, shape.split("x"))
-            return size_of("linear", M=M, N=N, K=K)
-        if family == "mlp":  # "batch:s0-s1-..."
-            batch, sizes = shape.split(":")
-            return size_of("mlp", M=int(batch), sizes=[int(v) for v in sizes.split("-")])
-        if family == "conv_relu_pool":  # "N,C,H,W->K RxR sS pP poolP/Q"
-            m = re.match(r"(\d+),(\d+),(\d+),(\d+)->(\d+) (\d+)x\d+ s(\d+) p(\d+)", shape)
-            N, C, H, W, K, R, st, pad = map(int, m.groups())
-            return size_of("conv_relu_pool", N=N, K=K, C=C, R=R, HO=(H + 2 * pad - R) // st + 1,
-                           WO=(W + 2 * pad - R) // st + 1)
-        if family == "lstm":  # "T:BxH"
-            T, rest = shape.split(":")
-            B, H = rest.split("x")
-            return size_of("lstm", T=int(T), B=int(B), H=int(H))
-    except (ValueError, AttributeError):
-        return None
-    return None
+    """The work measure (``registry.FAMILIES[family].work``) of a benchmark row's shape, or None."""
+    fam = registry.FAMILIES.get(family)
+    return fam.parse(shape) if fam is not None else None
 
 
 # ----------------------------------------------------------------------------------------------- policies
@@ -200,11 +167,19 @@ def for_device(device: Union[torch.device, int, None] = None) -> Optional[Policy
     return _cache[key]
 
 
+def in_force() -> tuple:
+    """What decides the policy in force (the innermost ``use_policy``, PYDLX_POLICY): part of every kept dispatch
+    decision's key, so that a change of policy is seen by the next call."""
+    return (id(_override[-1]) if _override else None, os.environ.get("PYDLX_POLICY", ""))
+
+
 def lookup(family: str, device, call) -> Optional[Rule]:
+    """The rule of the policy in force on ``device`` for ``call`` (a ``registry.FAMILIES[family].call``), or None."""
     policy = for_device(device)
-    if policy is None or call.dtype not in DTYPE_NAMES:
+    if policy is None or call.dtype not in registry.KERNEL_DTYPES:
         return None
-    return policy.lookup(family, DTYPE_NAMES[call.dtype], call.mode, call.size)
+    return policy.lookup(family, registry.DTYPE_NAMES[call.dtype], "training" if call.training else "inference",
+                         registry.FAMILIES[family].work(call))
 
 
 def status(device=None) -> str:
@@ -223,16 +198,14 @@ def status(device=None) -> str:
 
 def summary(family: str, dtype: torch.dtype, device=None) -> str:
     """What ``auto`` runs for a family's calls in ``dtype`` on this machine, and why (explain() shows it)."""
-    from . import _backend
-
     if not torch.cuda.is_available():
         return "auto here: eager PyTorch (no GPU)"
     name, cc = device_key(device)
     where = f"{name} (sm_{cc.replace('.', '')})"
-    default = _backend.FAMILIES[family].unmeasured_auto
+    default = registry.FAMILIES[family].auto
     policy = for_device(device)
     rules = [] if policy is None else [r for (f, d, _), rs in policy._rules.items() if f == family
-                                       and d == DTYPE_NAMES.get(dtype) for r in rs]
+                                       and d == registry.DTYPE_NAMES.get(dtype) for r in rs]
     if not rules:
         what = f"{default[0]} (the unmeasured default)" if default else "eager"
         why = "no measured policy for this GPU" if policy is None else f"the policy has no {family} rule in {dtype}"
@@ -254,12 +227,12 @@ def passed_backends(junit_paths: Sequence[Union[str, Path]]) -> Dict[str, Set[st
     for path in junit_paths:
         for case in ET.parse(path).iter("testcase"):
             cls, name = case.get("classname", ""), case.get("name", "")
-            m = re.search(r"test_(linear|mlp|conv_relu_pool|lstm)\b", cls)
+            m = re.search(rf"test_({'|'.join(registry.FAMILIES)})\b", cls)
             if not m or "gpu" not in name.lower() or any(child.tag == "skipped" for child in case):
                 continue
             ok = not any(child.tag in ("failure", "error") for child in case)
             props = {p.get("name"): p.get("value") for p in case.iter("property")}
-            named = [b for b in BACKENDS if re.search(rf"\b{b}\b|[-_\[]{b}[-_\]]", name)]
+            named = [b for b in registry.candidates() if re.search(rf"\b{b}\b|[-_\[]{b}[-_\]]", name)]
             for backend in ([props["pydlx_backend"]] if "pydlx_backend" in props else named):
                 key = (m.group(1), backend)
                 seen[key] = seen.get(key, True) and ok
@@ -276,7 +249,7 @@ def _implementation(row: dict) -> Optional[str]:
     p = row["provider"]
     if p == "eager":
         return "reference"
-    if p.startswith("pydlx-") and p[len("pydlx-"):] in BACKENDS:
+    if p.startswith("pydlx-") and p[len("pydlx-"):] in registry.candidates():
         return p[len("pydlx-"):]
     return None
 
@@ -287,7 +260,7 @@ def make_policy(rows: Iterable[dict], passed: Dict[str, Set[str]], min_ratio: fl
     meta: Dict[str, str] = {}
     for r in rows:
         impl = _implementation(r)
-        if impl is None or r["family"] not in FAMILIES or r["dtype"] not in DTYPES:
+        if impl is None or r["family"] not in registry.FAMILIES or r["dtype"] not in DTYPES:
             continue
         if r["gpu"] == "cpu":
             raise ValueError("make_policy: CPU rows; a policy is made from one GPU's rows")
@@ -312,7 +285,7 @@ def make_policy(rows: Iterable[dict], passed: Dict[str, Set[str]], min_ratio: fl
             continue
         e_med = float(eager["median_ms"])
         best, best_ratio = "reference", 1.0
-        for backend in BACKENDS:
+        for backend in registry.candidates():
             row = by_impl.get(backend)
             if row is None or backend not in passed.get(family, set()):
                 continue

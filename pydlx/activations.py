@@ -165,6 +165,8 @@ def parse_activation(spec: Optional[str], what: str = "activation") -> Tuple[Opt
         return None, 0.0
     if not isinstance(spec, str):
         raise ValueError(_accepted(what, spec))
+    if torch.compiler.is_compiling():  # (traced: Dynamo would trace through the cache wrapper and warn)
+        return _parse.__wrapped__(spec, what)
     return _parse(spec, what)
 
 

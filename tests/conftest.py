@@ -10,6 +10,8 @@ os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
 
 import pytest  # noqa: E402
 
+import pydlx  # noqa: E402  (after TRITON_INTERPRET is set)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
@@ -25,9 +27,10 @@ def pytest_collection_modifyitems(config, items):
             # which backend a GPU test verifies goes into the junit report (pydlx/_policy.py passed_backends: only
             # an implementation whose GPU tests passed may enter a measured policy)
             params = getattr(getattr(item, "callspec", None), "params", {})
-            backend = params.get("backend") or next((b for b in ("triton", "cuda") if b in item.name.split("[")[0]
+            kernels = pydlx.registry.candidates()
+            backend = params.get("backend") or next((b for b in kernels if b in item.name.split("[")[0]
                                                      or f"-{b}" in item.name or f"[{b}" in item.name), None)
-            if backend in ("triton", "cuda"):
+            if backend in kernels:
                 item.user_properties.append(("pydlx_backend", backend))
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
@@ -70,3 +73,11 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.when == "call":
         item.rep_call = rep
+
+
+@pytest.fixture(autouse=True)
+def _fresh_decisions():
+    """The dispatcher keeps one decision per call signature; tests that fake a GPU or a broken backend change what
+    a decision depends on behind its back, so each test starts without kept decisions."""
+    pydlx._backend.clear_decisions()
+    yield

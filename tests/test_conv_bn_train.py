@@ -209,14 +209,14 @@ def test_errors_are_torchs():
 
 def test_opcheck_and_compile():
     x, conv, bn, kw = make(CASES[0].values[0], torch.float32)
-    args = (kw["stride"], kw["padding"], kw["pool_size"], kw["pool_stride"], kw["pool_padding"], kw["ceil_mode"])
-    torch.library.opcheck(torch.ops.pydlx.conv_bn_train_fwd.default,
-                          (x, conv.weight, conv.bias, bn.weight, bn.bias, 1e-5, *args, "relu", "reference"))
+    args = [kw["stride"], kw["padding"], kw["pool_size"], kw["pool_stride"], kw["pool_padding"], kw["ceil_mode"]]
+    torch.library.opcheck(torch.ops.pydlx.layer_bn_train_fwd.default,
+                          (x, conv.weight, conv.bias, bn.weight, bn.bias, 1e-5, "conv", args, "relu", "reference"))
     x2, conv2, bn2, kw2 = make(CASES[6].values[0], torch.float32)
-    args2 = (kw2["stride"], kw2["padding"], kw2["pool_size"], kw2["pool_stride"], kw2["pool_padding"],
-             kw2["ceil_mode"])
-    torch.library.opcheck(torch.ops.pydlx.conv_bn_train_fwd.default,
-                          (x2, conv2.weight, conv2.bias, None, None, 1e-5, *args2, "mish", "reference"))
+    args2 = [kw2["stride"], kw2["padding"], kw2["pool_size"], kw2["pool_stride"], kw2["pool_padding"],
+             kw2["ceil_mode"]]
+    torch.library.opcheck(torch.ops.pydlx.layer_bn_train_fwd.default,
+                          (x2, conv2.weight, conv2.bias, None, None, 1e-5, "conv", args2, "mish", "reference"))
     torch._dynamo.reset()
     be, ce = copy.deepcopy(bn), copy.deepcopy(conv)
     with pydlx.use_backend("reference"):

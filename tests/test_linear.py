@@ -232,8 +232,11 @@ def test_triton_strides_beyond_32bit_tile_offsets_are_made_contiguous():
 def test_triton_refuses_feature_counts_beyond_32bit_tile_offsets():
     from pydlx.triton import linear as tri
 
-    assert tri.why_cannot(tri.MAX_STRIDE, 3) is None
-    assert "at most" in tri.why_cannot(tri.MAX_STRIDE + 1, 3)
+    call = lambda K, N: pydlx.registry.LinearCall(torch.float32, False, 2, N, K)  # noqa: E731
+    assert tri.supports(call(tri.MAX_STRIDE, 3), None) is None
+    assert "at most" in tri.supports(call(tri.MAX_STRIDE + 1, 3), None)
+    with pydlx.use_backend("triton"), pytest.raises(pydlx.BackendUnavailableError, match="at most"):
+        pydlx._backend.choose("linear", torch.device("cpu"), call(tri.MAX_STRIDE + 1, 3))
 
 
 @pytest.mark.interpreter
@@ -382,19 +385,19 @@ def test_backends_tell_when_the_interpreter_breaks_on_numpy_2_4(monkeypatch):
     """Triton 3.6's interpreter (the GPU machines' Triton) fails every kernel with numpy >= 2.4
     (triton-lang/triton#9171): backends() says so and a forced triton backend refuses, instead of an
     InterpreterError from inside Triton. Here (a fixed Triton) the probe kernel runs; a broken one is simulated."""
-    from pydlx import _backend
+    import pydlx.triton as triton_backend
 
-    assert _backend._interpreter_loops_work()  # this Triton's interpreter runs a loop over a run-time bound
-    monkeypatch.setattr(_backend, "_numpy_strict_scalars", lambda: True)
-    monkeypatch.setattr(_backend, "_interpreter_loops_work", lambda: False)
-    _backend._interpreter_error.cache_clear()
+    assert triton_backend._interpreter_loops_work()  # this Triton's interpreter runs a loop over a run-time bound
+    monkeypatch.setattr(triton_backend, "_numpy_strict_scalars", lambda: True)
+    monkeypatch.setattr(triton_backend, "_interpreter_loops_work", lambda: False)
+    triton_backend._interpreter_error.cache_clear()
     try:
         assert "triton-lang/triton#9171" in pydlx.backends()["triton"]
         with pydlx.use_backend("triton"), pytest.raises(pydlx.BackendUnavailableError, match="numpy<2.4"):
             pydlx.ops.linear(torch.randn(2, 3), torch.randn(4, 3))
     finally:
         monkeypatch.undo()
-        _backend._interpreter_error.cache_clear()
+        triton_backend._interpreter_error.cache_clear()
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------
@@ -594,7 +597,7 @@ def test_gpu_fp32_follows_allow_tf32(tf32):
 @pytest.mark.gpu
 def test_gpu_auto_picks_triton_and_cuda_graph_capture():
     x, w, b = make((256,), 128, 64, torch.bfloat16, device="cuda")
-    assert pydlx._backend.choose("linear", x, lambda t: ("triton", "cuda")) == "triton"
+    assert pydlx._backend.choose("linear", x.device, pydlx.registry.LinearCall(x.dtype, False, 256, 64, 128)) == "triton"
     lin = pydlx.nn.Linear(128, 64, activation="gelu", device="cuda", dtype=torch.bfloat16)
     static_x = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     for _ in range(2):  # warm up (autotune) outside the graph

@@ -124,10 +124,10 @@ def test_saves_only_the_input_and_refuses_like_torch():
 
 def test_opcheck_compile_and_autocast():
     x, lin, bn, act = make(CASES[2].values[0], torch.float32)
-    torch.library.opcheck(torch.ops.pydlx.linear_bn_train_fwd.default,
-                          (x, lin.weight, lin.bias, bn.weight, bn.bias, 1e-5, "gelu", "reference"))
-    torch.library.opcheck(torch.ops.pydlx.linear_bn_train_fwd.default,
-                          (x, lin.weight, None, None, None, 1e-5, "none", "reference"))
+    torch.library.opcheck(torch.ops.pydlx.layer_bn_train_fwd.default,
+                          (x, lin.weight, lin.bias, bn.weight, bn.bias, 1e-5, "linear", [], "gelu", "reference"))
+    torch.library.opcheck(torch.ops.pydlx.layer_bn_train_fwd.default,
+                          (x, lin.weight, None, None, None, 1e-5, "linear", [], "none", "reference"))
     torch._dynamo.reset()
     le, be = copy.deepcopy(lin), copy.deepcopy(bn)
     bn.momentum = be.momentum = 0.1  # (momentum None reads num_batches_tracked on the host: a graph break, as torch's)

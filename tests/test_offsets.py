@@ -57,7 +57,8 @@ def test_linear_dw_split_keeps_its_32_bit_offset_in_range(n):
     assert rows % 64 == 0 and (rows + 64) * n + 256 < LIMIT
     for m in (10**6, 2**31, 2**40):
         assert tri_linear.split_rows(n, 256, m, torch.device("cpu")) <= rows
-    assert tri_linear.why_cannot(tri_linear.MAX_STRIDE + 1, 8) is not None
+    assert tri_linear.supports(pydlx.registry.LinearCall(torch.float32, False, 2, 8, tri_linear.MAX_STRIDE + 1),
+                               None) is not None
 
 
 def test_mlp_rule():

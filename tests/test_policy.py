@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 import pydlx
-from pydlx import _backend, _policy
+from pydlx import _backend, _policy, registry
 from pydlx.bench import CSV_COLUMNS
 from pydlx.bench.__main__ import main as bench_main
 
 GPU = "NVIDIA H100 80GB HBM3 (sm_90)"
+DEV = torch.device("cuda", 0)  # (fake_gpu: no CUDA runtime is touched)
 
 
 def row(family, op, shape, provider, mode, med, p20=None, p80=None, dtype="bf16", gpu=GPU):
@@ -148,9 +149,8 @@ def test_bucket_rule():
 def fake_gpu(monkeypatch):
     """A CUDA device named like an H100 (sm_90) on which the triton and cuda backends report themselves
     available: enough for the dispatcher's choice (no kernel runs)."""
-    monkeypatch.setattr(_backend, "on_gpu", lambda t: True)
-    monkeypatch.setattr(_backend, "why_triton_cannot", lambda t: None)
-    monkeypatch.setattr(_backend, "why_cuda_cannot", lambda t: None)
+    for name in ("triton", "cuda"):
+        monkeypatch.setattr(registry.BACKENDS[name], "why_not_on", lambda device: None)
     monkeypatch.setattr(_policy, "device_key", lambda device=None: ("NVIDIA H100 80GB HBM3", "9.0"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("PYDLX_POLICY", raising=False)
@@ -164,44 +164,45 @@ def _write_policy(tmp_path):
 
 
 def test_auto_follows_the_policy_per_call_with_overrides(fake_gpu, tmp_path, monkeypatch):
-    t = torch.empty(2, 2, dtype=torch.bfloat16)
-    small = _backend.CallKey(torch.bfloat16, "training", 256.0 ** 3)
-    mid = _backend.CallKey(torch.bfloat16, "training", 1024.0 ** 3)
-    infer = _backend.CallKey(torch.bfloat16, "inference", 256.0 ** 3)
+    t = DEV
+    small = registry.LinearCall(torch.bfloat16, True, 256, 256, 256)
+    mid = registry.LinearCall(torch.bfloat16, True, 1024, 1024, 1024)
+    infer = registry.LinearCall(torch.bfloat16, False, 256, 256, 256)
+    conv = registry.ConvCall(torch.bfloat16, True, 8, 3, 32, 32, 16, 3, 1, 1, 2, 2, 0, False, "relu",
+                             (3 * 32 * 32, 32 * 32, 32, 1))
     # no policy for this GPU: the unmeasured defaults (triton for linear, eager for conv)
-    assert _backend.decide("linear", t, call=small) == ("triton", "triton: not measured on this GPU (default)")
-    assert _backend.decide("conv_relu_pool", t, call=small)[1] == "eager: not measured on this GPU"
+    assert _backend.decide("linear", t, small) == ("triton", "triton: not measured on this GPU (default)")
+    assert _backend.decide("conv_relu_pool", t, conv)[1] == "eager: not measured on this GPU"
     assert pydlx.backends()["policy"].startswith("none for NVIDIA H100 80GB HBM3 (sm_90)")
     path = _write_policy(tmp_path)
     with pydlx.use_policy(path):
-        backend, why = _backend.decide("linear", t, call=small)
+        backend, why = _backend.decide("linear", t, small)
         assert backend == "triton" and why.startswith("triton: 2.00x eager on NVIDIA H100 80GB HBM3 (sm_90) at abc1234")
-        assert _backend.decide("linear", t, call=mid)[0] == "reference"
-        assert _backend.decide("linear", t, call=infer)[0] == "reference"
+        assert _backend.decide("linear", t, mid)[0] == "reference"
+        assert _backend.decide("linear", t, infer)[0] == "reference"
         assert pydlx.backends()["policy"].startswith("NVIDIA H100 80GB HBM3 (sm_90)")
         # a forced backend is not the policy's business
         with pydlx.use_backend("cuda"):
-            assert _backend.decide("linear", t, call=mid)[0] == "cuda"
+            assert _backend.decide("linear", t, mid)[0] == "cuda"
         with pydlx.use_policy("off"):
-            assert _backend.decide("linear", t, call=mid)[0] == "triton"
+            assert _backend.decide("linear", t, mid)[0] == "triton"
             assert pydlx.backends()["policy"].startswith("off")
     monkeypatch.setenv("PYDLX_POLICY", str(path))
-    assert _backend.decide("linear", t, call=mid)[0] == "reference"
+    assert _backend.decide("linear", t, mid)[0] == "reference"
     monkeypatch.setenv("PYDLX_POLICY", "off")
-    assert _backend.decide("linear", t, call=mid)[0] == "triton"
+    assert _backend.decide("linear", t, mid)[0] == "triton"
     # the shipped file for the device, found by name and capability
     monkeypatch.delenv("PYDLX_POLICY")
     monkeypatch.setattr(_policy, "POLICY_DIR", tmp_path)
     monkeypatch.setattr(_policy, "_cache", {})  # (policies are read once per device)
     (tmp_path / _policy.file_name("NVIDIA H100 80GB HBM3", "9.0")).write_text(path.read_text())
-    assert _backend.decide("linear", t, call=mid)[0] == "reference"
+    assert _backend.decide("linear", t, mid)[0] == "reference"
 
 
 def test_a_policy_choice_the_backend_cannot_run_falls_through(fake_gpu, tmp_path, monkeypatch):
-    monkeypatch.setattr(_backend, "why_triton_cannot", lambda t: "triton is broken here")
-    t = torch.empty(2, 2, dtype=torch.bfloat16)
+    monkeypatch.setattr(registry.BACKENDS["triton"], "why_not_on", lambda device: "triton is broken here")
     with pydlx.use_policy(_write_policy(tmp_path)):
-        backend, _ = _backend.decide("linear", t, call=_backend.CallKey(torch.bfloat16, "training", 256.0 ** 3))
+        backend, _ = _backend.decide("linear", DEV, registry.LinearCall(torch.bfloat16, True, 256, 256, 256))
     assert backend == "cuda"  # linear's next default; never a backend that cannot run the call
 
 
@@ -235,7 +236,7 @@ def test_make_policy_command(tmp_path, capsys):
 
 def test_ops_import_no_backend_internals():
     """pydlx/ops/<family>.py holds schemas, fakes, autograd and checks; the implementations are reached through
-    the dispatcher (pydlx/_backend.py implementation()), never imported or called directly."""
+    the registry (pydlx/registry.py implementation()), never imported or called directly."""
     import ast
     import pathlib
 

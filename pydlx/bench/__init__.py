@@ -19,14 +19,24 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import registry
+
 CSV_COLUMNS = ["family", "op", "provider", "mode", "dtype", "shape", "median_ms", "p20_ms", "p80_ms",
                "gpu", "torch", "triton", "cuda", "commit", "timestamp"]
-# pydlx: pydlx under ``auto`` (what a user gets); pydlx-triton / pydlx-cuda: that implementation forced (the rows
-# a measured policy is made from, pydlx/_policy.py); eager: PyTorch (cuBLAS / cuDNN); compile: torch.compile of eager
-PROVIDERS = ("pydlx", "eager", "compile", "pydlx-triton", "pydlx-cuda")
+# pydlx: pydlx under ``auto`` (what a user gets); eager: PyTorch (cuBLAS / cuDNN); compile: torch.compile of eager;
+# pydlx-<backend>: that registered backend forced (pydlx/registry.py; the rows a measured policy is made from,
+# pydlx/_policy.py)
 CPU_PROVIDERS = ("pydlx", "eager", "compile")
+
+
+def providers() -> Tuple[str, ...]:
+    """Every provider: the CPU ones and pydlx-<backend> for each backend a measured policy may choose."""
+    return CPU_PROVIDERS + tuple(f"pydlx-{b}" for b in registry.candidates())
+
+
+PROVIDERS = providers()  # (the built-in backends')
 MODES = ("fwd", "fwdbwd")
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+DTYPE_NAMES = registry.DTYPE_NAMES
 
 
 @dataclass
@@ -357,7 +367,7 @@ def _make(case: Case, provider: str):
     return tuple(forced(f) for f in fns)
 
 
-def run_cases(cases: Sequence[Case], providers: Sequence[str] = PROVIDERS, modes: Sequence[str] = MODES,
+def run_cases(cases: Sequence[Case], providers: Sequence[str] = CPU_PROVIDERS, modes: Sequence[str] = MODES,
               device="cpu", progress: bool = True, warmup: Optional[int] = None,
               rep: Optional[int] = None, deadline: Optional[float] = None) -> List[Dict]:
     """Time every case x provider x mode; a provider that fails is reported and skipped, not fatal.
@@ -366,8 +376,10 @@ def run_cases(cases: Sequence[Case], providers: Sequence[str] = PROVIDERS, modes
     run (the GPU check) still writes what it measured."""
     device = torch.device(device)
     env = env_info(device)
+    wanted = providers
+
     def pick(case):
-        return ([p for p in providers if case.providers is None or p in case.providers],
+        return ([p for p in wanted if case.providers is None or p in case.providers],
                 [m for m in modes if case.modes is None or m in case.modes])
 
     total, n, rows = sum(len(pick(c)[0]) * len(pick(c)[1]) for c in cases), 0, []

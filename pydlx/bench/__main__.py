@@ -10,6 +10,7 @@ Rows are appended to <out-dir>/<name>.csv (columns: pydlx.bench.CSV_COLUMNS) and
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 import time
@@ -19,10 +20,14 @@ import torch
 
 import pydlx
 from pydlx import bench
-from pydlx.bench import conv_relu_pool, linear, lstm, mlp, model
+from pydlx import registry
+from pydlx.bench import conv_relu_pool, model
 
-FAMILIES = {"linear": linear.cases, "mlp": mlp.cases, "conv_relu_pool": conv_relu_pool.cases,
-            "conv_act_pool": conv_relu_pool.variant_cases, "conv_bn_train": conv_relu_pool.train_cases, "lstm": lstm.cases, "model": model.cases}
+# The benchmark groups (--family): each registered family's cases (pydlx/bench/<family>.py ``cases``), then the
+# groups that time the conv family's other blocks and whole models.
+FAMILIES = {**{f: importlib.import_module(f"pydlx.bench.{f}").cases for f in registry.FAMILIES},
+            "conv_act_pool": conv_relu_pool.variant_cases, "conv_bn_train": conv_relu_pool.train_cases,
+            "model": model.cases}
 
 
 def _list(arg: str, allowed, what: str):
@@ -43,8 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--family", default="linear", choices=[*FAMILIES, "all"])
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--small", action="store_true", help="CPU-sized shapes, float32 only (implied on cpu)")
-    p.add_argument("--providers", default=None, type=lambda s: _list(s, bench.PROVIDERS, "--providers"),
-                   help=f"comma list of {', '.join(bench.PROVIDERS)} (default: all on a GPU; "
+    p.add_argument("--providers", default=None, type=lambda s: _list(s, bench.providers(), "--providers"),
+                   help=f"comma list of {', '.join(bench.providers())} (default: all on a GPU; "
                         f"{', '.join(bench.CPU_PROVIDERS)} on the CPU)")
     p.add_argument("--modes", default=",".join(bench.MODES), type=lambda s: _list(s, bench.MODES, "--modes"))
     p.add_argument("--name", default=None, help="output file stem (default: gpu_<gpu name>, or cpu)")
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     small = args.small or device.type == "cpu"
     if args.providers is None:
-        args.providers = list(bench.PROVIDERS if device.type == "cuda" else bench.CPU_PROVIDERS)
+        args.providers = list(bench.providers() if device.type == "cuda" else bench.CPU_PROVIDERS)
     families = list(FAMILIES) if args.family == "all" else [args.family]
 
     env = bench.env_info(device)

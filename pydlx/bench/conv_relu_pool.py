@@ -17,6 +17,7 @@ from typing import List
 
 import torch
 
+from .. import registry
 from . import Case, pick
 
 # (N, C, H, W, K, kernel, stride, padding, pool, pool_stride)
@@ -76,10 +77,8 @@ def _make_case(device: torch.device, op: str, shape, dtype: torch.dtype, family:
 
         return fwd, fwdbwd
 
-    shape_words = f"{N},{C},{H},{W}->{K} {R}x{R} s{s} p{p} pool{P}/{Q}"
-    if family != "conv_relu_pool":
-        shape_words = (f"{N},{C},{H},{W}->{K} {R}x{R} s{s} p{p} {act} "
-                       + (f"pool{P}/{Q}" + (f"p{PP}" if PP else "") + ("ceil" if ceil else "") if P > 1 else "nopool"))
+    shape_words = registry.FAMILIES["conv_relu_pool"].shape(N, C, H, W, K, R, s, p, P, Q, PP, ceil,
+                                                            None if family == "conv_relu_pool" else act)
     return Case(family=family, op=op, shape=shape_words, dtype=dtype, make=make)
 
 
@@ -158,8 +157,7 @@ def _make_train_case(device: torch.device, op: str, shape, dtype: torch.dtype) -
 
         return fwd, fwdbwd
 
-    shape_words = (f"{N},{C},{H},{W}->{K} {R}x{R} s{s} p{p} bn {act or 'none'} "
-                   + (f"pool{P}/{Q}" + (f"p{PP}" if PP else "") + ("ceil" if ceil else "") if P > 1 else "nopool"))
+    shape_words = registry.FAMILIES["conv_relu_pool"].shape(N, C, H, W, K, R, s, p, P, Q, PP, ceil, f"bn {act or 'none'}")
     return Case(family="conv_bn_train", op=op, shape=shape_words, dtype=dtype, make=make,
                 providers=("pydlx", "eager", "compile", "pydlx-triton"))
 

@@ -10,6 +10,7 @@ from typing import Callable, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import registry
 from . import Case, pick
 
 OPS = {"linear_relu": "relu", "linear_gelu": "gelu"}
@@ -56,7 +57,7 @@ def _make_case(device: torch.device, op: str, act: str, M: int, N: int, K: int, 
 
         return fwd, fwdbwd
 
-    return Case(family="linear", op=op, shape=f"{M}x{N}x{K}", dtype=dtype, make=make)
+    return Case(family="linear", op=op, shape=registry.FAMILIES["linear"].shape(M, N, K), dtype=dtype, make=make)
 
 
 def cases(device, small: bool) -> List[Case]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from .. import registry
 from . import Case, pick
 
 GPU_HIDDEN = (128, 256, 512, 1024)
@@ -67,7 +68,7 @@ def _make_case(device: torch.device, T: int, B: int, H: int, dtype: torch.dtype,
 
         return fwd, fwdbwd
 
-    return Case(family="lstm", op="lstm_packed" if packed else "lstm", shape=f"{T}:{B}x{H}", dtype=dtype, make=make,
+    return Case(family="lstm", op="lstm_packed" if packed else "lstm", shape=registry.FAMILIES["lstm"].shape(T, B, H), dtype=dtype, make=make,
                 providers=providers)
 
 

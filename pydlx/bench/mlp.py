@@ -14,6 +14,7 @@ from typing import List
 import torch
 from torch import nn
 
+from .. import registry
 from . import Case, pick
 
 NETS = {"autoencoder": [784, 400, 200, 32, 200, 400, 784], "mlp_64x4": [64, 64, 64, 64, 64, 16],
@@ -61,7 +62,7 @@ def _make_case(device: torch.device, op: str, batch: int, dtype: torch.dtype) ->
 
         return fwd, fwdbwd
 
-    return Case(family="mlp", op=op, shape=f"{batch}:{'-'.join(map(str, sizes))}", dtype=dtype, make=make)
+    return Case(family="mlp", op=op, shape=registry.FAMILIES["mlp"].shape(batch, sizes), dtype=dtype, make=make)
 
 
 def cases(device, small: bool) -> List[Case]:

@@ -8,14 +8,18 @@ from typing import Optional
 import torch
 
 from ..activations import parse_activation
+# The backward every backend shares (dy through the int8 argmax and the activation's derivative into cuDNN's
+# convolution backward).
+from ..reference.conv_relu_pool import conv_relu_pool_bwd  # noqa: F401
 
 MAX_CHANNELS = 8  # csrc/conv_relu_pool.cu's kMaxChannels: a direct convolution is for first layers
 
 
-def why_cannot(channels: int) -> Optional[str]:
-    if channels > MAX_CHANNELS:
+def supports(call, device) -> Optional[str]:
+    """None if the direct convolution runs this call (a registry.ConvCall), else why not."""
+    if call.C > MAX_CHANNELS:
         return (f"the C++/CUDA direct convolution is for first layers (at most {MAX_CHANNELS} input channels), "
-                f"got {channels}; the triton backend takes any")
+                f"got {call.C}; the triton backend takes any")
     return None
 
 

@@ -9,7 +9,7 @@ import torch
 from ..activations import parse_activation
 
 
-def why_cannot(in_features: int, out_features: int) -> Optional[str]:
+def supports(call, device) -> Optional[str]:
     return None  # cuBLAS addresses any size
 
 

@@ -31,6 +31,13 @@ def _device(index: int) -> Tuple[int, int]:
     return props.multi_processor_count, props.shared_memory_per_block_optin
 
 
+def supports(call, device) -> Optional[str]:
+    """None if the persistent kernels run this call (a registry.LSTMCall), else why not."""
+    if call.cell:
+        return "the C++/CUDA LSTM kernel is for whole sequences (pydlx.nn.LSTM); cells run on triton"
+    return why_cannot(device, call.dtype.itemsize, call.H, call.P)
+
+
 def why_cannot(device: torch.device, elt: int, H: int, P: int) -> Optional[str]:
     if P != H:
         return "proj_size > 0 is not supported by the C++/CUDA LSTM kernel (auto runs cuDNN for it)"

@@ -10,6 +10,11 @@ from ..activations import parse_activation
 from ..reference.mlp import FUSED_MAX_LAYERS, FUSED_MAX_WIDTH, fuses_in_one_kernel
 
 
+def supports(call, device) -> Optional[str]:
+    """None if csrc/mlp.cu's fused forward runs this call (a registry.MLPCall), else why not."""
+    return why_cannot(call.sizes, call.dtype, call.training)
+
+
 def why_cannot(sizes: Sequence[int], dtype: torch.dtype, training: bool) -> Optional[str]:
     if training:
         return "the C++/CUDA fused MLP is forward-only (inference) for now; training runs the triton backend"
@@ -31,5 +36,6 @@ def mlp_fwd(x, weights, biases, activation, last_activation, save):
     return y, x.new_empty(0), x.new_empty(0)
 
 
-def mlp_bwd(*args, **kwargs):
+def mlp_bwd(dy, x, weights, y, h, z, activation, last_activation, need_dx):
+    """Not written: ``supports`` refuses training calls, so no backward is ever asked of this backend."""
     raise RuntimeError("pydlx.cuda.mlp: the C++/CUDA fused MLP has no backward (inference only)")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from .._geometry import KERNEL, PADDING, POOL, POOL_STRIDE, STRIDE, window_fits, within
 from ..ops.conv_relu_pool import check_conv_relu_pool_args, conv_relu_pool2d
 
 
@@ -31,7 +32,7 @@ class ConvReLUPool2d(nn.Module):
             raise ValueError(f"pydlx.nn.ConvReLUPool2d: pool_size must be 2 or 3, got {pool_size}")
         probe = torch.empty((in_channels, 64, 64), device="meta", dtype=self.weight.dtype)  # checks the options
         check_conv_relu_pool_args(probe, self.weight.to("meta"), None, stride, padding, pool_size, pool_stride,
-                                  pool_padding, ceil_mode)
+                                  pool_padding, ceil_mode, name="pydlx.nn.ConvReLUPool2d")
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, pool: nn.MaxPool2d) -> "ConvReLUPool2d":
@@ -96,8 +97,9 @@ def unsupported(conv: nn.Conv2d, pool: Optional[nn.MaxPool2d] = None) -> Optiona
     if _square(conv.kernel_size) is None or _square(conv.stride) is None or _square(conv.padding) is None:
         return "non-square kernel, stride or padding"
     k, s, p = _square(conv.kernel_size), _square(conv.stride), _square(conv.padding)
-    if not (1 <= k <= 11 and 1 <= s <= 4 and 0 <= p <= 5):
-        return f"kernel {k}, stride {s}, padding {p} (kernels 1..11, strides 1..4, paddings 0..5)"
+    if not (within(k, KERNEL) and within(s, STRIDE) and within(p, PADDING)):
+        return (f"kernel {k}, stride {s}, padding {p} (kernels {KERNEL[0]}..{KERNEL[1]}, strides "
+                f"{STRIDE[0]}..{STRIDE[1]}, paddings {PADDING[0]}..{PADDING[1]})")
     if pool is None:
         return None
     if pool.return_indices:
@@ -108,8 +110,9 @@ def unsupported(conv: nn.Conv2d, pool: Optional[nn.MaxPool2d] = None) -> Optiona
             or _square(pool.padding) is None:
         return "non-square pool"
     size, stride = _square(pool.kernel_size), _square(pool.stride) if pool.stride is not None else None
-    if not 2 <= size <= 3 or not 1 <= (stride or size) <= 3:
-        return f"pool {size} stride {stride or size} (pools 2 or 3, strides 1..3)"
-    if not 0 <= _square(pool.padding) <= size // 2:
+    if not (size > 1 and within(size, POOL)) or not within(stride or size, POOL_STRIDE):
+        return (f"pool {size} stride {stride or size} (pools 2..{POOL[1]}, strides "
+                f"{POOL_STRIDE[0]}..{POOL_STRIDE[1]})")
+    if not window_fits(size, _square(pool.padding)):
         return f"pool padding={pool.padding} (at most half the window)"
     return None

@@ -26,9 +26,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from .. import _backend
-from ._common import ArgumentError, DtypeError, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
-from .._policy import size_of
+from .. import _backend, registry
+from ._common import ArgumentError, autocast_cast, autograd, check_floating, check_like, implement
 from ..reference import lstm as ref
 
 NAME = "pydlx.ops.lstm"
@@ -36,13 +35,10 @@ NAME = "pydlx.ops.lstm"
 
 # ----------------------------------------------------------------------------------------------- layer ops
 def _impl(family: str, backend: str):
-    return _backend.implementation(family, backend)
+    return registry.implementation(family, backend)
 
 
-@torch.library.custom_op("pydlx::lstm_layer_fwd", mutates_args=())
-def lstm_layer_fwd(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], w_hr: Optional[Tensor],
-                   h0: Tensor, c0: Tensor, lengths: Optional[Tensor], reverse: bool, save: bool, backend: str
-                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _fwd(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, backend):
     T, B, I = x.shape
     H = w_hh.shape[0] // 4
     # the input projection of every step as one GEMM (the backend's linear), then the backend's recurrence
@@ -52,21 +48,18 @@ def lstm_layer_fwd(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor]
     return y, hs[final].clone(), cs[final].to(x.dtype, copy=True), hs, cs, acts, rs
 
 
-@lstm_layer_fwd.register_fake
-def _(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, backend):
+def _fwd_fake(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, backend):
     T, B, _ = x.shape
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
-    f32 = dict(dtype=torch.float32)
+    state = dict(dtype=ref.state_dtype(x.dtype))
     return (x.new_empty((T, B, P)), x.new_empty((B, P)), x.new_empty((B, H)), x.new_empty((T + 1, B, P)),
-            x.new_empty((T + 1, B, H), **f32), x.new_empty((T, B, 4 * H), **f32) if save else x.new_empty(0, **f32),
+            x.new_empty((T + 1, B, H), **state),
+            x.new_empty((T, B, 4 * H), **state) if save else x.new_empty(0, **state),
             x.new_empty((T, B, H)) if w_hr is not None else x.new_empty(0))
 
 
-@torch.library.custom_op("pydlx::lstm_layer_bwd", mutates_args=())
-def lstm_layer_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor,
-                   w_hr: Optional[Tensor], hs: Tensor, cs: Tensor, acts: Tensor, rs: Tensor,
-                   lengths: Optional[Tensor], reverse: bool, has_bias: bool, need_input: bool, need_weight: bool,
-                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bwd(dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths, reverse, has_bias, need_input,
+         need_weight, backend):
     T, B, I = x.shape
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     x2 = x.reshape(T * B, I)
@@ -88,9 +81,8 @@ def lstm_layer_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, w_ih: Tens
             db if has_bias else empty(), dh0.to(x.dtype), dc0.to(x.dtype))
 
 
-@lstm_layer_bwd.register_fake
-def _(dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths, reverse, has_bias, need_input, need_weight,
-      backend):
+def _bwd_fake(dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths, reverse, has_bias, need_input,
+              need_weight, backend):
     empty = x.new_empty(0)
     return (torch.empty_like(x) if need_input else empty, torch.empty_like(w_ih) if need_weight else empty,
             torch.empty_like(w_hh) if need_weight else empty,
@@ -98,27 +90,28 @@ def _(dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths, reverse, h
             w_ih.new_empty(w_ih.shape[0]) if has_bias else empty, torch.empty_like(dh_n), torch.empty_like(dc_n))
 
 
-def _setup_context(ctx, inputs, output):
-    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, backend = inputs
-    y, h_n, c_n, hs, cs, acts, rs = output
-    ctx.mark_non_differentiable(hs, cs, acts, rs)
-    ctx.save_for_backward(x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths)
-    ctx.args = (reverse, bias is not None, backend)  # the backward runs where the forward ran
+lstm_layer_fwd = implement("lstm_layer_fwd", _fwd, _fwd_fake)
+lstm_layer_bwd = implement("lstm_layer_bwd", _bwd, _bwd_fake)
 
 
-def _backward(ctx, dy, dh_n, dc_n, _dhs, _dcs, _dacts, _drs):
-    x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths = ctx.saved_tensors
-    reverse, has_bias, backend = ctx.args
-    need_x, need_wih, need_whh, need_b, need_whr, need_h0, need_c0 = ctx.needs_input_grad[:7]
+def _save(a, out):
+    y, h_n, c_n, hs, cs, acts, rs = out
+    return a.x, a.w_ih, a.w_hh, a.w_hr, hs, cs, acts, rs, a.lengths
+
+
+def _backward(a, saved, grads, needs):
+    x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths = saved
+    dy, dh_n, dc_n = (g.contiguous() for g in grads[:3])
+    has_bias = a.has_bias and needs.bias
     dx, dw_ih, dw_hh, dw_hr, db, dh0, dc0 = lstm_layer_bwd(
-        dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths,
-        reverse, has_bias and need_b, need_x, need_wih or need_whh or need_whr, backend)
-    return (dx if need_x else None, dw_ih if need_wih else None, dw_hh if need_whh else None,
-            db if (has_bias and need_b) else None, dw_hr if (w_hr is not None and need_whr) else None,
-            dh0 if need_h0 else None, dc0 if need_c0 else None, None, None, None, None)
+        dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths, a.reverse, has_bias, needs.x,
+        needs.w_ih or needs.w_hh or needs.w_hr, a.backend)
+    return {"x": dx, "w_ih": dw_ih, "w_hh": dw_hh, "bias": db if has_bias else None,
+            "w_hr": dw_hr if a.has_w_hr else None, "h0": dh0, "c0": dc0}
 
 
-torch.library.register_autograd("pydlx::lstm_layer_fwd", _backward, setup_context=_setup_context)
+# (y, h_n and c_n each feed backward: their unused gradients come as zeros)
+autograd("lstm_layer_fwd", _save, _backward, non_differentiable=(3, 4, 5, 6), materialize_grads=True)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -139,24 +132,10 @@ def _per_layer(weights: Sequence[Tensor], num_layers: int, dirs: int, bias: bool
     return out
 
 
-def _check_tensor(name: str, t: Tensor, like: Tensor) -> None:
-    if t.dtype not in FLOAT_DTYPES:
-        raise DtypeError(f"{NAME}: {name} must be a floating-point tensor, got {t.dtype}")
-    if t.dtype != like.dtype:
-        raise DtypeError(f"{NAME}: {name} has dtype {t.dtype} but input has {like.dtype}")
-    if t.device != like.device:
-        raise ArgumentError(f"{NAME}: {name} is on {t.device} but input is on {like.device}")
-
-
 def choose(x: Tensor, T: int, B: int, H: int, P: int, training: bool, op: str) -> str:
     """The backend of one LSTM / LSTMCell call (pydlx/_backend.py): forced, or auto by the GPU's policy (without
     one: cuDNN, the reference)."""
-    call = _backend.CallKey(x.dtype, "training" if training else "inference", size_of("lstm", T=T, B=B, H=H))
-    return _backend.choose("lstm", x, op, checks={
-        "triton": lambda: why_not_kernel_dtype(x) or _impl("lstm", "triton").why_too_large(B, H, P),
-        "cuda": (lambda: "the C++/CUDA LSTM kernel is for whole sequences (pydlx.nn.LSTM); cells run on triton")
-        if op == "lstm_cell" else (lambda: why_not_kernel_dtype(x) or _impl("lstm", "cuda").why_cannot(
-            x.device, x.element_size(), H, P))}, call=call)
+    return _backend.choose("lstm", x.device, registry.LSTMCall(x.dtype, training, T, B, H, P, op == "lstm_cell"), op)
 
 
 # ----------------------------------------------------------------------------------------------- functional
@@ -194,12 +173,11 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
     if not packed and data.shape[1 if (batch_first and not unbatched) else 0] == 0:
         raise ArgumentError(f"{NAME}: expected sequence length to be larger than 0 (as torch.nn.LSTM), got input "
                             f"of shape {tuple(data.shape)}")
-    if data.dtype not in FLOAT_DTYPES:
-        raise DtypeError(f"{NAME}: input must be a floating-point tensor, got {data.dtype}")
+    check_floating(NAME, "input", data)
     for k, ws in enumerate(layers):
         for name, t in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"), ws):
             if t is not None:
-                _check_tensor(f"{name} #{k}", t, data)
+                check_like(NAME, f"{name} #{k}", t, data)
     if hx is not None:
         if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
             raise TypeError(f"{NAME}: hx must be a tuple (h0, c0), got {type(hx).__name__}")
@@ -210,7 +188,7 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
             if not isinstance(t, Tensor) or t.dim() != state_dims or tuple(t.shape) != want:
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ArgumentError(f"{NAME}: expected {name} of shape {want}, got {got}")
-            _check_tensor(name, t, data)
+            check_like(NAME, name, t, data)
         if unbatched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         if packed and input.sorted_indices is not None:  # states follow the packed (sorted) batch order
@@ -272,8 +250,7 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
         raise ArgumentError(f"{name}: input must be 2-D (N, input_size) or 1-D unbatched, got {got}")
     if input.shape[-1] != w_ih.shape[1]:
         raise ArgumentError(f"{name}: input has {input.shape[-1]} features, expected input_size={w_ih.shape[1]}")
-    if input.dtype not in FLOAT_DTYPES:
-        raise DtypeError(f"{name}: input must be a floating-point tensor, got {input.dtype}")
+    check_floating(name, "input", input)
     H = w_hh.shape[1]
     unbatched = input.dim() == 1
     x = input.unsqueeze(0) if unbatched else input
@@ -286,12 +263,12 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
             if not isinstance(t, Tensor) or tuple(t.shape) != want:
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ArgumentError(f"{name}: expected {nm} of shape {want}, got {got}")
-            _check_tensor(nm, t, input)
+            check_like(name, nm, t, input)
         if unbatched:
             h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
     for nm, t in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)):
         if t is not None:
-            _check_tensor(nm, t, input)
+            check_like(name, nm, t, input)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
     backend = choose(x, 1, x.shape[0], H, H, save, "lstm_cell")

@@ -19,31 +19,28 @@ Saved for backward: input, weights, y, H (and Z): the activations eager PyTorch 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
-from .. import _backend
-from .._policy import size_of
+from .. import _backend, registry
 from ..activations import check_activation
 from ..reference.mlp import fuses_in_one_kernel, mlp as reference_mlp, saves_z
-from ._common import ArgumentError, DtypeError, rows, FLOAT_DTYPES, autocast_cast, why_not_kernel_dtype
-from .linear import _act_name, _op_activation, linear
+from ..registry import KERNEL_DTYPES
+from ._common import ArgumentError, act_name, autocast_cast, autograd, check_floating, check_like, implement, rows
+from .linear import linear, op_activation
 
 
 def _impl(backend: str):
-    return _backend.implementation("mlp", backend)
+    return registry.implementation("mlp", backend)
 
 
 def choose(x: Tensor, sizes: Sequence[int], training: bool) -> str:
     """The backend of one fused-MLP call (pydlx/_backend.py): forced, or auto by the GPU's policy / defaults."""
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    call = _backend.CallKey(x.dtype, "training" if training else "inference", size_of("mlp", M=M, sizes=sizes))
-    return _backend.choose("mlp", x, checks={
-        "triton": lambda: why_not_kernel_dtype(x) or _impl("triton").why_cannot(sizes),
-        "cuda": lambda: _impl("cuda").why_cannot(sizes, x.dtype, training)}, call=call)
+    return _backend.choose("mlp", x.device, registry.MLPCall(x.dtype, training, M, tuple(sizes)), "mlp")
 
 
 def _sizes(input: Tensor, weights: Sequence[Tensor]) -> List[int]:
@@ -55,35 +52,29 @@ def _expand(biases: Sequence[Tensor], has_bias: Sequence[bool]) -> List[Optional
     return [next(it) if hb else None for hb in has_bias]
 
 
-@torch.library.custom_op("pydlx::mlp_fused", mutates_args=())
-def mlp_fused(input: Tensor, weights: List[Tensor], biases: List[Tensor], has_bias: List[bool], activation: str,
-              last_activation: str, save: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    y, H, Z = _impl(backend).mlp_fwd(rows(input), weights, _expand(biases, has_bias), _act_name(activation),
-                                     _act_name(last_activation), save)
+def _fwd(input, weights, biases, has_bias, activation, last_activation, save, backend):
+    y, H, Z = _impl(backend).mlp_fwd(rows(input), weights, _expand(biases, has_bias), act_name(activation),
+                                     act_name(last_activation), save)
     return y.reshape(*input.shape[:-1], weights[-1].shape[0]), H, Z
 
 
-@mlp_fused.register_fake
-def _(input, weights, biases, has_bias, activation, last_activation, save, backend):
+def _fwd_fake(input, weights, biases, has_bias, activation, last_activation, save, backend):
     M = input.numel() // input.shape[-1] if input.shape[-1] else 0
     sizes = [w.shape[0] for w in weights]
     y = input.new_empty((*input.shape[:-1], sizes[-1]))
     H = input.new_empty((M, sum(sizes[:-1]))) if save and len(sizes) > 1 else input.new_empty(0)
-    Z = input.new_empty((M, sum(sizes))) if save and saves_z(_act_name(activation), _act_name(last_activation)) \
+    Z = input.new_empty((M, sum(sizes))) if save and saves_z(act_name(activation), act_name(last_activation)) \
         else input.new_empty(0)
     return y, H, Z
 
 
-@torch.library.custom_op("pydlx::mlp_fused_bwd", mutates_args=())
-def mlp_fused_bwd(grad: Tensor, input: Tensor, weights: List[Tensor], has_bias: List[bool], y: Tensor, H: Tensor,
-                  Z: Tensor, activation: str, last_activation: str, need_dx: bool, backend: str
-                  ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+def _bwd(grad, input, weights, has_bias, y, H, Z, activation, last_activation, need_dx, backend):
     sizes = _sizes(input, weights)
     L = len(weights)
     x2d = rows(input)
     hcols = [sum(sizes[1:1 + i]) for i in range(L)]  # column of layer i's output in H and in Z / DZ
-    dx, DZ = _impl(backend).mlp_bwd(rows(grad), x2d, weights, rows(y), H, Z, _act_name(activation),
-                                    _act_name(last_activation), need_dx)
+    dx, DZ = _impl(backend).mlp_bwd(rows(grad), x2d, weights, rows(y), H, Z, act_name(activation),
+                                    act_name(last_activation), need_dx)
     # weight gradients: GEMMs over all rows; bias gradients: one reduction for every layer
     dws = []
     for i in range(L):
@@ -96,41 +87,32 @@ def mlp_fused_bwd(grad: Tensor, input: Tensor, weights: List[Tensor], has_bias: 
     return dx, dws, dbs
 
 
-@mlp_fused_bwd.register_fake
-def _(grad, input, weights, has_bias, y, H, Z, activation, last_activation, need_dx, backend):
+def _bwd_fake(grad, input, weights, has_bias, y, H, Z, activation, last_activation, need_dx, backend):
     dx = torch.empty_like(input) if need_dx else input.new_empty(0)
     return dx, [torch.empty_like(w) for w in weights], [
         w.new_empty(w.shape[0]) if hb else input.new_empty(0) for w, hb in zip(weights, has_bias)]
 
 
-def _setup_context(ctx, inputs, output):
-    input, weights, biases, has_bias, activation, last_activation, save, backend = inputs
-    y, H, Z = output
-    ctx.mark_non_differentiable(H, Z)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, y, H, Z, *weights)
-    ctx.has_bias = list(has_bias)
-    ctx.acts = (activation, last_activation)
-    ctx.saved_all = save
-    ctx.backend = backend  # the backward runs where the forward ran
+mlp_fused = implement("mlp_fused", _fwd, _fwd_fake)
+mlp_fused_bwd = implement("mlp_fused_bwd", _bwd, _bwd_fake)
 
 
-def _backward(ctx, grad_y, grad_h, grad_z):
-    input, y, H, Z, *weights = ctx.saved_tensors
-    L = len(weights)
-    nb = sum(ctx.has_bias)
-    if grad_y is None:
-        return None, [None] * L, [None] * nb, None, None, None, None, None
-    if not ctx.saved_all and grad_y.numel():
+def _save(a, out):
+    y, H, Z = out
+    return (a.input, y, H, Z, *a.weights)
+
+
+def _backward(a, saved, grads, needs):
+    input, y, H, Z, *weights = saved
+    if not a.save and grads[0].numel():
         raise RuntimeError("pydlx.ops.mlp: backward needs the saved activations, but the forward ran with "
                            "save=False; call pydlx.ops.mlp, which sets it when gradients are needed")
-    need_dx = ctx.needs_input_grad[0]
-    dx, dws, dbs = mlp_fused_bwd(grad_y, input, weights, ctx.has_bias, y, H, Z, *ctx.acts, need_dx, ctx.backend)
-    return (dx if need_dx else None, list(dws), [db for db, hb in zip(dbs, ctx.has_bias) if hb],
-            None, None, None, None, None)
+    dx, dws, dbs = mlp_fused_bwd(grads[0], input, weights, a.has_bias, y, H, Z, a.activation, a.last_activation,
+                                 needs.input, a.backend)
+    return {"input": dx, "weights": list(dws), "biases": [db for db, hb in zip(dbs, a.has_bias) if hb]}
 
 
-torch.library.register_autograd("pydlx::mlp_fused", _backward, setup_context=_setup_context)
+autograd("mlp_fused", _save, _backward, non_differentiable=(1, 2))
 
 
 def check_mlp_args(input, weights, biases, activation, last_activation) -> None:
@@ -144,15 +126,13 @@ def check_mlp_args(input, weights, biases, activation, last_activation) -> None:
         raise ArgumentError(f"{name}: weights must be a non-empty list of 2-D tensors (out_features, in_features)")
     if not isinstance(biases, (list, tuple)) or len(biases) != len(weights):
         raise ArgumentError(f"{name}: biases must be a list with one tensor or None per weight ({len(weights)}), "
-                         f"got {len(biases) if isinstance(biases, (list, tuple)) else type(biases).__name__}")
+                            f"got {len(biases) if isinstance(biases, (list, tuple)) else type(biases).__name__}")
     for a, arg in ((activation, "activation"), (last_activation, "last_activation")):
         try:
             check_activation(a, arg)
         except ValueError as e:
             raise ArgumentError(f"{name}: {e}") from None
-    if input.dtype not in FLOAT_DTYPES:
-        raise DtypeError(f"{name}: input must be a floating-point tensor (float16, bfloat16, float32, float64), "
-                        f"got {input.dtype}")
+    check_floating(name, "input", input)
     fan_in = input.shape[-1]
     for i, (w, b) in enumerate(zip(weights, biases)):
         if not isinstance(w, Tensor) or w.dim() != 2:
@@ -164,15 +144,8 @@ def check_mlp_args(input, weights, biases, activation, last_activation) -> None:
         if b is not None and (not isinstance(b, Tensor) or b.dim() != 1 or b.shape[0] != w.shape[0]):
             got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
             raise ArgumentError(f"{name}: biases[{i}] must be None or 1-D with {w.shape[0]} elements, got {got}")
-        for t, arg in ((w, f"weights[{i}]"), (b, f"biases[{i}]")):
-            if t is None:
-                continue
-            if t.device != input.device:
-                raise ArgumentError(f"{name}: {arg} is on {t.device} but input is on {input.device}; "
-                                 "all tensors must be on one device")
-            if t.dtype != input.dtype:
-                raise DtypeError(f"{name}: {arg} has dtype {t.dtype} but input has {input.dtype}; "
-                                "they must match (or run under torch.autocast)")
+        check_like(name, f"weights[{i}]", w, input)
+        check_like(name, f"biases[{i}]", b, input)
         fan_in = w.shape[0]
 
 
@@ -199,12 +172,12 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     if _backend.cpu_auto(input):
         return reference_mlp(input, weights, biases, activation, last_activation)  # see ops.linear
     sizes = _sizes(input, weights)
-    if why_not_kernel_dtype(input) is None and fuses_in_one_kernel(sizes):
+    if input.dtype in KERNEL_DTYPES and fuses_in_one_kernel(sizes):
         needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
             t.requires_grad for t in (*weights, *[b for b in biases if b is not None])))
         y, _, _ = mlp_fused(input, list(weights), [b for b in biases if b is not None],
-                            [b is not None for b in biases], _op_activation(activation),
-                            _op_activation(last_activation), needs_grad, choose(input, sizes, needs_grad))
+                            [b is not None for b in biases], op_activation(activation),
+                            op_activation(last_activation), needs_grad, choose(input, sizes, needs_grad))
         return y
     h = input
     for i, (w, b) in enumerate(zip(weights, biases)):

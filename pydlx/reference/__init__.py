@@ -1,7 +1,14 @@
-"""Eager PyTorch implementations of every pydlx op: the CPU fallback, the ``reference`` backend (each family's
-module, pydlx/reference/<family>.py, has the functions and signatures of pydlx/triton/<family>.py) and the test
-oracle. The package holds the family modules under their names (``pydlx.reference.linear`` is the module; its
-``linear`` function is ``pydlx.reference.linear.linear``)."""
+"""The ``reference`` backend: eager PyTorch implementations of every family (pydlx/reference/<family>.py, with the
+functions and signatures every backend's module of that family has). It is the CPU fallback, what ``auto`` runs
+wherever no kernel is measured faster, and the test oracle; it runs anywhere, in any floating dtype.
+
+The package holds the family modules under their names (``pydlx.reference.linear`` is the module; its ``linear``
+function is ``pydlx.reference.linear.linear``)."""
+from .. import registry
 from . import batchnorm, conv_relu_pool, linear, lstm, mlp
 
-__all__ = ["batchnorm", "conv_relu_pool", "linear", "lstm", "mlp"]
+BACKEND = registry.register_backend(registry.Backend(
+    "reference", package=__name__, candidate=False,
+    doc="eager PyTorch (cuDNN / cuBLAS on GPUs): runs anywhere, the CPU fallback and the oracle"))
+
+__all__ = ["BACKEND", "batchnorm", "conv_relu_pool", "linear", "lstm", "mlp"]

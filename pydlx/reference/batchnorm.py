@@ -1,7 +1,7 @@
 """Training-mode BatchNorm after a convolution or a Linear, in eager PyTorch: the batch statistics, the normalisation
-and activation, and their backward, shared by pydlx.ops.conv_bn_act_pool2d(training=True) and
-pydlx.ops.linear_batchnorm(training=True) (their training forms save only the layer's input; backward recomputes
-the layer's output and calls these again). Channels are dim 1 (N, C[, H, W]); statistics over every other dim, in
+and activation, and their backward, for the one training form of pydlx.ops.conv_bn_act_pool2d(training=True) and
+pydlx.ops.linear_batchnorm(training=True) (pydlx/ops/batchnorm.py: it saves only the layer's input; backward
+recomputes the layer's output and calls these again). Channels are dim 1 (N, C[, H, W]); statistics over every other dim, in
 fp32 for 16-bit maps."""
 from __future__ import annotations
 
@@ -92,26 +92,17 @@ def bn_act_backward(grad: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, var
     return dz.to(z.dtype), (sgx if gamma is not None else None), (sg if beta is not None else None)
 
 
-def linear_bn_train_fwd(linear, x2d: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
-                        gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], eps: float,
-                        activation: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, var): act(BatchNorm1d(linear(x2d))) with batch statistics; ``linear(x, w, b)`` is the backend's
-    GEMM. The Linear's output lives only inside this call: backward recomputes it from x."""
-    z = linear(x2d, w, b)
+def bn_act_train(z: torch.Tensor, eps: float, gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
+                 activation: Optional[str], after: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, var): y = after(act(BatchNorm(z))) with the batch statistics (``after``: a pool, or None), and the
+    statistics (the caller moves the running statistics: ``update_running_stats``). The training forms call it
+    with their layer's output z, which lives only inside the call: backward recomputes z and calls
+    ``bn_act_backward``."""
     mean, var = batch_stats(z)
-    return bn_act(z, mean, var, eps, gamma, beta, activation)[1].contiguous(), mean, var
+    a = bn_act(z, mean, var, eps, gamma, beta, activation)[1]
+    return (a if after is None else after(a)).contiguous(), mean, var
 
 
-def linear_bn_train_bwd(linear, grad: torch.Tensor, x2d: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
-                        gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], mean: torch.Tensor,
-                        var: torch.Tensor, eps: float, activation: Optional[str], need_input: bool,
-                        need_weight: bool, need_bias: bool) -> Tuple[Optional[torch.Tensor], ...]:
-    """(dx, dw, db, dgamma, dbeta): the Linear's output recomputed (the same GEMM as the forward's), the activation's
-    and BatchNorm's backward (``bn_act_backward``), then dx = dz w, dw = dz^T x, db = sum dz."""
-    dz, dgamma, dbeta = bn_act_backward(grad, linear(x2d, w, b), mean, var, eps, gamma, beta, activation)
-    return (dz @ w if need_input else None, dz.t() @ x2d if need_weight else None,
-            dz.sum(0) if b is not None and need_bias else None, dgamma, dbeta)
-
-
-__all__ = ["math_dtype", "batch_stats", "momentum_factor", "update_running_stats", "bn_act", "bn_act_backward", "linear_bn_train_fwd",
-           "linear_bn_train_bwd"]
+__all__ = ["math_dtype", "batch_stats", "momentum_factor", "update_running_stats", "bn_act", "bn_act_backward",
+           "bn_act_train"]

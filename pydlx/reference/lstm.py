@@ -59,6 +59,89 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0
 _16BIT = (torch.float16, torch.bfloat16)
 
 
+# ----------------------------------------------------------------------------------------------- the layer's recurrence
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the cell states and gate activations a layer keeps: fp32 (float64 for float64 input)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def supports(call, device) -> Optional[str]:
+    return None  # eager PyTorch runs any layer
+
+
+def lstm_fwd(G: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[Tensor], reverse: bool, save: bool,
+             path: Optional[str] = None, w_hr: Optional[Tensor] = None
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The recurrence of one layer, step by step, with the buffers and signature of pydlx/triton/lstm.py's
+    ``lstm_fwd`` (see there; ``path`` is ignored): (y [T, B, P], hs [T+1, B, P], cs [T+1, B, H], acts [T, B, 4H] the
+    gate activations i, f, g, o when ``save``, rs [T, B, H] the unprojected o tanh(c) with a projection). The forward
+    direction reads step t's state from slot t and writes slot t + 1, the reverse one reads slot t + 1 and writes
+    slot t; a row whose sequence has ended keeps its h and c and outputs 0."""
+    T, B, H4 = G.shape
+    H, P = H4 // 4, w_hh.shape[1]
+    md = state_dtype(G.dtype)
+    hs, cs = G.new_empty((T + 1, B, P)), G.new_empty((T + 1, B, H), dtype=md)
+    y = G.new_empty((T, B, P))
+    acts = G.new_empty((T, B, 4 * H), dtype=md) if save else G.new_empty(0, dtype=md)
+    rs = G.new_empty((T, B, H)) if w_hr is not None else G.new_empty(0)
+    first = T if reverse else 0
+    hs[first], cs[first] = h0, c0
+    w = w_hh.to(md).t()
+    on = None
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        prev, nxt = (t + 1, t) if reverse else (t, t + 1)
+        i, f, g, o = (G[t].to(md) + hs[prev].to(md) @ w).chunk(4, dim=-1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * cs[prev] + i * g
+        r = o * torch.tanh(c)
+        h = (r.to(G.dtype) @ w_hr.t()) if w_hr is not None else r.to(G.dtype)
+        if lengths is not None:
+            on = (t < lengths).unsqueeze(-1)
+        hs[nxt] = h if on is None else torch.where(on, h, hs[prev])
+        cs[nxt] = c if on is None else torch.where(on, c, cs[prev])
+        y[t] = h if on is None else torch.where(on, h, torch.zeros_like(h))
+        if save:
+            acts[t] = torch.cat((i, f, g, o), dim=-1)
+        if w_hr is not None:
+            rs[t] = r
+    return y, hs, cs, acts, rs
+
+
+def lstm_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, acts: Tensor, cs: Tensor, w_hh: Tensor,
+             lengths: Optional[Tensor], reverse: bool, w_hr: Optional[Tensor] = None
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward through time of ``lstm_fwd``, with pydlx/triton/lstm.py's ``lstm_bwd`` signature: (dz [T, B, 4H]
+    the gradient of the pre-activation gates in w_hh's dtype, dh0 [B, P], dc0 [B, H] in the state dtype, dht
+    [T, B, P]: dL/dh_t with a projection, else empty). Rows past their sequence's end pass dh and dc through and
+    have dz = 0."""
+    T, B, H4 = acts.shape
+    H, P = H4 // 4, w_hh.shape[1]
+    md = acts.dtype
+    dz = w_hh.new_empty((T, B, 4 * H))
+    dht = w_hh.new_empty((T, B, P)) if w_hr is not None else w_hh.new_empty(0)
+    dh, dc = dh_n.to(md), dc_n.to(md)
+    w, wr = w_hh.to(md), (w_hr.to(md) if w_hr is not None else None)
+    on = None
+    for t in (range(T) if reverse else range(T - 1, -1, -1)):  # the forward's steps, last first
+        prev, nxt = (t + 1, t) if reverse else (t, t + 1)
+        i, f, g, o = acts[t].chunk(4, dim=-1)
+        d_h = dh + dy[t].to(md)
+        dr = d_h @ wr if wr is not None else d_h
+        tc = torch.tanh(cs[nxt])
+        d_c = dc + dr * o * ((1 - tc) * (1 + tc))
+        dzt = torch.cat((d_c * g * i * (1 - i), d_c * cs[prev] * f * (1 - f), d_c * i * ((1 - g) * (1 + g)),
+                         dr * tc * o * (1 - o)), dim=-1)
+        if lengths is not None:
+            on = (t < lengths).unsqueeze(-1)
+            dzt = torch.where(on, dzt, torch.zeros_like(dzt))
+        dz[t] = dzt
+        if wr is not None:
+            dht[t] = d_h if on is None else torch.where(on, d_h, torch.zeros_like(d_h))
+        dh = dzt @ w if on is None else torch.where(on, dzt @ w, dh)
+        dc = d_c * f if on is None else torch.where(on, d_c * f, dc)
+    return dz, dh, dc, dht
+
+
 def packed_layout(batch_sizes: Tensor, device) -> Tuple[int, int, Tensor, Tensor]:
     """(T, B, flat row of each packed row in a [T * B] time-major padded buffer, lengths int32 [B]) from a
     PackedSequence's (CPU) batch_sizes; the batch stays in the packed (sorted) order."""

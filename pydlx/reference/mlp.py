@@ -39,7 +39,7 @@ def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optio
     return h
 
 
-def why_cannot(sizes: Sequence[int]) -> Optional[str]:
+def supports(call, device) -> Optional[str]:
     return None  # eager PyTorch runs any MLP
 
 

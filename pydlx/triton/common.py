@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpret
+from . import triton_interpret
 from .. import activations
 
 # An activation reaches a kernel as a code and its parameter (ACT, ALPHA: a float constexpr, leaky_relu's slope, elu's
@@ -194,6 +194,10 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
+
+# In-tile offsets are 32-bit (each tile's or block's base offset is 64-bit) and a tile spans at most 256 rows or columns
+# of an operand, so no stride may exceed this: larger strides are made contiguous, larger sizes refused.
+MAX_STRIDE = (2**31 - 1) // 256
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one block may use, by arch
 

@@ -27,7 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.conv_relu_pool import out_shape
+from .._geometry import out_shape
+# The backward every backend shares (dy through the int8 argmax and the activation's derivative into cuDNN's
+# convolution backward): a fused Triton backward is not written yet.
+from ..reference.conv_relu_pool import conv_relu_pool_bwd  # noqa: F401
 from .common import Tuned, _act_fwd, _cast, _dot, act_args, precision
 
 
@@ -127,6 +130,12 @@ def configs_for(elt_bytes: int, P: int = 2) -> List[triton.Config]:
 _conv_relu_pool_fwd = Tuned(
     _conv_relu_pool_fwd_kernel, FWD_CONFIGS, ["C", "H", "W", "K", "R", "STRIDE", "PAD", "P", "Q", "PPAD", "ACT", "SAVE_Z", "PRECISION"],
     lambda configs, named, **kw: configs_for(named["x_ptr"].element_size(), kw["P"]), INTERPRET_CONFIG)
+
+
+def supports(call, device) -> Optional[str]:
+    """None if the kernel runs this call (a registry.ConvCall), else why not (``why_too_large``)."""
+    _, _, HP, WP = call.out_shape()
+    return why_too_large((call.N, call.C, call.H, call.W), call.strides, call.K, call.R, HP, WP)
 
 
 def why_too_large(x_shape, x_strides, K: int, R: int, HP: int, WP: int) -> Optional[str]:

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..reference.linear import activation_backward
-from .common import NONE, SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, arch, precision
+from .common import MAX_STRIDE, NONE, SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, arch, precision
 
 @triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -203,15 +203,11 @@ _linear_bwd = Tuned(_linear_bwd_kernel, BWD_CONFIGS, ["M", "N", "K", "K_PER_SPLI
                     _prune_bwd, INTERPRET_CONFIG)
 
 
-# In-tile offsets are 32-bit (each tile's base offset is 64-bit) and a tile spans at most 256 rows or columns of
-# an operand, so no stride may exceed this; larger strides are made contiguous, larger feature counts refused.
-MAX_STRIDE = (2**31 - 1) // 256
-
-
-def why_cannot(in_features: int, out_features: int) -> Optional[str]:
-    """None if the kernels can run a Linear of this size, else why not."""
-    if max(in_features, out_features) > MAX_STRIDE:
-        return (f"in_features ({in_features}) and out_features ({out_features}) must be at most {MAX_STRIDE} "
+def supports(call, device) -> Optional[str]:
+    """None if the kernels can run this call (a registry.LinearCall), else why not: the feature counts are strides
+    of the operands (MAX_STRIDE)."""
+    if max(call.K, call.N) > MAX_STRIDE:
+        return (f"in_features ({call.K}) and out_features ({call.N}) must be at most {MAX_STRIDE} "
                 "for the triton backend (32-bit offsets inside a tile)")
     return None
 

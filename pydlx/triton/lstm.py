@@ -302,6 +302,11 @@ _lstm_fwd = Tuned(_lstm_fwd_kernel, list(_CONFIGS.values()), _KEY + ["SAVE", "AL
 _lstm_bwd = Tuned(_lstm_bwd_kernel, list(_CONFIGS.values()), _KEY, _prune("bwd", "w_ptr"), _cfg(4, 1))
 
 
+def supports(call, device) -> Optional[str]:
+    """None if the kernels run this layer or cell (a registry.LSTMCall), else why not (``why_too_large``)."""
+    return why_too_large(call.B, call.H, call.P)
+
+
 def why_too_large(B: int, H: int, P: int) -> Optional[str]:
     """None if the kernels address a layer of this batch and width correctly, else why not. A step's offset
     (t * 4BH, t * BP) is 64-bit, the offsets inside a step 32-bit: one step of G / the gate activations (4 B H,

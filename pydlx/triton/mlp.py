@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..reference.mlp import saves_z
 from ..reference.mlp import FUSED_MAX_LAYERS, FUSED_MAX_WIDTH
-from .common import NONE, PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, precision
+from .common import MAX_STRIDE, NONE, PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, precision
 
 MAX_WIDTH, MAX_LAYERS = FUSED_MAX_WIDTH, FUSED_MAX_LAYERS  # widest layer (output side), most layers
 
@@ -225,6 +225,11 @@ _mlp_fwd = Tuned(_mlp_fwd_kernel, FWD_CONFIGS, _FWD_KEY, _prune("fwd", "x_ptr"),
 _mlp_bwd = Tuned(_mlp_bwd_kernel, BWD_CONFIGS, _BWD_KEY, _prune("bwd", "g_ptr"), INTERPRET_CONFIG)
 
 
+def supports(call, device) -> Optional[str]:
+    """None if the fused kernels take this call (a registry.MLPCall), else why not."""
+    return why_cannot(call.sizes)
+
+
 def why_cannot(sizes: Sequence[int]) -> Optional[str]:
     """None if the fused kernels take an MLP with these layer sizes (input first), else why not."""
     if len(sizes) - 1 > MAX_LAYERS:
@@ -235,11 +240,6 @@ def why_cannot(sizes: Sequence[int]) -> Optional[str]:
         return (f"input width {sizes[0]}: the fused MLP kernel addresses a block of rows with 32-bit offsets (at "
                 f"most {MAX_STRIDE} wide)")
     return None
-
-
-# Row offsets are 64-bit to each block of rows, 32-bit inside it (at most 256 rows): no row stride of x may exceed
-# this (larger strides are made contiguous, wider inputs refused).
-MAX_STRIDE = (2**31 - 1) // 256
 
 
 def _pad(n: int) -> int:
