@@ -5,7 +5,7 @@ Backends:
   triton     Triton kernels (pydlx/triton): CUDA tensors on sm_80+, or CPU tensors under TRITON_INTERPRET=1.
   cuda       the C++/CUDA extension pydlx._C (csrc/): CUDA tensors, when the extension is built or JIT-built.
 
-Rules (DESIGN.md):
+Rules:
   * ``auto`` picks per call from the call's device, dtype and shape; CPU tensors get ``reference``.
   * A forced backend (``use_backend`` or ``PYDLX_BACKEND``) that cannot run a call raises
     ``BackendUnavailableError`` saying why. It never falls back silently.
