@@ -247,7 +247,7 @@ def test_optimized_conv_chain_runs_the_triton_kernel_under_the_interpreter():
 
 
 class _LSTMClassifier(nn.Module):
-    """The seed document's LSTM classifier: nn.LSTM(batch_first=True), zero h0/c0, fc on the last step."""
+    """The seed models' LSTM classifier: nn.LSTM(batch_first=True), zero h0/c0, fc on the last step."""
 
     def __init__(self):
         super().__init__()
