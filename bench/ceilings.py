@@ -1,6 +1,6 @@
-"""Measure the two ceilings of this GPU (shared/.library METHOD.md): device-to-device copy bandwidth (bytes read
-plus written) and a large bf16/tf32 matrix product through cuBLAS, on random data. Used by scripts/gpu_check.sh;
-the floors in bench/NOTES.md are divided by these.
+"""Measure the two ceilings of this GPU: device-to-device copy bandwidth (bytes read plus written) and a large
+bf16/tf32 matrix product through cuBLAS, on random data. Used by scripts/gpu_check.sh; the floors in
+bench/NOTES.md are divided by these.
 
     python bench/ceilings.py
 """

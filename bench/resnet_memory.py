@@ -1,5 +1,5 @@
-"""Saved activation bytes and CPU step time of torchvision's ResNet-18 under pydlx.optimize (issue 14), against
-eager: one forward + cross-entropy (+ backward for the time), parameters excluded, each storage counted once
+"""Saved activation bytes and CPU step time of torchvision's ResNet-18 under pydlx.optimize, against eager: one
+forward + cross-entropy (+ backward for the time), parameters excluded, each storage counted once
 (pydlx.bench.seed_models.saved_bytes). pydlx runs with the reference backend forced (auto runs the training form
 eagerly). Usage: python bench/resnet_memory.py [--sizes 2x32,8x64,8x112,16x224] [--repeat 3]"""
 import argparse

@@ -1,4 +1,4 @@
-"""The seed document's three models end to end, as written and after ``pydlx.optimize``.
+"""The three seed models end to end, as written and after ``pydlx.optimize``.
 
 For each model (CNN, LSTM classifier, autoencoder; pydlx/bench/seed_models.py) on the available device:
   * what optimize() fuses (pydlx.explain) and a check that the state_dict is unchanged;
@@ -64,7 +64,7 @@ def step_and_infer_ms(kind, model, x, y, device, reps):
 def run(kind: str, device: torch.device, epochs: int, batch: int, reps: int) -> dict:
     torch.manual_seed(0)
     model = S.make_model(kind).to(device)
-    print(f"\n== {kind}: {type(model).__name__} as the seed writes it")
+    print(f"\n== {kind}: {type(model).__name__} as written")
     print(pydlx.explain(model))
     fast = pydlx.optimize(model)
     same = list(fast.state_dict()) == list(model.state_dict()) and all(

@@ -1,15 +1,16 @@
 """The GPU check: tiered, incremental, time-boxed. ``bash scripts/gpu_check.sh [--minutes N] [--dry-run]``.
 
 Tiers, in order, each writing its results under $OUT as they land (a run cut at any point still reports what it
-covered), each step under its own timeout so that a hung kernel cannot eat the window:
+covered), each step under its own timeout so that a hung kernel cannot eat the budget:
   tier 0  environment and ceilings, the C++/CUDA extension built (sm of this GPU only, all cores), every shipped
           kernel x dtype x backend once against float64 (tests/test_gpu_smoke.py), and the headline benchmark case
           of each goal (pydlx auto / pydlx-triton / pydlx-cuda vs eager vs torch.compile);
   tier 1  the full GPU test suite (pytest -m gpu; xdist workers and per-test timeouts where installed);
   tier 2  the rest of the benchmark grid, bf16 first, until the budget is spent;
   last    the measured policy (python -m pydlx.bench --make-policy) and summary.md.
-Files under $OUT (at most 8 come back from the lent machine): log.txt (everything, as it happens), tier0.xml and
-tier1.xml (junit), bench.csv, bench.png, policy.json, summary.md.
+The report goes to --out, else $OUT when set, else ./gpu-report in the repository. It is at most 8 files, so it is
+easy to copy off a remote machine: log.txt (everything, as it happens), tier0.xml and tier1.xml (junit), bench.csv,
+bench.png, policy.json, summary.md.
 
 --dry-run runs the same driver on the CPU: the Triton kernels under the interpreter, tiny benchmark sizes, no
 extension build, fake ceilings, no policy (CPU rows make none); tests/test_gpu_check.py runs it in CI so this file
@@ -124,7 +125,7 @@ class Check:
     def pytest(self, name: str, args: Sequence[str], junit: str, timeout: float) -> int:
         cmd = [self.py, "-m", "pytest", *args, "-p", "no:cacheprovider", "-rf", f"--junitxml={self.out / junit}"]
         if has_module("pytest_timeout"):
-            cmd.append("--timeout=180")  # a hung kernel fails its test, not the window
+            cmd.append("--timeout=180")  # a hung kernel fails its test, not the whole check
         env = {"PYDLX_TRITON_AUTOTUNE": "0"}
         if self.dry:
             env["TRITON_INTERPRET"] = "1"

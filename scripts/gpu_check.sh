@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-command GPU check (shared/VERIFY.md rung 5), for the lent GPU machine or any CUDA machine:
+# The one-command GPU check, for any CUDA machine:
 #   bash scripts/gpu_check.sh [--minutes 9] [--dry-run]
 # Tiered and time-boxed (scripts/gpu_check.py): tier 0 = environment, ceilings, extension build, every kernel once
 # against float64, the headline benchmarks; tier 1 = the full GPU test suite; tier 2 = the benchmark grid; last =

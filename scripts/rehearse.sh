@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Rehearse, without a GPU, what the lent GPU machine will run: its software versions (torch 2.11.0, triton 3.6.0,
-# seen there; shared/VERIFY.md and .library/device/KINDS.md), so that a version difference shows up here and not in
-# the 15-minute window:
+# Rehearse, without a GPU, what the GPU check (scripts/gpu_check.sh) will run on the target GPU machines, with their
+# software versions (the H100/H200 machines this check is rehearsed for have torch 2.11.0 and triton 3.6.0), so that
+# a version difference shows up here and not in the GPU check's time budget:
 #   1. pydlx imports under those versions, and backends() reports;
 #   2. the interpreter subset of the test suite passes under them;
 #   3. every shipped Triton config compiles for sm_90 (and sm_80) with triton 3.6, spill-free (tests/aot_compile.py);
 #   4. the C++/CUDA extension builds against torch 2.11's headers for sm_90 only (what the GPU check builds), timed;
 #   5. the GPU check's driver runs end to end (--dry-run).
 # Then, with REHEARSE_NEWEST=1, the interpreter subset again on the newest triton a plain pip install gives beside a
-# CPU build of torch (issue 11: triton 3.9 today).
+# CPU build of torch (triton 3.9 today).
 #   bash scripts/rehearse.sh [LOG]      (default bench/results/rehearsal-<date>.txt; commit it)
 # The environments live in $REHEARSE_VENV (default .venv-rehearse) and .venv-newest; the first run installs them
 # (torch 2.11 is a CUDA build: a few GB from PyPI).

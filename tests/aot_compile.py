@@ -4,16 +4,16 @@ what the chip would get: registers, shared memory, spills and tensor-core instru
     python tests/aot_compile.py            # a table
     python tests/aot_compile.py --json     # what tests/test_kernels_compile.py reads
 
-    python tests/aot_compile.py --acts all # also every shipped config for each activation of issue 14.3
+    python tests/aot_compile.py --acts all # also every shipped config for each of NEW_ACTS (leaky_relu, ...)
 
-Runs with TRITON_INTERPRET=0 (under the interpreter @triton.jit functions cannot be compiled), so the test
-suite calls it in a subprocess. Each kernel is compiled in its heaviest variant: gelu with the pre-activation
-stored; in backward, gelu's derivative from a saved tile (plus the db row sum in the dw GEMM). The activations of
-issue 14.3 (NEW_ACTS) are compiled as variants "<variant>+<activation>" of the Linear and MLP kernels, with the
-configs that ship for that activation (pydlx.triton.linear.ACT_SPILLS, pydlx.triton.mlp.ACT_SPILLS): by default
-(the test suite) the first one, for each kernel and arch in one dtype (rotating over the three with the activation
-and kernel, so that every dtype is compiled); ``--acts all`` compiles every shipped config in every dtype for each
-(run when configs, kernels or activations change: bench/NOTES.md has the last run).
+Runs with TRITON_INTERPRET=0 (under the interpreter @triton.jit functions cannot be compiled), so the test suite
+calls it in a subprocess. Each kernel is compiled in its heaviest variant: gelu with the pre-activation stored; in
+backward, gelu's derivative from a saved tile (plus the db row sum in the dw GEMM). The activations added after the
+first seven (NEW_ACTS) are compiled as variants "<variant>+<activation>" of the Linear and MLP kernels, with the
+configs that ship for that activation (pydlx.triton.linear.ACT_SPILLS, pydlx.triton.mlp.ACT_SPILLS): by default (the
+test suite) the first one, for each kernel and arch in one dtype (rotating over the three with the activation and
+kernel, so that every dtype is compiled); ``--acts all`` compiles every shipped config in every dtype for each (run
+when configs, kernels or activations change: bench/NOTES.md has the last run).
 """
 import json
 import os
@@ -65,7 +65,8 @@ VARIANTS = {
 }
 
 
-# Issue 14.3's activations, with a parameter where they take one (its value does not change the code's size).
+# The activations added after the first seven (leaky_relu, elu, hardswish, hardsigmoid, mish, relu6), with a
+# parameter where they take one (its value does not change the code's size).
 NEW_ACTS = ("leaky_relu(0.2)", "elu(0.5)", "hardswish", "hardsigmoid", "mish", "relu6")
 # The wide forward tiles ship for these too (pydlx.triton.linear.WIDE_ACTS): cheap epilogues, y saved.
 WIDE_NEW_ACTS = ("leaky_relu(0.2)", "hardsigmoid", "relu6")
@@ -88,7 +89,7 @@ def cfg_id(cfg):
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
 
 
-# The fused MLP kernels, compiled for the benchmark MLPs (issue 3): 64->64x4->16 and 32->128x4->3, with gelu
+# The fused MLP kernels, compiled for the benchmark MLPs: 64->64x4->16 and 32->128x4->3, with gelu
 # hidden activations (z stored and read back: the heaviest variant).
 MLP_SIZES = {"w64": (64, 64, 64, 64, 64, 16), "w128": (32, 128, 128, 128, 128, 3)}
 

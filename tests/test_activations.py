@@ -218,7 +218,7 @@ def _lstm_relative_errors(backend, device, proj):
 @pytest.mark.parametrize("proj", [0, 3], ids=["plain", "proj3"])
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_lstm_gates_near_zero(backend, proj):
-    """Issue 11: with weights scaled by 0.01 the Triton LSTM was 1.3% off (2 sigmoid(2x) - 1 for tanh)."""
+    """Regression: with weights scaled by 0.01 the Triton LSTM was 1.3% off (2 sigmoid(2x) - 1 for tanh)."""
     fwd, bwd = _lstm_relative_errors(backend, "cpu", proj)
     assert fwd < 1e-5 and bwd < 1e-5, (fwd, bwd)
 

@@ -1,4 +1,4 @@
-"""python -m pydlx.coverage (issue 14.6): the coverage measure on a model whose answer is known, that its checks
+"""python -m pydlx.coverage: the coverage measure on a model whose answer is known, that its checks
 fail when the optimized model differs, and --check over a representative set of torchvision's classification zoo
 (the whole zoo is the coverage command's, README "Coverage on the torchvision zoo": too slow for CI)."""
 import collections

@@ -1,5 +1,6 @@
 """The GPU check's driver (scripts/gpu_check.py) end to end on the CPU (--dry-run: the Triton kernels under the
-interpreter, tiny benchmark sizes), so that the one command a lent GPU runs first cannot rot between GPU runs."""
+interpreter, tiny benchmark sizes), so that the one command to run first on a CUDA machine cannot rot between GPU
+runs."""
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ def test_gpu_check_dry_run_writes_every_tier(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     names = {p.name for p in out.iterdir()}
     assert {"log.txt", "tier0.xml", "tier1.xml", "bench.csv", "summary.md"} <= names, names
-    assert len(names) <= 8, f"at most 8 files come back from the lent machine: {names}"
+    assert len(names) <= 8, f"the report is at most 8 files (easy to copy off a remote machine): {names}"
     summary = (out / "summary.md").read_text()
     for step in ("tier 0: every kernel once | 0", "tier 0: headline benchmarks | 0", "tier 1: GPU test suite | 0"):
         assert step in summary, summary

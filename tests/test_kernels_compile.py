@@ -1,4 +1,4 @@
-"""Every shipped Triton kernel config compiles for sm_80 and sm_90 without a GPU (VERIFY.md rung 3): no
+"""Every shipped Triton kernel config compiles for sm_80 and sm_90 without a GPU: no
 local-memory spills, shared memory within the chip's limit, and tensor-core instructions in the SASS of the
 fp16/bf16/tf32 GEMMs (HMMA on sm_80, HGMMA — wgmma — on sm_90; the fused MLP's row blocks under 64 rows use
 HMMA on sm_90 as well). The compiling happens in tests/aot_compile.py,
@@ -37,9 +37,9 @@ def test_every_arch_and_dtype_keeps_configs():
 
 
 def test_every_new_activation_is_compiled_on_both_archs_in_every_dtype():
-    """Issue 14.3's activations: each Linear and MLP kernel compiled with each of them on sm_80 and sm_90 (the
-    configs that ship for it), every dtype for each across the kernels; the wide forward tiles for those that take
-    them."""
+    """The activations added after the first seven (leaky_relu, elu, hardswish, hardsigmoid, mish, relu6): each Linear
+    and MLP kernel compiled with each of them on sm_80 and sm_90 (the configs that ship for it), every dtype for
+    each across the kernels; the wide forward tiles for those that take them."""
     from pydlx.triton import linear as tri
     from pydlx.triton.common import act_args
 

@@ -23,8 +23,9 @@ from pydlx.reference.linear import activation_backward
 import oracle
 from tolerance import assert_close, rel_err
 
-# The first seven run through the full cross product of shapes and dtypes on the interpreter; the six of issue 14.3
-# (and leaky_relu / elu with a parameter) through fewer shapes (test_triton_interpreter_new_activations).
+# The first seven run through the full cross product of shapes and dtypes on the interpreter; the six added later
+# (leaky_relu, elu, hardswish, hardsigmoid, mish, relu6; leaky_relu / elu also with a parameter) through fewer
+# shapes (test_triton_interpreter_new_activations).
 ACTS = [pytest.param(a, id=str(a)) for a in (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")]
 NEW_ACTS = [pytest.param(a, id=a) for a in oracle.NEW]
 ALL_ACTS = ACTS + NEW_ACTS
@@ -90,7 +91,7 @@ def test_reference_activation_backward_is_the_derivative(act):
     """The hand-written derivatives (the kernels' oracle) against autograd of the float64 oracle (tests/oracle.py;
     torch's own float64 hardsigmoid backward multiplies by 1/6 rounded to float32), over a wide range; at the kinks
     (0, relu6's 6, hardswish's and hardsigmoid's -3 and 3) and for NaN, torch's conventions (relu excepted at NaN:
-    pydlx's relu derivative is 0 there, torch's passes the gradient, as before issue 14.3)."""
+    pydlx's relu derivative is 0 there, torch's passes the gradient)."""
     kinks = [0.0, -0.0, 6.0, -3.0, 3.0] + ([float("nan")] if act != "relu" else [])
     z = torch.cat([torch.randn(4001, dtype=torch.float64) * 4, torch.tensor(kinks, dtype=torch.float64)])
     z.requires_grad_()

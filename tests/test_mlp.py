@@ -27,7 +27,8 @@ FUSED = [
 ACT_PAIRS = [pytest.param(("relu", None), id="relu"), pytest.param(("gelu", "sigmoid"), id="gelu-sigmoid"),
              pytest.param(("tanh", "silu"), id="tanh-silu"), pytest.param((None, "gelu_tanh"), id="none-gelutanh"),
              pytest.param(("sigmoid", "relu"), id="sigmoid-relu"), pytest.param(("silu", None), id="silu")]
-# issue 14.3's activations, each once hidden and once last (z saved for hardswish / mish, y for the others)
+# the activations added after the first seven, each once hidden and once last (z saved for hardswish / mish, y for
+# the others)
 NEW_PAIRS = [pytest.param(pair, id="-".join(pair).replace("(", "").replace(")", "")) for pair in (
     ("leaky_relu(0.2)", "hardswish"), ("elu(0.5)", "mish"), ("hardswish", "relu6"), ("mish", "hardsigmoid"),
     ("relu6", "elu"), ("hardsigmoid", "leaky_relu"))]

@@ -114,7 +114,7 @@ def _same_outputs_and_grads(fast, model, x):
 
 
 def test_new_activation_modules_fuse_and_a_negative_slope_is_kept_with_the_reason():
-    """Issue 14.3: Linear -> LeakyReLU(0.2) / Hardswish / ELU(0.5) / Mish modules become fused Linears; a LeakyReLU with
+    """Linear -> LeakyReLU(0.2) / Hardswish / ELU(0.5) / Mish modules become fused Linears; a LeakyReLU with
     a negative slope is kept (its derivative cannot be taken from the output), and explain says why."""
     model = nn.Sequential(nn.Linear(5, 6), nn.LeakyReLU(0.2), nn.Linear(6, 7), nn.Hardswish(), nn.Linear(7, 4),
                           nn.ELU(0.5), nn.Linear(4, 4), nn.LeakyReLU(-0.1), nn.Linear(4, 3), nn.Mish()).double()
@@ -137,7 +137,8 @@ def test_new_activation_modules_fuse_and_a_negative_slope_is_kept_with_the_reaso
 
 
 class _NewActsNet(nn.Module):
-    """Issue 14.3's activations in forward code: functional, in-place and module spellings."""
+    """leaky_relu, elu, hardswish, hardsigmoid, mish and relu6 in forward code: functional, in-place and module
+    spellings."""
 
     def __init__(self):
         super().__init__()
@@ -246,7 +247,7 @@ def test_optimized_conv_chain_runs_the_triton_kernel_under_the_interpreter():
 
 
 class _LSTMClassifier(nn.Module):
-    """The seed document's LSTM classifier: nn.LSTM(batch_first=True), zero h0/c0, fc on the last step."""
+    """The seed models' LSTM classifier: nn.LSTM(batch_first=True), zero h0/c0, fc on the last step."""
 
     def __init__(self):
         super().__init__()
@@ -318,7 +319,7 @@ def test_unsupported_pools_stay_eager_and_explained_never_a_crash(pool):
     pytest.param(nn.MaxPool2d(3, 2, 1, ceil_mode=True), id="pool-padding-ceil"),
 ])
 def test_pool_padding_and_ceil_mode_fuse(pool):
-    """Issue 14.2: the ResNet stem's padded pool and GoogLeNet/SqueezeNet's ceil-mode pools fuse."""
+    """The ResNet stem's padded pool and GoogLeNet/SqueezeNet's ceil-mode pools fuse."""
     net = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3), nn.ReLU(), pool).double()
     text = pydlx.explain(net)
     assert "fuse   0: Conv2d + ReLU + MaxPool2d -> pydlx.nn.ConvReLUPool2d(" in text, text
@@ -429,7 +430,7 @@ def _fused(fast, *args):
 
 @pytest.mark.parametrize("start", ["train", "eval"])
 def test_optimized_model_follows_train_and_eval_like_the_original(start):
-    """Issue 11: a forward reading self.training was frozen at the mode optimize() saw (dropout after eval())."""
+    """Regression: a forward reading self.training was frozen at the mode optimize() saw (dropout after eval())."""
     for cls in (_DropoutNet, _BranchNet, _Nested):
         model = cls()
         model.train(start == "train")
@@ -541,7 +542,7 @@ def _pydlx_calls(fast, *args):
 
 
 def test_batchnorm_is_folded_in_eval_and_recomputed_in_training():
-    """Issue 14: Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d and Linear -> BatchNorm1d -> ReLU fuse in eval mode, the
+    """Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d and Linear -> BatchNorm1d -> ReLU fuse in eval mode, the
     BatchNorm folded into the weights from its running statistics at every call; in training mode (batch
     statistics, running-stat updates) both become the ops' training forms (the layer's output recomputed in
     backward). Optimized in training mode, the default."""
@@ -639,7 +640,7 @@ class _Gate(nn.Module):
 
 
 def test_pool_before_relu_and_untraceable_parents():
-    """Issue 14: the pool-first spelling is fused; a parent whose forward does not trace no longer stops its
+    """The pool-first spelling is fused; regression: a parent whose forward does not trace no longer stops its
     submodules' forwards from being fused."""
     for cls, where in ((_MnistNet, ""), (_Gate, "body.")):
         model = cls().double()
@@ -658,7 +659,7 @@ def test_pool_before_relu_and_untraceable_parents():
 
 
 def test_explain_names_each_kept_block_once_with_its_reason():
-    """Issue 14: a kept block was listed twice (module chain and forward code); ResNet's stem (Conv -> BN -> ReLU ->
+    """Regression: a kept block was listed twice (module chain and forward code); ResNet's stem (Conv -> BN -> ReLU ->
     MaxPool with padding) was not mentioned at all -- it now fuses in eval mode (BatchNorm folded) and in training
     mode (batch statistics, the conv recomputed in backward)."""
     grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True))
@@ -691,7 +692,7 @@ class _VggSlices(nn.Module):
 
 
 def test_chains_across_sequential_boundaries():
-    """Issue 14.4: the parent's forward traces through both slices, so Conv -> ReLU (slice1) -> MaxPool (slice2)
+    """The parent's forward traces through both slices, so Conv -> ReLU (slice1) -> MaxPool (slice2)
     is one block; when the forward also returns the ReLU output (the style-transfer features), the pool cannot be
     fused (two users) and Conv + ReLU fuse alone. Switching return_inner re-traces (a guarded attribute)."""
     model = _VggSlices(return_inner=False).double()
@@ -764,7 +765,7 @@ class _DCGANDiscriminator(nn.Module):
 
 
 def test_dcgan_discriminator_fuses_inside_its_untraceable_forward():
-    """Issue 14.4 with 14.3: the untraceable forward runs as written; its Sequential's Conv -> LeakyReLU(0.2),
+    """The untraceable forward runs as written; its Sequential's Conv -> LeakyReLU(0.2),
     Conv -> BatchNorm -> LeakyReLU(0.2) (eval: folded; training: batch statistics, recomputed in backward) and
     Conv -> Sigmoid fuse. Outputs and gradients equal in both modes and across switches."""
     model = _DCGANDiscriminator().double()
@@ -805,15 +806,14 @@ def _saved_bytes(model, x, y):
 
 
 def test_resnet18_saved_activation_bytes():
-    """Issue 14's memory measurement, on torchvision's ResNet-18 (CPU, the reference backend forced so the fused ops
-    run). Training mode: every Conv -> BatchNorm [-> ReLU] [-> MaxPool] is the op's training form, which saves x
-    and recomputes the conv and the BatchNorm in backward, where eager keeps the conv output and the ReLU output
-    too: 0.34 of eager's bytes (bench/NOTES.md), with the training step (loss, every gradient, the BatchNorm
-    statistics) equal to eager's. Under ``auto`` the training form runs eagerly (no GPU measurement of the
-    recompute yet): exactly eager's bytes. Eval mode with gradients (fine-tuning with frozen BatchNorm): the folded
-    blocks save the output map (and int8 pool indices) instead of the conv output + BN output (+ int64 indices); a
-    fold whose weight is larger than the map it saves runs as written (0.53 at this size, 0.40 at batch 16 x
-    224^2)."""
+    """The saved-activation-bytes measurement, on torchvision's ResNet-18 (CPU, the reference backend forced so the
+    fused ops run). Training mode: every Conv -> BatchNorm [-> ReLU] [-> MaxPool] is the op's training form, which
+    saves x and recomputes the conv and the BatchNorm in backward, where eager keeps the conv output and the ReLU
+    output too: 0.34 of eager's bytes (bench/NOTES.md), with the training step (loss, every gradient, the BatchNorm
+    statistics) equal to eager's. Under ``auto`` the training form runs eagerly (no GPU measurement of the recompute
+    yet): exactly eager's bytes. Eval mode with gradients (fine-tuning with frozen BatchNorm): the folded blocks
+    save the output map (and int8 pool indices) instead of the conv output + BN output (+ int64 indices); a fold
+    whose weight is larger than the map it saves runs as written (0.53 at this size, 0.40 at batch 16 x 224^2)."""
     import torchvision  # a requirement (requirements.txt)
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10)
@@ -885,9 +885,9 @@ class _TinyResNet(nn.Module):
 
 @pytest.mark.interpreter
 def test_optimized_resnet_like_model_runs_the_triton_kernels_in_both_modes(poison):
-    """Issue 14 on the Triton path: the folded eval-mode blocks and the training form (its convolution, forward and
-    recompute, is the Triton kernel) through the interpreter, against eager in float64: outputs, every gradient and
-    the BatchNorm statistics, train -> eval -> train."""
+    """The Conv -> BatchNorm blocks on the Triton path: the folded eval-mode blocks and the training form (its
+    convolution, forward and recompute, is the Triton kernel) through the interpreter, against eager in float64:
+    outputs, every gradient and the BatchNorm statistics, train -> eval -> train."""
     torch.manual_seed(0)
     model = _TinyResNet()
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):

@@ -1,4 +1,4 @@
-"""pydlx.optimize on the seed document's three models as written (pydlx/bench/seed_models.py) and on functional
+"""pydlx.optimize on the three seed models as written (pydlx/bench/seed_models.py) and on functional
 forwards (torch.fx): what is fused, state_dict identical, same outputs and gradients, training curves that agree,
 and integration -- torch.compile(fullgraph=True), autocast, DistributedDataParallel over two CPU processes,
 deepcopy / pickle / torch.save, CUDA-graph capture of a training step (GPU)."""

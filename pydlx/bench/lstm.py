@@ -1,9 +1,9 @@
 """Benchmark cases for the lstm family: a one-layer LSTM (input_size = hidden_size), time-major.
 
 Shapes (``T:BxH``, packed: ``packed T:BxH``): hidden 128, 256, 512, 1024 x batch 1, 7, 16, 64, 256 x seq 100 and
-1000 (issue 5's grid), plus packed batches of mixed lengths (64 sequences, lengths drawn uniformly from 1..T)
-first, as they carry the packed-input goal; then issue 6's shapes for the persistent C++/CUDA kernels (batch 1, 7,
-16, 64 x hidden 256, 768, 1024, 1024 steps; no compile provider). Providers: ``pydlx`` = pydlx.nn.LSTM under auto
+1000, plus packed batches of mixed lengths (64 sequences, lengths drawn uniformly from 1..T) first, as they carry
+the packed-input goal; then the shapes of the persistent C++/CUDA kernels' goal (batch 1, 7, 16, 64 x hidden 256,
+768, 1024, 1024 steps; no compile provider). Providers: ``pydlx`` = pydlx.nn.LSTM under auto
 (cuDNN until a measured policy says where the kernels win), ``pydlx-triton`` / ``pydlx-cuda`` = the kernels
 forced, ``eager`` = nn.LSTM (cuDNN), ``compile`` = torch.compile(nn.LSTM): Dynamo does not trace nn.LSTM, so this
 is cuDNN behind a graph break.

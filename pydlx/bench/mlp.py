@@ -1,6 +1,6 @@
 """Benchmark cases for the mlp family: whole MLPs, pydlx.nn.MLP against the same nn.Sequential.
 
-  autoencoder  the seed guide's 784-400-200-32-200-400-784 (ReLU, no last activation): the chain of fused linears
+  autoencoder  the seed autoencoder's 784-400-200-32-200-400-784 (ReLU, no last activation): the chain of fused linears
   mlp_64x4     64 -> 64 x4 -> 16 (ReLU): the fused small-MLP kernels
   mlp_128x4    32 -> 128 x4 -> 3 (ReLU): the fused small-MLP kernels
 Shape strings are ``batch:sizes``. Providers: ``pydlx`` (pydlx.nn.MLP over the Sequential's own modules, auto),

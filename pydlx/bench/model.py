@@ -1,4 +1,4 @@
-"""Benchmark cases for the model family: the seed document's three example models (pydlx/bench/seed_models.py),
+"""Benchmark cases for the model family: the three seed models (pydlx/bench/seed_models.py),
 as written against ``pydlx.optimize``-d, at batch 256 (GPU) or 32 (CPU).
 
 op = the example's name (cnn, rnn, autoencoder); mode ``fwd`` = one inference batch (no grad), ``fwdbwd`` = one
@@ -22,7 +22,7 @@ CPU_DTYPES = [torch.float32]
 
 
 def seed_models():
-    """The seed guide's models, data and trainer (pydlx/bench/seed_models.py, shipped with the package)."""
+    """The seed models, data and trainer (pydlx/bench/seed_models.py, shipped with the package)."""
     from . import seed_models as S
 
     return S

@@ -1,11 +1,12 @@
-"""The seed document's three example models, written as the seed writes them, their data, and a small trainer.
+"""The three seed models: small example models written in plain PyTorch, as a tutorial writes them (pydlx's
+examples and model benchmarks run them as written and after pydlx.optimize), their data, and a small trainer.
 
-Models (section 4 of the seed guide, unchanged): ``CNN`` (conv1 3->32, conv2 32->64, 3x3 pad 1, one shared 2x2
-``pool``, fc1 64*6*6->128, fc2 128->10, ReLU via F.relu), ``RNN`` (nn.LSTM(input_size, hidden_size, num_layers,
-batch_first=True), zero h0/c0, fc on the last step) and ``Autoencoder`` (784->400->200->32, mirrored decoder,
-ReLU(True)). Data: scikit-learn's 8x8 digits (1797 images, shipped inside the package: no download), resized as each
-model needs: 3x24x24 for the CNN (its fc1 expects 6x6 maps after two 2x2 pools), 28 rows of 28 pixels for the LSTM
-classifier, 28x28 = 784 pixels for the autoencoder.
+Models (kept exactly as written, functional calls included): ``CNN`` (conv1 3->32, conv2 32->64, 3x3 pad 1, one
+shared 2x2 ``pool``, fc1 64*6*6->128, fc2 128->10, ReLU via F.relu), ``RNN`` (nn.LSTM(input_size, hidden_size,
+num_layers, batch_first=True), zero h0/c0, fc on the last step) and ``Autoencoder`` (784->400->200->32, mirrored
+decoder, ReLU(True)). Data: scikit-learn's 8x8 digits (1797 images, shipped inside the package: no download),
+resized as each model needs: 3x24x24 for the CNN (its fc1 expects 6x6 maps after two 2x2 pools), 28 rows of 28
+pixels for the LSTM classifier, 28x28 = 784 pixels for the autoencoder.
 """
 from __future__ import annotations
 

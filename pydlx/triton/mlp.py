@@ -174,9 +174,9 @@ BWD_WIDE = [_cfg(32, 64, 4), _cfg(16, 64, 4)]
 BWD_WIDE_FP32 = [_cfg(16, 64, 4)]
 # The layers' activations change the register allocation of these kernels, which run at the 255-register limit
 # (the next layer's weight tile is loaded early): tests/aot_compile.py --acts all found 14 (config, dtype) pairs that
-# spill with one of the activations of issue 14.3 as hidden and last activation, in the benchmark MLPs on sm_80 or
-# sm_90 (Triton 3.8; 6-552 LDL/STL). They are dropped when that activation is the hidden or the last one (for both
-# 16-bit dtypes where one spilled): {(kind, wide, element bytes):
+# spill with one of the activations leaky_relu, elu, hardswish, hardsigmoid, mish, relu6 as hidden and last
+# activation, in the benchmark MLPs on sm_80 or sm_90 (Triton 3.8; 6-552 LDL/STL). They are dropped when that
+# activation is the hidden or the last one (for both 16-bit dtypes where one spilled): {(kind, wide, element bytes):
 # {activation code: configs}}. elu in the fp32 wide forward spills in both usual configs: it gets 16 rows on 8 warps
 # (FWD_WIDE_FP32_ELU, spill-free on both chips), which hardswish must not take (58 LDL/STL on sm_90).
 FWD_WIDE_FP32_ELU = [_cfg(16, 64, 8)]
