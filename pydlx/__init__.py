@@ -12,9 +12,9 @@ from . import reference, triton, cuda  # the built-in backends register themselv
 from . import nn, ops
 from ._backend import BackendUnavailableError, backends, current_backend, use_backend
 from ._policy import use_policy
-from .optimize import explain, optimize
+from .optimize import explain, optimize, plan
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "backends", "use_backend", "current_backend", "use_policy", "BackendUnavailableError",
-           "optimize", "explain", "nn", "ops", "reference", "registry", "activations"]
+           "optimize", "explain", "plan", "nn", "ops", "reference", "registry", "activations"]

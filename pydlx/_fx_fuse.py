@@ -37,6 +37,7 @@ from .nn.conv_relu_pool import ConvReLUPool2d, fused_args, unsupported as conv_u
 from .nn.linear import Linear
 from .nn.lstm import LSTM, LSTMCell
 from .nn.mlp import MLP
+from ._plan import Block
 from .activations import activation_refused, function_spec, is_monotone, method_spec, module_spec
 from .reference.mlp import fuses_in_one_kernel
 
@@ -351,13 +352,6 @@ def _why_not_folded(bn: nn.Module) -> Optional[str]:
     return None
 
 
-def _bn_words(bn: nn.Module) -> str:
-    if bn.training:
-        layer = "conv" if type(bn) is nn.BatchNorm2d else "Linear"
-        return f"{type(bn).__name__} (training: batch statistics, {layer} recomputed in backward)"
-    return f"{type(bn).__name__} (folded)"
-
-
 def _bn_training_kwargs(graph: fx.Graph, fqn: str) -> dict:
     """The training form's extra arguments: the BatchNorm's momentum (read from the module at every call) and its
     num_batches_tracked buffer. (The BatchNorm's mode is a guard: the other mode is another specialisation.)"""
@@ -464,9 +458,10 @@ def _single_apply(graph: fx.Graph, fqn: str, mod: nn.Module, matches) -> None:
 
 
 def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[list] = None
-         ) -> List[Tuple[str, str, Optional[str], Callable]]:
-    """(module fqn, description, skip reason or None, apply) for each functional candidate in ``graph``; ``apply``
-    rewrites the graph only. The mode of every BatchNorm that decided a match goes into ``guards``."""
+         ) -> List[Tuple[Block, Callable[[], None]]]:
+    """(block, apply) for each functional candidate in ``graph`` (pydlx/_plan.py ``Block``: fused, or kept with the
+    reason; module fqns relative to ``model``); ``apply`` rewrites the graph only. The mode of every BatchNorm that
+    decided a match goes into ``guards``."""
     guards = guards if guards is not None else []
     modules = dict(model.named_modules())
     calls: Dict[str, List[fx.Node]] = {}
@@ -477,12 +472,13 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
     for linears, acts, hidden, last_node, last in _linear_chains(graph, modules, calls, allowed):
         mods = [modules[n.target] for n in linears]
         sizes = [mods[0].in_features] + [m.out_features for m in mods]
-        how = ("one fused kernel on GPUs" if fuses_in_one_kernel(sizes) else
-               "a chain of fused Linear GEMMs: a layer is wider than 128")
-        desc = (f"Linear chain (forward code) -> pydlx.ops.mlp(sizes={sizes}, activation={hidden!r}, "
-                f"last_activation={last!r}) over the Linears' own parameters, {how}")
-        found.append((", ".join(n.target for n in linears), desc, None,
-                      lambda c=(linears, acts, hidden, last_node, last): _mlp_apply(graph, modules, *c)))
+        one = fuses_in_one_kernel(sizes)
+        block = Block(tuple(n.target for n in linears), ("MLP",), "forward", "pydlx.ops.mlp", "mlp" if one else "linear",
+                      (("sizes", sizes), ("activation", hidden), ("last_activation", last)),
+                      detail="over the Linears' own parameters, " + ("one fused kernel on GPUs" if one else
+                                                                     "a chain of fused Linear GEMMs: a layer is "
+                                                                     "wider than 128"))
+        found.append((block, lambda c=(linears, acts, hidden, last_node, last): _mlp_apply(graph, modules, *c)))
         for n in linears:
             del calls[n.target]
     for fqn, nodes in calls.items():
@@ -514,12 +510,10 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
             continue
         bns = {m[4][1] for m in matches if m is not None and m[4] is not None}
         m0 = next(m for m in matches if m is not None)
-        if type(mod) is nn.Conv2d:
-            act_words = {"relu": "ReLU"}.get(m0[3], m0[3])
-            kind = " + ".join(["Conv2d"] + ([_bn_words(m0[4][2])] if m0[4] else []) + ([act_words] if m0[3] else [])
-                              + (["MaxPool2d"] if m0[2] is not None else []))
-        else:
-            kind = "Linear + " + (f"{_bn_words(m0[4][2])} + " if m0[4] else "") + "activation"
+        conv = type(mod) is nn.Conv2d
+        bn_mod = m0[4][2] if m0[4] else None
+        chain = ((("Conv2d",) if conv else ("Linear",)) + ((type(bn_mod).__name__,) if bn_mod is not None else ())
+                 + ((m0[3],) if m0[3] else ()) + (("MaxPool2d",) if conv and m0[2] is not None else ()))
         why = None
         if bn_why is not None:
             why = f"BatchNorm {', '.join(sorted(bns))} {bn_why}"
@@ -527,26 +521,36 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
             why = f"{fqn}'s calls are followed by different BatchNorms"
         elif not all(matches):
             why = f"{fqn} is called {len(nodes)} times and not every call is followed by the pattern"
-        elif type(mod) is nn.Conv2d:
+        elif conv:
             variants = {(m[3], _pool_words(m[2]) if m[2] is not None else None) for m in matches}
             why = conv_unsupported(mod, m0[2]) or (
                 None if len(variants) == 1 else f"{fqn}'s calls use different activations or pools")
         elif len({m[3] for m in matches}) != 1:
             why = f"{fqn}'s calls use different activations"
-        elif type(mod) is not nn.Conv2d and matches[0][3] is not None and activation_refused(matches[0][3]):
+        elif matches[0][3] is not None and activation_refused(matches[0][3]):
             why = activation_refused(matches[0][3])
         if why is None and not (allowed(fqn) and all(allowed(b) for b in bns)):
             why = "excluded by filter_fn"
-        if type(mod) is nn.Conv2d:
+        bn_mode = None if bn_mod is None else ("training" if bn_mod.training else "folded")
+        if conv:
             pool = m0[2]
-            desc = f"{kind} (forward code) -> pydlx.ops.{_conv_op(pool, m0[3], m0[4])}" + (
-                f" [{_pool_words(pool)}]" if pool is not None and (pool.ceil_mode or _pair(pool.padding) != (0, 0))
-                else "") + (f"; the MaxPool2d after it runs eagerly ({m0[5]})" if m0[5] else "")
+            args = tuple(fused_args(mod, pool).items()) if conv_unsupported(mod) is None else ()
+            op = f"pydlx.ops.{_conv_op(pool, m0[3], m0[4])}"
+            if op != "pydlx.ops.conv_relu_pool2d":
+                args += (("activation", m0[3]),)
+            detail = f"the MaxPool2d after it runs eagerly ({m0[5]})" if m0[5] else None
+            family = "conv_relu_pool"
         else:
-            op = "linear_batchnorm" if m0[4] is not None else "linear"
-            desc = f"{kind} (forward code) -> pydlx.ops.{op}(activation={matches[0][3]!r})" if all(matches) \
-                else kind
-        found.append((fqn, desc, why, lambda fqn=fqn, mod=mod, m=matches: _single_apply(graph, fqn, mod, m)))
+            op = "pydlx.ops.linear_batchnorm" if m0[4] is not None else "pydlx.ops.linear"
+            args, detail, family = (("activation", matches[0][3]),), None, "linear"
+            if not all(matches):
+                op, args = None, ()
+        if bn_mode == "training":
+            layer = "conv" if conv else "Linear"
+            detail = "; ".join(filter(None, [f"BatchNorm in training mode: batch statistics, the {layer}'s output "
+                                             "recomputed in backward", detail]))
+        found.append((Block((fqn,), chain, "forward", op, family, args, why, bn_mode, detail),
+                      lambda fqn=fqn, mod=mod, m=matches: _single_apply(graph, fqn, mod, m)))
     return found
 
 
@@ -652,7 +656,7 @@ def build(model: nn.Module, base: type, at_default: Tuple[str, ...], allowed: Al
         except TraceFailed as e:
             return Specialisation(at_default, e.guards, None, [], e.why)
         found_guards: list = []
-        todo = [(fqn, apply) for fqn, _, why, apply in plan(graph, model, allowed, found_guards) if why is None]
+        todo = [(", ".join(b.modules), apply) for b, apply in plan(graph, model, allowed, found_guards) if b.fused]
         guards = guards + [(p, n, _snapshot(v)) for p, n, v in found_guards]
     for _, apply in todo:
         apply()

@@ -6,9 +6,9 @@ the optimized models compute what the originals do.
 
 For each model of ``torchvision.models.list_models(module=torchvision.models)`` (random weights, 10 classes, a fixed
 seed, CPU, a batch of 2 small images — ``--size``, raised where a model needs more: see ``input_size``) it runs
-``pydlx.explain`` and ``pydlx.optimize`` and prints one row:
+``pydlx.plan`` (what ``explain`` prints, as records) and ``pydlx.optimize`` and prints one row:
 
-* the fused blocks, by kind (from explain's ``fuse`` lines);
+* the fused blocks, by kind (the plan's fused ``Block``s);
 * the share of the model's conv2d/linear FLOPs that run inside a pydlx op, in eval and in training mode. The FLOPs
   of every conv2d / linear the original model computes at that input are counted (a TorchFunctionMode,
   ``count_flops``) by the module owning the weight — a Conv2d/Linear module called, or its weight used
@@ -18,9 +18,9 @@ seed, CPU, a batch of 2 small images — ``--size``, raised where a model needs 
   forward code that ran (the specialisation ``_fx_fuse.current`` selects for that call) passes its weight to a
   ``pydlx.ops`` call (``covered_by_graph``: the fused call reads the module's own weight, a BatchNorm folded
   into it included);
-* what explain keeps, and why (its ``keep`` lines, grouped by kind and reason; ``note`` lines for forwards that
+* what the plan keeps, and why (its kept blocks, grouped by kind and reason; its notes for forwards that
   torch.fx cannot trace);
-* whether explain and optimize agree (every block explain says it fuses runs in a pydlx op, and nothing else).
+* whether the plan and optimize agree (every block the plan fuses runs in a pydlx op, and nothing else).
 
 ``--check`` verifies per model: the state_dict (keys, order, values) unchanged by optimize; eval outputs equal
 to the original's within fp32 tolerance; training-mode outputs equal (``torch.manual_seed`` before each forward,
@@ -31,7 +31,7 @@ largest difference over the largest magnitude of the reference tensor (at most `
 entries, that magnitude is at least ``FLOOR`` times the largest of their kind). Where an fp32 check fails, the
 model is built again and every check runs in float64 (``RTOL64``): passing there, the row says "ok in float64" with
 both figures (the fp32 difference is rounding the model amplifies); failing there, it fails. A failed check, an
-error, or a disagreement between explain and optimize makes the exit status 1.
+error, or a disagreement between the plan and optimize makes the exit status 1.
 
 The README's "Coverage on the torchvision zoo" table is this command's ``--check --markdown`` output (between the
 ``coverage-table`` markers; ``--update-readme README.md`` rewrites it in place).
@@ -64,7 +64,8 @@ from ._backend import use_backend
 from .nn.conv_relu_pool import ConvReLUPool2d
 from .nn.linear import Linear as PydlxLinear
 from .nn.mlp import MLP
-from .optimize import explain, optimize
+from ._plan import Plan
+from .optimize import optimize, plan
 
 RTOL = 1e-4  # fp32: the largest difference allowed, relative to the reference tensor's largest magnitude
 # A model whose fp32 check fails is run again in float64 (both the original and the optimized, from a fresh build with
@@ -128,42 +129,7 @@ def build(name: str, size: int, seed: int = 0) -> Tuple[nn.Module, int]:
     return model.eval(), side
 
 
-# ----------------------------------------------------------------------------------------------- explain's lines
-_SHORT = [(" (forward code)", ""), (" (folded)", ""), (" (training: batch statistics, conv recomputed in backward)", ""),
-          (" (training: batch statistics, Linear recomputed in backward)", ""), ("BatchNorm2d", "BN"),
-          ("BatchNorm1d", "BN"),
-          ("MaxPool2d", "MaxPool"), ("Conv2d", "Conv"), (" + ", "+")]
-
-
-def _kind(head: str, line: str) -> str:
-    """A short name for a block explain describes as ``head`` (the text before ' -> ' or the reason)."""
-    m = re.match(r"Sequential of (\d+) Linear layers", head)
-    if m:
-        return f"MLP({m.group(1)} Linear)"
-    if head.startswith("Linear chain"):
-        sizes = re.search(r"sizes=\[([^\]]*)\]", line)
-        return f"MLP({len(sizes.group(1).split(',')) - 1 if sizes else '?'} Linear)"
-    head = head.replace(" (forward code)", "")
-    act = re.search(r"activation='([a-z_]+)'", line)
-    if act and head.endswith("activation"):
-        head = head[:-len("activation")] + act.group(1)
-    for a, b in _SHORT:
-        head = head.replace(a, b)
-    return head
-
-
-def _split_reason(text: str) -> Tuple[str, str]:
-    """(text before the last balanced parenthesis group, that group's content) of a keep line's body."""
-    if not text.endswith(")"):
-        return text, ""
-    depth = 0
-    for i in range(len(text) - 1, -1, -1):
-        depth += {")": 1, "(": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[:i].rstrip(), text[i + 1:-1]
-    return text, ""
-
-
+# ----------------------------------------------------------------------------------------------- the plan
 @dataclass
 class Explained:
     fused: List[Tuple[List[str], str]] = field(default_factory=list)  # (module fqns, kind)
@@ -171,24 +137,20 @@ class Explained:
     notes: List[str] = field(default_factory=list)
 
 
-def parse_explain(text: str) -> Explained:
+def explained(p: Plan) -> Explained:
+    """What a row needs of ``pydlx.plan``'s records: fused blocks and kept ones by kind (with the reason), and the
+    forwards that were not traced (or could not be analysed)."""
     out = Explained()
-    for line in text.splitlines():
-        tag, _, body = line.partition("   ")
-        if tag in ("fuse", "keep"):
-            fqns, _, desc = body.partition(": ")
-            names = [f.strip() for f in fqns.split(",")]
-            if tag == "fuse":
-                out.fused.append((names, _kind(desc.split(" -> ")[0], desc)))
-            else:
-                head, why = _split_reason(desc)
-                out.kept.append((names, _kind(head.split(" -> ")[0], desc), why))
-        elif tag == "note":
-            m = re.match(r"forward code of (.+?) not traced by torch\.fx \((.*)\): it runs as written", body)
-            if m:
-                out.notes.append(f"{m.group(1)} not traced ({m.group(2)})")
-            elif "could not be analysed" in body:
-                out.notes.append(body)
+    for b in p.blocks:
+        if b.fused:
+            out.fused.append((list(b.modules), b.kind))
+        else:
+            out.kept.append((list(b.modules), b.kind, b.reason))
+    for n in p.notes:
+        if n.what == "not traced":
+            out.notes.append(f"{n.module or 'the model'} not traced ({n.text})")
+        elif n.what == "error":
+            out.notes.append(n.text)
     return out
 
 
@@ -420,10 +382,10 @@ class Row:
     eval_share: float = 0.0
     train_share: Optional[float] = None  # (None: training mode not run)
     eval_covered: int = 0
-    kept_share: float = 0.0  # FLOPs of the modules explain names in keep lines
+    kept_share: float = 0.0  # FLOPs of the modules the plan keeps
     kept: Counter = field(default_factory=Counter)  # (kind, reason) -> count
     notes: List[str] = field(default_factory=list)
-    disagree: List[str] = field(default_factory=list)  # explain vs optimize
+    disagree: List[str] = field(default_factory=list)  # the plan vs optimize
     checks: Dict[str, float] = field(default_factory=dict)  # check -> worst relative error
     where: Dict[str, str] = field(default_factory=dict)  # check -> the state_dict entry of its worst error
     checks64: Dict[str, float] = field(default_factory=dict)  # the float64 re-run's (after an fp32 failure)
@@ -443,18 +405,18 @@ def _share(flops: Dict[str, int], covered: Iterable[str]) -> float:
 
 
 def _agreement(ex: Explained, covered: Set[str]) -> List[str]:
-    """explain's fused fqns against the modules optimize ran in pydlx ops (eval): each side's extras."""
+    """The plan's fused fqns against the modules optimize ran in pydlx ops (eval): each side's extras."""
     said: Set[str] = set()
     out = []
     for fqns, kind in ex.fused:
         for f in fqns:
-            inside = {c for c in covered if c == f or c.startswith(f + ".")}  # (an MLP Sequential: its Linears)
+            inside = {c for c in covered if not f or c == f or c.startswith(f + ".")}  # (a Sequential: its Linears)
             if not inside:
-                out.append(f"explain fuses {f} ({kind}) but it did not run in a pydlx op")
+                out.append(f"the plan fuses {f} ({kind}) but it did not run in a pydlx op")
             said |= inside
     extra = sorted(covered - said)
     if extra:
-        out.append(f"ran in pydlx ops without a fuse line in explain: {', '.join(extra)}")
+        out.append(f"ran in pydlx ops without a fused block in the plan: {', '.join(extra)}")
     return out
 
 
@@ -493,7 +455,7 @@ def analyse(row: Row, model: nn.Module, x: torch.Tensor, target: torch.Tensor, c
     ``rebuild()`` makes the model afresh: with it, an fp32 check that fails is judged again in float64 (``RTOL64``)
     and the row keeps both."""
     row.stage = "explain"
-    ex = parse_explain(explain(model))  # (in eval mode: what inference fuses)
+    ex = explained(plan(model))  # (in eval mode: what inference fuses)
     row.fused = Counter(kind for _, kind in ex.fused)
     row.kept = Counter((kind, why) for _, kind, why in ex.kept)
     row.notes = ex.notes

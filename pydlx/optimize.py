@@ -9,8 +9,9 @@ What is swapped today (the families of later issues add their patterns here):
     sharing the same parameters, and the activation module becomes ``nn.Identity`` (a LeakyReLU with a negative
     slope or an ELU with alpha <= 0 is kept, and ``explain`` says why);
   * an ``nn.Conv2d, nn.ReLU, nn.MaxPool2d`` run inside an ``nn.Sequential`` becomes ``pydlx.nn.ConvReLUPool2d``
-    over the conv's own parameters at the conv's place, the ReLU and pool becoming ``nn.Identity``; unsupported
-    options (groups, dilation, ceil mode, ...) are kept as they are and ``explain`` says why;
+    over the conv's own parameters at the conv's place, the ReLU and pool becoming ``nn.Identity`` (padded and
+    ceil-mode pools included); unsupported options (groups, dilation, non-square kernels, ...) are kept as they are
+    and ``explain`` says why;
   * every ``nn.LSTM`` / ``nn.LSTMCell`` anywhere in the tree becomes ``pydlx.nn.LSTM`` / ``pydlx.nn.LSTMCell``
     over the same parameters.
   * chains written in the forward code rather than as modules (``self.pool(F.relu(self.conv1(x)))``,
@@ -22,17 +23,20 @@ What is swapped today (the families of later issues add their patterns here):
     forward cannot be traced the module swaps above still apply, the forward runs as written, and ``explain``
     says why.
 Parameter names, and so the state_dict, are unchanged. The walk is explicit (setattr on the parent); nothing
-global is patched.
+global is patched. ``plan(model)`` returns what optimize would do as data (pydlx/_plan.py: blocks fused and kept,
+with the reason, and notes), which ``optimize`` applies and ``explain`` renders.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable, List, Optional, Tuple
 
 from torch import fx, nn
 
 from . import _fx_fuse, _policy
-from .nn.conv_relu_pool import ConvReLUPool2d, unsupported as conv_unsupported
+from ._plan import Block, Note, Plan
+from .nn.conv_relu_pool import ConvReLUPool2d, _square, fused_args, unsupported as conv_unsupported
 from .nn.linear import Linear
 from .nn.lstm import LSTM, LSTMCell
 from .nn.mlp import MLP, _pattern_error, activation_name, not_fused_reason
@@ -122,31 +126,78 @@ def _set(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, name, new)
 
 
-def _module_pass(model: nn.Module, filter_fn: Filter) -> nn.Module:
-    """The module-chain swaps, in place (a model that is itself an MLP-shaped Sequential comes back new)."""
+def _module_blocks(model: nn.Module, filter_fn: Filter) -> List[Tuple[Block, Optional[Callable[[], nn.Module]]]]:
+    """(block, apply) for each module-chain candidate: an MLP-shaped Sequential, a Linear + activation module pair,
+    a Conv2d, ReLU, MaxPool2d run (inside nn.Sequentials), an LSTM / LSTMCell. ``apply()`` swaps the block's
+    modules in place and returns the model (a new pydlx.nn.MLP when the model itself is the Sequential); None for a
+    kept block."""
+    out: List[Tuple[Block, Optional[Callable[[], nn.Module]]]] = []
     mlps = _mlp_plan(model, filter_fn)
     for fqn, parent, i, act, why in _linear_plan(model, filter_fn, [f for f, _ in mlps]):
+        if i + 1 < len(parent) and type(parent[i + 1]) is nn.BatchNorm1d:
+            continue  # the forward-code pass (which sees the same Sequential) names it with the BatchNorm's mode
         if act is None:
+            out.append((Block((fqn,), ("Linear",), "module", reason=why), None))
             continue
-        names = [n for n, _ in parent.named_children()]
-        lin = getattr(parent, names[i])
-        setattr(parent, names[i], Linear.from_module(lin, activation=act))
-        setattr(parent, names[i + 1], nn.Identity())
+
+        def swap(parent=parent, i=i, act=act):
+            names = [n for n, _ in parent.named_children()]
+            setattr(parent, names[i], Linear.from_module(getattr(parent, names[i]), activation=act))
+            setattr(parent, names[i + 1], nn.Identity())
+            return model
+        out.append((Block((fqn,), ("Linear", act), "module", "pydlx.nn.Linear", "linear", (("activation", act),)),
+                    swap))
     for fqn, parent, i, why in _conv_plan(model, filter_fn):
         if why is not None:
-            continue
-        names = [n for n, _ in parent.named_children()]
-        conv, pool = getattr(parent, names[i]), getattr(parent, names[i + 2])
-        setattr(parent, names[i], ConvReLUPool2d.from_modules(conv, pool))
-        setattr(parent, names[i + 1], nn.Identity())
-        setattr(parent, names[i + 2], nn.Identity())
+            continue  # the forward-code pass explains it (and may still fuse the conv and its activation)
+
+        def swap(parent=parent, i=i):
+            names = [n for n, _ in parent.named_children()]
+            conv, pool = getattr(parent, names[i]), getattr(parent, names[i + 2])
+            setattr(parent, names[i], ConvReLUPool2d.from_modules(conv, pool))
+            setattr(parent, names[i + 1], nn.Identity())
+            setattr(parent, names[i + 2], nn.Identity())
+            return model
+        conv, pool = parent[i], parent[i + 2]
+        args = (("in_channels", conv.in_channels), ("out_channels", conv.out_channels),
+                ("kernel_size", _square(conv.kernel_size)), *fused_args(conv, pool).items())
+        out.append((Block((fqn,), ("Conv2d", "relu", "MaxPool2d"), "module", "pydlx.nn.ConvReLUPool2d",
+                          "conv_relu_pool", args, detail="pydlx.use_backend('triton') forces the kernel"), swap))
     for fqn, mod, why in _lstm_plan(model, filter_fn):
-        if why is None:
+        kind = type(mod).__name__
+        if why is not None:
+            out.append((Block((fqn,), (kind,), "module", reason=why), None))
+            continue
+
+        def swap(fqn=fqn, mod=mod):
             _set(model, fqn, (LSTM if type(mod) is nn.LSTM else LSTMCell).from_module(mod))
+            return model
+        out.append((Block((fqn,), (kind,), "module", f"pydlx.nn.{kind}", "lstm",
+                          detail="pydlx.use_backend('triton') forces the kernels"), swap))
     for fqn, seq in mlps:
-        if fqn == "":
-            return MLP.from_sequential(seq)
-        _set(model, fqn, MLP.from_sequential(seq))
+        m = MLP.from_sequential(seq)
+        linears = [layer for layer in m if isinstance(layer, nn.Linear)]
+        sizes = [layer.in_features for layer in linears] + [linears[-1].out_features]
+        one = fuses_in_one_kernel(sizes)
+
+        def swap(fqn=fqn, seq=seq):
+            new = MLP.from_sequential(seq)
+            if fqn == "":
+                return new
+            _set(model, fqn, new)
+            return model
+        out.append((Block((fqn,), ("MLP",), "module", "pydlx.nn.MLP", "mlp" if one else "linear",
+                          (("sizes", sizes), ("activation", m.activation), ("last_activation", m.last_activation)),
+                          detail="one fused kernel on GPUs" if one else
+                          "a chain of fused Linear GEMMs: a layer is wider than 128"), swap))
+    return out
+
+
+def _module_pass(model: nn.Module, filter_fn: Filter) -> nn.Module:
+    """The module-chain swaps, in place (a model that is itself an MLP-shaped Sequential comes back new)."""
+    for block, apply in _module_blocks(model, filter_fn):
+        if apply is not None:
+            model = apply()
     return model
 
 
@@ -180,106 +231,67 @@ def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = Non
     return model
 
 
-def _auto(family: str, param) -> str:
-    """What auto runs for this family's calls in the parameter's dtype on this machine, and why."""
-    return _policy.summary(family, param.dtype)
+def _auto(block: Block, model: nn.Module) -> Optional[str]:
+    """What auto runs for a fused block's calls on this machine, and why (pydlx/_policy.py ``summary``)."""
+    if block.family is None:
+        return None
+    weight = next(model.get_submodule(block.modules[0]).parameters(), None)
+    return _policy.summary(block.family, weight.dtype) if weight is not None else None
 
 
-def _guarded(lines: List[str], what: str, fn: Callable[[], None]) -> None:
-    """explain never fails on a model: a part that cannot be analysed is reported as such."""
+def plan(model: nn.Module, filter_fn: Filter = None) -> Plan:
+    """What ``optimize(model, filter_fn=filter_fn)`` would fuse and keep, as data (pydlx/_plan.py): the module-chain
+    swaps, then the chains in forward code (traced on a copy, where its forward does not trace its submodules'
+    forwards, recursively), each block with what ``auto`` runs for it here; notes for forwards not traced and the
+    attributes a fused forward is specialised on. Never fails on a model: a part that cannot be analysed becomes
+    a note."""
+    result = Plan()
+    blocks: List[Block] = result.blocks
     try:
-        fn()
+        blocks.extend(b for b, _ in _module_blocks(model, filter_fn))
     except Exception as e:  # noqa: BLE001
-        lines.append(f"note   {what} could not be analysed ({type(e).__name__}: {e}); optimize keeps it as it is")
-
-
-def explain(model: nn.Module) -> str:
-    """What ``optimize`` would fuse, and for each candidate it skips, why."""
-    lines: List[str] = []
-    mlps: List[Tuple[str, nn.Sequential]] = []
-
-    def mlp_lines():
-        mlps.extend(_mlp_plan(model, None))
-        for fqn, seq in mlps:
-            m = MLP.from_sequential(seq)
-            linears = [l for l in m if isinstance(l, nn.Linear)]
-            sizes = [l.in_features for l in linears] + [linears[-1].out_features]
-            how = ("one fused kernel on GPUs" if fuses_in_one_kernel(sizes) else
-                   "a chain of fused Linear GEMMs: a layer is wider than 128")
-            lines.append(f"fuse   {fqn or '(model)'}: Sequential of {len(sizes) - 1} Linear layers -> "
-                         f"pydlx.nn.MLP(sizes={sizes}, activation={m.activation!r}, "
-                         f"last_activation={m.last_activation!r}), {how}; "
-                         + _auto("mlp" if fuses_in_one_kernel(sizes) else "linear", linears[0].weight))
-
-    def linear_lines():
-        for fqn, parent, i, act, why in _linear_plan(model, None, [f for f, _ in mlps]):
-            if act is not None:
-                lines.append(f"fuse   {fqn}: Linear + {act} -> pydlx.nn.Linear(activation={act!r}); "
-                             + _auto("linear", parent[i].weight))
-            elif i + 1 < len(parent) and type(parent[i + 1]) is nn.BatchNorm1d:
-                continue  # the forward-code pass names it with the BatchNorm's mode and reason
-            else:
-                lines.append(f"keep   {fqn}: Linear ({why})")
-
-    def conv_lines():
-        # a chain the module pass keeps is explained by the forward-code pass, which sees the same Sequential (and
-        # may still fuse the conv and its activation when only the pool is unsupported)
-        for fqn, parent, i, why in _conv_plan(model, None):
-            if why is None:
-                fused = ConvReLUPool2d.from_modules(parent[i], parent[i + 2])
-                lines.append(f"fuse   {fqn}: Conv2d + ReLU + MaxPool2d -> pydlx.nn.ConvReLUPool2d("
-                             f"{fused.extra_repr()}); {_auto('conv_relu_pool', fused.weight)}; "
-                             "pydlx.use_backend('triton') forces the kernel")
-
-    def lstm_lines():
-        for fqn, mod, _ in _lstm_plan(model, None):
-            kind = type(mod).__name__
-            weight = mod.weight_ih_l0 if kind == "LSTM" else mod.weight_ih
-            lines.append(f"fuse   {fqn}: {kind} -> pydlx.nn.{kind}; {_auto('lstm', weight)}; "
-                         "pydlx.use_backend('triton') forces the kernels")
-
-    def forward_lines():
-        swapped = _module_pass(copy.deepcopy(model), None)
-        if not isinstance(swapped, MLP):
-            forward_tree(swapped, "")
+        result.notes.append(Note("", "error", f"the module chains could not be analysed ({type(e).__name__}: {e}); "
+                                              "optimize keeps them as they are"))
+    allowed = _allowed_fqns(model, filter_fn)
 
     def forward_tree(mod: nn.Module, prefix: str):
         """The forward code's candidates of ``mod``; where it does not trace, its submodules', recursively."""
         base = type(mod)._pydlx_base if isinstance(mod, _fx_fuse.FusedForward) else type(mod)
         optional = tuple(_fx_fuse._forward_parameters(base)[2])
-        name = prefix or "the model"
         with _fx_fuse._as(mod, base):
             try:
                 graph, guards = _fx_fuse.trace(mod, optional)
             except _fx_fuse.TraceFailed as e:
-                lines.append(f"note   forward code of {name} not traced by torch.fx ({e.why}): it runs as written; "
-                             "its submodules' forwards are traced one by one")
+                result.notes.append(Note(prefix, "not traced", e.why))
                 probe = fx.Tracer()
                 for child_name, child in mod.named_children():
                     fqn = f"{prefix}.{child_name}" if prefix else child_name
                     if not _fx_fuse._is_leaf(probe, child, fqn):
                         forward_tree(child, fqn)
                 return
-            found = _fx_fuse.plan(graph, mod, lambda f: True)
-            for fqn, desc, why, _ in found:
-                full = ", ".join(f"{prefix}.{f}" if prefix else f for f in fqn.split(", "))
-                if why is not None:
-                    if not any(line.startswith(f"keep   {full}: ") for line in lines):  # (said once)
-                        lines.append(f"keep   {full}: {desc} ({why})")
-                    continue
-                family = ("conv_relu_pool" if desc.startswith("Conv2d") else
-                          "mlp" if "one fused kernel" in desc else "linear")
-                weight = mod.get_submodule(fqn.split(", ")[0]).weight
-                lines.append(f"fuse   {full}: {desc}; {_auto(family, weight)}")
+            local = {f[len(prefix) + 1:] if prefix else f for f in allowed if not prefix or f.startswith(prefix + ".")}
+            found = [b for b, _ in _fx_fuse.plan(graph, mod, lambda f: f in local)]
+        kept = {b.modules for b in blocks if not b.fused}
+        for b in found:
+            full = tuple(f"{prefix}.{f}" if prefix else f for f in b.modules)
+            if b.fused or full not in kept:  # (a kept block is said once)
+                blocks.append(dataclasses.replace(b, modules=full))
         read = _fx_fuse.describe_guards(guards)
-        if read and any(why is None for _, _, why, _ in found):
-            lines.append(f"note   the forward code{' of ' + prefix if prefix else ''} reads {read}: the fused forward "
-                         "is kept per value of these (train and eval traced separately) and traced again when they "
-                         "change")
+        if read and any(b.fused for b in found):
+            result.notes.append(Note(prefix, "guards", read))
 
-    for what, fn in (("the nn.Sequential MLPs", mlp_lines), ("Linear + activation modules", linear_lines),
-                     ("Conv2d + ReLU + MaxPool2d modules", conv_lines), ("LSTM modules", lstm_lines),
-                     ("the forward code", forward_lines)):
-        _guarded(lines, what, fn)
-    return "\n".join(lines) if lines else ("nothing to fuse: no Linear or Conv2d+ReLU+MaxPool2d chain (in an "
-                                           "nn.Sequential or in the forward code), no LSTM")
+    try:
+        swapped = _module_pass(copy.deepcopy(model), filter_fn)
+        if not isinstance(swapped, MLP):
+            forward_tree(swapped, "")
+    except Exception as e:  # noqa: BLE001
+        result.notes.append(Note("", "error", f"the forward code could not be analysed ({type(e).__name__}: {e}); "
+                                              "optimize keeps it as it is"))
+    result.blocks[:] = [dataclasses.replace(b, auto=_auto(b, model)) if b.fused else b for b in blocks]
+    return result
+
+
+def explain(model: nn.Module) -> str:
+    """What ``optimize`` would fuse, and for each candidate it skips, why: ``plan(model)`` rendered as text, a line
+    per block and note."""
+    return str(plan(model))

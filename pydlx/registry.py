@@ -172,6 +172,26 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
 )}
 
 
+def register_family(family: Family) -> Family:
+    """Add a family (a package outside pydlx; pydlx's own are rows of ``FAMILIES`` above). Registered backends whose
+    package has a ``<package>.<family>`` module now offer it. Returns it."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", family.name):
+        raise ValueError(f"pydlx.registry.register_family: a family name is lowercase letters, digits and _, got "
+                         f"{family.name!r}")
+    FAMILIES[family.name] = family
+    for backend in list(BACKENDS.values()):
+        register_backend(backend)  # (finds the new family's modules)
+    return family
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family added by ``register_family``."""
+    FAMILIES.pop(name)
+    for backend in list(BACKENDS.values()):
+        backend.implementations = {f: i for f, i in backend.implementations.items() if f != name}
+        register_backend(backend)
+
+
 # ----------------------------------------------------------------------------------------------- backends
 @dataclass
 class Backend:
@@ -276,5 +296,5 @@ def why_not(backend: str, family: str, device: torch.device, call) -> Optional[s
 
 
 __all__ = ["Family", "Backend", "FAMILIES", "BACKENDS", "LinearCall", "MLPCall", "ConvCall", "LSTMCall",
-           "DTYPE_NAMES", "KERNEL_DTYPES", "register_backend", "unregister_backend", "backend_names", "candidates",
-           "implementation", "why_not"]
+           "DTYPE_NAMES", "KERNEL_DTYPES", "register_family", "unregister_family", "register_backend",
+           "unregister_backend", "backend_names", "candidates", "implementation", "why_not"]

@@ -13,9 +13,34 @@ import pytest  # noqa: E402
 import pydlx  # noqa: E402  (after TRITON_INTERPRET is set)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fast", action="store_true",
+                     help="the fast tier (bash scripts/test.sh --fast): every test function once, with its first "
+                          "parameter set, and none marked slow (the extension build, the AOT compile of every "
+                          "config, the GPU check's dry run, the zoo)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "interpreter: runs Triton kernels under TRITON_INTERPRET=1 on CPU")
+    config.addinivalue_line("markers", "slow: left out of the fast tier (--fast); the full suite runs it")
+
+
+def _fast_tier(config, items):
+    """Keep each test function's first parameter set that will run here (not skipped for want of a GPU or of the
+    interpreter), and no test marked slow."""
+    keep, drop, seen = [], [], set()
+    for item in items:
+        function = item.nodeid.split("[")[0]
+        skipped = any(m.name == "skip" or (m.name == "skipif" and m.args and m.args[0] is True)
+                      for m in item.iter_markers())
+        if "slow" in item.keywords or function in seen or skipped:
+            drop.append(item)
+        else:
+            seen.add(function)
+            keep.append(item)
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,6 +61,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if "interpreter" in item.keywords and not interp:
             item.add_marker(no_interp)
+    if config.getoption("--fast"):
+        _fast_tier(config, items)
 
 
 @pytest.fixture

@@ -197,40 +197,48 @@ def test_check_fails_when_a_gradient_is_missing(monkeypatch):
     assert not row.ok and row.checks["grad"] == float("inf") and row.where["grad"] == "head.fc2.weight.grad"
 
 
-def test_explain_and_optimize_disagreeing_is_a_failure(monkeypatch):
-    said = pydlx.explain
+def test_plan_and_optimize_disagreeing_is_a_failure(monkeypatch):
+    from pydlx._plan import Block
+
+    planned = pydlx.plan
 
     def says_more(model):
-        return said(model) + "\nfuse   plain: Conv2d + ReLU + MaxPool2d (forward code) -> pydlx.ops.conv_relu_pool2d"
+        p = planned(model)
+        p.blocks.append(Block(("plain",), ("Conv2d", "relu", "MaxPool2d"), "forward", "pydlx.ops.conv_relu_pool2d",
+                              "conv_relu_pool"))
+        return p
 
-    monkeypatch.setattr(coverage, "explain", says_more)
+    monkeypatch.setattr(coverage, "plan", says_more)
     row = _toy_row(check=False)
-    assert not row.ok and row.disagree == ["explain fuses plain (Conv+ReLU+MaxPool) but it did not run in a pydlx op"]
-    monkeypatch.setattr(coverage, "explain", lambda model: "")
+    assert not row.ok and row.disagree == ["the plan fuses plain (Conv+ReLU+MaxPool) but it did not run in a pydlx op"]
+    monkeypatch.setattr(coverage, "plan", lambda model: pydlx._plan.Plan())
     row = _toy_row(check=False)
-    assert not row.ok and row.disagree == ["ran in pydlx ops without a fuse line in explain: block.0, "
+    assert not row.ok and row.disagree == ["ran in pydlx ops without a fused block in the plan: block.0, "
                                            "head.fc1, head.fc2, stem.conv"]
 
 
-def test_parse_explain_kinds_and_reasons():
-    text = "\n".join([
-        "fuse   features.0: Conv2d + ReLU + MaxPool2d -> pydlx.nn.ConvReLUPool2d(3, 64, kernel_size=11); auto",
-        "fuse   a.fc: Linear + activation (forward code) -> pydlx.ops.linear(activation='gelu'); auto here",
-        "fuse   f1, f2, f3: Linear chain (forward code) -> pydlx.ops.mlp(sizes=[4, 5, 6, 7], activation='relu')",
-        "fuse   enc: Sequential of 2 Linear layers -> pydlx.nn.MLP(sizes=[4, 5, 6], activation='relu')",
-        "keep   conv1: Conv2d + BatchNorm2d (folded) + ReLU + MaxPool2d (forward code) -> "
-        "pydlx.ops.conv_relu_pool2d (pool padding=1 (only 0))",
-        "keep   head.1: Linear (Hardswish is not a fusable activation)",
-        "note   forward code of blocks.3 not traced by torch.fx (TraceError: symbolically traced variables cannot be "
-        "used as inputs to control flow): it runs as written; its submodules' forwards are traced one by one",
-    ])
-    ex = coverage.parse_explain(text)
+def test_kinds_and_reasons_from_the_plan():
+    from pydlx._plan import Block, Note, Plan
+
+    p = Plan([Block(("features.0",), ("Conv2d", "relu", "MaxPool2d"), "module", "pydlx.nn.ConvReLUPool2d"),
+              Block(("a.fc",), ("Linear", "gelu"), "forward", "pydlx.ops.linear"),
+              Block(("f1", "f2", "f3"), ("MLP",), "forward", "pydlx.ops.mlp", args=(("sizes", [4, 5, 6, 7]),)),
+              Block(("enc",), ("MLP",), "module", "pydlx.nn.MLP", args=(("sizes", [4, 5, 6]),)),
+              Block(("c",), ("Conv2d", "leaky_relu(0.2)"), "forward", "pydlx.ops.conv_act_pool2d"),
+              Block(("conv1",), ("Conv2d", "BatchNorm2d", "relu", "MaxPool2d"), "forward", bn="folded",
+                    reason="pool padding=1 (only 0)"),
+              Block(("head.1",), ("Linear",), "module", reason="Hardswish is not a fusable activation")],
+             [Note("blocks.3", "not traced", "TraceError: symbolically traced variables cannot be used"),
+              Note("", "guards", "self.training")])
+    ex = coverage.explained(p)
     assert ex.fused == [(["features.0"], "Conv+ReLU+MaxPool"), (["a.fc"], "Linear+gelu"),
-                        (["f1", "f2", "f3"], "MLP(3 Linear)"), (["enc"], "MLP(2 Linear)")]
+                        (["f1", "f2", "f3"], "MLP(3 Linear)"), (["enc"], "MLP(2 Linear)"), (["c"], "Conv+leaky_relu")]
     assert ex.kept == [(["conv1"], "Conv+BN+ReLU+MaxPool", "pool padding=1 (only 0)"),
                        (["head.1"], "Linear", "Hardswish is not a fusable activation")]
-    assert ex.notes == ["blocks.3 not traced (TraceError: symbolically traced variables cannot be used as inputs to "
-                        "control flow)"]
+    assert ex.notes == ["blocks.3 not traced (TraceError: symbolically traced variables cannot be used)"]
+    text = str(p)  # explain's rendering of the same records
+    assert "keep   conv1: Conv2d + BatchNorm2d (folded) + ReLU + MaxPool2d (forward code) (pool padding=1" in text
+    assert "fuse   f1, f2, f3: Linear chain (forward code) -> pydlx.ops.mlp(sizes=[4, 5, 6, 7])" in text
 
 
 def test_relative_errors_and_the_floor_for_gradients_that_are_zero_in_exact_arithmetic():

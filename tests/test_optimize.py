@@ -10,6 +10,11 @@ from torch import nn
 import pydlx
 from tolerance import assert_close
 
+
+def blocks(model, **kw):
+    """pydlx.plan's blocks of ``model`` by their modules (", "-joined fqns)."""
+    return {", ".join(b.modules): b for b in pydlx.plan(model, **kw).blocks}
+
 _spec = importlib.util.spec_from_file_location(
     "seed_models", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                                 "seed_models.py"))
@@ -67,11 +72,10 @@ def test_mlp_shaped_sequentials_inside_a_model_and_filter_fn():
             return self.head(self.body(x))
 
     net = Net().double()
-    text = pydlx.explain(net)
-    assert "fuse   body: Sequential of 3 Linear layers -> pydlx.nn.MLP(sizes=[8, 16, 16, 4]" in text
-    assert "fuse   head: Sequential of 1 Linear layers" in text and "last_activation='tanh'" in text
-    assert "one fused kernel on GPUs" in text
-    assert "chain of fused Linear GEMMs" in pydlx.explain(seed_autoencoder())
+    body, head = blocks(net)["body"], blocks(net)["head"]
+    assert body.fused and body.op == "pydlx.nn.MLP" and body.arg("sizes") == [8, 16, 16, 4] and body.family == "mlp"
+    assert head.fused and head.arg("sizes") == [4, 4] and head.arg("last_activation") == "tanh"
+    assert {b.family for b in pydlx.plan(seed_autoencoder()).fused} == {"linear"}  # wider than 128: a chain
     fast = pydlx.optimize(net, filter_fn=lambda m, fqn: fqn != "head")
     assert isinstance(fast.body, pydlx.nn.MLP) and type(fast.head) is nn.Sequential
     assert isinstance(fast.head[0], nn.Linear) and type(fast.head[0]) is nn.Linear  # excluded whole
@@ -82,10 +86,11 @@ def test_mlp_shaped_sequentials_inside_a_model_and_filter_fn():
 
 def test_inplace_and_filter_fn_and_explain():
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 7), nn.Softplus(), nn.Linear(7, 3), nn.Tanh())
-    text = pydlx.explain(model)
-    assert "fuse   0: Linear + relu" in text
-    assert "keep   2: Linear (Softplus is not a fusable activation)" in text
-    assert "fuse   4: Linear + tanh" in text
+    b = blocks(model)
+    assert b["0"].fused and b["0"].chain == ("Linear", "relu") and b["0"].op == "pydlx.nn.Linear"
+    assert b["2"].reason == "Softplus is not a fusable activation"
+    assert b["4"].fused and b["4"].kind == "Linear+tanh"
+    assert "keep   2: Linear (Softplus is not a fusable activation)" in pydlx.explain(model)  # the rendering
     same = pydlx.optimize(model, inplace=True, filter_fn=lambda m, fqn: fqn != "4")
     assert same is model
     assert isinstance(model[0], pydlx.nn.Linear) and type(model[4]) is nn.Linear and isinstance(model[5], nn.Tanh)
@@ -97,10 +102,10 @@ def test_explain_names_a_module_that_is_no_activation_as_such():
             return x.flip(-1)
 
     model = nn.Sequential(nn.Linear(5, 6), nn.Dropout(), nn.Linear(6, 7), Permute(), nn.Linear(7, 3), nn.Softplus())
-    text = pydlx.explain(model)
-    assert "keep   0: Linear (followed by Dropout, not an activation)" in text
-    assert "keep   2: Linear (followed by Permute, not an activation)" in text
-    assert "keep   4: Linear (Softplus is not a fusable activation)" in text
+    b = blocks(model)
+    assert b["0"].reason == "followed by Dropout, not an activation"
+    assert b["2"].reason == "followed by Permute, not an activation"
+    assert b["4"].reason == "Softplus is not a fusable activation"
 
 
 def _same_outputs_and_grads(fast, model, x):
@@ -118,11 +123,10 @@ def test_new_activation_modules_fuse_and_a_negative_slope_is_kept_with_the_reaso
     a negative slope is kept (its derivative cannot be taken from the output), and explain says why."""
     model = nn.Sequential(nn.Linear(5, 6), nn.LeakyReLU(0.2), nn.Linear(6, 7), nn.Hardswish(), nn.Linear(7, 4),
                           nn.ELU(0.5), nn.Linear(4, 4), nn.LeakyReLU(-0.1), nn.Linear(4, 3), nn.Mish()).double()
-    text = pydlx.explain(model)
-    for line in ("fuse   0: Linear + leaky_relu(0.2) -> pydlx.nn.Linear(activation='leaky_relu(0.2)')",
-                 "fuse   2: Linear + hardswish", "fuse   4: Linear + elu(0.5)", "fuse   8: Linear + mish",
-                 "keep   6: Linear (LeakyReLU(negative_slope=-0.1): leaky_relu with a negative slope (-0.1) is not"):
-        assert line in text, text
+    b = blocks(model)
+    assert [b[k].arg("activation") for k in "0248"] == ["leaky_relu(0.2)", "hardswish", "elu(0.5)", "mish"]
+    assert all(b[k].fused and b[k].op == "pydlx.nn.Linear" for k in "0248")
+    assert b["6"].reason.startswith("LeakyReLU(negative_slope=-0.1): leaky_relu with a negative slope (-0.1) is not")
     original = copy.deepcopy(model.state_dict())
     fast = pydlx.optimize(model)
     assert [getattr(m, "activation", None) for m in fast if isinstance(m, pydlx.nn.Linear)] == [
@@ -157,17 +161,16 @@ class _NewActsNet(nn.Module):
 
 def test_new_activations_in_forward_code_fuse():
     model = _NewActsNet().double()
-    text = pydlx.explain(model)
-    for line in ("fuse   fc1, fc2: Linear chain (forward code) -> pydlx.ops.mlp(sizes=[6, 8, 8], "
-                 "activation='leaky_relu(0.2)', last_activation='elu(0.5)')",
-                 "fuse   fc3: Linear + activation (forward code) -> pydlx.ops.linear(activation='hardswish')",
-                 "fuse   fc4: Linear + activation (forward code) -> pydlx.ops.linear(activation='mish')",
-                 "fuse   fc5, fc6: Linear chain (forward code) -> pydlx.ops.mlp(sizes=[8, 8, 8], "
-                 "activation='hardsigmoid', last_activation='leaky_relu(0.3)')",
-                 "keep   neg: Linear + activation (forward code) -> pydlx.ops.linear(activation='leaky_relu(-0.1)') "
-                 "(leaky_relu with a negative slope (-0.1) is not supported",
-                 "fuse   out: Linear + activation (forward code) -> pydlx.ops.linear(activation='relu6')"):
-        assert line in text, text
+    b = blocks(model)
+    assert all(x.source == "forward" for x in b.values())
+    assert b["fc1, fc2"].op == "pydlx.ops.mlp" and b["fc1, fc2"].args == (
+        ("sizes", [6, 8, 8]), ("activation", "leaky_relu(0.2)"), ("last_activation", "elu(0.5)"))
+    assert b["fc5, fc6"].args == (("sizes", [8, 8, 8]), ("activation", "hardsigmoid"),
+                                  ("last_activation", "leaky_relu(0.3)"))
+    for fqn, act in (("fc3", "hardswish"), ("fc4", "mish"), ("out", "relu6")):
+        assert b[fqn].fused and b[fqn].op == "pydlx.ops.linear" and b[fqn].arg("activation") == act
+    assert b["neg"].arg("activation") == "leaky_relu(-0.1)"
+    assert b["neg"].reason.startswith("leaky_relu with a negative slope (-0.1) is not supported")
     original = copy.deepcopy(model.state_dict())
     fast = pydlx.optimize(model)
     x = torch.randn(5, 6, dtype=torch.float64)
@@ -192,6 +195,7 @@ def test_optimized_new_activations_run_the_triton_kernels_under_the_interpreter(
 
 
 def test_explain_with_nothing_to_fuse():
+    assert pydlx.plan(nn.Conv2d(1, 1, 1)).blocks == []
     assert "nothing to fuse" in pydlx.explain(nn.Conv2d(1, 1, 1))
 
 
@@ -207,13 +211,14 @@ def _vgg_like():
 def test_conv_relu_pool_chains_are_swapped_with_state_dict_and_gradients_unchanged():
     net = _vgg_like()
     original = copy.deepcopy(net.state_dict())
-    text = pydlx.explain(net)
-    assert "fuse   0: Conv2d + ReLU + MaxPool2d -> pydlx.nn.ConvReLUPool2d(3, 8, kernel_size=3" in text
-    assert "keep   3: Conv2d + ReLU + MaxPool2d (forward code) -> pydlx.ops.conv_relu_pool2d (groups=2 (only 1))" in text
-    assert "fuse   6: Conv2d + ReLU + MaxPool2d" in text and "pool_size=3, pool_stride=2" in text
-    assert "fuse   9: Conv2d + ReLU + MaxPool2d" in text and "pool_stride=2, ceil_mode=True)" in text
+    b = blocks(net)
+    assert b["0"].fused and b["0"].op == "pydlx.nn.ConvReLUPool2d" and b["0"].kind == "Conv+ReLU+MaxPool"
+    assert b["0"].arg("in_channels") == 3 and b["0"].arg("out_channels") == 8 and b["0"].arg("kernel_size") == 3
+    assert b["3"].reason == "groups=2 (only 1)" and b["3"].source == "forward"
+    assert b["6"].fused and (b["6"].arg("pool_size"), b["6"].arg("pool_stride")) == (3, 2)
+    assert b["9"].fused and b["9"].arg("ceil_mode") is True
     # what auto runs for them here (a CPU: eager; on a GPU, its measured policy or "not measured": tests/test_policy.py)
-    assert "pool_size=3, pool_stride=2); auto here: eager PyTorch (no GPU)" in text
+    assert b["6"].auto == "auto here: eager PyTorch (no GPU)"
     fast = pydlx.optimize(net)
     assert isinstance(fast[0], pydlx.nn.ConvReLUPool2d) and isinstance(fast[6], pydlx.nn.ConvReLUPool2d)
     assert isinstance(fast[9], pydlx.nn.ConvReLUPool2d)
@@ -264,8 +269,9 @@ class _LSTMClassifier(nn.Module):
 
 def test_lstm_modules_are_swapped_with_state_dict_unchanged():
     net = _LSTMClassifier().double()
-    text = pydlx.explain(net)
-    assert "fuse   lstm: LSTM -> pydlx.nn.LSTM" in text and "fuse   cell: LSTMCell -> pydlx.nn.LSTMCell" in text
+    b = blocks(net)
+    assert b["lstm"].fused and b["lstm"].op == "pydlx.nn.LSTM" and b["lstm"].family == "lstm"
+    assert b["cell"].fused and b["cell"].op == "pydlx.nn.LSTMCell"
     fast = pydlx.optimize(net)
     assert type(fast.lstm) is pydlx.nn.LSTM and type(fast.cell) is pydlx.nn.LSTMCell
     assert type(net.lstm) is nn.LSTM
@@ -300,10 +306,11 @@ def test_unsupported_pools_stay_eager_and_explained_never_a_crash(pool):
     """torchvision's ResNet stem (int pool padding) crashed explain/optimize with a TypeError. A pool the kernel
     does not take stays eager, with its reason; the conv and its ReLU still fuse."""
     net = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3), nn.ReLU(), pool)
-    text = pydlx.explain(net)
-    assert "fuse   0: Conv2d + ReLU (forward code) -> pydlx.ops.conv_act_pool2d; the MaxPool2d after it runs " \
-           "eagerly (" in text, text
-    assert text.count("   0:") == 1, text
+    plan = pydlx.plan(net)
+    assert [b.modules for b in plan.blocks] == [("0",)], plan  # said once
+    b = plan.blocks[0]
+    assert b.fused and b.op == "pydlx.ops.conv_act_pool2d" and b.chain == ("Conv2d", "relu")
+    assert b.detail.startswith("the MaxPool2d after it runs eagerly (")
     fast = pydlx.optimize(net)
     assert type(fast[0]) is nn.Conv2d and type(fast[2]) is nn.MaxPool2d
     assert _pydlx_calls(fast, torch.randn(1, 3, 16, 16)) == ["conv_act_pool2d"]
@@ -321,8 +328,7 @@ def test_unsupported_pools_stay_eager_and_explained_never_a_crash(pool):
 def test_pool_padding_and_ceil_mode_fuse(pool):
     """The ResNet stem's padded pool and GoogLeNet/SqueezeNet's ceil-mode pools fuse."""
     net = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3), nn.ReLU(), pool).double()
-    text = pydlx.explain(net)
-    assert "fuse   0: Conv2d + ReLU + MaxPool2d -> pydlx.nn.ConvReLUPool2d(" in text, text
+    assert blocks(net)["0"].fused and blocks(net)["0"].op == "pydlx.nn.ConvReLUPool2d"
     fast = pydlx.optimize(net)
     assert isinstance(fast[0], pydlx.nn.ConvReLUPool2d)
     x = torch.randn(2, 3, 29, 31, dtype=torch.float64, requires_grad=True)
@@ -460,7 +466,8 @@ def test_mixed_modes_attributes_and_optional_arguments_are_followed():
     for flag in (True, False, True):
         branch.use_tanh = fast_branch.use_tanh = flag
         _same(fast_branch, branch, x)
-    assert "self.training, self.use_tanh" in pydlx.explain(branch)
+    notes = pydlx.plan(branch).notes
+    assert [(n.module, n.what, n.text) for n in notes] == [("", "guards", "self.training, self.use_tanh")]
 
 
 def test_replaced_submodules_and_later_hooks_are_followed():
@@ -487,8 +494,8 @@ def test_shape_branches_and_side_effects_run_the_forward_as_written():
     counter = pydlx.optimize(_Counter())
     counter(torch.randn(2, 8))
     assert counter.calls == 1
-    assert "forward code of the model not traced by torch.fx" in pydlx.explain(_ShapeBranch())
-    assert "forward assigns attributes (calls)" in pydlx.explain(_Counter())
+    assert [(n.module, n.what) for n in pydlx.plan(_ShapeBranch()).notes] == [("", "not traced")]
+    assert pydlx.plan(_Counter()).notes[0].text == "forward assigns attributes (calls)"
 
 
 def test_fused_model_survives_pickle_deepcopy_and_compile_in_both_modes():
@@ -575,26 +582,24 @@ def test_batchnorm_is_folded_in_eval_and_recomputed_in_training():
     fast.load_state_dict(sd)
     _same(fast, net, x)
     assert list(fast.state_dict()) == list(net.state_dict())
-    text = pydlx.explain(net)
-    assert "fuse   0: Conv2d + BatchNorm2d (folded) + ReLU + MaxPool2d" in text
-    assert "fuse   5: Linear + BatchNorm1d (folded) + activation" in text
+    b = blocks(net)
+    assert b["0"].fused and b["0"].kind == "Conv+BN+ReLU+MaxPool" and b["0"].bn == "folded"
+    assert b["5"].fused and b["5"].op == "pydlx.ops.linear_batchnorm" and b["5"].bn == "folded"
 
 
 def test_batchnorm_that_cannot_fold_is_kept_with_the_reason():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(),
                         nn.MaxPool2d(2)).double().eval()
-    text = pydlx.explain(net)
-    assert "keep   0: Conv2d + BatchNorm2d (folded) + ReLU + MaxPool2d (forward code)" in text
-    assert "track_running_stats=False" in text
+    b = blocks(net)["0"]
+    assert b.kind == "Conv+BN+ReLU+MaxPool" and b.source == "forward" and "track_running_stats=False" in b.reason
     fast = pydlx.optimize(net)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     _same(fast, net, x)
     assert _pydlx_calls(fast, x) == []
-    train_text = pydlx.explain(_bn_net().train())
-    assert ("fuse   5: Linear + BatchNorm1d (training: batch statistics, Linear recomputed in backward) + "
-            "activation") in train_text, train_text
-    assert ("fuse   0: Conv2d + BatchNorm2d (training: batch statistics, conv recomputed in backward) + ReLU + "
-            "MaxPool2d") in train_text, train_text
+    train = blocks(_bn_net().train())
+    assert train["5"].fused and train["5"].bn == "training" and train["5"].kind == "Linear+BN+relu"
+    assert train["0"].fused and train["0"].bn == "training" and train["0"].kind == "Conv+BN+ReLU+MaxPool"
+    assert "recomputed in backward" in train["0"].detail
 
 
 def test_linear_batchnorm_on_a_3d_input_runs_as_torch_does():
@@ -652,10 +657,11 @@ def test_pool_before_relu_and_untraceable_parents():
             _same(fast, model, x, seed=2)
         inner = fast.body if where else fast
         assert _pydlx_calls(inner, x)[:2] == ["conv_relu_pool2d", "conv_relu_pool2d"], _pydlx_calls(inner, x)
-        text = pydlx.explain(model)
-        assert f"fuse   {where}conv1: Conv2d + ReLU + MaxPool2d (forward code)" in text, text
+        plan = pydlx.plan(model)
+        b = {", ".join(x.modules): x for x in plan.blocks}[f"{where}conv1"]
+        assert b.fused and b.source == "forward" and b.kind == "Conv+ReLU+MaxPool", plan
         if where:
-            assert "forward code of the model not traced by torch.fx" in text
+            assert [(n.module, n.what) for n in plan.notes if n.what == "not traced"] == [("", "not traced")]
 
 
 def test_explain_names_each_kept_block_once_with_its_reason():
@@ -663,17 +669,14 @@ def test_explain_names_each_kept_block_once_with_its_reason():
     MaxPool with padding) was not mentioned at all -- it now fuses in eval mode (BatchNorm folded) and in training
     mode (batch statistics, the conv recomputed in backward)."""
     grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True))
-    text = pydlx.explain(grouped)
-    assert text.count("   0:") == 1 and "keep   0: Conv2d + ReLU + MaxPool2d (forward code)" in text, text
-    assert "groups=2 (only 1)" in text
+    plan = pydlx.plan(grouped)
+    assert [(b.modules, b.kind, b.reason) for b in plan.blocks] == [(("0",), "Conv+ReLU+MaxPool", "groups=2 (only 1)")]
     stem = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.MaxPool2d(3, 2, padding=1)).eval()
-    text = pydlx.explain(stem)
-    assert ("fuse   0: Conv2d + BatchNorm2d (folded) + ReLU + MaxPool2d (forward code) -> "
-            "pydlx.ops.conv_bn_act_pool2d [MaxPool2d(3, 2, padding=1)]") in text, text
-    text = pydlx.explain(stem.train())
-    assert ("fuse   0: Conv2d + BatchNorm2d (training: batch statistics, conv recomputed in backward) + ReLU + "
-            "MaxPool2d (forward code) -> pydlx.ops.conv_bn_act_pool2d [MaxPool2d(3, 2, padding=1)]") in text, text
+    for mode in ("folded", "training"):
+        b = blocks(stem.train(mode == "training"))["0"]
+        assert b.fused and b.op == "pydlx.ops.conv_bn_act_pool2d" and b.bn == mode
+        assert (b.arg("pool_size"), b.arg("pool_stride"), b.arg("pool_padding")) == (3, 2, 1)
 
 class _VggSlices(nn.Module):
     """A style-transfer VGG split into slices: Conv -> ReLU ends one nn.Sequential, MaxPool starts the next."""
@@ -700,7 +703,8 @@ def test_chains_across_sequential_boundaries():
     x = torch.randn(2, 3, 12, 10, dtype=torch.float64)
     assert _pydlx_calls(fast, x) == ["conv_relu_pool2d", "conv_act_pool2d"], _pydlx_calls(fast, x)
     _same(fast, model, x)
-    assert "fuse   slice1.0: Conv2d + ReLU + MaxPool2d (forward code)" in pydlx.explain(model)
+    b = blocks(model)["slice1.0"]
+    assert b.fused and b.kind == "Conv+ReLU+MaxPool" and b.source == "forward"
     model.return_inner = fast.return_inner = True
     assert _pydlx_calls(fast, x) == ["conv_act_pool2d", "conv_act_pool2d"], _pydlx_calls(fast, x)
     _same(fast, model, x)
@@ -774,12 +778,13 @@ def test_dcgan_discriminator_fuses_inside_its_untraceable_forward():
             bn.running_mean.uniform_(-0.3, 0.3)
             bn.running_var.uniform_(0.5, 1.5)
     fast = pydlx.optimize(model)
-    text = pydlx.explain(model)
-    assert "forward code of the model not traced by torch.fx" in text, text
-    assert "fuse   main.0: Conv2d + leaky_relu(0.2) (forward code)" in text, text
-    assert "main.2: Conv2d + BatchNorm2d (training: batch statistics, conv recomputed in backward) + " \
-        "leaky_relu(0.2) (forward code)" in text, text
-    assert "fuse   main.5: Conv2d + sigmoid (forward code)" in text, text
+    plan = pydlx.plan(model)
+    assert ("", "not traced") in [(n.module, n.what) for n in plan.notes], plan
+    b = {", ".join(x.modules): x for x in plan.blocks}
+    assert b["main.0"].fused and b["main.0"].chain == ("Conv2d", "leaky_relu(0.2)")
+    assert b["main.2"].fused and b["main.2"].chain == ("Conv2d", "BatchNorm2d", "leaky_relu(0.2)")
+    assert b["main.2"].bn == "training"
+    assert b["main.5"].fused and b["main.5"].chain == ("Conv2d", "sigmoid")
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64, requires_grad=True)
     for mode in ("train", "eval", "train"):
         getattr(model, mode)()

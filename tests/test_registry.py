@@ -7,6 +7,7 @@ import collections
 import inspect
 import pathlib
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -187,6 +188,88 @@ def test_families_and_backends_are_declared_once():
     assert set(registry.FAMILIES) <= set(bench_groups)
     assert _policy.size_from_shape("linear", "4x5x6") == 120.0
     assert registry.candidates() == ("triton", "cuda") and registry.backend_names()[0] == "reference"
+
+
+# ----------------------------------------------------------------------------------------------- a new family
+class ScaleCall(NamedTuple):
+    """The toy family's call descriptor: y = x * s over n elements."""
+    dtype: torch.dtype
+    training: bool
+    n: int
+
+
+def _scale_ops():
+    """docs/DEVELOPING.md's family recipe, steps 3 and 4, for the toy family: its schemas and its op registered
+    through pydlx's scaffold (once per process)."""
+    from pydlx.ops import _common, schemas
+
+    if hasattr(torch.ops.pydlx, "recipe_scale_fwd"):
+        return
+    schemas.LIB.define("recipe_scale_fwd(Tensor x, float s, str backend) -> Tensor y")
+    schemas.LIB.define("recipe_scale_bwd(Tensor grad, float s, str backend) -> Tensor dx")
+    fwd = _common.implement("recipe_scale_fwd",
+                            lambda x, s, backend: registry.implementation("scale", backend).scale_fwd(x, s),
+                            lambda x, s, backend: torch.empty_like(x))
+    bwd = _common.implement("recipe_scale_bwd",
+                            lambda grad, s, backend: registry.implementation("scale", backend).scale_bwd(grad, s),
+                            lambda grad, s, backend: torch.empty_like(grad))
+    _common.autograd("recipe_scale_fwd", save=lambda a, out: (),
+                     backward=lambda a, saved, grads, needs: {"x": bwd(grads[0], a.s, a.backend)})
+    assert fwd is torch.ops.pydlx.recipe_scale_fwd.default
+
+
+def scale(x, s):
+    """The toy family's entry point (recipe step 4): checks, the dispatcher's choice, the op."""
+    from pydlx.ops._common import check_floating
+
+    check_floating("scale", "x", x)
+    call = ScaleCall(x.dtype, torch.is_grad_enabled() and x.requires_grad, x.numel())
+    return torch.ops.pydlx.recipe_scale_fwd(x, float(s), pydlx._backend.choose("scale", x.device, call, "scale"))
+
+
+def test_a_new_family_through_the_recipe(toy):
+    """docs/DEVELOPING.md's family recipe, followed with a toy family: the row (register_family), the reference, the
+    schemas and op through the scaffold, the entry point through the dispatcher, and a second backend's kernels."""
+    registry.register_family(registry.Family("scale", ScaleCall, ("scale_fwd", "scale_bwd"),
+                                             work=lambda c: float(c.n), shape=lambda n: str(n),
+                                             parse=lambda text: float(text) if text.isdigit() else None))
+    calls = collections.Counter()
+    ref = registry.BACKENDS["reference"]
+
+    def impl(name):
+        return SimpleNamespace(supports=lambda call, device: None if call.n < 1000 else "at most 999 elements",
+                               scale_fwd=lambda x, s: calls.update([f"{name} fwd"]) or x * s,
+                               scale_bwd=lambda g, s: calls.update([f"{name} bwd"]) or g * s)
+    try:
+        ref.implementations = dict(ref.implementations, scale=impl("reference"))  # recipe step 2
+        registry.register_backend(ref)
+        registry.register_backend(registry.Backend("kernels", implementations={"scale": impl("kernels")}))
+        _scale_ops()
+        torch.library.opcheck(torch.ops.pydlx.recipe_scale_fwd.default, (torch.randn(3, requires_grad=True), 2.0,
+                                                                          "reference"))
+        calls.clear()
+        for backend in ("reference", "kernels"):
+            x = torch.randn(5, 3, requires_grad=True)
+            with pydlx.use_backend(backend):
+                y = scale(x, 3.0)
+            y.backward(torch.ones_like(y))
+            assert torch.equal(y, x * 3) and torch.equal(x.grad, torch.full_like(x, 3.0))
+            assert calls[f"{backend} fwd"] == 1 and calls[f"{backend} bwd"] == 1
+        with pydlx.use_backend("kernels"), pytest.raises(pydlx.BackendUnavailableError, match="at most 999"):
+            scale(torch.randn(1000), 2.0)
+        with pydlx.use_backend("toy"), pytest.raises(pydlx.BackendUnavailableError, match="no scale implementation"):
+            scale(torch.randn(4), 2.0)
+        assert scale(torch.randn(4), 2.0).shape == (4,)  # auto on a CPU: the reference
+        from pydlx import _policy
+        assert _policy.size_from_shape("scale", "12") == 12.0
+        compiled = torch.compile(lambda x: scale(x, 2.0), fullgraph=True, backend="aot_eager")
+        with pydlx.use_backend("kernels"):
+            x = torch.randn(6)
+            assert torch.equal(compiled(x), x * 2)
+    finally:
+        registry.unregister_backend("kernels")
+        registry.unregister_family("scale")
+    assert "scale" not in registry.FAMILIES and "scale" not in ref.implementations
 
 
 # ----------------------------------------------------------------------------------------------- structure

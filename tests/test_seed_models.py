@@ -75,13 +75,16 @@ def test_seed_model_is_optimized_with_state_dict_outputs_and_gradients_unchanged
     fast.load_state_dict(original.state_dict())
 
 
+def _blocks(model):
+    return {", ".join(b.modules): b for b in pydlx.plan(model).blocks}
+
+
 def test_explain_lists_the_seed_cnn_functional_chains():
-    text = pydlx.explain(S.CNN())
-    assert "fuse   conv1: Conv2d + ReLU + MaxPool2d (forward code) -> pydlx.ops.conv_relu_pool2d" in text
-    assert "fuse   conv2: Conv2d + ReLU + MaxPool2d (forward code)" in text
-    assert ("fuse   fc1, fc2: Linear chain (forward code) -> pydlx.ops.mlp(sizes=[2304, 128, 10], "
-            "activation='relu', last_activation=None) over the Linears' own parameters, one fused kernel on GPUs"
-            in text)
+    b = _blocks(S.CNN())
+    assert b["conv1"].fused and b["conv1"].source == "forward" and b["conv1"].op == "pydlx.ops.conv_relu_pool2d"
+    assert b["conv2"].fused and b["conv2"].kind == "Conv+ReLU+MaxPool"
+    assert b["fc1, fc2"].op == "pydlx.ops.mlp" and b["fc1, fc2"].family == "mlp"
+    assert b["fc1, fc2"].args == (("sizes", [2304, 128, 10]), ("activation", "relu"), ("last_activation", None))
 
 
 class _Variants(nn.Module):
@@ -139,11 +142,10 @@ class _Unfusable(nn.Module):
 
 def test_unsupported_and_shared_modules_are_kept_with_the_reason():
     model = _Unfusable().double()
-    text = pydlx.explain(model)
-    assert ("keep   conv: Conv2d + ReLU + MaxPool2d (forward code) -> pydlx.ops.conv_relu_pool2d "
-            "(dilation=(2, 2)") in text
-    assert "keep   shared: Linear + activation (shared is called 2 times and not every call" in text
-    assert "fuse   fc: Linear + activation (forward code)" in text
+    b = _blocks(model)
+    assert b["conv"].kind == "Conv+ReLU+MaxPool" and b["conv"].reason.startswith("dilation=(2, 2)")
+    assert b["shared"].reason.startswith("shared is called 2 times and not every call")
+    assert b["fc"].fused and b["fc"].op == "pydlx.ops.linear"
     fast = pydlx.optimize(model)
     assert [t for t, _ in fused_calls(fast) if str(getattr(t, "__module__", "")).startswith("pydlx")] == [
         pydlx.ops.linear]
@@ -167,9 +169,11 @@ class _Untraceable(nn.Module):
 
 def test_untraceable_model_keeps_module_swaps_and_explain_says_why():
     model = _Untraceable().double()
-    text = pydlx.explain(model)
-    assert "fuse   body: Sequential of 2 Linear layers" in text
-    assert "note   forward code of the model not traced by torch.fx (TraceError" in text
+    plan = pydlx.plan(model)
+    assert [(b.modules, b.op) for b in plan.fused] == [(("body",), "pydlx.nn.MLP")]
+    assert [(n.module, n.what) for n in plan.notes] == [("", "not traced")]
+    assert plan.notes[0].text.startswith("TraceError")
+    assert "note   forward code of the model not traced by torch.fx (TraceError" in pydlx.explain(model)
     fast = pydlx.optimize(model)
     assert _fx_fuse.current(fast) is None and isinstance(fast.body, pydlx.nn.MLP)
     assert type(fast.fc) is nn.Linear
