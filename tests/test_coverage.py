@@ -290,6 +290,7 @@ def test_every_architecture_of_the_zoo_is_in_ci():
     assert set(ZOO_IN_CI) <= set(coverage.zoo())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ZOO_IN_CI)
 def test_zoo_model_checks(name):
     row = coverage.run_model(name, 32, check=True)
@@ -301,6 +302,7 @@ def test_zoo_model_checks(name):
 
 # On a CPU, auto runs plain eager PyTorch in place of each pydlx op; the reference backend, forced, runs the ops
 # themselves (torch.library ops, their autograd, the int8 pool indices): the fused models again through them.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["alexnet", "inception_v3", "swin_v2_t"])
 def test_zoo_model_checks_through_the_pydlx_ops(name):
     row = coverage.run_model(name, 32, check=True, backend="reference")

@@ -12,6 +12,8 @@ from pydlx.activations import ACTIVATIONS, forward as activation_forward, parse_
 from pydlx.reference.linear import activation_backward
 from tolerance import assert_close
 
+pytestmark = pytest.mark.slow  # (the build: about a minute on 2 cores)
+
 # the same folder as first-use builds when PYDLX_BUILD_DIR is set (scripts/gpu_check.sh): one build, not two
 BUILD_DIR = os.environ.get("PYDLX_BUILD_DIR") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "jit-test")

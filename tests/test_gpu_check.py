@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_writes_every_tier(tmp_path):
     out = tmp_path / "report"
     env = dict(os.environ, TRITON_INTERPRET="1")

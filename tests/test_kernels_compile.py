@@ -54,6 +54,7 @@ def test_every_new_activation_is_compiled_on_both_archs_in_every_dtype():
     assert {act_args(s)[0] for s in aot_compile.WIDE_NEW_ACTS} == set(tri.WIDE_ACTS) - {0, 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in CASES])
 def test_config_compiles_without_spills_on_tensor_cores(case, compiled):
     cid, variant, arch, dname, _ = case

@@ -209,7 +209,7 @@ def _scale_ops():
     schemas.LIB.define("recipe_scale_bwd(Tensor grad, float s, str backend) -> Tensor dx")
     fwd = _common.implement("recipe_scale_fwd",
                             lambda x, s, backend: registry.implementation("scale", backend).scale_fwd(x, s),
-                            lambda x, s, backend: torch.empty_like(x))
+                            lambda x, s, backend: torch.empty_like(x), differentiable=True)
     bwd = _common.implement("recipe_scale_bwd",
                             lambda grad, s, backend: registry.implementation("scale", backend).scale_bwd(grad, s),
                             lambda grad, s, backend: torch.empty_like(grad))

@@ -197,6 +197,7 @@ def test_training_curves_agree(kind):
         assert abs(la - lb) <= 1e-4 * max(1.0, abs(la)), (a["losses"], b["losses"])
 
 
+@pytest.mark.slow
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kind", ["rnn", "autoencoder"])
 def test_training_curves_agree_on_the_triton_kernels(kind):

@@ -67,11 +67,18 @@ def act_name(activation: str) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------------------------- the op scaffold
-def implement(name: str, impl: Callable, fake: Callable) -> torch._ops.OpOverload:
+def implement(name: str, impl: Callable, fake: Callable, differentiable: bool = False) -> torch._ops.OpOverload:
     """Register ``impl`` (every device: it calls the backend named by its ``backend`` argument) and ``fake`` (shapes
-    only, for torch.compile / torch.export) for the op ``pydlx::<name>`` of pydlx/ops/schemas.py; returns the op."""
+    only, for torch.compile / torch.export) for the op ``pydlx::<name>`` of pydlx/ops/schemas.py; returns the op.
+    ``differentiable``: its autograd formula follows (``autograd``); otherwise (the backward ops) a backward through
+    it raises torch's RuntimeError -- double backward is not supported -- rather than pass a wrong gradient."""
     LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"pydlx::{name}", fake, lib=LIB)
+    if not differentiable:
+        def refuse(ctx, *grads):
+            raise RuntimeError(f"Trying to backward through pydlx::{name} but no autograd formula was registered: "
+                               "pydlx's backward ops are not differentiable (double backward is not supported)")
+        torch.library.register_autograd(f"pydlx::{name}", refuse, lib=LIB)
     return op(name)
 
 

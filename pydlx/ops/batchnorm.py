@@ -145,7 +145,7 @@ def _bwd_fake(grad, input, weight, bias, bn_weight, bn_bias, mean, var, eps, lay
             like(bn_bias, True))
 
 
-layer_bn_train_fwd = implement("layer_bn_train_fwd", _fwd, _fwd_fake)
+layer_bn_train_fwd = implement("layer_bn_train_fwd", _fwd, _fwd_fake, differentiable=True)
 layer_bn_train_bwd = implement("layer_bn_train_bwd", _bwd, _bwd_fake)
 
 

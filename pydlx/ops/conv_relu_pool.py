@@ -75,7 +75,7 @@ def _bwd_fake(grad, input, weight, y, idx, z, has_bias, stride, padding, pool_si
             weight.new_empty(weight.shape[0]) if has_bias else input.new_empty(0))
 
 
-conv_relu_pool2d_fwd = implement("conv_relu_pool2d_fwd", _fwd, _fwd_fake)
+conv_relu_pool2d_fwd = implement("conv_relu_pool2d_fwd", _fwd, _fwd_fake, differentiable=True)
 conv_relu_pool2d_bwd = implement("conv_relu_pool2d_bwd", _bwd, _bwd_fake)
 
 

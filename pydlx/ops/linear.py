@@ -70,7 +70,7 @@ def _bwd_fake(grad, input, weight, saved, activation, has_bias, need_dx, need_dw
             weight.new_empty(weight.shape[0]) if has_bias else input.new_empty(0))
 
 
-linear_fwd = implement("linear_fwd", _fwd, _fwd_fake)
+linear_fwd = implement("linear_fwd", _fwd, _fwd_fake, differentiable=True)
 linear_bwd = implement("linear_bwd", _bwd, _bwd_fake)
 
 

@@ -90,7 +90,7 @@ def _bwd_fake(dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths, re
             w_ih.new_empty(w_ih.shape[0]) if has_bias else empty, torch.empty_like(dh_n), torch.empty_like(dc_n))
 
 
-lstm_layer_fwd = implement("lstm_layer_fwd", _fwd, _fwd_fake)
+lstm_layer_fwd = implement("lstm_layer_fwd", _fwd, _fwd_fake, differentiable=True)
 lstm_layer_bwd = implement("lstm_layer_bwd", _bwd, _bwd_fake)
 
 

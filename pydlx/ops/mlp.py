@@ -93,7 +93,7 @@ def _bwd_fake(grad, input, weights, has_bias, y, H, Z, activation, last_activati
         w.new_empty(w.shape[0]) if hb else input.new_empty(0) for w, hb in zip(weights, has_bias)]
 
 
-mlp_fused = implement("mlp_fused", _fwd, _fwd_fake)
+mlp_fused = implement("mlp_fused", _fwd, _fwd_fake, differentiable=True)
 mlp_fused_bwd = implement("mlp_fused_bwd", _bwd, _bwd_fake)
 
 
