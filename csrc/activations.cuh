@@ -1,6 +1,6 @@
 // pydlx: the activations and their derivatives for the C++/CUDA kernels, in fp32 whatever the storage dtype.
 // The same functions as pydlx/reference/linear.py (the oracle) and pydlx/triton/common.py; codes in dispatch.h.
-// For relu/tanh/sigmoid/leaky_relu/elu/hardsigmoid/relu6 the derivative takes the output y, for
+// For relu/tanh/sigmoid/leaky_relu/elu/hardsigmoid/relu6/selu the derivative takes the output y, for
 // gelu/gelu_tanh/silu/hardswish/mish the pre-activation z. `alpha` is leaky_relu's negative slope (>= 0) and elu's
 // alpha (> 0); the other activations ignore it.
 #pragma once
@@ -14,6 +14,10 @@ namespace pydlx {
 // whose error grows with |x|); 1 - sigmoid(v) as sigmoid(-v), 1 - y^2 as (1 - y)(1 + y), for z < 0 the normal
 // CDF as erfc (1 + erf(z) rounds to 0 below z = -3.9 in fp32), elu's e^z - 1 as expm1f, and mish from exact
 // fractions of t = exp(-|z|). Clamps are written with comparisons, which keep NaN (fminf/fmaxf drop it).
+// selu's constants (torch's; pydlx/activations.py SELU_SCALE and SELU_SCALE * SELU_ALPHA)
+constexpr float kSeluScale = 1.0507009873554804934f;
+constexpr float kSeluScaleAlpha = 1.7580993408473768599f;
+
 __device__ __forceinline__ float sigmoid_(float z) { return 1.f / (1.f + expf(-z)); }
 
 __device__ __forceinline__ float normal_cdf_(float z) {
@@ -53,6 +57,7 @@ __device__ __forceinline__ float act_fwd(float z, float alpha) {
   else if constexpr (ACT == kHardsigmoid) return clamp_(z + 3.f, 0.f, 6.f) / 6.f;
   else if constexpr (ACT == kMish) return z * mish_parts_(z).n;
   else if constexpr (ACT == kRelu6) return clamp_(z, 0.f, 6.f);
+  else if constexpr (ACT == kSelu) return z > 0.f ? kSeluScale * z : kSeluScaleAlpha * expm1f(z);
   else return z;
 }
 
@@ -80,6 +85,7 @@ __device__ __forceinline__ float act_bwd(float g, float s, float alpha) {
     const MishParts p = mish_parts_(s);
     return g * (p.n + s * p.one_minus_n * (1.f + p.n) * p.sigmoid);
   } else if constexpr (ACT == kRelu6) return (s <= 0.f || s >= 6.f) ? 0.f : g;
+  else if constexpr (ACT == kSelu) return s <= 0.f ? g * (s + kSeluScaleAlpha) : g * kSeluScale;  // from y, as elu
   else return g;
 }
 
@@ -99,6 +105,7 @@ __device__ __forceinline__ float act_fwd_rt(int act, float z, float alpha) {
     case kHardsigmoid: return act_fwd<kHardsigmoid>(z, alpha);
     case kMish: return act_fwd<kMish>(z, alpha);
     case kRelu6: return act_fwd<kRelu6>(z, alpha);
+    case kSelu: return act_fwd<kSelu>(z, alpha);
     default: return z;
   }
 }

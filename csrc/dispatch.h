@@ -16,7 +16,7 @@ namespace pydlx {
 
 enum Act : int {
   kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kTanh = 5, kSigmoid = 6,
-  kLeakyRelu = 7, kElu = 8, kHardswish = 9, kHardsigmoid = 10, kMish = 11, kRelu6 = 12
+  kLeakyRelu = 7, kElu = 8, kHardswish = 9, kHardsigmoid = 10, kMish = 11, kRelu6 = 12, kSelu = 13
 };
 
 inline int act_code(const std::string& name) {
@@ -33,8 +33,9 @@ inline int act_code(const std::string& name) {
   if (name == "hardsigmoid") return kHardsigmoid;
   if (name == "mish") return kMish;
   if (name == "relu6") return kRelu6;
+  if (name == "selu") return kSelu;
   TORCH_CHECK(false, "pydlx: activation must be one of none, relu, gelu, gelu_tanh, silu, tanh, sigmoid, leaky_relu, "
-              "elu, hardswish, hardsigmoid, mish, relu6; got '", name, "'");
+              "elu, hardswish, hardsigmoid, mish, relu6, selu; got '", name, "'");
 }
 
 }  // namespace pydlx
@@ -60,7 +61,7 @@ inline int act_code(const std::string& name) {
       PYDLX_ACT_CASE(pydlx::kSigmoid, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kLeakyRelu, __VA_ARGS__)    \
       PYDLX_ACT_CASE(pydlx::kElu, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kHardswish, __VA_ARGS__)        \
       PYDLX_ACT_CASE(pydlx::kHardsigmoid, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kMish, __VA_ARGS__)     \
-      PYDLX_ACT_CASE(pydlx::kRelu6, __VA_ARGS__)                                                     \
+      PYDLX_ACT_CASE(pydlx::kRelu6, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kSelu, __VA_ARGS__)          \
       default: TORCH_CHECK(false, "pydlx: unknown activation code ", CODE);                         \
     }                                                                                                \
   }()

@@ -26,6 +26,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -244,6 +245,15 @@ __global__ void __launch_bounds__(kThreads) lstm_bwd_persistent(const T* __restr
 
 int round4(int v) { return (v + 3) / 4 * 4; }
 
+// The one home of the kernels' shared-memory size (pydlx/cuda/lstm.py asks it through the op lstm_smem_bytes):
+// HB = ceil(H / SMs) hidden units a block, their W_hh rows (forward: 4 HB rows of H) or columns (backward: HB
+// columns of 4H) in the weights' dtype (``elt`` bytes), plus the staged h (kBC rows) / dz (kBCB rows) in fp32.
+size_t smem_bytes(int H, int elt, int sms, bool fwd) {
+  const int HB = (H + sms - 1) / sms;
+  return fwd ? align16(static_cast<size_t>(elt) * 4 * HB * round4(H)) + sizeof(float) * kBC * round4(H)
+             : align16(static_cast<size_t>(elt) * HB * round4(4 * H)) + sizeof(float) * kBCB * round4(4 * H);
+}
+
 // Blocks and units per block: HB = ceil(H / SMs) units a block, one block per SM; refuses what does not fit.
 template <typename T>
 std::tuple<int, int, size_t> plan(const char* name, const void* kernel, int H, bool fwd) {
@@ -254,8 +264,7 @@ std::tuple<int, int, size_t> plan(const char* name, const void* kernel, int H, b
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   const int HB = (H + sms - 1) / sms;
   const int blocks = (H + HB - 1) / HB;
-  const size_t smem = fwd ? align16(sizeof(T) * 4 * HB * round4(H)) + sizeof(float) * kBC * round4(H)
-                          : align16(sizeof(T) * HB * round4(4 * H)) + sizeof(float) * kBCB * round4(4 * H);
+  const size_t smem = smem_bytes(H, static_cast<int>(sizeof(T)), sms, fwd);
   TORCH_CHECK(smem <= static_cast<size_t>(optin), name, ": hidden_size ", H,
               " does not fit the persistent kernel: ", HB, " units a block need ", smem, " bytes of shared memory, ",
               "the GPU has ", optin, " (use the triton backend for this layer)");
@@ -365,9 +374,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_seq_bwd_cuda(const at::Tenso
 }
 
 }  // namespace
+
+// The larger of the forward's and the backward's shared memory a block (what must fit the GPU's opt-in limit).
+int64_t lstm_smem_bytes(int64_t H, int64_t elt, int64_t sms) {
+  TORCH_CHECK(H >= 0 && elt > 0 && sms > 0, "pydlx::lstm_smem_bytes: H >= 0, elt > 0 and sms > 0, got ", H, ", ",
+              elt, ", ", sms);
+  return static_cast<int64_t>(std::max(smem_bytes(static_cast<int>(H), static_cast<int>(elt), static_cast<int>(sms),
+                                                  true),
+                                       smem_bytes(static_cast<int>(H), static_cast<int>(elt), static_cast<int>(sms),
+                                                  false)));
+}
+
 }  // namespace pydlx
 
 TORCH_LIBRARY_FRAGMENT(pydlx, m) {
+  m.def("lstm_smem_bytes(int H, int elt, int sms) -> int", &pydlx::lstm_smem_bytes);
   m.def("lstm_seq_fwd_cuda(Tensor G, Tensor w_hh, Tensor h0, Tensor c0, Tensor? lengths, bool reverse, bool save) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_seq_bwd_cuda(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor acts, Tensor cs, Tensor w_hh, "

@@ -119,7 +119,13 @@ TABLE: Tuple[Activation, ...] = (
                functions=(Spelling(F.mish, _INPLACE),)),
     Activation("relu6", 12, saves_preact=False, monotone=True, forward=lambda z, a: F.relu6(z), module=nn.ReLU6,
                functions=(Spelling(F.relu6, _INPLACE),)),
+    # scale * elu(z, alpha) with SELU_ALPHA, SELU_SCALE: the self-normalising networks' activation
+    Activation("selu", 13, saves_preact=False, monotone=True, forward=lambda z, a: F.selu(z), module=nn.SELU,
+               functions=(Spelling(F.selu, _INPLACE), Spelling(torch.selu), Spelling(torch.selu_))),
 )
+# selu's constants (torch's): selu(z) = SELU_SCALE * (z if z > 0 else SELU_ALPHA * (e^z - 1))
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
 NONE_CODE = 0  # no activation (the kernels' ACT == 0)
 
 BY_NAME: Dict[str, Activation] = {a.name: a for a in TABLE}

@@ -67,7 +67,7 @@ VARIANTS = {
 
 # The activations added after the first seven (leaky_relu, elu, hardswish, hardsigmoid, mish, relu6), with a
 # parameter where they take one (its value does not change the code's size).
-NEW_ACTS = ("leaky_relu(0.2)", "elu(0.5)", "hardswish", "hardsigmoid", "mish", "relu6")
+NEW_ACTS = ("leaky_relu(0.2)", "elu(0.5)", "hardswish", "hardsigmoid", "mish", "relu6", "selu")
 # The wide forward tiles ship for these too (pydlx.triton.linear.WIDE_ACTS): cheap epilogues, y saved.
 WIDE_NEW_ACTS = ("leaky_relu(0.2)", "hardsigmoid", "relu6")
 

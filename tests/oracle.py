@@ -2,7 +2,8 @@
 in float64), for tests/test_activations.py, tests/test_linear.py and tests/test_mlp.py.
 
 ``ORACLE[spec](z)``: the activation in forms that are accurate in float64 (the normal CDF as erfc, tanh-GELU as
-z sigmoid(2u), elu's e^z - 1 as expm1, mish's softplus as log1p(exp(z))), with torch's conventions under autograd
+z sigmoid(2u), elu's and selu's e^z - 1 as expm1, mish's softplus as log1p(exp(z))), with torch's conventions under
+autograd
 at the kinks and for NaN (written with ``where`` so that the derivative at a kink is torch's: 0 at relu6's 0 and 6,
 hardswish's -3, hardsigmoid's -3 and 3, 1 at hardswish's 3; at NaN the gradient passes for elu, hardswish, relu6,
 is scaled by the slope for leaky_relu, and is 0 for hardsigmoid).
@@ -42,6 +43,11 @@ def _hardsigmoid(z):
     return torch.where((z > -3) & (z < 3), (z + 3) / 6, torch.where(z >= 3, torch.ones_like(z), 0 * z))
 
 
+# torch.nn.SELU's constants, written out here (not read from pydlx)
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
 def _relu6(z):
     return torch.where(z <= 0, torch.zeros_like(z), torch.where(z >= 6, torch.full_like(z, 6.0), z))
 
@@ -61,8 +67,9 @@ ORACLE = {
     "hardsigmoid": _hardsigmoid,
     "mish": lambda z: z * torch.tanh(torch.log1p(torch.exp(z))),
     "relu6": _relu6,
+    "selu": lambda z: _SELU_SCALE * _elu(_SELU_ALPHA)(z),
 }
-NEW = ["leaky_relu", "leaky_relu(0.2)", "elu", "elu(0.5)", "hardswish", "hardsigmoid", "mish", "relu6"]
+NEW = ["leaky_relu", "leaky_relu(0.2)", "elu", "elu(0.5)", "hardswish", "hardsigmoid", "mish", "relu6", "selu"]
 
 
 def _from_y(name, alpha, y):
@@ -74,10 +81,12 @@ def _from_y(name, alpha, y):
         return torch.where(y <= 0, y + alpha, one)
     if name == "relu6":
         return torch.where((y <= 0) | (y >= 6), zero, one)
+    if name == "selu":
+        return torch.where(y <= 0, y + _SELU_SCALE * _SELU_ALPHA, _SELU_SCALE * one)
     return torch.where((y > 0) & (y < 1), one / 6, zero)  # hardsigmoid
 
 
-FROM_STORED_Y = ("leaky_relu", "elu", "relu6", "hardsigmoid")
+FROM_STORED_Y = ("leaky_relu", "elu", "relu6", "hardsigmoid", "selu")
 
 
 class _StoredY(torch.autograd.Function):

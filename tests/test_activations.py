@@ -39,10 +39,10 @@ TORCH = {"relu": torch.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, ap
          "leaky_relu": lambda z: F.leaky_relu(z.clone(), inplace=True),
          "leaky_relu(0.2)": lambda z: F.leaky_relu(z.clone(), 0.2, inplace=True),
          "elu": lambda z: F.elu(z.clone(), inplace=True), "elu(0.5)": lambda z: F.elu(z.clone(), 0.5, inplace=True),
-         "relu6": lambda z: F.relu6(z.clone(), inplace=True),
+         "relu6": lambda z: F.relu6(z.clone(), inplace=True), "selu": lambda z: F.selu(z.clone(), inplace=True),
          "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "mish": F.mish}
 # derivatives computed from the rounded output, as torch computes them
-FROM_Y = ("tanh", "sigmoid", "elu", "elu(0.5)")
+FROM_Y = ("tanh", "sigmoid", "elu", "elu(0.5)", "selu")
 ACTS = [pytest.param(a, id=a) for a in ORACLE]
 
 
@@ -265,6 +265,19 @@ def test_the_cpp_codes_are_the_tables():
     assert dispatched == set(want.values()) | {NONE_CODE}
     runtime = {enum[k] for k in re.findall(r"case (k[A-Za-z0-9]+): return act_fwd<", cuh)}
     assert runtime == set(want.values()), sorted(by_code[c] for c in set(want.values()) - runtime)
+    from pydlx.activations import SELU_ALPHA, SELU_SCALE
+
+    constants = {k: float(v) for k, v in re.findall(r"constexpr float (kSelu[A-Za-z]+) = ([0-9.e+-]+)f;", cuh)}
+    assert constants == pytest.approx({"kSeluScale": SELU_SCALE, "kSeluScaleAlpha": SELU_SCALE * SELU_ALPHA},
+                                      rel=1e-7)
+
+
+def test_every_row_has_an_oracle_and_torchs_form():
+    """A new row of pydlx/activations.py is swept on every backend only once this file and tests/oracle.py know it:
+    adding the row without them fails here."""
+    from pydlx.activations import TABLE
+
+    assert {a.name for a in TABLE} <= set(ORACLE) and {a.name for a in TABLE} <= set(TORCH)
 
 
 def test_the_table_is_torchs():

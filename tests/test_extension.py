@@ -56,6 +56,18 @@ def test_extension_builds_and_registers_ops(built):
     assert pydlx.backends()["cuda"].startswith("available")
 
 
+def test_lstm_shared_memory_has_one_home(built):
+    """pydlx/cuda/lstm.py asks the extension for the persistent LSTM's shared memory (the launches size themselves by
+    the same C++ function). H = 768 in bf16 on 132 SMs: 6 units a block; forward 2*4*6*768 + 4*8*768 = 61440 bytes,
+    backward 2*6*3072 + 4*4*3072 = 86016: the larger."""
+    from pydlx.cuda.lstm import smem_bytes
+
+    assert torch.ops.pydlx.lstm_smem_bytes(768, 2, 132) == 86016 == smem_bytes(768, 2, 132)
+    assert smem_bytes(1, 4, 132) == 4 * 4 * 4 + 4 * 8 * 4  # one unit: its 4 W_hh rows of 4 (H padded), 8 rows of h
+    with pytest.raises(RuntimeError, match="sms > 0"):
+        smem_bytes(8, 2, 0)
+
+
 def test_extension_ops_reject_cpu_tensors(built):
     with pytest.raises(NotImplementedError, match="CPU"):
         torch.ops.pydlx.act_fwd_cuda(torch.randn(4), "relu", 0.0)

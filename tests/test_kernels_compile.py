@@ -37,7 +37,7 @@ def test_every_arch_and_dtype_keeps_configs():
 
 
 def test_every_new_activation_is_compiled_on_both_archs_in_every_dtype():
-    """The activations added after the first seven (leaky_relu, elu, hardswish, hardsigmoid, mish, relu6): each Linear
+    """The activations added after the first seven (leaky_relu, elu, hardswish, hardsigmoid, mish, relu6, selu): each Linear
     and MLP kernel compiled with each of them on sm_80 and sm_90 (the configs that ship for it), every dtype for
     each across the kernels; the wide forward tiles for those that take them."""
     from pydlx.triton import linear as tri
@@ -74,9 +74,10 @@ def test_config_compiles_without_spills_on_tensor_cores(case, compiled):
 def test_configs_that_spill_with_an_activation_are_not_shipped_for_it():
     """pydlx/triton/{linear,mlp}.py's ACT_SPILLS (found by tests/aot_compile.py --acts all): dropped for that
     activation only, and every activation keeps at least one config for every kernel, dtype and arch."""
+    from pydlx.activations import NONE_CODE, TABLE
     from pydlx.triton import linear as tri, mlp as tri_mlp
 
-    for code in range(13):
+    for code in [NONE_CODE] + [a.code for a in TABLE]:
         for elt in (2, 4):
             for arch in aot_compile.ARCHS:
                 ships = tri.configs_for(tri.BWD_CONFIGS, elt, arch, code)

@@ -23,16 +23,18 @@ from pydlx.reference.linear import activation_backward
 import oracle
 from tolerance import assert_close, rel_err
 
-# The first seven run through the full cross product of shapes and dtypes on the interpreter; the six added later
-# (leaky_relu, elu, hardswish, hardsigmoid, mish, relu6; leaky_relu / elu also with a parameter) through fewer
-# shapes (test_triton_interpreter_new_activations).
+# The first seven run through the full cross product of shapes and dtypes on the interpreter; those added later
+# (leaky_relu, elu, hardswish, hardsigmoid, mish, relu6, selu; leaky_relu / elu also with a parameter) through fewer
+# shapes (test_triton_interpreter_new_activations). The torch modules are written out here (the test's own
+# expectation), not read from pydlx's table.
 ACTS = [pytest.param(a, id=str(a)) for a in (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")]
 NEW_ACTS = [pytest.param(a, id=a) for a in oracle.NEW]
 ALL_ACTS = ACTS + NEW_ACTS
 TORCH_ACT = {None: nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU("tanh"),
              "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU,
              "leaky_relu(0.2)": lambda: nn.LeakyReLU(0.2), "elu": nn.ELU, "elu(0.5)": lambda: nn.ELU(0.5),
-             "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "mish": nn.Mish, "relu6": nn.ReLU6}
+             "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "mish": nn.Mish, "relu6": nn.ReLU6,
+             "selu": nn.SELU}
 # (leading dims, in_features, out_features): odd, non-power-of-two and size-1 dims; 3-D and 1-D inputs.
 SHAPES = [
     pytest.param(((37,), 70, 45), id="37x70->45"),

@@ -15,7 +15,8 @@ from tolerance import assert_close
 TORCH_ACT = {None: None, "relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU("tanh"), "silu": nn.SiLU,
              "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU,
              "leaky_relu(0.2)": lambda: nn.LeakyReLU(0.2), "elu": nn.ELU, "elu(0.5)": lambda: nn.ELU(0.5),
-             "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "mish": nn.Mish, "relu6": nn.ReLU6}
+             "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "mish": nn.Mish, "relu6": nn.ReLU6,
+             "selu": nn.SELU}
 # (sizes, which layers have a bias): odd widths, one layer, deep, wide first layer, narrow last layer
 FUSED = [
     pytest.param(([70, 64, 64, 16], None), id="70-64-64-16"),

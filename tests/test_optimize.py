@@ -51,7 +51,8 @@ def test_optimize_seed_autoencoder_keeps_state_dict_and_outputs():
                                       (nn.Tanh(), "tanh"), (nn.Sigmoid(), "sigmoid"), (nn.ReLU(), "relu"),
                                       (nn.LeakyReLU(), "leaky_relu"), (nn.LeakyReLU(0.2, True), "leaky_relu(0.2)"),
                                       (nn.ELU(), "elu"), (nn.ELU(0.5), "elu(0.5)"), (nn.Hardswish(), "hardswish"),
-                                      (nn.Hardsigmoid(), "hardsigmoid"), (nn.Mish(), "mish"), (nn.ReLU6(), "relu6")])
+                                      (nn.Hardsigmoid(), "hardsigmoid"), (nn.Mish(), "mish"), (nn.ReLU6(), "relu6"),
+                                      (nn.SELU(), "selu")])
 def test_each_activation_module_is_fused(act, name):
     model = nn.Sequential(nn.Linear(5, 6), act, nn.Linear(6, 2)).double()
     fast = pydlx.optimize(model)

@@ -10,19 +10,12 @@ from typing import Optional, Tuple
 import torch
 
 
-def _align16(n: int) -> int:
-    return (n + 15) // 16 * 16
-
-
 def smem_bytes(H: int, elt: int, sms: int) -> int:
-    """Shared memory a block of csrc/lstm.cu's persistent kernels needs (the larger of forward and backward):
-    ceil(H / SMs) hidden units a block, their W_hh rows (forward) or columns (backward) plus the staged h / dz.
-    csrc/lstm.cu sizes its launch by the same formula (smem_bytes there)."""
-    HB = -(-H // sms)
-    r4 = lambda v: -(-v // 4) * 4  # noqa: E731
-    fwd = _align16(elt * 4 * HB * r4(H)) + 4 * 8 * r4(H)
-    bwd = _align16(elt * HB * 4 * H) + 4 * 4 * 4 * H
-    return max(fwd, bwd)
+    """Shared memory a block of csrc/lstm.cu's persistent kernels needs (the larger of forward and backward), from
+    the extension itself (its launches size themselves by the same function): ceil(H / SMs) hidden units a block,
+    their W_hh rows (forward) or columns (backward) plus the staged h / dz. The extension must be loaded (the cuda
+    backend's device check loads it before any call asks this)."""
+    return torch.ops.pydlx.lstm_smem_bytes(H, elt, sms)
 
 
 @functools.lru_cache(maxsize=16)

@@ -16,7 +16,7 @@ class Linear(nn.Linear):
     A subclass of nn.Linear: ``weight``/``bias``, their initialisation and the state_dict are nn.Linear's, so
     checkpoints load both ways. ``activation`` is an activation spec as pydlx.ops.linear takes: None, "relu", "gelu",
     "gelu_tanh", "silu", "tanh", "sigmoid", "leaky_relu" / "leaky_relu(0.2)", "elu" / "elu(0.5)", "hardswish",
-    "hardsigmoid", "mish" or "relu6".
+    "hardsigmoid", "mish", "relu6" or "selu".
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: Optional[str] = None,

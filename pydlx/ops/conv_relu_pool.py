@@ -205,7 +205,7 @@ def conv_act_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None
 
     input: (N, C, H, W) or (C, H, W); weight: (K, C, k, k); bias: (K,) or None. Square kernels 1..11, stride 1..4,
     padding 0..5 (pydlx/_geometry.py); pools 2 or 3 (stride 1..3, default pool_size; padding up to half the window;
-    floor or ceil mode), only after a non-decreasing activation (relu, leaky_relu, elu, relu6, hardsigmoid,
+    floor or ceil mode), only after a non-decreasing activation (relu, leaky_relu, elu, relu6, hardsigmoid, selu,
     sigmoid, tanh, or none). activation: any of pydlx.ops.linear's (None for none).
     """
     return _conv_act_pool2d("pydlx.ops.conv_act_pool2d", input, weight, bias, stride, padding, activation, pool_size,

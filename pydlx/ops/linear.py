@@ -3,7 +3,7 @@ Linear -> BatchNorm1d [-> act] chain (eval mode: folded into the Linear; trainin
 training form).
 
 Ops (schemas: pydlx/ops/schemas.py): ``pydlx::linear_fwd`` -> (y, z) and ``pydlx::linear_bwd`` -> (dx, dw, db).
-Saved for backward: input, weight and one M×N tensor: y for relu/tanh/sigmoid/leaky_relu/elu/relu6/hardsigmoid
+Saved for backward: input, weight and one M×N tensor: y for relu/tanh/sigmoid/leaky_relu/elu/relu6/hardsigmoid/selu
 (their derivative is a function of y), z for gelu/gelu_tanh/silu/hardswish/mish (it is not; recomputing z would cost
 a second forward GEMM): pydlx/activations.py's ``saves_preact``. With no activation nothing but input and weight is
 saved. The implementations are pydlx/<backend>/linear.py (``linear_fwd`` / ``linear_bwd``).
@@ -138,7 +138,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     input: (*, in_features); weight: (out_features, in_features); bias: (out_features,) or None.
     activation: a spec of pydlx/activations.py: None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid",
     "leaky_relu" (or "leaky_relu(slope)", slope >= 0), "elu" (or "elu(alpha)", alpha > 0), "hardswish",
-    "hardsigmoid", "mish", "relu6". Under torch.autocast the three tensors are cast to the autocast dtype, as
+    "hardsigmoid", "mish", "relu6", "selu". Under torch.autocast the three tensors are cast to the autocast dtype, as
     F.linear's are. Backward saves y or the pre-activation z (gelu, gelu_tanh, silu, hardswish, mish).
     """
     input, weight, bias = _cast(input, weight, bias)

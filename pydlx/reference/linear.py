@@ -6,7 +6,7 @@ themselves (names, parameters, what backward keeps, torch's forward) are pydlx/a
 
 Backward needs the activation's derivative at the pre-activation ``z``. Where it is a function of the output ``y``
 only ``y`` is kept (relu: y > 0; tanh: 1 - y^2; sigmoid: y(1 - y); leaky_relu: y > 0; elu: y + alpha below 0;
-relu6: 0 < y < 6; hardsigmoid: 0 < y < 1); for gelu, gelu_tanh, silu, hardswish and mish it is not, so ``z`` is
+relu6: 0 < y < 6; hardsigmoid: 0 < y < 1; selu: y + scale alpha below 0); for gelu, gelu_tanh, silu, hardswish and mish it is not, so ``z`` is
 kept (the table's ``saves_preact``).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..activations import check_activation, forward as activation_forward
+from ..activations import SELU_ALPHA, SELU_SCALE, check_activation, forward as activation_forward
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -60,6 +60,8 @@ def activation_backward(grad: torch.Tensor, saved: torch.Tensor, activation: Opt
         return torch.where((s > 0) & (s < 1), g / 6, torch.zeros_like(g)).to(dtype)
     elif name == "relu6":  # from y, torch's hardtanh_backward: 0 where y <= 0 or y >= 6, else g (NaN: g)
         return torch.where((s <= 0) | (s >= 6), torch.zeros_like(g), g).to(dtype)
+    elif name == "selu":  # from y, as elu: scale alpha e^z = y + scale alpha where y <= 0, scale above
+        return torch.where(s <= 0, g * (s + SELU_SCALE * SELU_ALPHA), g * SELU_SCALE).to(dtype)
     else:  # mish: n + z (1 - n)(1 + n) sigmoid(z), n = tanh(softplus(z))
         n, one_minus_n, sg = mish_parts(s)
         d = n + s * one_minus_n * (1 + n) * sg

@@ -18,10 +18,12 @@ from .. import activations
 # keyed by the names bound here from it.
 act_args = activations.code
 NONE = tl.constexpr(activations.NONE_CODE)
-RELU, GELU, GELU_TANH, SILU, TANH, SIGMOID, LEAKY_RELU, ELU, HARDSWISH, HARDSIGMOID, MISH, RELU6 = (
+RELU, GELU, GELU_TANH, SILU, TANH, SIGMOID, LEAKY_RELU, ELU, HARDSWISH, HARDSIGMOID, MISH, RELU6, SELU = (
     tl.constexpr(activations.BY_NAME[n].code) for n in ("relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid",
                                                           "leaky_relu", "elu", "hardswish", "hardsigmoid", "mish",
-                                                          "relu6"))
+                                                          "relu6", "selu"))
+SELU_SCALE = tl.constexpr(activations.SELU_SCALE)
+SELU_SCALE_ALPHA = tl.constexpr(activations.SELU_SCALE * activations.SELU_ALPHA)
 # Activations whose derivative needs z; for the others the saved tensor is y.
 PREACT_CODES = tuple(a.code for a in activations.TABLE if a.saves_preact)
 
@@ -130,6 +132,8 @@ def _act_fwd(z, ACT: tl.constexpr, ALPHA: tl.constexpr):
         return z * n
     elif ACT == RELU6:
         return _clamp(z, 0.0, 6.0)
+    elif ACT == SELU:
+        return tl.where(z > 0.0, SELU_SCALE * z, SELU_SCALE_ALPHA * _expm1_nonpos(tl.where(z > 0.0, 0.0, z)))
     else:
         return z
 
@@ -168,6 +172,8 @@ def _act_bwd(g, s, ACT: tl.constexpr, ALPHA: tl.constexpr):
         return g * (n + s * one_minus_n * (1.0 + n) * sg)
     elif ACT == RELU6:
         return tl.where((s <= 0.0) | (s >= 6.0), 0.0, g)
+    elif ACT == SELU:
+        return tl.where(s <= 0.0, g * (s + SELU_SCALE_ALPHA), g * SELU_SCALE)  # from y, as elu
     else:
         return g
 

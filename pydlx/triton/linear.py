@@ -12,7 +12,7 @@ derivative in the backward prologue (dz is formed tile by tile from dy and the s
 backward GEMMs), and db as a by-product of the dw GEMM.
 
 Stored for backward (chosen in pydlx/ops/linear.py, see saves_preact in pydlx/reference/linear.py): the
-output y for relu, tanh, sigmoid, leaky_relu, elu, relu6 and hardsigmoid, whose derivatives are functions of y;
+output y for relu, tanh, sigmoid, leaky_relu, elu, relu6, hardsigmoid and selu, whose derivatives are functions of y;
 the pre-activation z for gelu, gelu_tanh, silu, hardswish and mish, written by the forward epilogue as a second
 output. The activation is a code and a parameter (ACT, ALPHA: common.act_args). Recomputing z in backward would
 cost a second forward GEMM; storing it costs one M×N write and read, which is cheaper at every shape benched.
