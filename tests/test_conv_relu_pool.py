@@ -377,3 +377,17 @@ def test_gpu_cuda_variant_against_reference(case, dtype, poison):
     x, w, b, kw = make_variant(case, dtype, device="cuda")
     with pydlx.use_backend("cuda"):
         check_variant(x, w, b, kw, dtype)
+
+
+def test_errors_name_the_op_the_user_called():
+    """Regression: every conv entry point's argument errors named pydlx.ops.conv_relu_pool2d."""
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    bn = nn.BatchNorm2d(4).eval().requires_grad_(False)  # (nothing saved for backward: the fold runs)
+    calls = {"pydlx.ops.conv_relu_pool2d": lambda: pydlx.ops.conv_relu_pool2d(x, w, stride=9),
+             "pydlx.ops.conv_act_pool2d": lambda: pydlx.ops.conv_act_pool2d(x, w, stride=9),
+             "pydlx.ops.conv_bn_act_pool2d": lambda: pydlx.ops.conv_bn_act_pool2d(
+                 x, w, None, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, stride=9),
+             "pydlx.nn.ConvReLUPool2d": lambda: pydlx.nn.ConvReLUPool2d(3, 4, 3, stride=9)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{name}: stride must be an int in \[1, 4\], got 9"):
+            call()
