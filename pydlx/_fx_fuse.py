@@ -473,8 +473,8 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
         mods = [modules[n.target] for n in linears]
         sizes = [mods[0].in_features] + [m.out_features for m in mods]
         one = fuses_in_one_kernel(sizes)
-        block = Block(tuple(n.target for n in linears), ("MLP",), "forward", "pydlx.ops.mlp", "mlp" if one else "linear",
-                      (("sizes", sizes), ("activation", hidden), ("last_activation", last)),
+        block = Block(tuple(n.target for n in linears), ("MLP",), "forward", "pydlx.ops.mlp",
+                      "mlp" if one else "linear", (("sizes", sizes), ("activation", hidden), ("last_activation", last)),
                       detail="over the Linears' own parameters, " + ("one fused kernel on GPUs" if one else
                                                                      "a chain of fused Linear GEMMs: a layer is "
                                                                      "wider than 128"))

@@ -10,10 +10,10 @@ benchmark CSV rows (pydlx.bench.CSV_COLUMNS) of one GPU run:
                 "backend": "triton", "ratio": 1.31}, ...]}
 
 Each rule is one measured case: family x dtype x mode (inference = forward, training = forward + backward) x size
-(the family's work measure, pydlx/registry.py ``Family.work``). Its backend is the implementation measured fastest, or "reference"
-(eager PyTorch) when none beat eager beyond the measurement's spread: a candidate must have passed its GPU tests in
-the same run, be at least ``min_ratio`` times faster than eager by the medians, and have its p80 below eager's
-median.
+(the family's work measure, pydlx/registry.py ``Family.work``). Its backend is the implementation measured fastest,
+or "reference" (eager PyTorch) when none beat eager beyond the measurement's spread: a candidate must have passed its
+GPU tests in the same run, be at least ``min_ratio`` times faster than eager by the medians, and have its p80 below
+eager's median.
 
 A call between two measured sizes takes their backend when both agree, else eager (the safe choice); a call
 outside the measured range takes the nearest rule when within a factor of 2 of its size, else no rule (the

@@ -84,7 +84,8 @@ def test_triton_no_bias_unbatched_channels_last_and_nan(poison):
         yn = pydlx.ops.conv_relu_pool2d(xn, w, None, *args)
     want = ref.conv_relu_pool.conv_relu_pool2d(xn, w.detach(), None, *args)
     assert torch.equal(torch.isnan(yn), torch.isnan(want)) and torch.isnan(yn).any()
-    assert_close(yc, ref.conv_relu_pool.conv_relu_pool2d(xc, w.detach(), None, *args), dtype=torch.float32, name="channels_last")
+    assert_close(yc, ref.conv_relu_pool.conv_relu_pool2d(xc, w.detach(), None, *args), dtype=torch.float32,
+                 name="channels_last")
 
 
 @pytest.mark.interpreter
@@ -205,8 +206,9 @@ def test_gpu_cuda_direct_conv_against_reference(case, dtype, poison):
         xc[0, 0, 1, 1] = float("nan")
         y = pydlx.ops.conv_relu_pool2d(xc, w.detach(), None, *args)
         assert y.is_contiguous(memory_format=torch.channels_last)
-        assert_close(y, ref.conv_relu_pool.conv_relu_pool2d(xc.double(), w.detach().double(), None, *args), dtype=dtype,
-                     name="channels_last nan", baseline=ref.conv_relu_pool.conv_relu_pool2d(xc, w.detach(), None, *args))
+        want = ref.conv_relu_pool.conv_relu_pool2d(xc.double(), w.detach().double(), None, *args)
+        assert_close(y, want, dtype=dtype, name="channels_last nan",
+                     baseline=ref.conv_relu_pool.conv_relu_pool2d(xc, w.detach(), None, *args))
 
 
 @pytest.mark.gpu
@@ -255,7 +257,7 @@ def float64_chain(x, w, b, kw, dtype):
 
 def check_variant(x, w, b, kw, dtype, fn=None):
     fn = fn or (lambda *a: pydlx.ops.conv_act_pool2d(*a, **kw))
-    eager_chain = lambda *a: ref.conv_relu_pool.conv_act_pool2d(*a, **kw)  # noqa: E731  (eager torch: conv2d, act, max_pool2d)
+    eager_chain = lambda *a: ref.conv_relu_pool.conv_act_pool2d(*a, **kw)  # noqa: E731  (conv2d, act, max_pool2d)
     y = fn(x, w, b)
     assert y.shape == eager_chain(x, w, b).shape
     g = torch.randn(y.shape, dtype=dtype, device=x.device)

@@ -600,7 +600,8 @@ def test_gpu_fp32_follows_allow_tf32(tf32):
 @pytest.mark.gpu
 def test_gpu_auto_picks_triton_and_cuda_graph_capture():
     x, w, b = make((256,), 128, 64, torch.bfloat16, device="cuda")
-    assert pydlx._backend.choose("linear", x.device, pydlx.registry.LinearCall(x.dtype, False, 256, 64, 128)) == "triton"
+    call = pydlx.registry.LinearCall(x.dtype, False, 256, 64, 128)
+    assert pydlx._backend.choose("linear", x.device, call) == "triton"
     lin = pydlx.nn.Linear(128, 64, activation="gelu", device="cuda", dtype=torch.bfloat16)
     static_x = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     for _ in range(2):  # warm up (autotune) outside the graph

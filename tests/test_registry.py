@@ -97,8 +97,9 @@ def test_a_registered_backend_runs_every_family(toy):
     assert toy["conv_relu_pool.conv_relu_pool_fwd"] == 3  # forward, and recomputed in backward
     bn1 = nn.BatchNorm1d(3, dtype=d)
     with pydlx.use_backend("toy"):
-        pydlx.ops.linear_batchnorm(torch.randn(4, 7, dtype=d), lin.weight, lin.bias, bn1.running_mean,
-                                   bn1.running_var, bn1.weight, bn1.bias, bn1.eps, "relu", training=True).sum().backward()
+        y = pydlx.ops.linear_batchnorm(torch.randn(4, 7, dtype=d), lin.weight, lin.bias, bn1.running_mean,
+                                       bn1.running_var, bn1.weight, bn1.bias, bn1.eps, "relu", training=True)
+    y.sum().backward()
     assert toy["linear.linear_fwd"] == 3
 
     # lstm: the layer op (the toy's linear for the input projection, its lstm_fwd / lstm_bwd for the recurrence),

@@ -157,7 +157,8 @@ def _make_train_case(device: torch.device, op: str, shape, dtype: torch.dtype) -
 
         return fwd, fwdbwd
 
-    shape_words = registry.FAMILIES["conv_relu_pool"].shape(N, C, H, W, K, R, s, p, P, Q, PP, ceil, f"bn {act or 'none'}")
+    shape_words = registry.FAMILIES["conv_relu_pool"].shape(N, C, H, W, K, R, s, p, P, Q, PP, ceil,
+                                                            f"bn {act or 'none'}")
     return Case(family="conv_bn_train", op=op, shape=shape_words, dtype=dtype, make=make,
                 providers=("pydlx", "eager", "compile", "pydlx-triton"))
 

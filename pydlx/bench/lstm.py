@@ -68,8 +68,8 @@ def _make_case(device: torch.device, T: int, B: int, H: int, dtype: torch.dtype,
 
         return fwd, fwdbwd
 
-    return Case(family="lstm", op="lstm_packed" if packed else "lstm", shape=registry.FAMILIES["lstm"].shape(T, B, H), dtype=dtype, make=make,
-                providers=providers)
+    return Case(family="lstm", op="lstm_packed" if packed else "lstm", shape=registry.FAMILIES["lstm"].shape(T, B, H),
+                dtype=dtype, make=make, providers=providers)
 
 
 def cases(device, small: bool) -> List[Case]:

@@ -1,8 +1,8 @@
 """Training-mode BatchNorm after a convolution or a Linear, in eager PyTorch: the batch statistics, the normalisation
 and activation, and their backward, for the one training form of pydlx.ops.conv_bn_act_pool2d(training=True) and
 pydlx.ops.linear_batchnorm(training=True) (pydlx/ops/batchnorm.py: it saves only the layer's input; backward
-recomputes the layer's output and calls these again). Channels are dim 1 (N, C[, H, W]); statistics over every other dim, in
-fp32 for 16-bit maps."""
+recomputes the layer's output and calls these again). Channels are dim 1 (N, C[, H, W]); statistics over every
+other dim, in fp32 for 16-bit maps."""
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple

@@ -6,8 +6,8 @@ themselves (names, parameters, what backward keeps, torch's forward) are pydlx/a
 
 Backward needs the activation's derivative at the pre-activation ``z``. Where it is a function of the output ``y``
 only ``y`` is kept (relu: y > 0; tanh: 1 - y^2; sigmoid: y(1 - y); leaky_relu: y > 0; elu: y + alpha below 0;
-relu6: 0 < y < 6; hardsigmoid: 0 < y < 1; selu: y + scale alpha below 0); for gelu, gelu_tanh, silu, hardswish and mish it is not, so ``z`` is
-kept (the table's ``saves_preact``).
+relu6: 0 < y < 6; hardsigmoid: 0 < y < 1; selu: y + scale alpha below 0); for gelu, gelu_tanh, silu, hardswish and
+mish it is not, so ``z`` is kept (the table's ``saves_preact``).
 """
 from __future__ import annotations
 

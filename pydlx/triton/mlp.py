@@ -174,22 +174,25 @@ BWD_WIDE = [_cfg(32, 64, 4), _cfg(16, 64, 4)]
 BWD_WIDE_FP32 = [_cfg(16, 64, 4)]
 # The layers' activations change the register allocation of these kernels, which run at the 255-register limit
 # (the next layer's weight tile is loaded early): tests/aot_compile.py --acts all found 14 (config, dtype) pairs that
-# spill with one of the activations leaky_relu, elu, hardswish, hardsigmoid, mish, relu6 as hidden and last
+# spill with one of the activations leaky_relu, elu, hardswish, hardsigmoid, mish, relu6, selu as hidden and last
 # activation, in the benchmark MLPs on sm_80 or sm_90 (Triton 3.8; 6-552 LDL/STL). They are dropped when that
 # activation is the hidden or the last one (for both 16-bit dtypes where one spilled): {(kind, wide, element bytes):
-# {activation code: configs}}. elu in the fp32 wide forward spills in both usual configs: it gets 16 rows on 8 warps
-# (FWD_WIDE_FP32_ELU, spill-free on both chips), which hardswish must not take (58 LDL/STL on sm_90).
-FWD_WIDE_FP32_ELU = [_cfg(16, 64, 8)]
-_ELU, _HARDSWISH, _HARDSIGMOID, _MISH = (act_args(n)[0] for n in ("elu", "hardswish", "hardsigmoid", "mish"))
+# {activation code: configs}}. elu in the fp32 wide forward spills in both usual configs, and selu in every wide
+# forward (16-bit: 12-135 LDL/STL, fp32: 400-618): they get 16 rows on 8 warps (FWD_WIDE_SMALL, spill-free on both
+# chips), which hardswish must not take (58 LDL/STL on sm_90).
+FWD_WIDE_SMALL = [_cfg(16, 64, 8)]
+_ELU, _HARDSWISH, _HARDSIGMOID, _MISH, _SELU = (act_args(n)[0] for n in ("elu", "hardswish", "hardsigmoid", "mish",
+                                                                           "selu"))
 ACT_SPILLS = {
-    ("fwd", True, 2): {_ELU: FWD_WIDE[:1], _HARDSWISH: FWD_WIDE[1:], _MISH: FWD_WIDE[:1]},
-    ("fwd", True, 4): {_ELU: FWD_WIDE_FP32, _HARDSWISH: FWD_WIDE_FP32[1:] + FWD_WIDE_FP32_ELU,
-                       _HARDSIGMOID: FWD_WIDE_FP32[:1], _MISH: FWD_WIDE_FP32[:1]},
+    ("fwd", True, 2): {_ELU: FWD_WIDE[:1], _HARDSWISH: FWD_WIDE[1:], _MISH: FWD_WIDE[:1], _SELU: FWD_WIDE},
+    ("fwd", True, 4): {_ELU: FWD_WIDE_FP32, _HARDSWISH: FWD_WIDE_FP32[1:] + FWD_WIDE_SMALL,
+                       _HARDSIGMOID: FWD_WIDE_FP32[:1], _MISH: FWD_WIDE_FP32[:1], _SELU: FWD_WIDE_FP32},
     ("fwd", False, 4): {_MISH: [FWD_NARROW[0], FWD_NARROW[2], FWD_NARROW[3]]},
     ("bwd", False, 2): {_MISH: BWD_NARROW[:1]},
 }
-ACT_EXTRA = {("fwd", True, 4): {_ELU: FWD_WIDE_FP32_ELU}}
-FWD_CONFIGS: List[triton.Config] = FWD_NARROW + FWD_WIDE + FWD_WIDE_FP32 + FWD_WIDE_FP32_ELU
+ACT_EXTRA = {("fwd", True, 2): {_SELU: FWD_WIDE_SMALL},
+             ("fwd", True, 4): {_ELU: FWD_WIDE_SMALL, _SELU: FWD_WIDE_SMALL}}
+FWD_CONFIGS: List[triton.Config] = FWD_NARROW + FWD_WIDE + FWD_WIDE_FP32 + FWD_WIDE_SMALL
 BWD_CONFIGS: List[triton.Config] = BWD_NARROW + BWD_NARROW_FP32 + BWD_WIDE + BWD_WIDE_FP32
 INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
 
