@@ -60,7 +60,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from . import _fx_fuse
-from ._backend import use_backend
+from ._backend import choices, use_backend
 from .nn.conv_relu_pool import ConvReLUPool2d
 from .nn.linear import Linear as PydlxLinear
 from .nn.mlp import MLP
@@ -685,7 +685,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true", help="verify state_dict, eval/train outputs, one SGD step and "
                                                         "mode switches against the original model")
-    p.add_argument("--backend", choices=["auto", "reference", "triton", "cuda"], default=None,
+    p.add_argument("--backend", choices=list(choices()), default=None,
                    help="force a pydlx backend (default: auto; reference runs every pydlx op's own forward and "
                         "backward on a CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch's intra-op threads (default: torch's own; 1 is "
