@@ -99,7 +99,8 @@ def status() -> str:
 
 def why_not_on(device: torch.device) -> Optional[str]:
     """None if the triton backend can run on tensors of ``device``, else the reason."""
-    err = _import_error()
+    # (while torch.compile traces, past the cache: Dynamo traces through an lru_cache wrapper and warns about it)
+    err = (_import_error.__wrapped__ if torch.compiler.is_compiling() else _import_error)()
     if err:
         return err
     if device.type == "cpu":
