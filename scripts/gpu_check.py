@@ -4,7 +4,8 @@ Tiers, in order, each writing its results under $OUT as they land (a run cut at 
 covered), each step under its own timeout so that a hung kernel cannot eat the budget:
   tier 0  environment and ceilings, the C++/CUDA extension built (sm of this GPU only, all cores), every shipped
           kernel x dtype x backend once against float64 (tests/test_gpu_smoke.py), and the headline benchmark case
-          of each goal (pydlx auto / pydlx-triton / pydlx-cuda vs eager vs torch.compile);
+          of each goal (pydlx auto / pydlx-triton / pydlx-cuda vs eager vs torch.compile), and the host cost per call
+          at tiny shapes (python -m pydlx.bench --host);
   tier 1  the full GPU test suite (pytest -m gpu; xdist workers and per-test timeouts where installed);
   tier 2  the rest of the benchmark grid, bf16 first, until the budget is spent;
   last    the measured policy (python -m pydlx.bench --make-policy) and summary.md.
@@ -136,6 +137,13 @@ class Check:
                "--name", "bench", "--max-minutes", f"{max(minutes, 0.1):.2f}", "--no-plot"]
         if self.dry:
             cmd += ["--device", "cpu", "--providers", "pydlx,eager", "--modes", "fwd"]
+        return self.run(name, cmd, timeout)
+
+    def host(self, name: str, timeout: float) -> int:
+        """The host-cost benchmark (pydlx/bench/host.py): pydlx's op path against the eager chain at tiny shapes."""
+        cmd = [self.py, "-m", "pydlx.bench", "--host", "--out-dir", str(self.out), "--name", "bench"]
+        if self.dry:
+            cmd += ["--device", "cpu", "--host-calls", "5", "--rounds", "3"]
         return self.run(name, cmd, timeout)
 
     def policy(self) -> None:
@@ -298,6 +306,7 @@ def main(argv=None) -> int:
     c.pytest("tier 0: every kernel once", ["tests/test_gpu_smoke.py", "-v", *workers], "tier0.xml",
              min(150, c.left()))
     c.bench("tier 0: headline benchmarks", "headline", min(1.5, c.left() / 60), min(150, c.left()))
+    c.host("tier 0: host cost", min(60, c.left()))
     # tier 1: the full GPU test suite
     c.pytest("tier 1: GPU test suite", ["tests", "-m", "gpu", *workers, "-q"], "tier1.xml", min(300, c.left()))
     # tier 2: the rest of the grid, as long as the budget lasts

@@ -61,3 +61,28 @@ def test_a_ratio_within_the_noise_is_marked_unstable_in_table_and_plot(tmp_path,
     assert "2.00x?" in out and "unstable (1)" in out
     png = bench.plot([eager, noisy, clear], tmp_path / "chart.png")
     assert png is not None and png.stat().st_size > 0
+
+
+def test_host_cost_benchmark_runs_every_chain_through_the_op_path(tmp_path, capsys):
+    """python -m pydlx.bench --host on the CPU, a few calls (a benchmark run, not a timed test): a row per chain,
+    provider and mode, per-call times in the CSV schema, the table with pydlx / eager; the op path really runs (the
+    benchmark refuses a chain whose pydlx path runs no pydlx op)."""
+    import csv
+
+    from pydlx.bench import host
+    from pydlx.bench.__main__ import main
+
+    assert main(["--host", "--device", "cpu", "--host-calls", "2", "--rounds", "2", "--out-dir", str(tmp_path),
+                 "--name", "host"]) == 0
+    with open(tmp_path / "host.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    want = {(c.name, p, m) for c in host.CASES for m in c.modes for p in ("eager", "pydlx")}
+    assert {(r["op"], r["provider"], r["mode"]) for r in rows} == want
+    assert all(r["family"] == "host" and float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+               for r in rows)
+    out = capsys.readouterr().out
+    assert "pydlx / eager" in out and all(c.name in out for c in host.CASES)
+    broken = host.HostCase("no_op", "-", 1,
+                           lambda device: (torch.relu, torch.relu, torch.randn(3), torch.nn.Linear(1, 1)))
+    with pytest.raises(RuntimeError, match="ran no pydlx op"):
+        host.run("cpu", calls=1, rounds=1, cases=[broken], progress=False)

@@ -21,7 +21,8 @@ def test_gpu_check_dry_run_writes_every_tier(tmp_path):
     assert {"log.txt", "tier0.xml", "tier1.xml", "bench.csv", "summary.md"} <= names, names
     assert len(names) <= 8, f"the report is at most 8 files (easy to copy off a remote machine): {names}"
     summary = (out / "summary.md").read_text()
-    for step in ("tier 0: every kernel once | 0", "tier 0: headline benchmarks | 0", "tier 1: GPU test suite | 0"):
+    for step in ("tier 0: every kernel once | 0", "tier 0: headline benchmarks | 0", "tier 0: host cost | 0",
+                 "tier 1: GPU test suite | 0"):
         assert step in summary, summary
     for family in ("linear", "mlp", "conv_relu_pool", "lstm", "lstm_cell"):  # every kernel ran, and passed
         assert f"| {family} | triton | 3 | 0 |" in summary, summary

@@ -60,6 +60,12 @@ def main(argv=None) -> int:
     p.add_argument("--select", default="all", choices=["all", "headline", "rest"],
                    help="headline: only each goal's headline case (pydlx.bench.GOALS; on the CPU the first case of "
                         "each family); rest: all but those")
+    p.add_argument("--host", action="store_true",
+                   help="the host-cost benchmark instead (pydlx/bench/host.py): per call, pydlx's op path against "
+                        "the eager chain at tiny shapes")
+    p.add_argument("--host-calls", type=int, default=100, help="with --host: calls a sample times")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="with --host on a CPU: rounds of interleaved samples (default 20)")
     p.add_argument("--make-policy", nargs="+", metavar="CSV", default=None,
                    help="write the measured dispatch policy of the GPU these benchmark CSVs were taken on "
                         "(pydlx/_policy.py) and exit; needs --tests")
@@ -76,6 +82,8 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
+    if args.host:
+        return _host(args, device)
     small = args.small or device.type == "cpu"
     if args.providers is None:
         args.providers = list(bench.providers() if device.type == "cuda" else bench.CPU_PROVIDERS)
@@ -114,6 +122,23 @@ def main(argv=None) -> int:
         png = bench.plot(rows, out_dir / f"{name}.png")
         if png is not None:
             print(f"wrote {png}")
+    return 0
+
+
+def _host(args, device: torch.device) -> int:
+    from pydlx.bench import host
+
+    env = bench.env_info(device)
+    print(f"pydlx {pydlx.__version__} host-cost bench: device={device} ({env['gpu']}), {args.host_calls} calls a "
+          f"sample; pydlx = {'the op path forced (reference backend)' if device.type == 'cpu' else 'auto'}",
+          flush=True)
+    rows = host.run(device, calls=args.host_calls, rounds=args.rounds)
+    print()
+    host.print_table(rows)
+    name = args.name or ("cpu" if device.type == "cpu" else f"gpu_{_slug(env['gpu'])}")
+    csv_path = Path(args.out_dir) / f"{name}.csv"
+    bench.append_csv(csv_path, rows)
+    print(f"appended {len(rows)} rows to {csv_path}")
     return 0
 
 
