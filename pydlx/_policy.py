@@ -169,8 +169,9 @@ def for_device(device: Union[torch.device, int, None] = None) -> Optional[Policy
 
 def in_force() -> tuple:
     """What decides the policy in force (the innermost ``use_policy``, PYDLX_POLICY): part of every kept dispatch
-    decision's key, so that a change of policy is seen by the next call."""
-    return (id(_override[-1]) if _override else None, os.environ.get("PYDLX_POLICY", ""))
+    decision's key, so that a change of policy is seen by the next call. The override itself, not its id: the key
+    keeps it alive, so a later policy object cannot reuse the id and be taken for it."""
+    return (_override[-1] if _override else None, os.environ.get("PYDLX_POLICY", ""))
 
 
 def lookup(family: str, device, call) -> Optional[Rule]:

@@ -252,3 +252,25 @@ def test_ops_import_no_backend_internals():
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and \
                     getattr(node.value, "attr", "") == "pydlx" and node.attr.endswith("_cuda"):
                 raise AssertionError(f"{path.name} calls torch.ops.pydlx.{node.attr} directly")
+
+
+def test_a_new_policy_object_is_never_taken_for_a_freed_one(fake_gpu, tmp_path):
+    """Kept decisions are keyed by the policy in force. A key holding only the policy's id would let a later policy
+    object, allocated at a freed one's address, find the freed one's decisions; the key holds the policy itself, so
+    it stays alive (and its address taken) as long as decisions made under it are kept."""
+    import gc
+    import weakref
+
+    policy = _policy.load(_write_policy(tmp_path))
+    alive = weakref.ref(policy)
+    mid = registry.LinearCall(torch.bfloat16, True, 1024, 1024, 1024)
+    with pydlx.use_policy(policy):
+        assert _backend.decide("linear", DEV, mid)[0] == "reference"  # eager: the policy says so at this size
+    del policy
+    gc.collect()
+    assert alive() is not None  # held by the kept decision's key
+    _backend.clear_decisions()
+    gc.collect()
+    assert alive() is None
+    with pydlx.use_policy(_policy.Policy(dict(_policy.load(tmp_path / "policy.json").data, rules=[]))):
+        assert _backend.decide("linear", DEV, mid)[0] == "triton"  # no rule: the unmeasured default
