@@ -82,6 +82,43 @@ _decisions: Dict[tuple, Tuple[str, str]] = {}
 
 def clear_decisions() -> None:
     _decisions.clear()
+    for plans in Plans.every:
+        plans.kept.clear()
+
+
+def state() -> tuple:
+    """What a kept decision or plan depends on beyond the call itself: the backend and the policy in force."""
+    return (_stack[-1] if _stack else current_backend(), _policy.in_force())
+
+
+class Plans:
+    """An entry point's plans, kept per call signature: what a call that passed the entry point's checks runs (its
+    backend and the op's derived arguments), so that a repeated call skips the checks, the argument derivation and
+    the dispatcher. The key holds everything the plan was derived from -- each tensor's shape, dtype, device and
+    requires_grad, the options, grad mode, and ``state()`` -- so any change makes a new plan. Never used while
+    torch.compile / torch.export trace (pydlx.ops._common.traced): symbolic sizes are not kept. At most
+    MAX_DECISIONS plans; ``clear_decisions()`` forgets them."""
+
+    every: list = []
+
+    def __init__(self):
+        self.kept: Dict[tuple, object] = {}
+        Plans.every.append(self)
+
+    def get(self, key):
+        try:
+            return self.kept.get(key)
+        except TypeError:  # (an unhashable option: no plan is kept for it)
+            return None
+
+    def keep(self, key, plan):
+        try:
+            if len(self.kept) >= MAX_DECISIONS:
+                self.kept.clear()
+            self.kept[key] = plan
+        except TypeError:
+            pass
+        return plan
 
 
 registry._listeners.append(clear_decisions)

@@ -216,7 +216,11 @@ def _scale_ops():
                             lambda grad, s, backend: torch.empty_like(grad))
     _common.autograd("recipe_scale_fwd", save=lambda a, out: (),
                      backward=lambda a, saved, grads, needs: {"x": bwd(grads[0], a.s, a.backend)})
-    assert fwd is torch.ops.pydlx.recipe_scale_fwd.default
+    assert fwd.overload is torch.ops.pydlx.recipe_scale_fwd.default
+    _SCALE_OP.append(fwd)
+
+
+_SCALE_OP: list = []
 
 
 def scale(x, s):
@@ -225,7 +229,7 @@ def scale(x, s):
 
     check_floating("scale", "x", x)
     call = ScaleCall(x.dtype, torch.is_grad_enabled() and x.requires_grad, x.numel())
-    return torch.ops.pydlx.recipe_scale_fwd(x, float(s), pydlx._backend.choose("scale", x.device, call, "scale"))
+    return _SCALE_OP[0](x, float(s), pydlx._backend.choose("scale", x.device, call, "scale"))
 
 
 def test_a_new_family_through_the_recipe(toy):

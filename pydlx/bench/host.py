@@ -8,7 +8,8 @@ does; a fused op replaces several eager ops, so its host cost should be lower th
 * On a CPU the op path is forced: the reference backend, which takes the path a GPU call takes (argument checks, the
   dispatcher's decision, the torch.library op, its autograd) with eager PyTorch's math inside, which at these sizes
   costs next to nothing. (Under ``auto`` a CPU call skips the op and runs plain eager PyTorch.) Before timing, each
-  case checks that a ``pydlx::`` op really runs (the LSTM's reference is ATen's LSTM itself: no op).
+  case checks that a pydlx op's implementation really runs, on the eager path the loop times (the LSTM's reference is ATen's
+  LSTM itself: no op).
 * On a GPU ``auto`` runs: the backends it picks there, their launches included.
 
 Every sample times ``calls`` calls in a row (the per-call time is the sample over ``calls``); the providers (``eager``,
@@ -25,9 +26,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import pydlx
+from pydlx.ops._common import _OPS
 
 from . import MODES, env_info, measure
 
@@ -99,14 +100,25 @@ CASES = [
 ]
 
 
-class _CountPydlxOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
+@contextlib.contextmanager
+def _count_op_calls():
+    """Count the calls of every pydlx op's implementation on the eager path (pydlx.ops._common.Op), which is the
+    path the timed loop takes (a dispatch mode would divert calls to the torch.library op: not what is timed)."""
+    count = [0]
+    saved = {name: op.impl for name, op in _OPS.items()}
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func.namespace == "pydlx"
-        return func(*args, **(kwargs or {}))
+    def counting(impl):
+        def call(*args):
+            count[0] += 1
+            return impl(*args)
+        return call
+    for op in _OPS.values():
+        op.impl = counting(op.impl)
+    try:
+        yield count
+    finally:
+        for name, impl in saved.items():
+            _OPS[name].impl = impl
 
 
 def _loop(fn: Callable, x: torch.Tensor, training: bool, calls: int, backend: Optional[str]) -> Callable[[], None]:
@@ -135,10 +147,9 @@ def run(device, calls: int = 100, rounds: Optional[int] = None, cases: Sequence[
             training = mode == "fwdbwd"  # (inference runs under no_grad: the parameters' flags do not matter)
             xm = x.detach().requires_grad_(training)
             if case.has_op and backend:
-                counter = _CountPydlxOps()
-                with counter, pydlx.use_backend(backend), torch.set_grad_enabled(training):
+                with _count_op_calls() as count, pydlx.use_backend(backend), torch.set_grad_enabled(training):
                     fused(xm)
-                if counter.n == 0:
+                if count[0] == 0:
                     raise RuntimeError(f"host benchmark {case.name}: pydlx's path ran no pydlx op")
             fns[("eager", mode)] = _loop(eager, xm, training, calls, None)
             fns[("pydlx", mode)] = _loop(fused, xm, training, calls, backend)

@@ -3,8 +3,8 @@ and the custom-op scaffold (``implement``, ``autograd``) that registers an op's 
 implementation and autograd formula against its schema (pydlx/ops/schemas.py)."""
 from __future__ import annotations
 
+import collections
 import math
-from types import SimpleNamespace
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -67,11 +67,131 @@ def act_name(activation: str) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------------------------- the op scaffold
-def implement(name: str, impl: Callable, fake: Callable, differentiable: bool = False) -> torch._ops.OpOverload:
+_PLAIN = (Tensor, torch.nn.Parameter)  # tensor types the eager path takes; any other (FakeTensor, DTensor, ...) -> op
+
+
+def traced() -> bool:
+    """Whether a call must go through the torch.library op: torch.compile / torch.export trace it, a dispatch or
+    torch-function mode (FakeTensorMode, FlopCounterMode, ...) watches it, a torch.func transform or torch.jit.trace
+    is active. Otherwise ops run eagerly (``Op``). ``is_compiling`` comes first: Dynamo folds it to True and stops."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._get_tracing_state() is not None)
+
+
+class Op:
+    """A pydlx op as its entry points call it, with the op's arguments complete (positional, schema order).
+
+    Eagerly -- no tracing, no mode, no transform, plain tensors (``traced``) -- the implementation is called
+    directly: under no gradients as it is; with gradients through one generated ``torch.autograd.Function`` that
+    runs the same ``save`` / ``backward`` formulas as the op's registered autograd (``autograd``), so both paths
+    compute the same gradients from the same saved tensors. That skips torch.library's Python dispatch and its
+    autograd wrapper, which cost several times the eager ops a fused call replaces (bench/NOTES.md, host cost).
+    Otherwise the call goes through the op ``overload`` (``pydlx::<name>``): torch.compile, torch.export and the
+    modes see one opaque op. A backward op (no ``function``) called with gradients enabled on inputs that need one
+    (a double backward) goes through the op too, which refuses it."""
+
+    __slots__ = ("name", "impl", "overload", "function", "tensors", "lists", "names")
+
+    def __init__(self, name: str, impl: Callable, overload: torch._ops.OpOverload):
+        self.name, self.impl, self.overload, self.function = name, impl, overload, None
+        args = overload._schema.arguments
+        self.names = tuple(a.name for a in args)
+        self.tensors = tuple(i for i, a in enumerate(args) if _is_tensor(a.type))
+        self.lists = tuple(i for i, a in enumerate(args) if isinstance(a.type, torch.ListType)
+                           and _is_tensor(a.type.getElementType()))
+
+    def __call__(self, *args):
+        if traced():
+            return self.overload(*args)
+        grad = False
+        for i in self.tensors:
+            t = args[i]
+            if t is not None:
+                if type(t) not in _PLAIN:
+                    return self.overload(*args)
+                grad = grad or t.requires_grad
+        for i in self.lists:
+            for t in args[i]:
+                if type(t) not in _PLAIN:
+                    return self.overload(*args)
+                grad = grad or t.requires_grad
+        if grad and torch.is_grad_enabled():
+            if self.function is None:
+                return self.overload(*args)
+            return self.eager(True, *args)
+        return self.impl(*args)
+
+    def eager(self, grad: bool, *args):
+        """The eager path for a caller that has checked ``traced()`` and the tensors' types itself (a kept plan):
+        ``grad``: whether autograd records the call (grad mode on and an input requires grad)."""
+        if not grad:
+            return self.impl(*args)
+        if not self.lists:
+            return self.function.apply(None, *args)
+        lengths = tuple(len(args[i]) for i in self.lists)
+        return self.function.apply(lengths, *_flatten(args, self.lists))
+
+
+def plain(*tensors) -> bool:
+    """Whether every one of ``tensors`` (None allowed) is a plain tensor or Parameter (no subclass, no proxy)."""
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True
+
+
+def meta(t: Optional[Tensor]) -> Optional[tuple]:
+    """What a kept plan depends on of one tensor (pydlx/_backend.py ``Plans``)."""
+    return None if t is None else (t.shape, t.dtype, t.device, t.requires_grad)
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def autocast_enabled() -> bool:
+    """Whether any autocast is on (then the entry points cast before they check; a cheap test on every call)."""
+    return _any_autocast()
+
+
+def _is_tensor(t) -> bool:
+    return isinstance(t, torch.TensorType) or (isinstance(t, torch.OptionalType)
+                                               and isinstance(t.getElementType(), torch.TensorType))
+
+
+def _flatten(args: Sequence, lists: Sequence[int]) -> list:
+    """``args`` with each Tensor[] argument (positions ``lists``) spread in place: autograd.Function tracks only
+    top-level tensors."""
+    flat: list = []
+    for i, a in enumerate(args):
+        if i in lists:
+            flat.extend(a)
+        else:
+            flat.append(a)
+    return flat
+
+
+def _unflatten(flat: Sequence, lists: Sequence[int], lengths: Optional[Sequence[int]]) -> list:
+    if lengths is None:
+        return list(flat)
+    out, pos, k = [], 0, 0
+    while pos < len(flat):
+        if len(out) in lists:
+            out.append(list(flat[pos:pos + lengths[k]]))
+            pos, k = pos + lengths[k], k + 1
+        else:
+            out.append(flat[pos])
+            pos += 1
+    return out
+
+
+def implement(name: str, impl: Callable, fake: Callable, differentiable: bool = False) -> Op:
     """Register ``impl`` (every device: it calls the backend named by its ``backend`` argument) and ``fake`` (shapes
-    only, for torch.compile / torch.export) for the op ``pydlx::<name>`` of pydlx/ops/schemas.py; returns the op.
-    ``differentiable``: its autograd formula follows (``autograd``); otherwise (the backward ops) a backward through
-    it raises torch's RuntimeError -- double backward is not supported -- rather than pass a wrong gradient."""
+    only, for torch.compile / torch.export) for the op ``pydlx::<name>`` of pydlx/ops/schemas.py; returns the ``Op``
+    the entry points call. ``differentiable``: its autograd formula follows (``autograd``); otherwise (the backward
+    ops) a backward through it raises torch's RuntimeError -- double backward is not supported -- rather than pass
+    a wrong gradient."""
     LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"pydlx::{name}", fake, lib=LIB)
     if not differentiable:
@@ -79,12 +199,47 @@ def implement(name: str, impl: Callable, fake: Callable, differentiable: bool = 
             raise RuntimeError(f"Trying to backward through pydlx::{name} but no autograd formula was registered: "
                                "pydlx's backward ops are not differentiable (double backward is not supported)")
         torch.library.register_autograd(f"pydlx::{name}", refuse, lib=LIB)
-    return op(name)
+    _OPS[name] = Op(name, impl, op(name))
+    return _OPS[name]
+
+
+_OPS: Dict[str, Op] = {}
+
+
+def _records(name: str, op: Op):
+    """(Args, Needs, mask) for the op's formulas: ``Args(*inputs)``, the op's inputs by schema name, with ``has_<t>``
+    for each tensor (or Tensor[]) input ``t``: whether it was given; ``Args(*mask(inputs))`` the same with each given
+    tensor replaced by True (what a backward keeps: no reference to an input it did not save); ``Needs(*flags)``
+    which inputs need a gradient, by name. Named tuples: built once per op, cheap per call."""
+    tensor_at = [i in op.tensors or i in op.lists for i in range(len(op.names))]
+    props = {f"has_{n}": property(lambda self, i=i: self[i] is not None)
+             for i, n in enumerate(op.names) if tensor_at[i]}
+    Args = type(f"{name}_args", (collections.namedtuple(f"{name}_args", op.names),), {"__slots__": (), **props})
+    Needs = collections.namedtuple(f"{name}_needs", op.names)
+
+    def mask(inputs):
+        return [(None if v is None else True) if t else v for v, t in zip(inputs, tensor_at)]
+    return Args, Needs, mask
+
+
+def _gradients(names: Sequence[str], needs: Sequence, got: Dict[str, object]) -> list:
+    """One gradient (or None) per input, in schema order, from ``backward``'s {name: gradient}; a Tensor[] input
+    (``needs`` entry a list) gets a list."""
+    out = []
+    for n, need in zip(names, needs):
+        g = got.get(n)
+        if isinstance(need, (list, tuple)):  # a Tensor[] input: one gradient (or None) per tensor
+            out.append([gi if ni else None for gi, ni in zip(g if g is not None else [None] * len(need), need)])
+        else:
+            out.append(g if need else None)
+    return out
 
 
 def autograd(name: str, save: Callable, backward: Callable, non_differentiable: Sequence[int] = (),
              materialize_grads: bool = False) -> None:
-    """The autograd formula of the op ``pydlx::<name>``, written once for every pydlx op:
+    """The autograd formula of the op ``pydlx::<name>``, written once for every pydlx op, and registered twice:
+    as the op's (torch.library: what torch.compile / torch.export see) and as the eager ``Op``'s
+    ``torch.autograd.Function``.
 
     * ``save(args, outputs) -> tensors``: what backward needs (``args``: the op's inputs by their schema names);
     * ``backward(args, saved, grads, needs) -> {input name: gradient}``: ``args`` holds the op's non-tensor inputs
@@ -96,35 +251,42 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
     * ``materialize_grads``: unused outputs' gradients come as zeros rather than None (an op whose several outputs
       each feed backward: the LSTM's y, h_n, c_n); else an unused first output means no gradient at all.
     """
-    names = [a.name for a in op(name)._schema.arguments]
+    the_op = _OPS[name]
+    names = the_op.names
+    Args, Needs, mask = _records(name, the_op)
 
     def setup_context(ctx, inputs, output):
         outputs = output if isinstance(output, tuple) else (output,)
         ctx.mark_non_differentiable(*(outputs[i] for i in non_differentiable))
-        ctx.set_materialize_grads(materialize_grads)
-        given = dict(zip(names, inputs))
-        ctx.save_for_backward(*save(SimpleNamespace(**given), outputs))
-        plain: Dict[str, object] = {}
-        for k, v in given.items():
-            if isinstance(v, Tensor) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], Tensor)):
-                plain[f"has_{k}"] = True
-            elif v is None:
-                plain[f"has_{k}"] = False
-            else:
-                plain[k] = v
-        ctx.args = SimpleNamespace(**plain)
+        if materialize_grads is False:
+            ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*save(Args(*inputs), outputs))
+        ctx.args = Args(*mask(inputs))
 
     def backward_fn(ctx, *grads):
         needs = ctx.needs_input_grad
-        got = {} if grads[0] is None else backward(ctx.args, ctx.saved_tensors, grads,
-                                                   SimpleNamespace(**dict(zip(names, needs))))
-        out = []
-        for n, need in zip(names, needs):
-            g = got.get(n)
-            if isinstance(need, (list, tuple)):  # a Tensor[] input: one gradient (or None) per tensor
-                out.append([gi if ni else None for gi, ni in zip(g if g is not None else [None] * len(need), need)])
-            else:
-                out.append(g if need else None)
-        return tuple(out)
+        got = {} if grads[0] is None else backward(ctx.args, ctx.saved_tensors, grads, Needs(*needs))
+        return tuple(_gradients(names, needs, got))
 
     torch.library.register_autograd(f"pydlx::{name}", backward_fn, setup_context=setup_context, lib=LIB)
+
+    lists = the_op.lists
+
+    # eager: forward(ctx, lengths of the Tensor[] inputs or None, *inputs with those lists spread)
+    def forward(ctx, lengths, *flat):
+        inputs = _unflatten(flat, lists, lengths)
+        outputs = the_op.impl(*inputs)
+        setup_context(ctx, inputs, outputs)
+        ctx.lengths = lengths
+        return outputs
+
+    def backward_eager(ctx, *grads):
+        lengths = ctx.lengths
+        needs = _unflatten(ctx.needs_input_grad[1:], lists, lengths)
+        got = {} if grads[0] is None else backward(ctx.args, ctx.saved_tensors, grads, Needs(*needs))
+        return (None, *_flatten(_gradients(names, needs, got), lists))
+
+    # (built with type() so that autograd names the node after the op: pydlx_<name>Backward)
+    Function = type(f"pydlx_{name}", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward_eager)})
+    the_op.function = Function

@@ -20,8 +20,8 @@ from ..activations import activation_spec, check_activation, forward as activati
 from ..reference.batchnorm import momentum_factor
 from ..reference.linear import linear as reference_linear
 from . import batchnorm
-from ._common import (ArgumentError, act_name, autocast_cast, autograd, check_floating, check_like, implement,
-                      rows)
+from ._common import (ArgumentError, act_name, autocast_cast, autocast_enabled, autograd, check_floating, check_like,
+                      implement, meta, plain, rows, traced)
 
 NAME = "pydlx.ops.linear"
 
@@ -44,6 +44,8 @@ def choose(x: Tensor, weight: Tensor, training: bool) -> str:
 
 # ----------------------------------------------------------------------------------------------- ops
 def _fwd(input, weight, bias, activation, save_preact, backend):
+    if input.dim() == 2:  # (the common case: no reshape either way)
+        return _impl(backend).linear_fwd(input, weight, bias, act_name(activation), save_preact)
     lead = input.shape[:-1]
     y, z = _impl(backend).linear_fwd(rows(input), weight, bias, act_name(activation), save_preact)
     y = y.reshape(*lead, weight.shape[0])
@@ -57,9 +59,14 @@ def _fwd_fake(input, weight, bias, activation, save_preact, backend):
 
 def _bwd(grad, input, weight, saved, activation, has_bias, need_dx, need_dw, backend):
     act = act_name(activation)
-    s2d = rows(saved) if act is not None else saved
-    dx, dw, db = _impl(backend).linear_bwd(rows(grad), rows(input), weight, s2d, act, has_bias, need_dx, need_dw)
-    return (dx.reshape(input.shape) if dx is not None else input.new_empty(0),
+    if input.dim() == 2:
+        dx, dw, db = _impl(backend).linear_bwd(grad, input, weight, saved, act, has_bias, need_dx, need_dw)
+    else:
+        s2d = rows(saved) if act is not None else saved
+        dx, dw, db = _impl(backend).linear_bwd(rows(grad), rows(input), weight, s2d, act, has_bias, need_dx,
+                                               need_dw)
+        dx = dx.reshape(input.shape) if dx is not None else None
+    return (dx if dx is not None else input.new_empty(0),
             dw if dw is not None else input.new_empty(0),
             db if db is not None else input.new_empty(0))
 
@@ -131,6 +138,22 @@ def _cast(input, weight, bias):
     return input, weight, bias
 
 
+_PLANS = _backend.Plans()
+_EAGER = "eager"  # a plan: plain eager PyTorch (a CPU tensor under auto)
+
+
+def _plan(input, weight, bias, activation):
+    """What a call of ``linear`` runs, derived once per signature: _EAGER, or (backend, the op's activation spec,
+    save_preact, whether autograd records the call)."""
+    check_linear_args(input, weight, bias, activation)
+    if _backend.cpu_auto(input):
+        return _EAGER
+    needs_grad = torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    return (choose(input, weight, needs_grad), op_activation(activation), needs_grad and saves_preact(activation),
+            needs_grad)
+
+
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
            activation: Optional[str] = None) -> Tensor:
     """act(input @ weight.T + bias), like ``act(F.linear(input, weight, bias))``, in one fused kernel.
@@ -141,6 +164,17 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     "hardsigmoid", "mish", "relu6", "selu". Under torch.autocast the three tensors are cast to the autocast dtype, as
     F.linear's are. Backward saves y or the pre-activation z (gelu, gelu_tanh, silu, hardswish, mish).
     """
+    if not traced() and plain(input, weight, bias):
+        if autocast_enabled():
+            input, weight, bias = _cast(input, weight, bias)
+        key = (meta(input), meta(weight), meta(bias), activation, torch.is_grad_enabled(), _backend.state())
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = _PLANS.keep(key, _plan(input, weight, bias, activation))
+        if plan is _EAGER:
+            return reference_linear(input, weight, bias, activation)
+        backend, act, save_preact, needs_grad = plan
+        return linear_fwd.eager(needs_grad, input, weight, bias, act, save_preact, backend)[0]
     input, weight, bias = _cast(input, weight, bias)
     check_linear_args(input, weight, bias, activation)
     if _backend.cpu_auto(input):
