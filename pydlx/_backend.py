@@ -10,7 +10,7 @@ Backends and families are pydlx/registry.py's rows. The rules:
 A decision (backend and reason) is made once per call signature -- family, call descriptor (dtype, training or not,
 sizes, options), device, backend in force, policy in force -- and kept: later calls with the same signature cost a
 dictionary lookup (``decide``). While torch.compile or torch.export traces, it is computed afresh (and becomes a
-constant of the graph). ``clear_decisions()`` forgets them; registering a backend does too.
+constant of the graph). ``clear_caches()`` forgets them (and the other kept caches); registering a backend does too.
 
 The choice is process-wide (a stack, not thread-local): autograd runs CUDA backward passes on its own worker
 threads, and those must see the backend that the forward was called under.
@@ -18,12 +18,12 @@ threads, and those must see the backend that the forward was called under.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 from . import _policy, registry
+from ._env import getenv
 
 _stack: list = []
 
@@ -47,7 +47,7 @@ def current_backend() -> str:
     """The backend in force: the innermost ``use_backend``, else ``PYDLX_BACKEND``, else ``auto``."""
     if _stack:
         return _stack[-1]
-    return _check_name(os.environ.get("PYDLX_BACKEND", "auto").strip().lower() or "auto")
+    return _check_name((getenv("PYDLX_BACKEND") or "auto").strip().lower() or "auto")
 
 
 @contextlib.contextmanager
@@ -80,15 +80,24 @@ MAX_DECISIONS = 4096  # kept decisions; past that they are dropped and made agai
 _decisions: Dict[tuple, Tuple[str, str]] = {}
 
 
-def clear_decisions() -> None:
+CACHES: list = []  # the other caches' clear functions (the eval-mode BatchNorm folds)
+
+
+def clear_caches() -> None:
+    """Forget every kept decision, plan and fold (``pydlx.clear_caches``): for a change no key can see (an in-place
+    change of a parameter through ``.data``)."""
     _decisions.clear()
     for plans in Plans.every:
         plans.kept.clear()
+    for clear in CACHES:
+        clear()
 
 
 def state() -> tuple:
-    """What a kept decision or plan depends on beyond the call itself: the backend and the policy in force."""
-    return (_stack[-1] if _stack else current_backend(), _policy.in_force())
+    """What a kept plan depends on beyond the call itself: what decides the backend and the policy in force (the
+    innermost ``use_backend`` / ``use_policy``, and PYDLX_BACKEND / PYDLX_POLICY as set now: read on every call,
+    unparsed, so that a change is seen by the next call at the cost of two lookups)."""
+    return (_stack[-1] if _stack else getenv("PYDLX_BACKEND"), _policy.in_force())
 
 
 class Plans:
@@ -97,7 +106,7 @@ class Plans:
     the dispatcher. The key holds everything the plan was derived from -- each tensor's shape, dtype, device and
     requires_grad, the options, grad mode, and ``state()`` -- so any change makes a new plan. Never used while
     torch.compile / torch.export trace (pydlx.ops._common.traced): symbolic sizes are not kept. At most
-    MAX_DECISIONS plans; ``clear_decisions()`` forgets them."""
+    MAX_DECISIONS plans; ``clear_caches()`` forgets them."""
 
     every: list = []
 
@@ -121,7 +130,7 @@ class Plans:
         return plan
 
 
-registry._listeners.append(clear_decisions)
+registry._listeners.append(clear_caches)
 
 
 def decide(family: str, device: torch.device, call, op: Optional[str] = None) -> Tuple[str, str]:

@@ -37,6 +37,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tupl
 import torch
 
 from . import registry
+from ._env import getenv
 
 VERSION = 1
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
@@ -152,7 +153,7 @@ def for_device(device: Union[torch.device, int, None] = None) -> Optional[Policy
     if _override:
         top = _override[-1]
         return None if top == "off" else top
-    env = os.environ.get("PYDLX_POLICY", "").strip()
+    env = (getenv("PYDLX_POLICY") or "").strip()
     if env.lower() == "off":
         return None
     if env:
@@ -171,7 +172,7 @@ def in_force() -> tuple:
     """What decides the policy in force (the innermost ``use_policy``, PYDLX_POLICY): part of every kept dispatch
     decision's key, so that a change of policy is seen by the next call. The override itself, not its id: the key
     keeps it alive, so a later policy object cannot reuse the id and be taken for it."""
-    return (_override[-1] if _override else None, os.environ.get("PYDLX_POLICY", ""))
+    return (_override[-1] if _override else None, getenv("PYDLX_POLICY"))
 
 
 def lookup(family: str, device, call) -> Optional[Rule]:

@@ -106,5 +106,5 @@ def pytest_runtest_makereport(item, call):
 def _fresh_decisions():
     """The dispatcher keeps one decision per call signature; tests that fake a GPU or a broken backend change what
     a decision depends on behind its back, so each test starts without kept decisions."""
-    pydlx._backend.clear_decisions()
+    pydlx._backend.clear_caches()
     yield

@@ -269,7 +269,7 @@ def test_a_new_policy_object_is_never_taken_for_a_freed_one(fake_gpu, tmp_path):
     del policy
     gc.collect()
     assert alive() is not None  # held by the kept decision's key
-    _backend.clear_decisions()
+    _backend.clear_caches()
     gc.collect()
     assert alive() is None
     with pydlx.use_policy(_policy.Policy(dict(_policy.load(tmp_path / "policy.json").data, rules=[]))):

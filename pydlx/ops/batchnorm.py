@@ -13,16 +13,17 @@ price is one more layer forward in backward. ``LAYERS`` says what differs betwee
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+import weakref
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import registry
+from .. import _backend, registry
 from .._geometry import out_shape
 from ..reference.batchnorm import bn_act_backward, bn_act_train, math_dtype, update_running_stats
-from ._common import act_name, autograd, implement
+from ._common import act_name, autograd, implement, plain, traced
 
 
 # ----------------------------------------------------------------------------------------------- eval mode: the fold
@@ -37,6 +38,67 @@ def fold_batchnorm(weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
     w = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
     b = -running_mean.to(weight.dtype) * scale if bias is None else (bias - running_mean.to(weight.dtype)) * scale
     return w, (b + bn_bias if bn_bias is not None else b)
+
+
+class _Fold(NamedTuple):
+    refs: list  # weak references to the six tensors (None where absent)
+    stamp: list  # what the fold was computed from (_stamp)
+    folded: Tuple[Tensor, Tensor]
+
+
+_FOLDS: Dict[int, _Fold] = {}  # id(weight) -> its kept fold
+MAX_FOLDS = 1024
+
+
+def _stamp(tensors, eps) -> list:
+    stamp = [eps]
+    for t in tensors:
+        stamp.append(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device))
+    return stamp
+
+
+def _same(refs, tensors) -> bool:
+    for r, t in zip(refs, tensors):
+        if (r is not None or t is not None) and (r is None or r() is not t):
+            return False
+    return True
+
+
+_backend.CACHES.append(_FOLDS.clear)
+
+
+def folded(weight: Tensor, bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
+           bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+    """``fold_batchnorm``'s (w', b'), kept between calls that autograd does not record (inference: eval mode under
+    no_grad / inference_mode, or frozen parameters), so that an eval-mode forward does not fold again on every call.
+    A kept fold is used only while each of the six tensors is the same object with the same version counter, data
+    pointer, dtype and device (an optimizer step, a training-mode call moving the running statistics,
+    ``load_state_dict`` and ``.to()`` all change one of them; an in-place change through ``.data`` does not, as it
+    is hidden from autograd too: ``pydlx.clear_caches()`` forgets kept folds). Computed afresh whenever autograd
+    records (the fold is then differentiable in w, b, gamma and beta) and while torch.compile / torch.export trace."""
+    tensors = (weight, bias, running_mean, running_var, bn_weight, bn_bias)
+    if traced() or not plain(*tensors):
+        return fold_batchnorm(*tensors, eps)
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and ((grad and t.requires_grad) or t.is_inference()):
+            return fold_batchnorm(*tensors, eps)
+    stamp = _stamp(tensors, eps)
+    kept = _FOLDS.get(id(weight))
+    if kept is not None and kept.stamp == stamp and _same(kept.refs, tensors):
+        return kept.folded
+    out = fold_batchnorm(*tensors, eps)
+    if len(_FOLDS) >= MAX_FOLDS:
+        _FOLDS.clear()
+    key = id(weight)
+
+    def forget(ref, key=key):
+        entry = _FOLDS.get(key)
+        if entry is not None and entry.refs[0] is ref:
+            del _FOLDS[key]
+    refs = [weakref.ref(weight, forget)] + [weakref.ref(t) if t is not None else None for t in tensors[1:]]
+    _FOLDS[key] = _Fold(refs, stamp, out)
+    return out
 
 
 def fold_costs_memory(input: Tensor, weight: Tensor, out_elems: int, *others: Optional[Tensor]) -> bool:

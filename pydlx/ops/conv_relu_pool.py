@@ -24,7 +24,8 @@ from ..activations import MONOTONE, check_activation, forward as activation_forw
 from ..reference.batchnorm import momentum_factor
 from ..reference.conv_relu_pool import conv_act_pool2d as reference_conv_act_pool2d
 from . import batchnorm
-from ._common import ArgumentError, act_name, autocast_cast, autograd, check_floating, check_like, implement
+from ._common import (ArgumentError, act_name, autocast_cast, autocast_enabled, autograd, check_floating, check_like,
+                      implement, meta, plain, traced)
 
 
 def _impl(backend: str):
@@ -175,8 +176,46 @@ def _needs_grad(*tensors) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- entry points
+_PLANS = _backend.Plans()
+_EAGER = "eager"  # a plan: plain eager PyTorch (a CPU tensor under auto)
+
+
+def _plan(name, input, weight, bias, stride, padding, activation, pool_size, pool_stride, pool_padding, ceil_mode):
+    """What a call of ``_conv_act_pool2d`` runs, derived once per signature: (_EAGER, normalised geometry), or
+    (backend, normalised geometry, save_preact, whether autograd records the call)."""
+    geometry = check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, pool_stride, pool_padding,
+                                         ceil_mode, activation, name)
+    if _backend.cpu_auto(input):
+        return _EAGER, geometry
+    stride, padding, P, Q, PP = geometry
+    x = input.unsqueeze(0) if input.dim() == 3 else input
+    training = _needs_grad(input, weight, bias)
+    save_preact = training and P == 1 and activation is not None and saves_preact(activation)
+    return (choose(x, weight, stride, padding, P, Q, PP, ceil_mode, activation, training, name), geometry,
+            save_preact, training)
+
+
 def _conv_act_pool2d(name: str, input, weight, bias, stride, padding, activation, pool_size, pool_stride,
                      pool_padding, ceil_mode) -> Tensor:
+    if not traced() and plain(input, weight, bias):
+        if autocast_enabled():
+            input, weight, bias = _cast(input, weight, bias)
+        key = (name, meta(input), input.stride(), meta(weight), meta(bias), stride, padding, activation, pool_size,
+               pool_stride, pool_padding, ceil_mode, torch.is_grad_enabled(), _backend.state())
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = _PLANS.keep(key, _plan(name, input, weight, bias, stride, padding, activation, pool_size,
+                                          pool_stride, pool_padding, ceil_mode))
+        backend, (stride, padding, P, Q, PP) = plan[:2]
+        if backend is _EAGER:
+            return reference_conv_act_pool2d(input, weight, bias, stride, padding, activation, P, Q, PP, ceil_mode)
+        unbatched = input.dim() == 3
+        x = input.unsqueeze(0) if unbatched else input
+        y = conv_relu_pool2d_fwd.eager(plan[3], x, weight, bias, stride, padding, P, Q, PP, ceil_mode,
+                                       activation or "none", plan[2], backend)[0]
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y.squeeze(0) if unbatched else y
     input, weight, bias = _cast(input, weight, bias)
     stride, padding, P, Q, PP = check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size,
                                                           pool_stride, pool_padding, ceil_mode, activation, name)
@@ -249,7 +288,7 @@ def conv_bn_act_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], ru
     if not (isinstance(input, Tensor) and input.dim() == 4) or batchnorm.fold_costs_memory(
             input, weight, out_elems(), bias, bn_weight, bn_bias):
         return _eager_conv_bn(*eager, False, 0.0)
-    w, b = batchnorm.fold_batchnorm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
+    w, b = batchnorm.folded(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
     return _conv_act_pool2d("pydlx.ops.conv_bn_act_pool2d", input, w, b, stride, padding, activation, pool_size,
                             pool_stride, pool_padding, ceil_mode)
 

@@ -208,7 +208,7 @@ def linear_batchnorm(input: Tensor, weight: Tensor, bias: Optional[Tensor], runn
             input, weight, input.shape[0] * weight.shape[0], bias, bn_weight, bn_bias):
         return _eager_linear_bn(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, activation,
                                 False, 0.0)
-    w, b = batchnorm.fold_batchnorm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
+    w, b = batchnorm.folded(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
     return linear(input, w, b, activation)
 
 

@@ -27,7 +27,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import _backend, registry
-from ._common import ArgumentError, autocast_cast, autograd, check_floating, check_like, implement
+from ._common import (ArgumentError, autocast_cast, autograd, check_floating, check_like, implement, meta, plain,
+                      traced)
 from ..reference import lstm as ref
 
 NAME = "pydlx.ops.lstm"
@@ -147,6 +148,64 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
     with batch_first, unbatched (L, H_in), or a PackedSequence; ``weights`` in nn.LSTM's ``_flat_weights`` order
     (per layer and direction: w_ih, w_hh[, b_ih, b_hh][, w_hr]); ``hx`` = (h0, c0) or None (zeros)."""
     packed = isinstance(input, PackedSequence)
+    if not packed and not traced() and plain(input, *weights) and (
+            hx is None or (type(hx) is tuple and len(hx) == 2 and plain(*hx))):
+        key = (meta(input), *map(meta, weights), None if hx is None else (meta(hx[0]), meta(hx[1])), num_layers,
+               bias, batch_first, dropout, training, bidirectional, proj_size, torch.is_grad_enabled(),
+               _backend.state())
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = _PLANS.keep(key, _plan(input, weights, hx, num_layers, bias, batch_first, bidirectional,
+                                          proj_size))
+        B, H, H_out, unbatched, T, save, backend = plan
+        dirs = 2 if bidirectional else 1
+        if hx is None:
+            h0 = input.new_zeros((num_layers * dirs, B, H_out))
+            c0 = input.new_zeros((num_layers * dirs, B, H))
+        else:
+            h0, c0 = hx
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        return _compute(input, False, input.unsqueeze(1) if unbatched else input, h0, c0, weights, num_layers, bias,
+                        batch_first, dropout, training, bidirectional, proj_size, plan)
+    _, B, H, H_out, unbatched = _check(input, weights, hx, num_layers, bias, batch_first, bidirectional, proj_size)
+    data = input.data if packed else input
+    dirs = 2 if bidirectional else 1
+    if hx is not None:
+        h0, c0 = hx
+        if unbatched:
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        if packed and input.sorted_indices is not None:  # states follow the packed (sorted) batch order
+            h0, c0 = h0.index_select(1, input.sorted_indices), c0.index_select(1, input.sorted_indices)
+    else:
+        h0 = data.new_zeros((num_layers * dirs, B, H_out))
+        c0 = data.new_zeros((num_layers * dirs, B, H))
+    if unbatched:
+        data = data.unsqueeze(1)
+    T = int(input.batch_sizes.numel()) if packed else data.shape[1 if (batch_first and not unbatched) else 0]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (data, h0, c0, *weights))
+    plan = (B, H, H_out, unbatched, T, save, choose(data, T, B, H, H_out, save, "lstm"))
+    return _compute(input, packed, data, h0, c0, weights, num_layers, bias, batch_first, dropout, training,
+                    bidirectional, proj_size, plan)
+
+
+_PLANS = _backend.Plans()
+
+
+def _plan(input, weights, hx, num_layers, bias, batch_first, bidirectional, proj_size) -> tuple:
+    """What a (not packed) call of ``lstm`` runs, derived once per signature: (B, H, H_out, unbatched, T, save,
+    backend)."""
+    _, B, H, H_out, unbatched = _check(input, weights, hx, num_layers, bias, batch_first, bidirectional, proj_size)
+    T = input.shape[1 if (batch_first and not unbatched) else 0]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (input, *weights, *(hx or ())))
+    x = input.unsqueeze(1) if unbatched else input
+    return B, H, H_out, unbatched, T, save, choose(x, T, B, H, H_out, save, "lstm")
+
+
+def _check(input, weights, hx, num_layers, bias, batch_first, bidirectional, proj_size):
+    """``lstm``'s argument checks (torch.nn.LSTM's errors, with its exception types): (per-layer weights, B, H,
+    H_out, unbatched)."""
+    packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
     if not isinstance(data, Tensor):
         raise TypeError(f"{NAME}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
@@ -189,20 +248,15 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ArgumentError(f"{NAME}: expected {name} of shape {want}, got {got}")
             check_like(NAME, name, t, data)
-        if unbatched:
-            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-        if packed and input.sorted_indices is not None:  # states follow the packed (sorted) batch order
-            h0, c0 = h0.index_select(1, input.sorted_indices), c0.index_select(1, input.sorted_indices)
-    else:
-        h0 = data.new_zeros((num_layers * dirs, B, H_out))
-        c0 = data.new_zeros((num_layers * dirs, B, H))
-    if unbatched:
-        data = data.unsqueeze(1)
+    return layers, B, H, H_out, unbatched
 
-    T = int(input.batch_sizes.numel()) if packed else data.shape[1 if (batch_first and not unbatched) else 0]
-    flat = [t for ws in layers for t in ws if t is not None]
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (data, h0, c0, *flat))
-    backend = choose(data, T, B, H, H_out, save, "lstm")
+
+def _compute(input, packed, data, h0, c0, weights, num_layers, bias, batch_first, dropout, training, bidirectional,
+             proj_size, plan):
+    """``lstm`` after its checks: ``data`` time- or batch-major with a batch dimension, ``h0`` / ``c0`` [L D, B, *]
+    (packed: in the packed batch order), ``plan`` what ``_plan`` derives."""
+    B, H, H_out, unbatched, T, save, backend = plan
+    dirs = 2 if bidirectional else 1
     batch_sizes = input.batch_sizes if packed else None
     time_major = batch_first and not packed and not unbatched
     if backend == "reference" and (torch.compiler.is_compiling() or ref.cpu_16bit(data)):
@@ -212,17 +266,17 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
         # propagation primitive" elsewhere); in fp32 from the 16-bit inputs, outputs rounded once
         dev = data.device.type
         data, h0, c0 = autocast_cast(dev, (data, h0, c0))
-        layers = [tuple(autocast_cast(dev, ws)) for ws in layers]
+        layers = [tuple(autocast_cast(dev, ws)) for ws in _per_layer(weights, num_layers, dirs, bias, proj_size)]
         with torch.autocast(dev, enabled=False):
             out, h_n, c_n = ref.lstm_unrolled(data, batch_sizes, h0, c0, layers, num_layers, dirs, float(dropout),
                                               training, time_major)
     elif backend == "reference":
-        out, h_n, c_n = ref.lstm(data, (h0, c0), flat, bias, num_layers, float(dropout), training, bidirectional,
+        out, h_n, c_n = ref.lstm(data, (h0, c0), list(weights), bias, num_layers, float(dropout), training, bidirectional,
                                  time_major, batch_sizes)
     else:
         dev = data.device.type
         data, h0, c0 = autocast_cast(dev, (data, h0, c0))
-        layers = [tuple(autocast_cast(dev, ws)) for ws in layers]
+        layers = [tuple(autocast_cast(dev, ws)) for ws in _per_layer(weights, num_layers, dirs, bias, proj_size)]
 
         def layer(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0k, c0k, lengths, reverse):
             b = b_ih + b_hh if b_ih is not None else None

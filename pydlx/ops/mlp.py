@@ -29,7 +29,8 @@ from .. import _backend, registry
 from ..activations import check_activation
 from ..reference.mlp import fuses_in_one_kernel, mlp as reference_mlp, saves_z
 from ..registry import KERNEL_DTYPES
-from ._common import ArgumentError, act_name, autocast_cast, autograd, check_floating, check_like, implement, rows
+from ._common import (ArgumentError, act_name, autocast_cast, autocast_enabled, autograd, check_floating, check_like,
+                      implement, meta, plain, rows, traced)
 from .linear import linear, op_activation
 
 
@@ -53,9 +54,9 @@ def _expand(biases: Sequence[Tensor], has_bias: Sequence[bool]) -> List[Optional
 
 
 def _fwd(input, weights, biases, has_bias, activation, last_activation, save, backend):
-    y, H, Z = _impl(backend).mlp_fwd(rows(input), weights, _expand(biases, has_bias), act_name(activation),
-                                     act_name(last_activation), save)
-    return y.reshape(*input.shape[:-1], weights[-1].shape[0]), H, Z
+    y, H, Z = _impl(backend).mlp_fwd(input if input.dim() == 2 else rows(input), weights,
+                                     _expand(biases, has_bias), act_name(activation), act_name(last_activation), save)
+    return (y if input.dim() == 2 else y.reshape(*input.shape[:-1], weights[-1].shape[0])), H, Z
 
 
 def _fwd_fake(input, weights, biases, has_bias, activation, last_activation, save, backend):
@@ -158,6 +159,23 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     Layers all at most 128 wide run fused (one kernel forward, one backward walk + weight-gradient GEMMs);
     wider MLPs run as a chain of pydlx.ops.linear (GEMMs with the activation in their epilogues).
     """
+    if not traced() and isinstance(weights, (list, tuple)) and isinstance(biases, (list, tuple)) and \
+            plain(input, *weights, *biases):
+        if autocast_enabled() and len(weights) == len(biases):
+            input, *params = autocast_cast(input.device.type, (input, *weights, *biases))
+            weights, biases = params[:len(weights)], params[len(weights):]
+        key = (meta(input), *map(meta, weights), None, *map(meta, biases), activation, last_activation,
+               torch.is_grad_enabled(), _backend.state())
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = _PLANS.keep(key, _plan(input, weights, biases, activation, last_activation))
+        if plan is _EAGER:
+            return reference_mlp(input, weights, biases, activation, last_activation)
+        if plan is _CHAIN:
+            return _chain(input, weights, biases, activation, last_activation)
+        backend, act, last, has_bias, needs_grad = plan
+        return mlp_fused.eager(needs_grad, input, list(weights), [b for b in biases if b is not None], has_bias,
+                               act, last, needs_grad, backend)[0]
     relevant = (input, *weights, *[b for b in biases if b is not None])
     if has_torch_function(relevant):  # e.g. torch.fx proxies: recorded as one call of this function
         return handle_torch_function(mlp, relevant, input, weights, biases, activation=activation,
@@ -179,7 +197,30 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
                             [b is not None for b in biases], op_activation(activation),
                             op_activation(last_activation), needs_grad, choose(input, sizes, needs_grad))
         return y
+    return _chain(input, weights, biases, activation, last_activation)
+
+
+def _chain(input, weights, biases, activation, last_activation) -> Tensor:
     h = input
     for i, (w, b) in enumerate(zip(weights, biases)):
         h = linear(h, w, b, activation if i + 1 < len(weights) else last_activation)
     return h
+
+
+_PLANS = _backend.Plans()
+_EAGER, _CHAIN = "eager", "chain"  # plans: plain eager PyTorch (a CPU tensor under auto); a chain of linear calls
+
+
+def _plan(input, weights, biases, activation, last_activation):
+    """What a call of ``mlp`` runs, derived once per signature: _EAGER, _CHAIN, or (backend, the op's activation
+    specs, has_bias, whether autograd records the call) for the fused op."""
+    check_mlp_args(input, weights, biases, activation, last_activation)
+    if _backend.cpu_auto(input):
+        return _EAGER
+    sizes = _sizes(input, weights)
+    if not (input.dtype in KERNEL_DTYPES and fuses_in_one_kernel(sizes)):
+        return _CHAIN
+    needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
+        t.requires_grad for t in (*weights, *[b for b in biases if b is not None])))
+    return (choose(input, sizes, needs_grad), op_activation(activation), op_activation(last_activation),
+            [b is not None for b in biases], needs_grad)

@@ -7,7 +7,7 @@ it), ``conv_relu_pool_bwd`` the backward every backend shares (dy through the ar
 derivative into cuDNN's convolution backward)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +38,39 @@ def supports(call, device) -> Optional[str]:
     return None  # eager PyTorch addresses any size
 
 
+_FIRSTS: Dict[tuple, torch.Tensor] = {}  # _firsts' tensors, kept per geometry and device
+
+
+def _firsts(HP: int, WP: int, row: int, Q: int, PP: int, device) -> torch.Tensor:
+    """[HP, WP] int64: ph0 row + pw0, with (ph0, pw0) = (ph Q - PP, pw Q - PP) the first conv-output position of
+    pooled pixel (ph, pw)'s window. Made once per geometry and device and kept, so that the index bookkeeping is
+    four elementwise ops each way (each one a kernel launch on a GPU)."""
+    key = (HP, WP, row, Q, PP, device)
+    t = _FIRSTS.get(key)
+    if t is None:
+        ph0 = torch.arange(HP, device=device).view(HP, 1) * Q - PP
+        pw0 = torch.arange(WP, device=device).view(1, WP) * Q - PP
+        if len(_FIRSTS) >= 256:
+            _FIRSTS.clear()
+        t = _FIRSTS[key] = ph0 * row + pw0
+    return t
+
+
 def _window_index(flat: torch.Tensor, WO: int, P: int, Q: int, PP: int) -> torch.Tensor:
-    """max_pool2d's flat conv-output indices -> the position inside each pool window (int8), the window of pooled
-    pixel (ph, pw) starting at conv output (ph Q - PP, pw Q - PP)."""
+    """max_pool2d's flat conv-output indices -> the position inside each pool window (int8): with (oh, ow) =
+    (flat // WO, flat % WO), (oh - ph0) P + (ow - pw0) = flat + (flat // WO) (P - WO) - (ph0 P + pw0)."""
     HP, WP = flat.shape[-2:]
-    oh, ow = flat // WO, flat % WO
-    ph = torch.arange(HP, device=oh.device).view(HP, 1) * Q - PP
-    pw = torch.arange(WP, device=oh.device).view(1, WP) * Q - PP
-    return ((oh - ph) * P + (ow - pw)).to(torch.int8)
+    pos = torch.add(flat, torch.div(flat, WO, rounding_mode="floor"), alpha=P - WO)
+    return pos.sub_(_firsts(HP, WP, P, Q, PP, flat.device)).to(torch.int8)
+
+
+def _flat_index(idx: torch.Tensor, WO: int, P: int, Q: int, PP: int) -> torch.Tensor:
+    """``_window_index``'s inverse: window position i (int8) -> the flat conv-output index (int64),
+    (ph0 + i // P) WO + pw0 + i % P = i + (i // P) (WO - P) + (ph0 WO + pw0)."""
+    HP, WP = idx.shape[-2:]
+    i = idx.long()
+    pos = torch.add(i, torch.div(i, P, rounding_mode="floor"), alpha=WO - P)
+    return pos.add_(_firsts(HP, WP, WO, Q, PP, idx.device))
 
 
 def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: int, padding: int,
@@ -55,12 +80,11 @@ def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     (int8), else an empty tensor; z the pre-activation when ``save_preact`` (no pool only), else empty."""
     z = F.conv2d(x, w, b, stride=stride, padding=padding)
     a = activation_forward(z, activation)
-    empty = x.new_empty(0)
     if P == 1:
-        zs = (z.clone() if a is z else z).contiguous() if save_preact else empty
-        return a.contiguous(), empty.to(torch.int8), zs
+        zs = (z.clone() if a is z else z).contiguous() if save_preact else x.new_empty(0)
+        return a.contiguous(), x.new_empty(0, dtype=torch.int8), zs
     y, flat = F.max_pool2d(a, P, Q, PP, ceil_mode=ceil_mode, return_indices=True)
-    return y.contiguous(), _window_index(flat, a.shape[-1], P, Q, PP), empty
+    return y.contiguous(), _window_index(flat, a.shape[-1], P, Q, PP), x.new_empty(0)
 
 
 def conv_relu_pool_bwd(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
@@ -78,10 +102,8 @@ def conv_relu_pool_bwd(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, y: 
         dz = g
     else:
         HP, WP = y.shape[-2:]
-        idx = idx.long()
-        oh = torch.arange(HP, device=y.device).view(HP, 1) * Q - PP + idx // P
-        ow = torch.arange(WP, device=y.device).view(1, WP) * Q - PP + idx % P
-        dz = grad.new_zeros((N, K, HO * WO)).scatter_add_(2, (oh * WO + ow).view(N, K, HP * WP),
+        flat = _flat_index(idx, WO, P, Q, PP)
+        dz = grad.new_zeros((N, K, HO * WO)).scatter_add_(2, flat.view(N, K, HP * WP),
                                                            g.reshape(N, K, HP * WP)).view(N, K, HO, WO)
     return torch.ops.aten.convolution_backward(
         dz, x, w, [K] if has_bias else None, [stride, stride], [padding, padding], [1, 1], False,

@@ -1,0 +1,226 @@
+"""The host path's guards: what one call of a pydlx op (and one forward of an optimized model) costs the host,
+counted rather than timed, against budgets written here.
+
+Two counts per call, on the path an eager call takes on a GPU (the backend forced to ``reference`` so that a CPU
+takes it too):
+  * Python: the function calls (``sys.setprofile``'s ``call`` events) of pydlx's own code;
+  * ATen: the top-level ATen ops the call runs (torch.profiler's events that have no ATen op above them).
+A later change that adds work to the hot path (a check run on every call again, a string parsed, a closure built, an
+extra tensor op) raises a count past its budget and fails here, however fast or loaded the machine. The budgets are
+today's counts; ``python -m pydlx.bench --host`` measures the time those calls cost. A path slowed on purpose (the
+kept plans switched off) must fail its budget: the guard is checked to guard.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from typing import Callable, Dict, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pydlx
+from pydlx import _backend
+from pydlx.bench.seed_models import CNN
+
+PKG = os.path.dirname(pydlx.__file__) + os.sep
+
+
+def python_calls(fn: Callable[[], object]) -> Counter:
+    """pydlx's Python function calls while ``fn`` runs, by function name (and their sum under "pydlx")."""
+    calls: Counter = Counter()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(PKG):
+            calls["pydlx"] += 1
+            calls[frame.f_code.co_name] += 1
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def aten_ops(fn: Callable[[], object]) -> Counter:
+    """The top-level ATen ops ``fn`` runs (an op that another ATen op runs inside itself is not counted)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    top = [e.name for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return Counter(top)
+
+
+def _linear(training):
+    lin = nn.Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=training)
+    return lambda: pydlx.ops.linear(x, lin.weight, lin.bias, "relu"), lambda: torch.relu(lin(x))
+
+
+def _mlp(training):
+    seq = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    ws, bs = [seq[i].weight for i in (0, 2, 4)], [seq[i].bias for i in (0, 2, 4)]
+    x = torch.randn(4, 16, requires_grad=training)
+    return lambda: pydlx.ops.mlp(x, ws, bs, "relu"), lambda: seq(x)
+
+
+def _conv(training):
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 8, 8, requires_grad=training)
+    return (lambda: pydlx.ops.conv_relu_pool2d(x, conv.weight, conv.bias, 1, 1, 2),
+            lambda: F.max_pool2d(torch.relu(conv(x)), 2))
+
+
+def _conv_bn_eval(training):
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4).eval()
+    x = torch.randn(2, 3, 8, 8)
+    args = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    return (lambda: pydlx.ops.conv_bn_act_pool2d(x, *args, 1, 1, "relu"),
+            lambda: torch.relu(bn(conv(x))))
+
+
+def _cnn(training):
+    model = CNN().eval()
+    fast = pydlx.optimize(CNN().eval())
+    fast.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 24, 24)
+    return lambda: fast(x), lambda: model(x)
+
+
+CASES = {"linear": _linear, "mlp": _mlp, "conv_relu_pool": _conv, "conv_bn_eval": _conv_bn_eval,
+         "optimized_cnn": _cnn}
+
+# (case, training) -> (pydlx Python calls, top-level ATen ops) per call (training: forward and backward) after the
+# first call, the backend forced to the reference. Today's counts: lower them when the path gets cheaper.
+BUDGETS: Dict[Tuple[str, bool], Tuple[int, int]] = {
+    ("linear", False): (20, 3),
+    ("linear", True): (52, 15),
+    ("mlp", False): (33, 7),
+    ("mlp", True): (91, 49),
+    ("conv_relu_pool", False): (23, 8),
+    ("conv_relu_pool", True): (60, 27),
+    ("conv_bn_eval", False): (36, 4),
+    ("optimized_cnn", False): (79, 22),
+}
+# inference: the fused call's ATen ops may exceed the eager chain's by this (the op's empty outputs for what only
+# backward keeps). Training is not compared: the backward's glue around a fused kernel's layout (slices of the
+# stacked pre-activation gradients, for one) counts views that launch nothing on a GPU.
+EAGER_OPS_MARGIN = {"linear": 1, "mlp": 2}
+
+
+def _one_call(fn, training):
+    def call():
+        with torch.set_grad_enabled(training):
+            y = fn()
+            if training:
+                y.sum().backward()
+    return call
+
+
+def counts(case: str, training: bool):
+    fused, eager = CASES[case](training)
+    run = _one_call(fused, training)
+    with pydlx.use_backend("reference"):
+        run()  # (the first call of a signature makes its plan)
+        return python_calls(run), aten_ops(run), aten_ops(_one_call(eager, training))
+
+
+@pytest.mark.parametrize("case,training", list(BUDGETS), ids=[f"{c}-{'train' if t else 'infer'}"
+                                                               for c, t in BUDGETS])
+def test_host_path_within_budget(case, training):
+    py, ops, eager_ops = counts(case, training)
+    max_py, max_ops = BUDGETS[(case, training)]
+    assert py["pydlx"] <= max_py, (f"{case}: {py['pydlx']} pydlx Python calls per call (budget {max_py}): "
+                                   f"{sorted(py.items())}")
+    assert sum(ops.values()) <= max_ops, f"{case}: {sum(ops.values())} ATen ops per call (budget {max_ops}): {ops}"
+    if case in EAGER_OPS_MARGIN and not training:  # no more ATen ops than the eager chain, plus the margin
+        assert sum(ops.values()) <= sum(eager_ops.values()) + EAGER_OPS_MARGIN[case], (ops, eager_ops)
+
+
+def test_a_repeated_call_runs_no_check_and_no_dispatcher():
+    """After the first call of a signature, a call neither checks its arguments nor asks the dispatcher."""
+    py, _, _ = counts("linear", False)
+    for name in ("check_linear_args", "check_floating", "check_like", "choose", "decide", "_decide", "why_not"):
+        assert py[name] == 0, (name, sorted(py.items()))
+
+
+def test_the_guard_fails_on_a_slowed_path(monkeypatch):
+    """With the kept plans switched off (every call checks its arguments and asks the dispatcher again), the
+    counts exceed the budgets: the budgets are tight enough to see the hot path grow."""
+    monkeypatch.setattr(_backend.Plans, "get", lambda self, key: None)
+    for case in ("linear", "mlp", "conv_relu_pool"):
+        py, _, _ = counts(case, False)
+        assert py["pydlx"] > BUDGETS[(case, False)][0], (case, py["pydlx"])
+
+
+def test_the_guard_sees_an_extra_aten_op(monkeypatch):
+    """An extra tensor op on the hot path (here, the input copied) exceeds the ATen budget."""
+    from pydlx.reference import linear as ref
+
+    real = ref.linear_fwd
+    monkeypatch.setattr(ref, "linear_fwd", lambda x, *a: real(x.clone(), *a))
+    _, ops, _ = counts("linear", False)
+    assert sum(ops.values()) > BUDGETS[("linear", False)][1], ops
+
+
+def test_an_eval_fold_is_kept_until_a_tensor_changes():
+    """The eval-mode BatchNorm fold is computed once and reused while nothing it was computed from changes: an
+    optimizer-style in-place update, a training-mode call (running statistics moved) or a swapped tensor makes a
+    new one, and the output always equals eager's."""
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+
+    def fused():
+        return pydlx.ops.conv_bn_act_pool2d(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight,
+                                            bn.bias, bn.eps, 1, 1, "relu", training=bn.training,
+                                            momentum=bn.momentum, num_batches_tracked=bn.num_batches_tracked)
+
+    def check():
+        bn.eval()
+        with torch.no_grad(), pydlx.use_backend("reference"):
+            want = torch.relu(bn(conv(x)))
+            got = fused()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        return aten_ops(lambda: _no_grad_reference(fused))
+
+    first = check()
+    assert "aten::rsqrt" not in first, first  # kept: the second call folds nothing
+    with torch.no_grad():
+        bn.weight.mul_(1.5)  # an optimizer step's in-place update
+    check()
+    with torch.no_grad():
+        conv.weight.add_(0.1)
+    check()
+    bn.train()
+    with torch.no_grad(), pydlx.use_backend("reference"):
+        fused()  # training mode: the running statistics move in place
+    check()
+    bn.running_var = bn.running_var * 2  # a new tensor in the same place
+    check()
+    pydlx.clear_caches()
+    check()
+
+
+def _no_grad_reference(fn):
+    with torch.no_grad(), pydlx.use_backend("reference"):
+        return fn()
+
+
+def test_a_fold_is_recomputed_when_autograd_records():
+    """With gradients recorded the fold is part of the graph (differentiable in w, b, gamma, beta): never kept."""
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4).eval()
+    x = torch.randn(2, 3, 8, 8)
+    args = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    with pydlx.use_backend("reference"):
+        pydlx.ops.conv_bn_act_pool2d(x, *args, 1, 1, "relu").sum().backward()
+        g1 = bn.weight.grad.clone()
+        ops = aten_ops(lambda: pydlx.ops.conv_bn_act_pool2d(x, *args, 1, 1, "relu"))
+    assert "aten::rsqrt" in ops, ops
+    bn.weight.grad = None
+    torch.relu(bn(conv(x))).sum().backward()
+    torch.testing.assert_close(g1, bn.weight.grad, rtol=1e-4, atol=1e-5)
