@@ -5,8 +5,11 @@ For each model (CNN, LSTM classifier, autoencoder; pydlx/bench/seed_models.py) o
   * both copies trained from the same initial weights on scikit-learn's digits for a few epochs with the seed's
     optimizer and loss: loss curve, test accuracy and macro F1 (classifiers) or reconstruction MSE (autoencoder),
     time per training step;
-  * at batch 256: the time of one training step and of one inference batch, before and after optimize(), and the
-    bytes autograd saves for backward (activations).
+  * at batch 256: the time of one training step and of one inference batch, before and after optimize(), each
+    model on its own copy and optimizer, all four timed interleaved in rounds (pydlx.bench.measure) and shown as
+    median (p20-p80); the speedup is printed only where the two spreads resolve it from 1 (pydlx.bench.ratio),
+    else "same within noise" with the range of ratios they allow; and the bytes autograd saves for backward
+    (activations).
 
     python examples/train_seed_models.py                 # cuda if available, else cpu
     python examples/train_seed_models.py --epochs 2 --models cnn,autoencoder
@@ -16,9 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -26,39 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import seed_models as S  # noqa: E402
 
 import pydlx  # noqa: E402
+from pydlx import bench  # noqa: E402
 
 EPOCHS = {"cnn": 6, "rnn": 3, "autoencoder": 3}
-
-
-def _time(fn, device, reps: int) -> float:
-    """Median milliseconds of fn() over reps calls (after two warm-up calls)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
-def step_and_infer_ms(kind, model, x, y, device, reps):
-    opt = S.make_optimizer(kind, model)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        S.loss_fn(kind, model, x, y).backward()
-        opt.step()
-
-    def infer():
-        with torch.no_grad():
-            model(x)
-
-    return _time(step, device, reps), _time(infer, device, reps)
 
 
 def run(kind: str, device: torch.device, epochs: int, batch: int, reps: int) -> dict:
@@ -87,20 +58,24 @@ def run(kind: str, device: torch.device, epochs: int, batch: int, reps: int) -> 
     torch.manual_seed(0)
     base = S.make_model(kind).to(device)
     opt_model = pydlx.optimize(base)
-    t_base = step_and_infer_ms(kind, copy.deepcopy(base), x, y, device, reps)
-    t_fast = step_and_infer_ms(kind, opt_model, x, y, device, reps)
+    # each on its own copy of the model and optimizer, the same batch, timed interleaved in rounds
+    t = S.time_step_and_inference(kind, {"original": copy.deepcopy(base), "optimized": opt_model}, x, y,
+                                  rounds=reps)
     mem_base = S.saved_activation_bytes(kind, base, x, y)
     mem_fast = S.saved_activation_bytes(kind, opt_model, x, y)
-    print(f"  batch {batch} on {device.type}: training step {t_base[0]:.2f} -> {t_fast[0]:.2f} ms "
-          f"({t_base[0] / t_fast[0]:.2f}x), inference {t_base[1]:.2f} -> {t_fast[1]:.2f} ms "
-          f"({t_base[1] / t_fast[1]:.2f}x), saved activations {mem_base / 2**20:.1f} -> {mem_fast / 2**20:.1f} MiB "
+    print(f"  batch {batch} on {device.type}, original -> optimized, median (p20-p80) of {reps} interleaved "
+          f"rounds:")
+    for mode, words in (("step", "training step"), ("inference", "inference")):
+        print(f"    {words:17s}  {bench.format_change(t[('original', mode)], t[('optimized', mode)])}")
+    print(f"    saved activations  {mem_base / 2**20:.1f} -> {mem_fast / 2**20:.1f} MiB "
           f"({mem_fast / mem_base:.2f} of the original)")
     if device.type == "cpu" and kind == "cnn":
         with pydlx.use_backend("reference"):  # the fused op with the eager forward: what auto runs on a GPU
             mem_op = S.saved_activation_bytes(kind, opt_model, x, y)
         print(f"  (on a CPU auto runs plain eager PyTorch for the conv blocks; the fused op, as auto runs it on a "
               f"GPU, saves {mem_op / 2**20:.1f} MiB: {mem_op / mem_base:.2f} of the original)")
-    return {"kind": kind, "gap": gap, "step": t_base[0] / t_fast[0], "memory": mem_fast / mem_base}
+    return {"kind": kind, "gap": gap, "step": bench.ratio(t[("original", "step")], t[("optimized", "step")]),
+            "memory": mem_fast / mem_base}
 
 
 def main(argv=None) -> int:
@@ -109,7 +84,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="cnn,rnn,autoencoder")
     p.add_argument("--epochs", type=int, default=0, help="epochs per model (default: 6 CNN, 3 others)")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=10,
+                   help="rounds of the interleaved batch timing (each round times every model's step and inference "
+                        "once on a CPU)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           (args.device if args.device != "auto" else "cpu"))

@@ -63,6 +63,26 @@ def test_a_ratio_within_the_noise_is_marked_unstable_in_table_and_plot(tmp_path,
     assert png is not None and png.stat().st_size > 0
 
 
+def test_one_resolution_rule_for_every_report():
+    """bench.ratio decides for the benchmark table (speedup), the host-cost table (host.ratios) and the seed-model
+    report (format_change): resolved only where the two p20..p80 ranges do not overlap."""
+    from pydlx.bench import host
+
+    cases = [((1.0, 0.9, 1.3), (0.5, 0.2, 1.5), False),   # medians 2x apart, ranges overlap
+             ((1.0, 0.9, 1.3), (0.5, 0.48, 0.55), True),  # apart
+             ((1.0, 0.9, 1.3), (0.8, 0.7, 0.9), False),   # ranges touch
+             ((1.0, 0.9, 1.1), (2.0, 1.8, 2.2), True)]    # apart, slower
+    for (e_med, e20, e80), (med, p20, p80), want in cases:
+        r = bench.ratio((e_med, e20, e80), (med, p20, p80))
+        assert r.resolved is want and r.median == e_med / med and (r.lo, r.hi) == (e20 / p80, e80 / p20)
+        assert bench.speedup(_row("eager", e_med, e20, e80), _row("pydlx", med, p20, p80)) == (r.median, want)
+        rows = [dict(_row(p, *t), family="host") for p, t in (("eager", (e_med, e20, e80)),
+                                                               ("pydlx", (med, p20, p80)))]
+        [(*_, q, resolved)] = host.ratios(rows)
+        assert (q, resolved) == (med / e_med, want)  # (pydlx / eager: the same rule from the other side)
+        assert ("speedup" in bench.format_change((e_med, e20, e80), (med, p20, p80))) is want
+
+
 def test_host_cost_benchmark_runs_every_chain_through_the_op_path(tmp_path, capsys):
     """python -m pydlx.bench --host on the CPU, a few calls (a benchmark run, not a timed test): a row per chain,
     provider and mode, per-call times in the CSV schema, the table with pydlx / eager; the op path really runs (the

@@ -362,3 +362,50 @@ def test_optimized_cnn_saves_at_most_half_the_activations(device):
     with pydlx.use_backend("auto" if device == "cuda" else "reference"):
         after = S.saved_activation_bytes("cnn", fast, x, y)
     assert after <= before / 2, (after, before)
+
+
+# ------------------------------------------------------------------------------------ the report's timing lines
+def test_report_prints_a_speedup_only_where_the_spreads_resolve_it():
+    """examples/train_seed_models.py's comparison line, fed fabricated (median, p20, p80) timings: no timing."""
+    from pydlx import bench
+
+    # the loaded-machine case: medians 1.31x apart, but the p20..p80 ranges overlap: no ratio, "within noise"
+    noisy = bench.format_change((183.29, 150.10, 220.40), (139.57, 120.00, 190.00))
+    assert noisy == "183.29 (150.10-220.40) -> 139.57 (120.00-190.00) ms: same within noise (0.79x-1.84x)"
+    assert "1.31" not in noisy and "speedup" not in noisy
+    # medians 2x apart, ranges that touch (original's p20 == optimized's p80): still not resolved
+    assert "same within noise" in bench.format_change((10.0, 8.0, 12.0), (5.0, 4.0, 8.0))
+    # resolved both ways: faster and slower
+    assert bench.format_change((10.0, 9.5, 10.5), (5.0, 4.8, 5.2)).endswith("ms: speedup 2.00x")
+    assert bench.format_change((5.0, 4.8, 5.2), (10.0, 9.5, 10.5)).endswith("ms: speedup 0.50x")
+    # a small resolved difference is reported; the same difference with a wider spread is not
+    assert bench.format_change((1.05, 1.04, 1.06), (1.0, 0.99, 1.01)).endswith("speedup 1.05x")
+    assert "same within noise" in bench.format_change((1.05, 1.0, 1.1), (1.0, 0.95, 1.05))
+    # sub-millisecond times keep three significant digits
+    assert bench.format_change((0.0512, 0.05, 0.053), (0.0401, 0.04, 0.041), unit="ms").startswith(
+        "0.0512 (0.0500-0.0530) -> 0.0401 (0.0400-0.0410) ms")
+
+
+def test_report_runs_end_to_end_at_a_tiny_size(capsys):
+    """The report on the CPU at batch 8, one epoch, 3 timing rounds: the correctness lines as before, and for each
+    model a training-step and an inference line, each a median (p20-p80) pair, a speedup only where the printed
+    spreads resolve it, else "same within noise"."""
+    import re
+
+    import train_seed_models
+
+    assert train_seed_models.main(["--device", "cpu", "--epochs", "1", "--batch", "8", "--reps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("state_dict unchanged: True") == 3
+    assert len(re.findall(r"largest loss difference along the curves: 0\.00e\+00", out)) == 3
+    assert out.count("batch 8 on cpu, original -> optimized, median (p20-p80) of 3 interleaved rounds:") == 3
+    num = r"(\d+\.\d+)"
+    line = re.compile(rf"^    (training step|inference) +{num} \({num}-{num}\) -> {num} \({num}-{num}\) ms: "
+                      r"(speedup \d+\.\d\dx|same within noise \(\d+\.\d\dx-\d+\.\d\dx\))$", re.M)
+    found = line.findall(out)
+    assert [f[0] for f in found] == ["training step", "inference"] * 3, out
+    for _, med, p20, p80, o_med, o20, o80, verdict in found:
+        assert float(p20) <= float(med) <= float(p80) and float(o20) <= float(o_med) <= float(o80)
+        if verdict.startswith("speedup"):  # (the printed values are rounded: strictly apart only if resolved)
+            assert float(p20) >= float(o80) or float(p80) <= float(o20), verdict
+    assert out.count("saved activations") == 3

@@ -3,19 +3,21 @@
 A family module (pydlx/bench/linear.py, ...) lists ``Case``s; ``run_cases`` times each case for each provider
 (``pydlx``, ``eager``, ``compile``) and mode (``fwd``, ``fwdbwd``), all of a case's providers and modes interleaved
 in rounds after each has warmed up (``measure``), and returns CSV rows (``CSV_COLUMNS``), which ``print_table``,
-``append_csv`` and ``plot`` consume; a speedup whose p20..p80 spreads overlap is marked unstable (``speedup``).
+``append_csv`` and ``plot`` consume; a speedup whose p20..p80 spreads overlap is marked unstable (``ratio``: the
+one rule every report that compares two timings applies).
 Importing this module does no work.
 """
 from __future__ import annotations
 
 import csv
 import datetime
+import math
 import statistics
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -215,17 +217,47 @@ def time_fn(fn: Callable[[], object], device, warmup: Optional[int] = None,
     return measure({0: fn}, device, warmup, rep)[0]
 
 
-# A ratio is "unstable" when the two rows' p20..p80 ranges do not resolve it: the ratio of eager's to the
-# provider's time could be 1 within them (eager_p20 / p80 <= 1 <= eager_p80 / p20). Such a ratio is shown, marked,
-# and never plotted or reported as a speedup.
+class Ratio(NamedTuple):
+    """One timing over another (``ratio``): the medians' ratio, the lowest and highest ratio their p20..p80 ranges
+    allow, and whether those ranges resolve it from 1."""
+    median: float
+    lo: float
+    hi: float
+    resolved: bool
+
+
+# The one rule for comparing two timings: a ratio is resolved (stable) only when the two p20..p80 ranges do not
+# overlap, i.e. 1 lies outside [num_p20 / den_p80, num_p80 / den_p20]; otherwise it could be 1 within the
+# measurement's noise, and it is shown as such (marked, "within noise"), never plotted or reported as a speedup.
+def ratio(num: Sequence[float], den: Sequence[float]) -> Ratio:
+    """``num``'s time over ``den``'s, each a (median, p20, p80) as ``measure`` returns (all positive)."""
+    (med, p20, p80), (d_med, d20, d80) = num, den
+    return Ratio(med / d_med, p20 / d80, p80 / d20, p20 > d80 or p80 < d20)
+
+
+def format_change(before: Sequence[float], after: Sequence[float], unit: str = "ms") -> str:
+    """``before -> after`` of two (median, p20, p80) timings, each as ``median (p20-p80)``, then the speedup
+    (before / after) only where the spreads resolve it from 1 (``ratio``), else ``same within noise (lo-hi)``: the
+    range of ratios the two spreads allow."""
+    r = ratio(before, after)
+    digits = max(2, 2 - math.floor(math.log10(min(*before, *after))))  # 2 decimals, 3 significant digits at least
+    fmt = lambda t: f"{t[0]:.{digits}f} ({t[1]:.{digits}f}-{t[2]:.{digits}f})"  # noqa: E731
+    verdict = f"speedup {r.median:.2f}x" if r.resolved else f"same within noise ({r.lo:.2f}x-{r.hi:.2f}x)"
+    return f"{fmt(before)} -> {fmt(after)} {unit}: {verdict}"
+
+
+def row_times(row: Dict) -> Tuple[float, float, float]:
+    """A CSV row's (median, p20, p80)."""
+    return float(row["median_ms"]), float(row["p20_ms"]), float(row["p80_ms"])
+
+
 def speedup(eager: Dict, row: Dict) -> Tuple[Optional[float], bool]:
-    """(eager's median / the row's median, whether that ratio is stable) for two CSV rows of one case and mode."""
-    med, p20, p80 = float(row["median_ms"]), float(row["p20_ms"]), float(row["p80_ms"])
-    e_med, e20, e80 = float(eager["median_ms"]), float(eager["p20_ms"]), float(eager["p80_ms"])
-    if med <= 0 or p20 <= 0 or p80 <= 0:
+    """(eager's median / the row's median, whether that ratio is stable: ``ratio``) for two CSV rows of one case
+    and mode."""
+    if min(row_times(row)) <= 0:
         return None, False
-    lo, hi = e20 / p80, e80 / p20
-    return e_med / med, not (lo <= 1.0 <= hi)
+    r = ratio(row_times(eager), row_times(row))
+    return r.median, r.resolved
 
 
 def append_csv(path, rows: Sequence[Dict]) -> None:

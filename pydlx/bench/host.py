@@ -30,7 +30,7 @@ from torch import nn
 import pydlx
 from pydlx.ops._common import _OPS
 
-from . import MODES, env_info, measure
+from . import MODES, env_info, measure, ratio, row_times
 
 MODE_WORDS = {"fwd": "inference", "fwdbwd": "training (fwd + bwd)"}
 
@@ -165,16 +165,16 @@ def run(device, calls: int = 100, rounds: Optional[int] = None, cases: Sequence[
 
 def ratios(rows: Sequence[Dict]) -> List[Tuple[str, str, str, Dict, Dict, float, bool]]:
     """(op, shape, mode, eager row, pydlx row, pydlx / eager, resolved) for each case and mode: ``resolved`` is
-    False when the two p20..p80 ranges do not separate the ratio from 1 (then it is within the noise)."""
+    False when the two p20..p80 ranges do not separate the ratio from 1 (``pydlx.bench.ratio``: then it is within
+    the noise)."""
     by = {(r["op"], r["mode"], r["provider"]): r for r in rows if r["family"] == "host"}
     out = []
     for (op, mode, provider), r in by.items():
         e = by.get((op, mode, "eager"))
         if provider != "pydlx" or e is None:
             continue
-        med, p20, p80 = (float(r[k]) for k in ("median_ms", "p20_ms", "p80_ms"))
-        e_med, e20, e80 = (float(e[k]) for k in ("median_ms", "p20_ms", "p80_ms"))
-        out.append((op, r["shape"], mode, e, r, med / e_med, not (p20 / e80 <= 1.0 <= p80 / e20)))
+        q = ratio(row_times(r), row_times(e))
+        out.append((op, r["shape"], mode, e, r, q.median, q.resolved))
     return out
 
 
@@ -184,8 +184,8 @@ def print_table(rows: Sequence[Dict]) -> None:
     header = ("chain", "shape", "mode", "eager us (p20-p80)", "pydlx us (p20-p80)", "pydlx / eager")
     us = lambda r: (f"{1e3 * float(r['median_ms']):.1f} ({1e3 * float(r['p20_ms']):.1f}-"  # noqa: E731
                     f"{1e3 * float(r['p80_ms']):.1f})")
-    lines = [(op, shape, MODE_WORDS[mode], us(e), us(r), f"{ratio:.2f}x" + ("" if ok else "?"))
-             for op, shape, mode, e, r, ratio, ok in ratios(rows)]
+    lines = [(op, shape, MODE_WORDS[mode], us(e), us(r), f"{q:.2f}x" + ("" if ok else "?"))
+             for op, shape, mode, e, r, q, ok in ratios(rows)]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
     fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     print(fmt(header))

@@ -1,5 +1,6 @@
 """The three seed models: small example models written in plain PyTorch, as a tutorial writes them (pydlx's
-examples and model benchmarks run them as written and after pydlx.optimize), their data, and a small trainer.
+examples and model benchmarks run them as written and after pydlx.optimize), their data, a small trainer, and the
+interleaved timing of a training step and an inference batch that examples/train_seed_models.py reports.
 
 Models (kept exactly as written, functional calls included): ``CNN`` (conv1 3->32, conv2 32->64, 3x3 pad 1, one
 shared 2x2 ``pool``, fc1 64*6*6->128, fc2 128->10, ReLU via F.relu), ``RNN`` (nn.LSTM(input_size, hidden_size,
@@ -159,6 +160,35 @@ def train(kind: str, model: nn.Module, data: Dict[str, torch.Tensor], epochs: in
             break
     return {"losses": losses, "step_ms": 1e3 * sum(times[1:]) / max(1, len(times) - 1),
             **(evaluate(kind, model, data) if metrics else {})}
+
+
+def time_step_and_inference(kind: str, models: Dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+                            rounds: int = 10, warmup: int = 2) -> Dict[Tuple[str, str], Tuple[float, float, float]]:
+    """{(name, "step" or "inference"): (median, p20, p80) in ms} for each of ``models`` on the same batch ``x, y``:
+    one training step (zero_grad, the seed's loss, backward, a step of the seed's optimizer: one optimizer per
+    model, so the models' steps do not interfere) and one inference batch (no grad). All of them are timed
+    interleaved in ``rounds`` rounds (pydlx.bench.measure), so that warm-up drift or a neighbour's load falls on
+    every model alike rather than on whichever ran first. CPU: ``warmup`` calls of each first; CUDA: measure's
+    warm-up and repetitions in milliseconds. Compare two entries with pydlx.bench.ratio / format_change."""
+    from . import measure
+
+    fns = {}
+    for name, model in models.items():
+        opt = make_optimizer(kind, model)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(kind, model, x, y).backward()
+            opt.step()
+
+        def infer(model=model):
+            with torch.no_grad():
+                model(x)
+
+        fns[(name, "step")], fns[(name, "inference")] = step, infer
+    if x.device.type == "cuda":
+        return measure(fns, x.device, rounds=rounds)
+    return measure(fns, x.device, warmup=warmup, rep=rounds)
 
 
 @torch.no_grad()
