@@ -233,6 +233,15 @@ def forward(z: torch.Tensor, spec: Optional[str]) -> torch.Tensor:
     return z if name is None else BY_NAME[name].forward(z, alpha)
 
 
+def forward_fresh(z: torch.Tensor, spec: Optional[str]) -> torch.Tensor:
+    """``forward`` for a z that nothing else holds or reads later (a layer's fresh output that is not kept as the
+    pre-activation): relu runs in place, as ``nn.ReLU(inplace=True)`` after a layer does (autograd stays exact: its
+    backward reads the output); no new tensor is allocated and written. The others as ``forward``."""
+    if spec == "relu":
+        return z.relu_()
+    return forward(z, spec)
+
+
 # ----------------------------------------------------------------------------------------------- torch spellings
 def module_spec(m: nn.Module) -> Optional[str]:
     """The spec of an activation module pydlx has the activation of (parameters it refuses included), else None.

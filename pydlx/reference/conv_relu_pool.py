@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .._geometry import conv_size
-from ..activations import forward as activation_forward
+from ..activations import forward as activation_forward, forward_fresh as activation_forward_fresh
 from .linear import activation_backward
 
 
@@ -21,7 +21,7 @@ def conv_act_pool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     padding: int = 0, activation: Optional[str] = "relu", pool_size: int = 1,
                     pool_stride: Optional[int] = None, pool_padding: int = 0, ceil_mode: bool = False) -> torch.Tensor:
     """The chain as eager PyTorch runs it (autograd included)."""
-    y = activation_forward(F.conv2d(x, weight, bias, stride=stride, padding=padding), activation)
+    y = activation_forward_fresh(F.conv2d(x, weight, bias, stride=stride, padding=padding), activation)
     if pool_size == 1:
         return y
     return F.max_pool2d(y, pool_size, pool_stride if pool_stride is not None else pool_size, pool_padding,
@@ -79,7 +79,7 @@ def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     """(y, idx, z) for 4-D x: the output (contiguous NCHW); with a pool (P > 1) each max's position in its window
     (int8), else an empty tensor; z the pre-activation when ``save_preact`` (no pool only), else empty."""
     z = F.conv2d(x, w, b, stride=stride, padding=padding)
-    a = activation_forward(z, activation)
+    a = activation_forward(z, activation) if save_preact else activation_forward_fresh(z, activation)
     if P == 1:
         zs = (z.clone() if a is z else z).contiguous() if save_preact else x.new_empty(0)
         return a.contiguous(), x.new_empty(0, dtype=torch.int8), zs

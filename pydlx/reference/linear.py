@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import SELU_ALPHA, SELU_SCALE, check_activation, forward as activation_forward
+from ..activations import forward_fresh as activation_forward_fresh
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -94,9 +95,9 @@ def linear_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                activation: Optional[str], save_preact: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y, z) for a 2-D input; z is an empty tensor unless ``save_preact`` (the signature of every backend's)."""
     z = F.linear(x2d, weight, bias)
-    y = activation_forward(z, activation)
     if not save_preact:
-        return y, z.new_empty(0)
+        return activation_forward_fresh(z, activation), z.new_empty(0)
+    y = activation_forward(z, activation)
     return y, (z.clone() if y is z else z)  # two outputs of one op must not alias
 
 
@@ -111,4 +112,4 @@ def linear_bwd(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, sa
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            activation: Optional[str] = None) -> torch.Tensor:
     """act(x @ weight.T + bias) for any leading dims, through torch's own autograd."""
-    return activation_forward(F.linear(x, weight, bias), activation)
+    return activation_forward_fresh(F.linear(x, weight, bias), activation)

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..activations import forward as activation_forward, saves_preact
+from ..activations import forward as activation_forward, forward_fresh as activation_forward_fresh, saves_preact
 from .linear import activation_backward, linear
 
 
@@ -55,7 +55,9 @@ def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[O
     hs, zs, h = [], [], x
     for i, (w, b) in enumerate(zip(weights, biases)):
         z = torch.nn.functional.linear(h, w, b)
-        h = activation_forward(z, activation if i + 1 < len(weights) else last_activation)
+        a = activation if i + 1 < len(weights) else last_activation
+        h = activation_forward(z, a) if save and saves_z(activation, last_activation) else \
+            activation_forward_fresh(z, a)
         zs.append(z)
         if i + 1 < len(weights):
             hs.append(h)
