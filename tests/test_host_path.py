@@ -96,14 +96,14 @@ CASES = {"linear": _linear, "mlp": _mlp, "conv_relu_pool": _conv, "conv_bn_eval"
 # (case, training) -> (pydlx Python calls, top-level ATen ops) per call (training: forward and backward) after the
 # first call, the backend forced to the reference. Today's counts: lower them when the path gets cheaper.
 BUDGETS: Dict[Tuple[str, bool], Tuple[int, int]] = {
-    ("linear", False): (20, 3),
-    ("linear", True): (52, 15),
-    ("mlp", False): (33, 7),
-    ("mlp", True): (91, 49),
-    ("conv_relu_pool", False): (23, 8),
-    ("conv_relu_pool", True): (60, 27),
-    ("conv_bn_eval", False): (36, 4),
-    ("optimized_cnn", False): (79, 22),
+    ("linear", False): (18, 3),
+    ("linear", True): (50, 15),
+    ("mlp", False): (30, 7),
+    ("mlp", True): (88, 49),
+    ("conv_relu_pool", False): (21, 8),
+    ("conv_relu_pool", True): (58, 27),
+    ("conv_bn_eval", False): (34, 4),
+    ("optimized_cnn", False): (74, 22),
 }
 # inference: the fused call's ATen ops may exceed the eager chain's by this (the op's empty outputs for what only
 # backward keeps). Training is not compared: the backward's glue around a fused kernel's layout (slices of the

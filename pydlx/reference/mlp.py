@@ -53,16 +53,16 @@ def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[O
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, H, Z) for 2-D x; H and Z are empty unless ``save`` (Z also unless an activation needs z)."""
     hs, zs, h = [], [], x
+    keep_z = save and saves_z(activation, last_activation)
+    act = activation_forward if keep_z else activation_forward_fresh
     for i, (w, b) in enumerate(zip(weights, biases)):
         z = torch.nn.functional.linear(h, w, b)
-        a = activation if i + 1 < len(weights) else last_activation
-        h = activation_forward(z, a) if save and saves_z(activation, last_activation) else \
-            activation_forward_fresh(z, a)
+        h = act(z, activation if i + 1 < len(weights) else last_activation)
         zs.append(z)
         if i + 1 < len(weights):
             hs.append(h)
     H = torch.cat(hs, 1) if save and hs else x.new_empty(0)
-    Z = torch.cat(zs, 1) if save and saves_z(activation, last_activation) else x.new_empty(0)
+    Z = torch.cat(zs, 1) if keep_z else x.new_empty(0)
     return h, H, Z
 
 
