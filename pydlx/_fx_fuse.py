@@ -247,6 +247,42 @@ def guards_hold(model: nn.Module, guards: list) -> bool:
 _MISSING = object()
 
 
+def compile_guards(guards: list) -> Callable[[nn.Module], bool]:
+    """``guards_hold(model, guards)`` as one generated straight-line function, made once per specialisation: each
+    module path resolved once (shared prefixes too), each guard one comparison, no loop over the list, no string
+    split -- the check every forward of an optimized model runs before its fused code. Where the generated code
+    meets anything unexpected (a path that no longer resolves to a module), the generic ``guards_hold`` decides."""
+    lines = ["def check(model):", "    try:"]
+    names: Dict[str, str] = {"": "model"}
+    env: Dict[str, object] = {"MISSING": _MISSING, "snapshot": _snapshot}
+
+    def module(path: str) -> str:
+        if path in names:
+            return names[path]
+        parent, _, part = path.rpartition(".")
+        p = module(parent)
+        var = names[path] = f"m{len(names)}"
+        lines.append(f"        d = {p}._modules")
+        lines.append(f"        {var} = d[{part!r}] if {part!r} in d else getattr({p}, {part!r}, None)")
+        return var
+
+    for i, (path, name, want) in enumerate(guards):
+        m = module(path)
+        env[f"w{i}"] = want
+        if name is None:  # want: _Same(the module object)
+            lines.append(f"        if {m} is not w{i}.obj: return False")
+        elif name is _HOOKS:
+            lines.append(f"        if ({m} is not None and bool({m}._forward_hooks or {m}._forward_pre_hooks))"
+                         f" != w{i}: return False")
+        else:
+            lines.append(f"        v = getattr({m}, {name!r}, MISSING) if {m} is not None else MISSING")
+            lines.append(f"        if v is not w{i} and snapshot(v) != w{i}: return False")
+    lines += ["        return True", "    except Exception:", "        return guards_hold(model, guards)"]
+    env.update(guards_hold=guards_hold, guards=guards)
+    exec(compile("\n".join(lines), "<pydlx guards>", "exec"), env)  # noqa: S102  (code made from the guards above)
+    return env["check"]
+
+
 def describe_guards(guards: list) -> str:
     names = [f"self.{p + '.' if p else ''}{n}" for p, n, _ in guards if isinstance(n, str)]
     return ", ".join(names)
@@ -577,6 +613,7 @@ class Specialisation:
                  why: Optional[str], graph: Optional[fx.Graph] = None):
         self.at_default, self.guards, self.fn, self.fused, self.why = at_default, guards, fn, fused, why
         self.graph = graph  # the fused graph (for explain and the tests)
+        self.holds = compile_guards(guards)  # holds(model): whether the guards hold
 
 
 class FxState:
@@ -586,6 +623,7 @@ class FxState:
         self.base, self.allowed = base, allowed
         _, self.names, self.optional = _forward_parameters(base)
         self.specs: List[Specialisation] = []
+        self.last: Optional[Specialisation] = None
 
     def __getstate__(self):  # specialisations hold module objects and generated code: re-traced after a copy
         return {"base": self.base, "allowed": self.allowed}
@@ -619,10 +657,17 @@ class FxState:
     def lookup(self, model: nn.Module, args=(), kwargs=None) -> Specialisation:
         """The specialisation a call of ``model`` with these arguments runs (made now if there is none)."""
         at_default = self.at_default(model, args, kwargs or {})
+        last = self.last  # (the common call: the same specialisation as the previous one)
+        if last is not None and last.at_default == at_default and last.holds(model):
+            return last
         for s in self.specs:
-            if s.at_default == at_default and guards_hold(model, s.guards):
+            if s is not last and s.at_default == at_default and s.holds(model):
+                self.last = s
                 return s
-        return self.specialise(model, at_default)
+        spec = self.specialise(model, at_default)
+        if spec in self.specs:  # (past MAX_SPECIALISATIONS a guardless unfused one: never the shortcut)
+            self.last = spec
+        return spec
 
     def select(self, model: nn.Module, args, kwargs) -> Callable:
         return self.lookup(model, args, kwargs).fn or self.base.forward

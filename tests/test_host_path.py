@@ -224,3 +224,59 @@ def test_a_fold_is_recomputed_when_autograd_records():
     bn.weight.grad = None
     torch.relu(bn(conv(x))).sum().backward()
     torch.testing.assert_close(g1, bn.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_generated_guard_checks_agree_with_the_guards():
+    """An optimized model's forward checks its specialisation's guards with generated code; it must agree with the
+    guards read one by one (pydlx._fx_fuse.guards_hold) as the model changes in every way a guard watches: train /
+    eval, a hook added and removed, a plain attribute changed, a traced-through submodule replaced and deleted."""
+    from pydlx import _fx_fuse
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.scale = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), 2.0
+            self.extra = nn.Identity()
+
+        def forward(self, x):
+            return F.relu(self.bn(self.conv(x))) * self.scale + self.extra(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = Block(), nn.Linear(3 * 8 * 8, 4)
+
+        def forward(self, x):
+            return self.head(torch.flatten(self.block(x), 1))
+
+    model = pydlx.optimize(Net().eval())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+    spec = model._pydlx_fx.specs[0]
+    assert len(spec.guards) > 3, spec.guards
+
+    def agree():
+        assert spec.holds(model) == _fx_fuse.guards_hold(model, spec.guards)
+        return spec.holds(model)
+
+    assert agree()
+    model.train()
+    assert not agree()
+    model.eval()
+    assert agree()
+    handle = model.block.register_forward_hook(lambda m, i, o: None)
+    assert not agree()
+    handle.remove()
+    assert agree()
+    model.block.scale = 3.0
+    assert not agree()
+    model.block.scale = 2.0
+    assert agree()
+    old = model.block  # (a module traced through: its identity is a guard; a leaf such as block.extra is not)
+    model.block = Block().eval()
+    assert not agree()
+    model.block = old
+    assert agree()
+    del model.block
+    assert not agree()  # (a path that no longer resolves: the generic check decides)
