@@ -11,6 +11,11 @@ model's modules, attributes and state_dict stay exactly as they are:
   Linear -> act                  becomes   pydlx.ops.linear(x, linear.weight, linear.bias, activation)
 A module called from several places is fused only if every call is followed by the same pattern.
 
+One rewrite is no fusion: a tensor the forward makes on the CPU only to copy it to a device, as the tutorial RNN
+makes its initial states (``torch.zeros(layers, n, hidden).to(x.device)``), is made on that device instead
+(``construct_on_device``): the same values without a host-to-device copy, and the host wait for it, on every call,
+which CUDA graph capture refuses.
+
 A trace is specialised: Python in the forward ran once, on the values it read then. So the trace records what it
 read — every plain attribute of a traced module (``self.training``, ``self.ngpu``, ...), which module objects it
 traced through, whether an optional argument was left at its default — and the fused forward is kept per set of
@@ -590,6 +595,69 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
     return found
 
 
+# ----------------------------------------------------------------------------------------------- made on the device
+# constructors whose values do not depend on the device they run on (random ones do: another generator)
+_CONSTRUCTORS = (torch.zeros, torch.ones, torch.empty, torch.full)
+
+
+def _moved_to(node: fx.Node):
+    """The device of a ``.to(...)`` call when the graph says it is one -- ``.to(t.device)`` or a device constant,
+    positional or ``device=``, and nothing else -- as a getattr node or a torch.device; else None."""
+    if node.op != "call_method" or node.target != "to":
+        return None
+    if len(node.args) == 2 and not node.kwargs:
+        dev = node.args[1]
+    elif len(node.args) == 1 and set(node.kwargs) == {"device"}:
+        dev = node.kwargs["device"]
+    else:
+        return None
+    if isinstance(dev, fx.Node):
+        ok = dev.op == "call_function" and dev.target is getattr and len(dev.args) == 2 and dev.args[1] == "device"
+        return dev if ok and isinstance(dev.args[0], fx.Node) else None
+    if isinstance(dev, str):
+        try:
+            return torch.device(dev)
+        except RuntimeError:
+            return None
+    return dev if isinstance(dev, torch.device) else None
+
+
+def construct_on_device(graph: fx.Graph) -> List[str]:
+    """Rewrite ``torch.zeros(...).to(t.device)`` (also ones, empty and full; a device constant too) into
+    ``torch.zeros(..., device=t.device)``: the values are the same, made where they are used, without the copy
+    from the CPU and the wait for it at every call -- which a CUDA graph cannot capture. Only where the tensor has
+    no other use and the constructor names no device, no ``requires_grad`` (a copy is no leaf) nor anything but a
+    ``dtype``. Returns what was rewritten, one ``torch.<name>(...).to(...)`` each."""
+    done = []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _CONSTRUCTORS or set(node.kwargs) - {"dtype"}:
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].args[:1] != (node,) or node in users[0].args[1:]:
+            continue
+        to = users[0]
+        dev = _moved_to(to)
+        if dev is None:
+            continue
+        if isinstance(dev, fx.Node):
+            order = {n: i for i, n in enumerate(graph.nodes)}
+            src = dev.args[0]
+            if order[src] > order[node]:
+                continue  # (the tensor whose device it is comes later: left as written)
+            if order[dev] > order[node]:
+                if len(dev.users) == 1:
+                    node.prepend(dev)  # ``x.device`` read before the constructor, not after it
+                else:
+                    with graph.inserting_before(node):
+                        dev = graph.call_function(getattr, (src, "device"))
+        node.kwargs = {**node.kwargs, "device": dev}
+        to.replace_all_uses_with(node)
+        graph.erase_node(to)
+        where = f"{dev.args[0].name}.device" if isinstance(dev, fx.Node) else repr(str(dev))
+        done.append(f"torch.{node.target.__name__}(...).to({where})")
+    return done
+
+
 # ----------------------------------------------------------------------------------------------- fused forward
 _counter = itertools.count()
 
@@ -610,10 +678,11 @@ class Specialisation:
     """One fused forward (or None: run the model's own) and the guards under which it is right."""
 
     def __init__(self, at_default: Tuple[str, ...], guards: list, fn: Optional[Callable], fused: List[str],
-                 why: Optional[str], graph: Optional[fx.Graph] = None):
+                 why: Optional[str], graph: Optional[fx.Graph] = None, moved: Tuple[str, ...] = ()):
         self.at_default, self.guards, self.fn, self.fused, self.why = at_default, guards, fn, fused, why
         self.graph = graph  # the fused graph (for explain and the tests)
         self.holds = compile_guards(guards)  # holds(model): whether the guards hold
+        self.moved = moved  # the tensors made on the device rather than copied there (construct_on_device)
 
 
 class FxState:
@@ -705,8 +774,10 @@ def build(model: nn.Module, base: type, at_default: Tuple[str, ...], allowed: Al
         guards = guards + [(p, n, _snapshot(v)) for p, n, v in found_guards]
     for _, apply in todo:
         apply()
-    fn = compile_graph(graph, base.__qualname__) if todo else None
-    return Specialisation(at_default, guards, fn, [fqn for fqn, _ in todo], None, graph if todo else None)
+    moved = tuple(construct_on_device(graph)) if allowed("") else ()
+    changed = bool(todo or moved)
+    fn = compile_graph(graph, base.__qualname__) if changed else None
+    return Specialisation(at_default, guards, fn, [fqn for fqn, _ in todo], None, graph if changed else None, moved)
 
 
 class FusedForward:
@@ -750,7 +821,8 @@ def _refuse(plain: nn.Module, state: FxState) -> nn.Module:
 
 def install(model: nn.Module, allowed_fqns: frozenset) -> List[Specialisation]:
     """Fuse ``model``'s forward code in place (its class becomes the fused subclass) if a trace in the current
-    training mode, or in the other one, fuses anything; returns the specialisations made."""
+    training mode, or in the other one, fuses anything or makes a tensor on the device (``construct_on_device``);
+    returns the specialisations made."""
     base = type(model)
     if isinstance(model, FusedForward):
         return []
@@ -765,7 +837,7 @@ def install(model: nn.Module, allowed_fqns: frozenset) -> List[Specialisation]:
         finally:
             for m in model.modules():
                 m.training = modes[id(m)]
-    if not any(s.fused for s in specs):
+    if not any(s.fused or s.moved for s in specs):
         return specs
     state.specs = specs
     model.__dict__["_pydlx_fx"] = state
@@ -773,13 +845,20 @@ def install(model: nn.Module, allowed_fqns: frozenset) -> List[Specialisation]:
     return specs
 
 
+def relative(allowed_fqns: frozenset, prefix: str) -> frozenset:
+    """The fqns in ``allowed_fqns`` (from the model's root; "": the model itself) as seen from the module at
+    ``prefix``: its descendants', and "" if it is allowed itself (its own forward code may be rewritten)."""
+    if not prefix:
+        return frozenset(allowed_fqns)
+    return frozenset([f[len(prefix) + 1:] for f in allowed_fqns if f.startswith(prefix + ".")]
+                     + ([""] if prefix in allowed_fqns else []))
+
+
 def install_tree(model: nn.Module, allowed_fqns: frozenset, prefix: str = "") -> List[str]:
     """``install`` on ``model``; where its forward cannot be traced in either mode (data-dependent control flow,
     ``len(x)``, ...), on each of its submodules instead, recursively (their forwards may trace even when the parent's
     does not). Returns the fqns of the modules whose forward code is now fused."""
-    local = frozenset(f[len(prefix) + 1:] if prefix else f for f in allowed_fqns
-                      if not prefix or f.startswith(prefix + "."))
-    specs = install(model, local)
+    specs = install(model, relative(allowed_fqns, prefix))
     if isinstance(model, FusedForward):
         return [prefix or "(model)"]
     if not specs or not all(s.why for s in specs):  # traced (nothing to fuse in it, children included), or fused

@@ -98,9 +98,10 @@ class Block:
 @dataclass(frozen=True)
 class Note:
     """Something about a module (its fqn; "" is the model) that is no block: its forward code was not traced (and
-    why), or reads attributes the fused forward is kept per value of, or could not be analysed."""
+    why), or reads attributes the fused forward is kept per value of, or makes tensors on the CPU only to copy them
+    to a device (optimize makes them there), or could not be analysed."""
     module: str
-    what: str  # "not traced" | "guards" | "error"
+    what: str  # "not traced" | "guards" | "device" | "error"
     text: str
 
     def line(self) -> str:
@@ -108,6 +109,11 @@ class Note:
         if self.what == "not traced":
             return (f"note   forward code of {name} not traced by torch.fx ({self.text}): it runs as written; its "
                     "submodules' forwards are traced one by one")
+        if self.what == "device":
+            of = f" of {self.module}" if self.module else ""
+            return (f"note   the forward code{of} makes tensors on the CPU and copies them to a device at every call "
+                    f"({self.text}): the optimized forward makes them on that device (no copy and wait per call; "
+                    "capturable in a CUDA graph)")
         if self.what == "guards":
             of = f" of {self.module}" if self.module else ""
             return (f"note   the forward code{of} reads {self.text}: the fused forward is kept per value of these "

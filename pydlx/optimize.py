@@ -22,6 +22,9 @@ What is swapped today (the families of later issues add their patterns here):
     (``self.training``, other attributes, optional arguments) and traced again when those change. Where the
     forward cannot be traced the module swaps above still apply, the forward runs as written, and ``explain``
     says why.
+  * in traced forward code, a ``torch.zeros(...).to(x.device)`` (ones, empty, full: the tutorial RNN's initial
+    states) is made on the device instead: the same values without a host-to-device copy and wait at every call,
+    which CUDA graph capture refuses (``_fx_fuse.construct_on_device``); ``explain`` notes it.
 Parameter names, and so the state_dict, are unchanged. The walk is explicit (setattr on the parent); nothing
 global is patched. ``plan(model)`` returns what optimize would do as data (pydlx/_plan.py: blocks fused and kept,
 with the reason, and notes), which ``optimize`` applies and ``explain`` renders.
@@ -202,13 +205,14 @@ def _module_pass(model: nn.Module, filter_fn: Filter) -> nn.Module:
 
 
 def _allowed_fqns(model: nn.Module, filter_fn: Filter) -> frozenset:
-    """The modules the forward-code pass may fuse: those that ``filter_fn`` accepts with all their ancestors."""
+    """The modules the forward-code pass may fuse (and whose forward code it may rewrite): those that
+    ``filter_fn`` accepts with all their ancestors; "" stands for the model itself."""
     ok = {"": filter_fn is None or filter_fn(model, "")}
     for fqn, mod in model.named_modules():
         if fqn:
             parent = fqn.rpartition(".")[0]
             ok[fqn] = ok.get(parent, True) and (filter_fn is None or filter_fn(mod, fqn))
-    return frozenset(f for f, v in ok.items() if v and f)
+    return frozenset(f for f, v in ok.items() if v)
 
 
 def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = None) -> nn.Module:
@@ -269,15 +273,20 @@ def plan(model: nn.Module, filter_fn: Filter = None) -> Plan:
                     if not _fx_fuse._is_leaf(probe, child, fqn):
                         forward_tree(child, fqn)
                 return
-            local = {f[len(prefix) + 1:] if prefix else f for f in allowed if not prefix or f.startswith(prefix + ".")}
+            local = _fx_fuse.relative(allowed, prefix)
             found = [b for b, _ in _fx_fuse.plan(graph, mod, lambda f: f in local)]
+            moved = _fx_fuse.construct_on_device(graph) if "" in local else []
         kept = {b.modules for b in blocks if not b.fused}
         for b in found:
             full = tuple(f"{prefix}.{f}" if prefix else f for f in b.modules)
             if b.fused or full not in kept:  # (a kept block is said once)
                 blocks.append(dataclasses.replace(b, modules=full))
+        if moved:
+            counts = {m: moved.count(m) for m in moved}
+            result.notes.append(Note(prefix, "device", ", ".join(m + (f" ({n} times)" if n > 1 else "")
+                                                                  for m, n in counts.items())))
         read = _fx_fuse.describe_guards(guards)
-        if read and any(b.fused for b in found):
+        if read and (any(b.fused for b in found) or moved):
             result.notes.append(Note(prefix, "guards", read))
 
     try:

@@ -6,12 +6,15 @@ covered), each step under its own timeout so that a hung kernel cannot eat the b
           kernel x dtype x backend once against float64 (tests/test_gpu_smoke.py), and the headline benchmark case
           of each goal (pydlx auto / pydlx-triton / pydlx-cuda vs eager vs torch.compile), and the host cost per call
           at tiny shapes (python -m pydlx.bench --host);
-  tier 1  the full GPU test suite (pytest -m gpu; xdist workers and per-test timeouts where installed);
+  tier 1  the full GPU test suite (pytest -m gpu; xdist workers and per-test timeouts where installed), then the
+          CUDA-graph tests (tests/test_cuda_graphs.py: the seed models' inference and training step captured with
+          torch.cuda.graphs and with torch.compile(mode="reduce-overhead"), each backend forced), on their own
+          bounded step;
   tier 2  the rest of the benchmark grid, bf16 first, until the budget is spent;
   last    the measured policy (python -m pydlx.bench --make-policy) and summary.md.
 The report goes to --out, else $OUT when set, else ./gpu-report in the repository. It is at most 8 files, so it is
-easy to copy off a remote machine: log.txt (everything, as it happens), tier0.xml and tier1.xml (junit), bench.csv,
-bench.png, policy.json, summary.md.
+easy to copy off a remote machine: log.txt (everything, as it happens), tier0.xml, tier1.xml and graphs.xml (junit),
+bench.csv, bench.png, policy.json, summary.md.
 
 --dry-run runs the same driver on the CPU: the Triton kernels under the interpreter, tiny benchmark sizes, no
 extension build, fake ceilings, no policy (CPU rows make none); tests/test_gpu_check.py runs it in CI so this file
@@ -44,6 +47,8 @@ def _backend_names() -> Sequence[str]:
     except Exception:  # noqa: BLE001
         return ()
 RESERVE_S = 40  # kept for the policy and the summary at the end
+GRAPH_TESTS = "tests/test_cuda_graphs.py"  # tier 1's second step (compile-heavy: torch.compile per model and backend)
+GRAPH_TIMEOUT_S = 180
 
 
 class Check:
@@ -184,7 +189,7 @@ class Check:
         lines += [f"| {s['step']} | {s['rc']}{' (timed out)' if s['rc'] == 124 else ''} | {s['seconds']} |"
                   for s in self.steps]
         lines += ["", "## Tests (pass / fail / skip per family and backend)", ""]
-        lines += tests_table([self.out / "tier0.xml", self.out / "tier1.xml"])
+        lines += tests_table([self.out / "tier0.xml", self.out / "tier1.xml", self.out / "graphs.xml"])
         lines += ["", "## Benchmarks (speedup over eager; `?` = within the noise)", ""]
         lines += bench_table(self.out / "bench.csv")
         (self.out / "summary.md").write_text("\n".join(lines) + "\n")
@@ -307,8 +312,14 @@ def main(argv=None) -> int:
              min(150, c.left()))
     c.bench("tier 0: headline benchmarks", "headline", min(1.5, c.left() / 60), min(150, c.left()))
     c.host("tier 0: host cost", min(60, c.left()))
-    # tier 1: the full GPU test suite
-    c.pytest("tier 1: GPU test suite", ["tests", "-m", "gpu", *workers, "-q"], "tier1.xml", min(300, c.left()))
+    # tier 1: the full GPU test suite, then the CUDA-graph tests on their own bounded step (a slow torch.compile there
+    # cannot push the suite past its timeout, which would lose its junit)
+    c.pytest("tier 1: GPU test suite", ["tests", "-m", "gpu", f"--ignore={GRAPH_TESTS}", *workers, "-q"], "tier1.xml",
+             min(300, c.left()))
+    if c.left() > 30:
+        c.pytest("tier 1: CUDA graphs", [GRAPH_TESTS, "-v", *workers], "graphs.xml", min(GRAPH_TIMEOUT_S, c.left()))
+    else:
+        c.say("tier 1: CUDA graphs: skipped (under 30 s of the budget left; a larger --minutes runs them)")
     # tier 2: the rest of the grid, as long as the budget lasts
     if c.left() > 20:
         c.bench("tier 2: benchmark grid", "rest", (c.left() - 15) / 60, c.left())

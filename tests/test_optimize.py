@@ -919,3 +919,77 @@ def test_optimized_resnet_like_model_runs_the_triton_kernels_in_both_modes(poiso
             assert_close(a, b, dtype=torch.float32, name=f"{mode} {name}.grad")
         for (name, a), b in zip(fast.named_buffers(), model.buffers()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+class _States(nn.Module):
+    """Initial states made on the CPU and copied to the input's device, as the tutorial RNN makes its h0 and c0, in
+    each spelling the rewrite takes, and a chain to fuse beside them."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        n = x.size(0)  # (a traced size, as the RNN's batch size; torch.fx takes it after a leading int)
+        if self.spelling == "zeros":
+            h = torch.zeros(1, n, 4).to(x.device)
+        elif self.spelling == "ones-device-kw":
+            h = torch.ones(1, n, 4, dtype=x.dtype).to(device=x.device)
+        elif self.spelling == "full-constant":
+            h = torch.full((1, n, 4), 0.5).to("cpu")
+        else:  # empty, then filled in place
+            h = torch.empty(1, n, 4).to(x.device).fill_(2.0)
+        return torch.relu(self.fc(x.float())) + h
+
+
+@pytest.mark.parametrize("spelling", ["zeros", "ones-device-kw", "full-constant", "empty"])
+def test_tensors_copied_to_a_device_are_made_there(spelling):
+    """``torch.zeros(...).to(x.device)`` in forward code becomes ``torch.zeros(..., device=x.device)``: no
+    host-to-device copy (and wait) per call on a GPU, which CUDA graph capture refuses; the same values."""
+    from pydlx import _fx_fuse
+
+    model = _States(spelling)
+    fast = pydlx.optimize(model)
+    x = torch.randn(3, 4)
+    spec = _fx_fuse.current(fast, x)
+    made = [n for n in spec.graph.nodes if n.op == "call_function" and n.target in _fx_fuse._CONSTRUCTORS]
+    assert len(made) == 1 and "device" in made[0].kwargs
+    assert not any(n.op == "call_method" and n.target == "to" for n in spec.graph.nodes)
+    assert torch.equal(fast(x), model(x))
+    assert [(n.module, n.what) for n in pydlx.plan(model).notes][:1] == [("", "device")]
+    assert "makes tensors on the CPU and copies them to a device" in pydlx.explain(model)
+
+
+class _Kept(nn.Module):
+    """Constructions the rewrite leaves as written: another generator, a leaf that requires grad, a device named
+    already, a second use, a conversion that is not (only) a device, a device the graph cannot tell."""
+
+    def forward(self, x, where):
+        a = torch.randn(2, 3).to(x.device)                    # random: the device's generator would differ
+        b = torch.zeros(2, 3, requires_grad=True).to(x.device)  # a copy is no leaf; made there, it would be
+        c = torch.zeros(2, 3, device="cpu").to(x.device)      # a device named already
+        d = torch.ones(2, 3)
+        e = d.to(x.device) + d                                 # used twice
+        f = torch.ones(2, 3).to(x.device, x.dtype)             # more than a device
+        g = torch.ones(2, 3).to(x)                             # a tensor's dtype and device
+        h = torch.ones(2, 3).to(where)                         # a forward argument: a device or a dtype
+        return a.sum() * 0 + b + c + e + f + g + h
+
+
+def test_constructions_that_are_no_plain_copy_to_a_device_stay_as_written():
+    from pydlx import _fx_fuse
+
+    graph, _ = _fx_fuse.trace(_Kept())
+    before = [(n.op, n.target, n.args, dict(n.kwargs)) for n in graph.nodes]
+    assert _fx_fuse.construct_on_device(graph) == []
+    assert [(n.op, n.target, n.args, dict(n.kwargs)) for n in graph.nodes] == before
+
+
+def test_filter_fn_excluding_the_model_keeps_its_forward_as_written():
+    from pydlx import _fx_fuse
+
+    model = _States("zeros")
+    kept = pydlx.optimize(model, filter_fn=lambda m, fqn: fqn != "")
+    assert type(kept) is _States and _fx_fuse.current(kept) is None
+    assert not any(n.what == "device" for n in pydlx.plan(model, filter_fn=lambda m, fqn: fqn != "").notes)

@@ -1,7 +1,7 @@
 """pydlx.optimize on the three seed models as written (pydlx/bench/seed_models.py) and on functional
 forwards (torch.fx): what is fused, state_dict identical, same outputs and gradients, training curves that agree,
 and integration -- torch.compile(fullgraph=True), autocast, DistributedDataParallel over two CPU processes,
-deepcopy / pickle / torch.save, CUDA-graph capture of a training step (GPU)."""
+deepcopy / pickle / torch.save. CUDA graphs: tests/test_cuda_graphs.py."""
 import copy
 import io
 import os
@@ -318,35 +318,6 @@ def test_ddp_two_cpu_processes_match_one(kind):
     assert len(grads) == len(list(single.parameters()))
     for g, p in zip(grads, single.parameters()):
         assert_close(torch.from_numpy(g).double(), p.grad.double(), dtype=torch.float32, name="ddp grad")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind", KINDS)
-def test_gpu_cuda_graph_capture_of_a_training_step(kind):
-    torch.manual_seed(0)
-    fast = pydlx.optimize(S.make_model(kind)).cuda()
-    data = S.make_data(kind, "cuda")
-    x, y = data["x_train"][:64].clone(), data["y_train"][:64].clone()
-    opt = torch.optim.SGD(fast.parameters(), lr=0.01)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):  # warm-up: kernels compiled, gradients allocated
-            opt.zero_grad(set_to_none=False)
-            S.loss_fn(kind, fast, x, y).backward()
-            opt.step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=False)
-    with torch.cuda.graph(g):
-        loss = S.loss_fn(kind, fast, x, y)
-        loss.backward()
-        opt.step()
-    before = [p.detach().clone() for p in fast.parameters()]
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.isfinite(loss).item()
-    assert any(not torch.equal(a, p) for a, p in zip(before, fast.parameters()))
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
