@@ -280,3 +280,48 @@ def test_generated_guard_checks_agree_with_the_guards():
     assert agree()
     del model.block
     assert not agree()  # (a path that no longer resolves: the generic check decides)
+
+
+def test_eager_calls_skip_the_op_and_watched_calls_take_it():
+    """Eagerly an op's implementation runs directly (no torch.library dispatch); under a dispatch mode (what
+    torch.compile's fake tensors, FlopCounterMode and the like use) the call goes through the ``pydlx::`` op, so
+    they see one opaque op; both give the same values and gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    seq = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3, bias=False))  # (a layer without a bias too)
+    ws, bs = [seq[0].weight, seq[2].weight], [seq[0].bias, None]
+    x = torch.randn(6, 5, requires_grad=True)
+    from pydlx.ops._common import _OPS
+
+    op, calls = _OPS["mlp_fused"], Counter()
+    overload = op.overload
+    op.overload = lambda *args: calls.update(["op"]) or overload(*args)
+    try:
+        with pydlx.use_backend("reference"):
+            y = pydlx.ops.mlp(x, ws, bs, "relu")
+            assert calls["op"] == 0
+            seen = Seen()
+            with seen:
+                y_op = pydlx.ops.mlp(x, ws, bs, "relu")
+            assert calls["op"] == 1
+    finally:
+        op.overload = overload
+    assert seen.ops["pydlx.mlp_fused.default"] == 1, seen.ops
+    torch.testing.assert_close(y, y_op, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *ws, bs[0]], g)
+    grads_op = torch.autograd.grad(y_op, [x, *ws, bs[0]], g)
+    for a, b in zip(grads, grads_op):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    want = torch.autograd.grad(seq(x), [x, *ws, bs[0]], g)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -176,7 +176,7 @@ def _unflatten(flat: Sequence, lists: Sequence[int], lengths: Optional[Sequence[
     if lengths is None:
         return list(flat)
     out, pos, k = [], 0, 0
-    while pos < len(flat):
+    for _ in range(len(flat) - sum(lengths) + len(lengths)):  # (one per argument; an empty list is one too)
         if len(out) in lists:
             out.append(list(flat[pos:pos + lengths[k]]))
             pos, k = pos + lengths[k], k + 1
