@@ -616,3 +616,33 @@ def test_gpu_auto_picks_triton_and_cuda_graph_capture():
     torch.cuda.synchronize()
     assert_close(out, ref.linear.linear(static_x.double(), lin.weight.double(), lin.bias.double(), "gelu"),
                  dtype=torch.bfloat16, name="graph replay")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_an_nd_output_may_be_modified_in_place(backend):
+    """A Linear (and an MLP) on (*, in) input followed by an in-place op (``y += 1``, ``nn.Hardswish(inplace=True)``):
+    the op's N-D output is not an autograd view, so autograd allows it, and the values and gradients are eager's."""
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    w2 = torch.randn(3, 4, dtype=torch.float64)
+    F = torch.nn.functional
+    dtype = torch.float64 if backend == "reference" else torch.float32
+
+    def run(fused):
+        xs, ws, bs, w2s = (t.detach().to(dtype).requires_grad_() for t in (x, w, b, w2))
+        if fused:
+            with pydlx.use_backend(backend):
+                y = pydlx.ops.linear(xs, ws, bs)  # (relu's output is saved for backward: in eager too)
+                m = pydlx.ops.mlp(xs, [ws, w2s], [bs, None], "relu")
+        else:
+            y = F.linear(xs, ws, bs)
+            m = F.linear(torch.relu(F.linear(xs, ws, bs)), w2s)
+        y.add_(1.0)
+        F.hardswish(m, inplace=True)
+        (y * 0.5 + 0).sum().backward(retain_graph=True)
+        (m * m).sum().backward()
+        return [y, m] + [t.grad for t in (xs, ws, bs, w2s)]
+
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, **tol)

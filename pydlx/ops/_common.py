@@ -61,6 +61,13 @@ def autocast_cast(device_type: str, tensors: Sequence[Optional[Tensor]]) -> list
     return [t.to(dt) if t is not None else None for t in tensors]
 
 
+def unrows(t: Tensor, lead) -> Tensor:
+    """A 2-D (rows, n) result of an implementation as (*lead, n), not an autograd view of it: an op's output that
+    is a view (of a tensor made inside the op) may not be modified in place, and models do that (a Linear on a
+    sequence followed by ``nn.Hardswish(inplace=True)``); ``torch.matmul`` returns its N-D results the same way."""
+    return torch.ops.aten._unsafe_view(t.contiguous(), (*lead, t.shape[-1]))
+
+
 def act_name(activation: str) -> Optional[str]:
     """The activation spec an implementation takes from an op's ``activation`` argument ("none": None)."""
     return None if activation == "none" else activation

@@ -21,7 +21,7 @@ from ..reference.batchnorm import momentum_factor
 from ..reference.linear import linear as reference_linear
 from . import batchnorm
 from ._common import (ArgumentError, act_name, autocast_cast, autocast_enabled, autograd, check_floating, check_like,
-                      implement, meta, plain, rows, traced)
+                      implement, meta, plain, rows, traced, unrows)
 
 NAME = "pydlx.ops.linear"
 
@@ -48,8 +48,7 @@ def _fwd(input, weight, bias, activation, save_preact, backend):
         return _impl(backend).linear_fwd(input, weight, bias, act_name(activation), save_preact)
     lead = input.shape[:-1]
     y, z = _impl(backend).linear_fwd(rows(input), weight, bias, act_name(activation), save_preact)
-    y = y.reshape(*lead, weight.shape[0])
-    return y, (z.reshape(*lead, weight.shape[0]) if save_preact else z)
+    return unrows(y, lead), (unrows(z, lead) if save_preact else z)
 
 
 def _fwd_fake(input, weight, bias, activation, save_preact, backend):

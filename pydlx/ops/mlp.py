@@ -26,11 +26,11 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
 from .. import _backend, registry
-from ..activations import check_activation
+from ..activations import check_activation, saves_preact
 from ..reference.mlp import fuses_in_one_kernel, mlp as reference_mlp, saves_z
 from ..registry import KERNEL_DTYPES
 from ._common import (ArgumentError, act_name, autocast_cast, autocast_enabled, autograd, check_floating, check_like,
-                      implement, meta, plain, rows, traced)
+                      implement, meta, plain, rows, traced, unrows)
 from .linear import linear, op_activation
 
 
@@ -56,7 +56,7 @@ def _expand(biases: Sequence[Tensor], has_bias: Sequence[bool]) -> List[Optional
 def _fwd(input, weights, biases, has_bias, activation, last_activation, save, backend):
     y, H, Z = _impl(backend).mlp_fwd(input if input.dim() == 2 else rows(input), weights,
                                      _expand(biases, has_bias), act_name(activation), act_name(last_activation), save)
-    return (y if input.dim() == 2 else y.reshape(*input.shape[:-1], weights[-1].shape[0])), H, Z
+    return (y if input.dim() == 2 else unrows(y, input.shape[:-1])), H, Z
 
 
 def _fwd_fake(input, weights, biases, has_bias, activation, last_activation, save, backend):
@@ -100,7 +100,10 @@ mlp_fused_bwd = implement("mlp_fused_bwd", _bwd, _bwd_fake)
 
 def _save(a, out):
     y, H, Z = out
-    return (a.input, y, H, Z, *a.weights)
+    # y only where backward reads it (the last activation's derivative from y): without a last activation an
+    # in-place op on the output (a residual ``+=``, ``nn.Hardswish(inplace=True)``) is as legal as in eager
+    keep_y = act_name(a.last_activation) is not None and not saves_preact(a.last_activation)
+    return (a.input, y if keep_y else y.new_empty(0), H, Z, *a.weights)
 
 
 def _backward(a, saved, grads, needs):
