@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import contextvars
 import csv
 import json
 import math
@@ -131,7 +132,8 @@ def load(path: Union[str, Path]) -> Policy:
     return Policy(json.loads(path.read_text()), path)
 
 
-_override: List[Optional[Union[Policy, str]]] = []
+# use_policy's stack, per thread and asyncio task: a tuple of Policy objects and "off"
+_overrides: contextvars.ContextVar = contextvars.ContextVar("pydlx_policy", default=())
 _cache: Dict[Tuple[str, str], Optional[Policy]] = {}
 
 
@@ -140,18 +142,19 @@ def use_policy(policy: Union[Policy, str, Path, None]) -> Iterator[None]:
     """Within the block, ``auto`` follows ``policy`` (a Policy or a path) on every GPU, or none ("off"/None)."""
     if isinstance(policy, (str, Path)) and str(policy) != "off":
         policy = load(policy)
-    _override.append("off" if policy is None else policy)
+    token = _overrides.set(_overrides.get() + ("off" if policy is None else policy,))
     try:
         yield
     finally:
-        _override.pop()
+        _overrides.reset(token)
 
 
 def for_device(device: Union[torch.device, int, None] = None) -> Optional[Policy]:
     """The policy in force for a CUDA device: a ``use_policy`` override, else PYDLX_POLICY (off | a path), else the
     shipped file for the device's name and capability, else None."""
-    if _override:
-        top = _override[-1]
+    override = _overrides.get()
+    if override:
+        top = override[-1]
         return None if top == "off" else top
     env = (getenv("PYDLX_POLICY") or "").strip()
     if env.lower() == "off":
@@ -172,7 +175,8 @@ def in_force() -> tuple:
     """What decides the policy in force (the innermost ``use_policy``, PYDLX_POLICY): part of every kept dispatch
     decision's key, so that a change of policy is seen by the next call. The override itself, not its id: the key
     keeps it alive, so a later policy object cannot reuse the id and be taken for it."""
-    return (_override[-1] if _override else None, getenv("PYDLX_POLICY"))
+    override = _overrides.get()
+    return (override[-1] if override else None, getenv("PYDLX_POLICY"))
 
 
 def lookup(family: str, device, call) -> Optional[Rule]:
@@ -191,7 +195,7 @@ def status(device=None) -> str:
     policy = for_device(device)
     if policy is None:
         name, cc = device_key(device)
-        off = os.environ.get("PYDLX_POLICY", "").strip().lower() == "off" or (_override and _override[-1] == "off")
+        off = os.environ.get("PYDLX_POLICY", "").strip().lower() == "off" or (_overrides.get()[-1:] == ("off",))
         return ("off: auto runs the unmeasured defaults" if off else
                 f"none for {name} (sm_{cc.replace('.', '')}): auto runs the unmeasured defaults (eager where a kernel "
                 "is not measured)")
