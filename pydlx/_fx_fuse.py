@@ -28,6 +28,7 @@ and re-trace on first use.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import linecache
@@ -805,10 +806,17 @@ _fused_classes: Dict[type, type] = {}
 
 
 def fused_class(base: type) -> type:
+    """The fused subclass of ``base``: its ``forward`` runs FusedForward's and shows ``base.forward``'s name,
+    docstring and signature (``inspect.signature``), so torch.export's ``dynamic_shapes``, ONNX input names and
+    anything else that reads the signature sees the original model's."""
     if base not in _fused_classes:
+        def forward(self, *args, **kwargs):
+            return FusedForward.forward(self, *args, **kwargs)
+        functools.update_wrapper(forward, base.forward)
+        forward.__qualname__ = f"{base.__qualname__}.forward"
         _fused_classes[base] = type(base.__name__, (FusedForward, base), {
             "__module__": base.__module__, "__qualname__": base.__qualname__,
-            "__doc__": base.__doc__, "_pydlx_base": base})
+            "__doc__": base.__doc__, "_pydlx_base": base, "forward": forward})
     return _fused_classes[base]
 
 

@@ -1,0 +1,75 @@
+"""An optimized model exported as the original is: the same forward signature, torch.export with a dynamic batch
+dimension giving the original's results at other batch sizes, and the exported program saved and loaded."""
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim, export
+
+import pydlx
+from pydlx.bench.seed_models import CNN, RNN, Autoencoder
+
+MODELS = {
+    "cnn": (CNN, (4, 3, 24, 24)),
+    "rnn": (lambda: RNN(28, 16, 2, 10), (4, 28, 28)),
+    "autoencoder": (lambda: Autoencoder(784, 32, 3), (4, 784)),
+    "small_mlp": (lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), (4, 16)),  # one kernel
+}
+
+
+def _pair(name):
+    make, shape = MODELS[name]
+    model = make().eval()
+    return model, pydlx.optimize(copy.deepcopy(model)), torch.randn(shape)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forward_signature_is_the_originals(name):
+    model, fast, _ = _pair(name)
+
+    class WithDefaults(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, scale: float = 2.0, shift=None):
+            """Doc of the forward."""
+            y = torch.relu(self.lin(x)) * scale
+            return y if shift is None else y + shift
+
+    def params(m):  # names, kinds and defaults (annotations may differ where a module was swapped for pydlx's)
+        return [(p.name, p.kind, p.default) for p in inspect.signature(m.forward).parameters.values()]
+
+    with_defaults = WithDefaults()
+    fused = pydlx.optimize(copy.deepcopy(with_defaults))
+    assert type(fused) is not WithDefaults  # (its forward was traced and fused: F.relu after self.lin)
+    for orig, opt in ((model, fast), (with_defaults, fused)):
+        assert params(opt) == params(orig)
+    assert fused.forward.__name__ == "forward" and fused.forward.__doc__ == with_defaults.forward.__doc__
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fused(x, 3.0, shift=x), with_defaults(x, 3.0, shift=x))
+    torch.testing.assert_close(fused(x), with_defaults(x))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_with_a_dynamic_batch(name, backend):
+    """Exported with ``dynamic_shapes`` written for the original (its argument's name), run at other batch sizes
+    after a save and load, the optimized model gives the original's results."""
+    model, fast, x = _pair(name)
+    arg = next(iter(inspect.signature(model.forward).parameters))  # the original's name for its input
+    with pydlx.use_backend(backend):
+        ep = export(fast, (x,), dynamic_shapes={arg: {0: Dim("batch", min=2, max=1024)}})
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    buf.seek(0)
+    loaded = torch.export.load(buf).module()
+    for batch in (2, 7, 33):
+        xb = torch.randn(batch, *x.shape[1:])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(xb), model(xb), rtol=1e-5, atol=1e-5)
