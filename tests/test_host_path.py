@@ -99,7 +99,7 @@ BUDGETS: Dict[Tuple[str, bool], Tuple[int, int]] = {
     ("linear", False): (18, 3),
     ("linear", True): (50, 15),
     ("mlp", False): (30, 7),
-    ("mlp", True): (89, 49),
+    ("mlp", True): (89, 50),
     ("conv_relu_pool", False): (21, 8),
     ("conv_relu_pool", True): (58, 27),
     ("conv_bn_eval", False): (34, 4),
