@@ -73,3 +73,23 @@ def test_export_with_a_dynamic_batch(name, backend):
         xb = torch.randn(batch, *x.shape[1:])
         with torch.no_grad():
             torch.testing.assert_close(loaded(xb), model(xb), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_torchscript_trace_saves_loads_and_runs(name, backend):
+    """``torch.jit.trace`` of an optimized model (pydlx's ops recorded as ``pydlx::`` calls under a forced backend),
+    saved and loaded, gives the original's results on new inputs of the traced shape."""
+    model, fast, x = _pair(name)
+    with pydlx.use_backend(backend), torch.no_grad():
+        traced = torch.jit.trace(fast, (x,), check_trace=False)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    if backend == "reference" and name in ("cnn", "small_mlp"):  # (fused there: the trace holds pydlx's ops)
+        assert "pydlx::" in str(loaded.inlined_graph)
+    for _ in range(2):
+        xb = torch.randn_like(x)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(xb), model(xb), rtol=1e-5, atol=1e-5)

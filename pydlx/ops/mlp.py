@@ -197,7 +197,7 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
             t.requires_grad for t in (*weights, *[b for b in biases if b is not None])))
         y, _, _ = mlp_fused(input, list(weights), [b for b in biases if b is not None],
-                            [b is not None for b in biases], op_activation(activation),
+                            [int(b is not None) for b in biases], op_activation(activation),
                             op_activation(last_activation), needs_grad, choose(input, sizes, needs_grad))
         return y
     return _chain(input, weights, biases, activation, last_activation)
@@ -226,4 +226,4 @@ def _plan(input, weights, biases, activation, last_activation):
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
         t.requires_grad for t in (*weights, *[b for b in biases if b is not None])))
     return (choose(input, sizes, needs_grad), op_activation(activation), op_activation(last_activation),
-            [b is not None for b in biases], needs_grad)
+            [int(b is not None) for b in biases], needs_grad)

@@ -25,10 +25,11 @@ SCHEMAS = {
 
     # ---- mlp: Linear -> act -> ... -> Linear -> last_activation in one kernel; ``biases`` lists the layers that have
     # one (``has_bias`` says which); H = the hidden layers' outputs side by side, Z = every layer's pre-activation
-    # (only when an activation's derivative needs it): saved for backward when ``save``, else empty.
-    "mlp_fused": "(Tensor input, Tensor[] weights, Tensor[] biases, bool[] has_bias, str activation, "
+    # (only when an activation's derivative needs it): saved for backward when ``save``, else empty. ``has_bias`` is
+    # int[] (0 / 1), not bool[]: torch.jit.trace cannot record a list of bools.
+    "mlp_fused": "(Tensor input, Tensor[] weights, Tensor[] biases, int[] has_bias, str activation, "
                  "str last_activation, bool save, str backend) -> (Tensor y, Tensor H, Tensor Z)",
-    "mlp_fused_bwd": "(Tensor grad, Tensor input, Tensor[] weights, bool[] has_bias, Tensor y, Tensor H, Tensor Z, "
+    "mlp_fused_bwd": "(Tensor grad, Tensor input, Tensor[] weights, int[] has_bias, Tensor y, Tensor H, Tensor Z, "
                      "str activation, str last_activation, bool need_dx, str backend) "
                      "-> (Tensor dx, Tensor[] dweights, Tensor[] dbiases)",
 
