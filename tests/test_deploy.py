@@ -93,3 +93,54 @@ def test_torchscript_trace_saves_loads_and_runs(name, backend):
         xb = torch.randn_like(x)
         with torch.no_grad():
             torch.testing.assert_close(loaded(xb), model(xb), rtol=1e-5, atol=1e-5)
+
+
+FUNC_CASES = [(name, backend) for name in ("cnn", "autoencoder", "small_mlp") for backend in ("auto", "reference")]
+
+
+@pytest.mark.parametrize("name,backend", FUNC_CASES)
+def test_torch_func_grad_and_vjp(name, backend):
+    """torch.func.grad over functional_call, and vjp, through an optimized model give the original's gradients
+    (pydlx's ops differentiate with their own formulas under the transforms)."""
+    from torch.func import functional_call, grad, vjp
+
+    model, fast, x = _pair(name)
+    x = x[:3]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(module):
+        return lambda p, inp: functional_call(module, p, (inp,)).pow(2).sum()
+
+    with pydlx.use_backend(backend):
+        got = grad(loss(fast), argnums=(0, 1))(params, x)
+        out, pull = vjp(lambda inp: fast(inp), x)
+        cot = torch.randn_like(out)
+        got_vjp = pull(cot)[0]
+    want = grad(loss(model), argnums=(0, 1))(params, x)
+    out_want, pull_want = vjp(lambda inp: model(inp), x)
+    tol = dict(rtol=1e-4, atol=1e-4)
+    for k in want[0]:
+        torch.testing.assert_close(got[0][k], want[0][k], **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    torch.testing.assert_close(out, out_want, **tol)
+    torch.testing.assert_close(got_vjp, pull_want(cot)[0], **tol)
+
+
+def test_vmap_raises_naming_the_op():
+    """vmap over a pydlx op is not supported: torch's error names the op."""
+    from torch.func import vmap
+
+    _, fast, x = _pair("small_mlp")
+    with pydlx.use_backend("reference"), pytest.raises(RuntimeError, match="pydlx_mlp_fused"):
+        vmap(lambda row: fast(row.unsqueeze(0)))(x)
+
+
+@pytest.mark.interpreter
+def test_torch_func_through_a_kernel_backend_raises_naming_the_op():
+    """Under torch.func a kernel backend's forward runs (on plain tensors), but its backward kernels cannot read
+    torch.func's wrapped tensors: a clear error naming the op and the way out, never a wrong gradient."""
+    from torch.func import grad
+
+    _, fast, x = _pair("small_mlp")
+    with pydlx.use_backend("triton"), pytest.raises(RuntimeError, match="pydlx::mlp_fused_bwd: the triton backend"):
+        grad(lambda inp: fast(inp).pow(2).sum())(x)

@@ -77,14 +77,23 @@ def act_name(activation: str) -> Optional[str]:
 _PLAIN = (Tensor, torch.nn.Parameter)  # tensor types the eager path takes; any other (FakeTensor, DTensor, ...) -> op
 
 
-def traced() -> bool:
+def watched() -> bool:
     """Whether a call must go through the torch.library op: torch.compile / torch.export trace it, a dispatch or
-    torch-function mode (FakeTensorMode, FlopCounterMode, ...) watches it, a torch.func transform or torch.jit.trace
-    is active. Otherwise ops run eagerly (``Op``). ``is_compiling`` comes first: Dynamo folds it to True and stops."""
+    torch-function mode (FakeTensorMode, FlopCounterMode, ...) watches it, or torch.jit.trace records it.
+    ``is_compiling`` comes first: Dynamo folds it to True and stops."""
     return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None
             or torch._C._get_tracing_state() is not None)
+
+
+def traced() -> bool:
+    """Whether a call is off the plain eager path: ``watched``, or a torch.func transform (grad, vjp, vmap, ...) is
+    active (written out: this runs on every entry point's call). The entry points then keep no plan and call their
+    ``Op`` with everything checked afresh."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._get_tracing_state() is not None
+            or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 class Op:
@@ -99,10 +108,11 @@ class Op:
     modes see one opaque op. A backward op (no ``function``) called with gradients enabled on inputs that need one
     (a double backward) goes through the op too, which refuses it."""
 
-    __slots__ = ("name", "impl", "overload", "function", "tensors", "lists", "names")
+    __slots__ = ("name", "impl", "overload", "function", "transformable", "tensors", "lists", "names")
 
     def __init__(self, name: str, impl: Callable, overload: torch._ops.OpOverload):
         self.name, self.impl, self.overload, self.function = name, impl, overload, None
+        self.transformable = None  # the same Function in torch.func's form (forward without ctx, setup_context)
         args = overload._schema.arguments
         self.names = tuple(a.name for a in args)
         self.tensors = tuple(i for i, a in enumerate(args) if _is_tensor(a.type))
@@ -111,7 +121,7 @@ class Op:
 
     def __call__(self, *args):
         if traced():
-            return self.overload(*args)
+            return self.overload(*args) if watched() else self._transformed(args)
         grad = False
         for i in self.tensors:
             t = args[i]
@@ -129,6 +139,24 @@ class Op:
                 return self.overload(*args)
             return self.eager(True, *args)
         return self.impl(*args)
+
+    def _transformed(self, args):
+        """Under a torch.func transform: a forward op through its Function in torch.func's form (grad, vjp and
+        functional_call differentiate it with the op's own formulas; vmap raises torch's error for a Function
+        without a vmap rule); a backward op (called by those formulas) runs its implementation."""
+        if self.transformable is None:
+            backend = args[-1]  # (every op takes the backend that runs it last: pydlx/ops/schemas.py)
+            if backend != "reference" and any(
+                    isinstance(args[i], Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(args[i])
+                    for i in self.tensors):
+                raise RuntimeError(
+                    f"pydlx::{self.name}: the {backend} backend's backward cannot run under a torch.func transform "
+                    "(its kernels read plain tensors); differentiate with torch.func under the reference backend "
+                    "(pydlx.use_backend('reference'), or auto on a CPU), or use torch.autograd")
+            return self.impl(*args)
+        if not self.lists:
+            return self.transformable.apply(None, *args)
+        return self.transformable.apply(tuple(len(args[i]) for i in self.lists), *_flatten(args, self.lists))
 
     def eager(self, grad: bool, *args):
         """The eager path for a caller that has checked ``traced()`` and the tensors' types itself (a kept plan):
@@ -297,3 +325,17 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
     Function = type(f"pydlx_{name}", (torch.autograd.Function,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward_eager)})
     the_op.function = Function
+
+    # torch.func's form of the same Function (forward without ctx, then setup_context): what grad / vjp need. Not
+    # the eager path's: its apply binds the arguments through inspect.signature on every call.
+    def forward_transformable(lengths, *flat):
+        return the_op.impl(*_unflatten(flat, lists, lengths))
+
+    def setup_transformable(ctx, inputs, output):
+        lengths, flat = inputs[0], inputs[1:]
+        setup_context(ctx, _unflatten(flat, lists, lengths), output)
+        ctx.lengths = lengths
+
+    the_op.transformable = type(f"pydlx_{name}", (torch.autograd.Function,), {
+        "forward": staticmethod(forward_transformable), "setup_context": staticmethod(setup_transformable),
+        "backward": staticmethod(backward_eager)})

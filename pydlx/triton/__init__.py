@@ -69,12 +69,16 @@ def _interpreter_loops_work() -> bool:
         for i in range(0, n):
             tl.store(x_ptr + i, i)
 
-    x = torch.zeros(2, dtype=torch.int32)
-    try:
-        _probe[(1,)](x, 2)
-    except Exception:  # noqa: BLE001
-        return False
-    return x.tolist() == [0, 1]
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    # (outside any torch.func transform and dispatch mode the first triton call may run under: the answer is kept)
+    with torch._C._DisableFuncTorch(), _disable_current_modes():
+        x = torch.zeros(2, dtype=torch.int32)
+        try:
+            _probe[(1,)](x, 2)
+        except Exception:  # noqa: BLE001
+            return False
+        return x.tolist() == [0, 1]
 
 
 def status() -> str:
