@@ -90,7 +90,17 @@ def _cnn(training):
     return lambda: fast(x), lambda: model(x)
 
 
-CASES = {"linear": _linear, "mlp": _mlp, "conv_relu_pool": _conv, "conv_bn_eval": _conv_bn_eval,
+def _resnet18(training):
+    """A model with guards (traced-through blocks, attributes read in forward) and twenty Conv -> BatchNorm folds."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18().eval()
+    fast = pydlx.optimize(torchvision.models.resnet18().eval())
+    fast.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    return lambda: fast(x), lambda: model(x)
+
+
+CASES = {"resnet18": _resnet18, "linear": _linear, "mlp": _mlp, "conv_relu_pool": _conv, "conv_bn_eval": _conv_bn_eval,
          "optimized_cnn": _cnn}
 
 # (case, training) -> (pydlx Python calls, top-level ATen ops) per call (training: forward and backward) after the
@@ -104,6 +114,7 @@ BUDGETS: Dict[Tuple[str, bool], Tuple[int, int]] = {
     ("conv_relu_pool", True): (58, 27),
     ("conv_bn_eval", False): (34, 4),
     ("optimized_cnn", False): (74, 22),
+    ("resnet18", False): (529, 92),  # (eager: 69 ATen ops; the folds save 20 batch norms, each conv's op adds empties)
 }
 # inference: the fused call's ATen ops may exceed the eager chain's by this (the op's empty outputs for what only
 # backward keeps). Training is not compared: the backward's glue around a fused kernel's layout (slices of the

@@ -101,14 +101,17 @@ def folded(weight: Tensor, bias: Optional[Tensor], running_mean: Tensor, running
     return out
 
 
-def fold_costs_memory(input: Tensor, weight: Tensor, out_elems: int, *others: Optional[Tensor]) -> bool:
+def fold_costs_memory(input: Tensor, weight: Tensor, others: Sequence[Optional[Tensor]],
+                      out_elems: Callable[..., int], *args) -> bool:
     """Whether folding would make backward keep more than eager does: with gradients, the folded weight (as large as
-    the weight) is saved for backward, where eager's BatchNorm keeps its input (one output map). Folding pays when
-    the map is at least the weight's size -- the early, wide layers; the late layers of a small batch (ResNet-18's
-    512x512x3x3 convs on 4x4 maps at batch 8) run as written. Without gradients nothing is saved: always fold."""
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (input, weight, *others)):
+    the weight) is saved for backward, where eager's BatchNorm keeps its input (one output map of ``out_elems(*args)``
+    elements, computed only then). Folding pays when the map is at least the weight's size -- the early, wide layers;
+    the late layers of a small batch (ResNet-18's 512x512x3x3 convs on 4x4 maps at batch 8) run as written. Without
+    gradients nothing is saved: always fold."""
+    if not torch.is_grad_enabled() or not (input.requires_grad or weight.requires_grad or any(
+            t is not None and t.requires_grad for t in others)):
         return False
-    return weight.numel() > out_elems
+    return weight.numel() > out_elems(*args)
 
 
 # ----------------------------------------------------------------------------------------------- training mode

@@ -280,17 +280,19 @@ def conv_bn_act_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], ru
     if training:
         return _conv_bn_train(*eager, momentum, num_batches_tracked)
 
-    def out_elems() -> int:
-        st, pd = (v if isinstance(v, int) else v[0] for v in (stride, padding))
-        HO, WO, _, _ = out_shape(*input.shape[-2:], weight.shape[-1], st, pd, 1, 1)
-        return input.shape[0] * weight.shape[0] * max(HO, 0) * max(WO, 0)
-
     if not (isinstance(input, Tensor) and input.dim() == 4) or batchnorm.fold_costs_memory(
-            input, weight, out_elems(), bias, bn_weight, bn_bias):
+            input, weight, (bias, bn_weight, bn_bias), _conv_out_elems, input, weight, stride, padding):
         return _eager_conv_bn(*eager, False, 0.0)
     w, b = batchnorm.folded(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
     return _conv_act_pool2d("pydlx.ops.conv_bn_act_pool2d", input, w, b, stride, padding, activation, pool_size,
                             pool_stride, pool_padding, ceil_mode)
+
+
+def _conv_out_elems(input: Tensor, weight: Tensor, stride, padding) -> int:
+    """Elements of the convolution's output map (before any pool)."""
+    st, pd = (v if isinstance(v, int) else v[0] for v in (stride, padding))
+    HO, WO, _, _ = out_shape(*input.shape[-2:], weight.shape[-1], st, pd, 1, 1)
+    return input.shape[0] * weight.shape[0] * max(HO, 0) * max(WO, 0)
 
 
 def _eager_conv_bn(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride, padding,

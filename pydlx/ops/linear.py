@@ -10,6 +10,7 @@ saved. The implementations are pydlx/<backend>/linear.py (``linear_fwd`` / ``lin
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -204,7 +205,7 @@ def linear_batchnorm(input: Tensor, weight: Tensor, bias: Optional[Tensor], runn
         return _linear_bn_train(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, activation,
                                 momentum, num_batches_tracked)
     if not (isinstance(input, Tensor) and input.dim() == 2) or batchnorm.fold_costs_memory(
-            input, weight, input.shape[0] * weight.shape[0], bias, bn_weight, bn_bias):
+            input, weight, (bias, bn_weight, bn_bias), operator.mul, input.shape[0], weight.shape[0]):
         return _eager_linear_bn(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, activation,
                                 False, 0.0)
     w, b = batchnorm.folded(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
