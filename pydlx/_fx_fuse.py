@@ -174,7 +174,7 @@ def trace(model: nn.Module, at_default: Tuple[str, ...] = ()) -> Tuple[fx.Graph,
     recorder = _Recorder({id(m): fqn for fqn, m in traced.items()})
     # which modules were traced through, and whether they have hooks, are guards too
     module_guards = [(fqn, None, _Same(m)) for fqn, m in traced.items() if fqn]
-    hook_guards = [(fqn, _HOOKS, bool(m._forward_hooks or m._forward_pre_hooks)) for fqn, m in traced.items() if fqn]
+    hook_guards = [(fqn, _HOOKS, has_hooks(m)) for fqn, m in traced.items() if fqn]
     if hooked:
         raise TraceFailed(f"forward hooks on {', '.join(hooked)} (they would run on the trace's proxies)",
                           module_guards + hook_guards)
@@ -197,7 +197,16 @@ def trace(model: nn.Module, at_default: Tuple[str, ...] = ()) -> Tuple[fx.Graph,
 
 
 # ----------------------------------------------------------------------------------------------- guards
-_HOOKS = object()  # guard name: whether the module has forward hooks
+_HOOKS = object()  # guard name: whether the module has hooks (has_hooks)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_hooks(m: Optional[nn.Module]) -> bool:
+    """Whether ``m`` has forward (pre-)hooks or module backward hooks (``_HOOK_DICTS``): they fire only where ``m``
+    itself is called, so a module that has them is never absorbed into a fused op (it runs as written)."""
+    return m is not None and any(getattr(m, d) for d in _HOOK_DICTS)
 
 
 class _Same:
@@ -242,7 +251,7 @@ def guards_hold(model: nn.Module, guards: list) -> bool:
         if name is None:
             got = _Same(m)
         elif name is _HOOKS:
-            got = m is not None and bool(m._forward_hooks or m._forward_pre_hooks)
+            got = has_hooks(m)
         else:
             got = _snapshot(getattr(m, name, _MISSING)) if m is not None else _MISSING
         if got != want:
@@ -278,8 +287,8 @@ def compile_guards(guards: list) -> Callable[[nn.Module], bool]:
         if name is None:  # want: _Same(the module object)
             lines.append(f"        if {m} is not w{i}.obj: return False")
         elif name is _HOOKS:
-            lines.append(f"        if ({m} is not None and bool({m}._forward_hooks or {m}._forward_pre_hooks))"
-                         f" != w{i}: return False")
+            hooks = " or ".join(f"{m}.{d}" for d in _HOOK_DICTS)  # (has_hooks, written out: no call per guard)
+            lines.append(f"        if ({m} is not None and bool({hooks})) != w{i}: return False")
         else:
             lines.append(f"        v = getattr({m}, {name!r}, MISSING) if {m} is not None else MISSING")
             lines.append(f"        if v is not w{i} and snapshot(v) != w{i}: return False")
@@ -511,13 +520,26 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
         if node.op == "call_module" and type(modules.get(node.target)) in (nn.Conv2d, nn.Linear):
             calls.setdefault(node.target, []).append(node)
     found = []
+
+    def hooked(nodes) -> Optional[str]:
+        """Why a candidate over ``nodes`` runs as written: a module among them has hooks (None: none has). Each
+        module's hooks become a guard either way, so that a hook added or removed later makes a new plan."""
+        why = None
+        for n in nodes:
+            if n is not None and n.op == "call_module":
+                h = has_hooks(modules.get(n.target))
+                guards.append((n.target, _HOOKS, h))
+                if h and why is None:
+                    why = f"{n.target} has hooks: it runs as written, so that they fire"
+        return why
+
     for linears, acts, hidden, last_node, last in _linear_chains(graph, modules, calls, allowed):
         mods = [modules[n.target] for n in linears]
         sizes = [mods[0].in_features] + [m.out_features for m in mods]
         one = fuses_in_one_kernel(sizes)
         block = Block(tuple(n.target for n in linears), ("MLP",), "forward", "pydlx.ops.mlp",
                       "mlp" if one else "linear", (("sizes", sizes), ("activation", hidden), ("last_activation", last)),
-                      detail="over the Linears' own parameters, " + ("one fused kernel on GPUs" if one else
+                      reason=hooked(linears + acts + [last_node]), detail="over the Linears' own parameters, " + ("one fused kernel on GPUs" if one else
                                                                      "a chain of fused Linear GEMMs: a layer is "
                                                                      "wider than 128"))
         found.append((block, lambda c=(linears, acts, hidden, last_node, last): _mlp_apply(graph, modules, *c)))
@@ -573,6 +595,8 @@ def plan(graph: fx.Graph, model: nn.Module, allowed: Allowed, guards: Optional[l
             why = activation_refused(matches[0][3])
         if why is None and not (allowed(fqn) and all(allowed(b) for b in bns)):
             why = "excluded by filter_fn"
+        hooks_why = hooked([n for m in matches if m is not None for n in [m[0], *m[1]]])
+        why = why or hooks_why
         bn_mode = None if bn_mod is None else ("training" if bn_mod.training else "folded")
         if conv:
             pool = m0[2]

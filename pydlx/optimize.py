@@ -48,8 +48,18 @@ from .reference.mlp import fuses_in_one_kernel
 Filter = Optional[Callable[[nn.Module, str], bool]]
 
 
+def _hooked(*modules: nn.Module) -> Optional[str]:
+    """Why modules a swap would replace stay as they are: one of them has hooks (forward, forward-pre or module
+    backward hooks fire only where the module itself is called); None if none has."""
+    for m in modules:
+        if _fx_fuse.has_hooks(m):
+            return "it has hooks: it runs as written, so that they fire"
+    return None
+
+
 def _mlp_plan(model: nn.Module, filter_fn: Filter) -> List[Tuple[str, nn.Sequential]]:
-    """(fqn, Sequential) for each plain nn.Sequential that is an MLP with at least one fusable activation."""
+    """(fqn, Sequential) for each plain nn.Sequential that is an MLP with at least one fusable activation (and no
+    hooks on it or its children: the Linear-by-Linear pass below then reports them)."""
     found = []
     for fqn, mod in model.named_modules():
         if type(mod) is not nn.Sequential:
@@ -58,7 +68,7 @@ def _mlp_plan(model: nn.Module, filter_fn: Filter) -> List[Tuple[str, nn.Sequent
         linears = [i for i, (_, m) in enumerate(children) if type(m) is nn.Linear]
         if len(linears) == len(children) or _pattern_error(children, linears) is not None:
             continue  # no activation to fuse, or not an MLP
-        if filter_fn is None or filter_fn(mod, fqn):
+        if (filter_fn is None or filter_fn(mod, fqn)) and _hooked(mod, *mod.children()) is None:
             found.append((fqn, mod))
     return found
 
@@ -85,6 +95,8 @@ def _linear_plan(model: nn.Module, filter_fn: Filter, skip: List[str]):
                 continue
             act = activation_name(children[i + 1])
             why = None if act else not_fused_reason(children[i + 1])
+            if act and _hooked(child, children[i + 1]):
+                act, why = None, _hooked(child, children[i + 1])
             if type(children[i + 1]) is nn.BatchNorm1d:
                 why = "followed by a BatchNorm1d: folded in eval mode by the forward-code pass (below)"
             found.append((child_fqn, mod, i, act, why))
@@ -110,7 +122,7 @@ def _conv_plan(model: nn.Module, filter_fn: Filter):
             if parent_excluded or (filter_fn is not None and not filter_fn(child, child_fqn)):
                 found.append((child_fqn, mod, i, "excluded by filter_fn"))
             else:
-                found.append((child_fqn, mod, i, conv_unsupported(child, nxt[1])))
+                found.append((child_fqn, mod, i, _hooked(child, *nxt) or conv_unsupported(child, nxt[1])))
     return found
 
 
@@ -120,7 +132,7 @@ def _lstm_plan(model: nn.Module, filter_fn: Filter):
     for fqn, mod in model.named_modules():
         if type(mod) in (nn.LSTM, nn.LSTMCell) and fqn:
             excluded = filter_fn is not None and not filter_fn(mod, fqn)
-            found.append((fqn, mod, "excluded by filter_fn" if excluded else None))
+            found.append((fqn, mod, "excluded by filter_fn" if excluded else _hooked(mod)))
     return found
 
 

@@ -144,3 +144,44 @@ def test_torch_func_through_a_kernel_backend_raises_naming_the_op():
     _, fast, x = _pair("small_mlp")
     with pydlx.use_backend("triton"), pytest.raises(RuntimeError, match="pydlx::mlp_fused_bwd: the triton backend"):
         grad(lambda inp: fast(inp).pow(2).sum())(x)
+
+
+def test_user_hooks_fire_after_optimize():
+    """A module with hooks is never absorbed into a fused op: it runs as written, so that its hooks fire, whether
+    they were registered before ``optimize`` (forward code and module swaps) or after it (the forward code's guards
+    see them; removed again, the chain is fused again). ``explain`` says which chains were kept for hooks."""
+    x = torch.randn(2, 3, 24, 24)
+    model = CNN().eval()
+    fired = []
+    model.conv1.register_forward_hook(lambda m, i, o: fired.append("conv1"))
+    model.fc1.register_forward_pre_hook(lambda m, i: fired.append("fc1"))
+    fast = pydlx.optimize(model)
+    with pydlx.use_backend("reference"), torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+    assert fired == ["conv1", "fc1"] * 2
+    text = pydlx.explain(fast)
+    assert "conv1 has hooks" in text and "fc1 has hooks" in text and "fuse   conv2" in text, text
+
+    fast = pydlx.optimize(CNN().eval())
+    with pydlx.use_backend("reference"), torch.no_grad():
+        fast(x)
+        fired.clear()
+        handle = fast.conv2.register_forward_hook(lambda m, i, o: fired.append("conv2"))
+        fast(x)
+        assert fired == ["conv2"]
+        handle.remove()
+        fast(x)
+        assert fired == ["conv2"]
+    assert any(s.fused and "conv2" in s.fused for s in fast._pydlx_fx.specs if s.fn is not None)
+
+    seq = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(),
+                        nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2)))
+    seq[0].register_forward_hook(lambda m, i, o: fired.append("lin0"))
+    seq[4][1].register_forward_hook(lambda m, i, o: fired.append("relu"))
+    fast = pydlx.optimize(seq)
+    assert type(fast[0]) is nn.Linear and type(fast[2]) is not nn.Linear  # the hooked Linear kept, the other fused
+    assert type(fast[4][0]) is nn.Conv2d
+    fired.clear()
+    fast[0](torch.randn(1, 16))
+    fast[4](torch.randn(1, 1, 6, 6))
+    assert fired == ["lin0", "relu"]
