@@ -12,14 +12,14 @@ sizes, options), device, backend in force, policy in force -- and kept: later ca
 dictionary lookup (``decide``). While torch.compile or torch.export traces, it is computed afresh (and becomes a
 constant of the graph). ``clear_caches()`` forgets them (and the other kept caches); registering a backend does too.
 
-The choice is per thread and per asyncio task (a context variable): two server threads can run different
-backends. A backward runs where its forward ran whatever thread autograd runs it on (CUDA backward passes run on
+The choice is per thread (``threading.local``; not a context variable: Dynamo in torch 2.11 cannot trace
+``ContextVar.get``, so asyncio tasks on one thread share it): two server threads can run different backends. A backward runs where its forward ran whatever thread autograd runs it on (CUDA backward passes run on
 autograd's worker threads), because each op passes the forward's backend to its backward op.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -27,7 +27,7 @@ import torch
 from . import _policy, registry
 from ._env import getenv
 
-_chosen: contextvars.ContextVar = contextvars.ContextVar("pydlx_backend", default=())  # use_backend's stack
+_local = threading.local()  # .backends: use_backend's stack in this thread (a tuple; unset: empty)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -47,7 +47,7 @@ def _check_name(name: str) -> str:
 
 def current_backend() -> str:
     """The backend in force: the innermost ``use_backend``, else ``PYDLX_BACKEND``, else ``auto``."""
-    stack = _chosen.get()
+    stack = getattr(_local, "backends", ())
     if stack:
         return stack[-1]
     return _check_name((getenv("PYDLX_BACKEND") or "auto").strip().lower() or "auto")
@@ -57,11 +57,12 @@ def current_backend() -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Run pydlx ops inside the block on backend ``name`` (``auto``, ``reference``, ``triton``, ``cuda``, or any
     registered one)."""
-    token = _chosen.set(_chosen.get() + (_check_name(name),))
+    prev = getattr(_local, "backends", ())
+    _local.backends = prev + (_check_name(name),)
     try:
         yield
     finally:
-        _chosen.reset(token)
+        _local.backends = prev
 
 
 def backends() -> Dict[str, str]:
@@ -100,7 +101,7 @@ def state() -> tuple:
     """What a kept plan depends on beyond the call itself: what decides the backend and the policy in force (the
     innermost ``use_backend`` / ``use_policy``, and PYDLX_BACKEND / PYDLX_POLICY as set now: read on every call,
     unparsed, so that a change is seen by the next call at the cost of two lookups)."""
-    stack = _chosen.get()
+    stack = getattr(_local, "backends", ())
     return (stack[-1] if stack else getenv("PYDLX_BACKEND"), _policy.in_force())
 
 

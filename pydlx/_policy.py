@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import contextvars
+import threading
 import csv
 import json
 import math
@@ -132,8 +132,11 @@ def load(path: Union[str, Path]) -> Policy:
     return Policy(json.loads(path.read_text()), path)
 
 
-# use_policy's stack, per thread and asyncio task: a tuple of Policy objects and "off"
-_overrides: contextvars.ContextVar = contextvars.ContextVar("pydlx_policy", default=())
+_local = threading.local()  # .policies: use_policy's stack in this thread (Policy objects and "off"; unset: empty)
+
+
+def _overrides() -> tuple:
+    return getattr(_local, "policies", ())
 _cache: Dict[Tuple[str, str], Optional[Policy]] = {}
 
 
@@ -142,17 +145,18 @@ def use_policy(policy: Union[Policy, str, Path, None]) -> Iterator[None]:
     """Within the block, ``auto`` follows ``policy`` (a Policy or a path) on every GPU, or none ("off"/None)."""
     if isinstance(policy, (str, Path)) and str(policy) != "off":
         policy = load(policy)
-    token = _overrides.set(_overrides.get() + ("off" if policy is None else policy,))
+    prev = _overrides()
+    _local.policies = prev + ("off" if policy is None else policy,)
     try:
         yield
     finally:
-        _overrides.reset(token)
+        _local.policies = prev
 
 
 def for_device(device: Union[torch.device, int, None] = None) -> Optional[Policy]:
     """The policy in force for a CUDA device: a ``use_policy`` override, else PYDLX_POLICY (off | a path), else the
     shipped file for the device's name and capability, else None."""
-    override = _overrides.get()
+    override = _overrides()
     if override:
         top = override[-1]
         return None if top == "off" else top
@@ -175,7 +179,7 @@ def in_force() -> tuple:
     """What decides the policy in force (the innermost ``use_policy``, PYDLX_POLICY): part of every kept dispatch
     decision's key, so that a change of policy is seen by the next call. The override itself, not its id: the key
     keeps it alive, so a later policy object cannot reuse the id and be taken for it."""
-    override = _overrides.get()
+    override = getattr(_local, "policies", ())  # (_overrides, written out: this runs on every op call)
     return (override[-1] if override else None, getenv("PYDLX_POLICY"))
 
 
@@ -195,7 +199,7 @@ def status(device=None) -> str:
     policy = for_device(device)
     if policy is None:
         name, cc = device_key(device)
-        off = os.environ.get("PYDLX_POLICY", "").strip().lower() == "off" or (_overrides.get()[-1:] == ("off",))
+        off = os.environ.get("PYDLX_POLICY", "").strip().lower() == "off" or (_overrides()[-1:] == ("off",))
         return ("off: auto runs the unmeasured defaults" if off else
                 f"none for {name} (sm_{cc.replace('.', '')}): auto runs the unmeasured defaults (eager where a kernel "
                 "is not measured)")

@@ -1,8 +1,7 @@
-"""``use_backend`` and ``use_policy`` are per thread and per asyncio task; a backward runs on its forward's backend
-whatever thread autograd runs it on."""
+"""``use_backend`` and ``use_policy`` are per thread; a backward runs on its forward's backend whatever thread
+autograd runs it on."""
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import torch
@@ -43,21 +42,6 @@ def test_two_threads_two_backends():
         t.join(timeout=60)
     assert seen == {"forced": ("reference", "off", "op"), "plain": ("auto", None, "eager")}, seen
     assert pydlx.current_backend() == "auto"
-
-
-def test_asyncio_tasks_have_their_own_backend():
-    async def run(backend, inside, read):
-        with pydlx.use_backend(backend):
-            await inside.wait()  # both tasks are inside their blocks
-            got = pydlx.current_backend()
-            await read.wait()  # neither leaves before both have read
-            return got
-
-    async def main():
-        inside, read = asyncio.Barrier(2), asyncio.Barrier(2)
-        return await asyncio.gather(run("reference", inside, read), run("auto", inside, read))
-
-    assert asyncio.run(main()) == ["reference", "auto"]
 
 
 def test_backward_on_another_thread_runs_on_the_forward_backend(monkeypatch):
