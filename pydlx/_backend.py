@@ -79,6 +79,13 @@ def cpu_auto(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and current_backend() == "auto"
 
 
+def runs_eager(backend: str) -> bool:
+    """``auto`` chose the reference for a call (no kernel is measured faster on this device): the entry points then
+    run plain eager PyTorch, with autograd's own C++ nodes, not the reference inside the op (whose custom autograd
+    costs the host ~10 µs a call: the cost a kernel has to pay, not eager's). A forced ``reference`` runs the op."""
+    return backend == "reference" and current_backend() == "auto"
+
+
 # ----------------------------------------------------------------------------------------------- decisions
 MAX_DECISIONS = 4096  # kept decisions; past that they are dropped and made again (a workload of ever-new shapes)
 _decisions: Dict[tuple, Tuple[str, str]] = {}

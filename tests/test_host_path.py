@@ -336,3 +336,37 @@ def test_eager_calls_skip_the_op_and_watched_calls_take_it():
     want = torch.autograd.grad(seq(x), [x, *ws, bs[0]], g)
     for a, b in zip(grads, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["linear", "mlp", "conv"])
+def test_auto_choosing_the_reference_runs_plain_eager(monkeypatch, family):
+    """Where ``auto`` chooses the reference for a call (a GPU without a measured faster kernel for it), the call runs
+    plain eager PyTorch: autograd records torch's own nodes, no pydlx op or generated Function, so the host pays
+    what the chain as written pays. A forced ``reference`` still runs the op. The device is made to look
+    like an unmeasured GPU by making ``auto`` skip its CPU shortcut and decide the reference."""
+    from pydlx.ops._common import _OPS
+
+    monkeypatch.setattr(_backend, "cpu_auto", lambda t: False)
+    decided = []
+    monkeypatch.setattr(_backend, "decide", lambda family, device, call, op=None: (
+        decided.append(family) or ("reference", "eager: not measured on this GPU")))
+    lin, lin2 = nn.Linear(6, 5), nn.Linear(5, 3)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(4, 6, requires_grad=True)
+    xc = torch.randn(2, 2, 6, 6, requires_grad=True)
+    call = {"linear": lambda: pydlx.ops.linear(x, lin.weight, lin.bias, "relu"),
+            "mlp": lambda: pydlx.ops.mlp(x, [lin.weight, lin2.weight], [lin.bias, lin2.bias], "relu"),
+            "conv": lambda: pydlx.ops.conv_relu_pool2d(xc, conv.weight, conv.bias, 1, 1, 2)}[family]
+    want = {"linear": lambda: torch.relu(lin(x)), "mlp": lambda: lin2(torch.relu(lin(x))),
+            "conv": lambda: F.max_pool2d(torch.relu(conv(xc)), 2)}[family]
+    ran = Counter()
+    for name, op in _OPS.items():
+        monkeypatch.setattr(op, "impl", (lambda impl, name: lambda *a: ran.update([name]) or impl(*a))(op.impl, name))
+    y = call()
+    assert decided and not ran, ran
+    assert not type(y.grad_fn).__name__.startswith("pydlx"), type(y.grad_fn).__name__
+    torch.testing.assert_close(y, want(), rtol=1e-5, atol=1e-6)
+    with pydlx.use_backend("reference"):
+        y_op = call()
+    assert ran and type(y_op.grad_fn).__name__.startswith("pydlx"), (ran, type(y_op.grad_fn).__name__)
+    torch.testing.assert_close(y_op, y, rtol=1e-5, atol=1e-6)

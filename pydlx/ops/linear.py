@@ -139,7 +139,7 @@ def _cast(input, weight, bias):
 
 
 _PLANS = _backend.Plans()
-_EAGER = "eager"  # a plan: plain eager PyTorch (a CPU tensor under auto)
+_EAGER = "eager"  # a plan: plain eager PyTorch (auto chose the reference, or a CPU tensor under auto)
 
 
 def _plan(input, weight, bias, activation):
@@ -150,8 +150,10 @@ def _plan(input, weight, bias, activation):
         return _EAGER
     needs_grad = torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    return (choose(input, weight, needs_grad), op_activation(activation), needs_grad and saves_preact(activation),
-            needs_grad)
+    backend = choose(input, weight, needs_grad)
+    if _backend.runs_eager(backend):
+        return _EAGER
+    return backend, op_activation(activation), needs_grad and saves_preact(activation), needs_grad
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -181,9 +183,11 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         return reference_linear(input, weight, bias, activation)
     needs_grad = torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    save_preact = needs_grad and saves_preact(activation)
-    y, _ = linear_fwd(input, weight, bias, op_activation(activation), save_preact,
-                      choose(input, weight, needs_grad))
+    backend = choose(input, weight, needs_grad)
+    if _backend.runs_eager(backend):
+        return reference_linear(input, weight, bias, activation)
+    y, _ = linear_fwd(input, weight, bias, op_activation(activation), needs_grad and saves_preact(activation),
+                      backend)
     return y
 
 

@@ -196,9 +196,12 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     if input.dtype in KERNEL_DTYPES and fuses_in_one_kernel(sizes):
         needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
             t.requires_grad for t in (*weights, *[b for b in biases if b is not None])))
+        backend = choose(input, sizes, needs_grad)
+        if _backend.runs_eager(backend):
+            return reference_mlp(input, weights, biases, activation, last_activation)
         y, _, _ = mlp_fused(input, list(weights), [b for b in biases if b is not None],
                             [int(b is not None) for b in biases], op_activation(activation),
-                            op_activation(last_activation), needs_grad, choose(input, sizes, needs_grad))
+                            op_activation(last_activation), needs_grad, backend)
         return y
     return _chain(input, weights, biases, activation, last_activation)
 
@@ -211,7 +214,7 @@ def _chain(input, weights, biases, activation, last_activation) -> Tensor:
 
 
 _PLANS = _backend.Plans()
-_EAGER, _CHAIN = "eager", "chain"  # plans: plain eager PyTorch (a CPU tensor under auto); a chain of linear calls
+_EAGER, _CHAIN = "eager", "chain"  # plans: plain eager PyTorch (auto chose the reference, or CPU + auto); a chain of linear calls
 
 
 def _plan(input, weights, biases, activation, last_activation):
@@ -225,5 +228,8 @@ def _plan(input, weights, biases, activation, last_activation):
         return _CHAIN
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
         t.requires_grad for t in (*weights, *[b for b in biases if b is not None])))
-    return (choose(input, sizes, needs_grad), op_activation(activation), op_activation(last_activation),
-            [int(b is not None) for b in biases], needs_grad)
+    backend = choose(input, sizes, needs_grad)
+    if _backend.runs_eager(backend):
+        return _EAGER
+    return (backend, op_activation(activation), op_activation(last_activation), [int(b is not None) for b in biases],
+            needs_grad)
