@@ -236,8 +236,10 @@ def forward(z: torch.Tensor, spec: Optional[str]) -> torch.Tensor:
 def forward_fresh(z: torch.Tensor, spec: Optional[str]) -> torch.Tensor:
     """``forward`` for a z that nothing else holds or reads later (a layer's fresh output that is not kept as the
     pre-activation): relu runs in place, as ``nn.ReLU(inplace=True)`` after a layer does (autograd stays exact: its
-    backward reads the output); no new tensor is allocated and written. The others as ``forward``."""
-    if spec == "relu":
+    backward reads the output); no new tensor is allocated and written. The others as ``forward``. Under
+    torch.compile or a dispatch mode (a decomposition or graph being traced, whose math must be functional) not in
+    place either."""
+    if spec == "relu" and not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()):
         return z.relu_()
     return forward(z, spec)
 

@@ -38,6 +38,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/pip" install -q torch==2.11.0 triton==3.6.0 "numpy<2.4" pytest pytest-benchmark matplotlib \
     scikit-learn ninja >> "$LOG" 2>&1 || { say "install failed"; exit 1; }
 fi
+# the other test requirements (torchvision 0.26.0: the release built against torch 2.11.0); an environment made
+# before they were added gets them here
+"$VENV/bin/pip" install -q onnx onnxscript onnxruntime torchvision==0.26.0 >> "$LOG" 2>&1 || { say "install failed"; exit 1; }
 PY="$VENV/bin/python"
 export PYTHONPATH="$ROOT" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" PYTHONUNBUFFERED=1
 say "commit $(git log -1 --format='%h %s')"

@@ -8,6 +8,7 @@ import math
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
+import torch._decomp
 from torch import Tensor
 
 from .schemas import LIB, op
@@ -221,12 +222,14 @@ def _unflatten(flat: Sequence, lists: Sequence[int], lengths: Optional[Sequence[
     return out
 
 
-def implement(name: str, impl: Callable, fake: Callable, differentiable: bool = False) -> Op:
+def implement(name: str, impl: Callable, fake: Callable, differentiable: bool = False,
+              decomposition: Optional[Callable] = None) -> Op:
     """Register ``impl`` (every device: it calls the backend named by its ``backend`` argument) and ``fake`` (shapes
     only, for torch.compile / torch.export) for the op ``pydlx::<name>`` of pydlx/ops/schemas.py; returns the ``Op``
     the entry points call. ``differentiable``: its autograd formula follows (``autograd``); otherwise (the backward
     ops) a backward through it raises torch's RuntimeError -- double backward is not supported -- rather than pass
-    a wrong gradient."""
+    a wrong gradient. ``decomposition``: what the op lowers to (``_decomposes``), if not ``impl`` on the reference
+    backend."""
     LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"pydlx::{name}", fake, lib=LIB)
     if not differentiable:
@@ -235,10 +238,43 @@ def implement(name: str, impl: Callable, fake: Callable, differentiable: bool = 
                                "pydlx's backward ops are not differentiable (double backward is not supported)")
         torch.library.register_autograd(f"pydlx::{name}", refuse, lib=LIB)
     _OPS[name] = Op(name, impl, op(name))
+    _decomposes(_OPS[name], fake, decomposition or impl)
     return _OPS[name]
 
 
 _OPS: Dict[str, Op] = {}
+DECOMPOSITIONS: Dict[torch._ops.OpOverload, Callable] = {}  # pydlx::<op> -> its reference in plain ATen ops
+
+
+def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
+    """A decomposition table that lowers every ``pydlx::`` op to plain ATen ops (its reference implementation), for
+    ``exported.run_decompositions(pydlx.decompositions())``: the lowered program runs in a process that never
+    imports pydlx. (``torch.onnx.export`` needs nothing: pydlx registers the same table with torch.)"""
+    return dict(DECOMPOSITIONS)
+
+
+def _decomposes(the_op: Op, fake: Callable, impl: Callable) -> None:
+    """Register the op's decomposition: ``impl`` (the op's implementation) on the reference backend, whatever
+    backend the call names, so that tracing it yields plain ATen ops. It goes into torch's decomposition
+    table, which torch.onnx.export's lowering uses (so ONNX export needs no argument), and into ``DECOMPOSITIONS``,
+    the table ``pydlx.decompositions()`` gives to ``ExportedProgram.run_decompositions``."""
+    schema = the_op.overload._schema.arguments
+    at = the_op.names.index("backend")
+
+    def decomposition(*args, **kwargs):
+        full = list(args)
+        for a in schema[len(args):]:
+            full.append(kwargs[a.name] if a.name in kwargs else a.default_value)
+        full[at] = "reference"
+        return impl(*full)
+
+    decomposition.__name__ = f"pydlx_{the_op.name}_reference"
+    decomposition.__qualname__ = decomposition.__name__
+    DECOMPOSITIONS[the_op.overload] = decomposition
+    torch._decomp.register_decomposition(the_op.overload)(decomposition)
+    # FakeTensorMode prefers a decomposition over the op's fake implementation under symbolic sizes unless the op
+    # has a Python meta: the fake implementation, declared as one, keeps torch.compile's tracing on it.
+    torch._decomp.register_decomposition(the_op.overload, type="meta")(fake)
 
 
 def _records(name: str, op: Op):

@@ -107,11 +107,13 @@ def fold_costs_memory(input: Tensor, weight: Tensor, others: Sequence[Optional[T
     the weight) is saved for backward, where eager's BatchNorm keeps its input (one output map of ``out_elems(*args)``
     elements, computed only then). Folding pays when the map is at least the weight's size -- the early, wide layers;
     the late layers of a small batch (ResNet-18's 512x512x3x3 convs on 4x4 maps at batch 8) run as written. Without
-    gradients nothing is saved: always fold."""
+    gradients nothing is saved: always fold. A symbolic map size (torch.export with a dynamic batch): fold, rather
+    than guard the exported program on the size."""
     if not torch.is_grad_enabled() or not (input.requires_grad or weight.requires_grad or any(
             t is not None and t.requires_grad for t in others)):
         return False
-    return weight.numel() > out_elems(*args)
+    n = out_elems(*args)
+    return not isinstance(n, torch.SymInt) and weight.numel() > n
 
 
 # ----------------------------------------------------------------------------------------------- training mode

@@ -91,7 +91,22 @@ def _bwd_fake(dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, hs, cs, acts, rs, lengths, re
             w_ih.new_empty(w_ih.shape[0]) if has_bias else empty, torch.empty_like(dh_n), torch.empty_like(dc_n))
 
 
-lstm_layer_fwd = implement("lstm_layer_fwd", _fwd, _fwd_fake, differentiable=True)
+def _fwd_lowered(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, backend):
+    """The layer as exported programs lower it: the reference's step loop for what backward saves (dropped from an
+    inference graph, where nothing reads it), and, without lengths, y, h_n and c_n from ATen's LSTM, which torch's
+    ONNX exporter translates to ONNX's LSTM op (as it does for nn.LSTM) and which keeps the sequence length free."""
+    outs = _fwd(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, backend)
+    if lengths is not None:
+        return outs
+    weights = [w_ih, w_hh] if bias is None else [w_ih, w_hh, bias, torch.zeros_like(bias)]
+    if w_hr is not None:
+        weights.append(w_hr)
+    y, h_n, c_n = torch.lstm(x.flip(0) if reverse else x, (h0.unsqueeze(0), c0.unsqueeze(0)), weights,
+                             bias is not None, 1, 0.0, False, False, False)
+    return (y.flip(0) if reverse else y, h_n.squeeze(0), c_n.squeeze(0), *outs[3:])
+
+
+lstm_layer_fwd = implement("lstm_layer_fwd", _fwd, _fwd_fake, differentiable=True, decomposition=_fwd_lowered)
 lstm_layer_bwd = implement("lstm_layer_bwd", _bwd, _bwd_fake)
 
 
@@ -259,9 +274,11 @@ def _compute(input, packed, data, h0, c0, weights, num_layers, bias, batch_first
     dirs = 2 if bidirectional else 1
     batch_sizes = input.batch_sizes if packed else None
     time_major = batch_first and not packed and not unbatched
-    if backend == "reference" and (torch.compiler.is_compiling() or ref.cpu_16bit(data)):
+    if backend == "reference" and ((torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+                                   or ref.cpu_16bit(data)):
         # pydlx's per-layer math instead of ATen's LSTM: under torch.compile (AOTAutograd cannot trace ATen's LSTM
-        # with gradients, torch 2.14: "expected all tensors_saved_with_vc_check to be Tensors"), and in 16 bits on
+        # with gradients, torch 2.14: "expected all tensors_saved_with_vc_check to be Tensors"; torch.export keeps
+        # ATen's LSTM, as it does for nn.LSTM, which ONNX translates to its LSTM op), and in 16 bits on
         # a CPU (oneDNN's bf16 RNN needs AVX-512: "could not create a primitive descriptor for the LSTM forward
         # propagation primitive" elsewhere); in fp32 from the 16-bit inputs, outputs rounded once
         dev = data.device.type

@@ -41,19 +41,24 @@ def supports(call, device) -> Optional[str]:
 _FIRSTS: Dict[tuple, torch.Tensor] = {}  # _firsts' tensors, kept per geometry and device
 
 
-def _firsts(HP: int, WP: int, row: int, Q: int, PP: int, device) -> torch.Tensor:
-    """[HP, WP] int64: ph0 row + pw0, with (ph0, pw0) = (ph Q - PP, pw Q - PP) the first conv-output position of
-    pooled pixel (ph, pw)'s window. Made once per geometry and device and kept, so that the index bookkeeping is
-    four elementwise ops each way (each one a kernel launch on a GPU)."""
+def _firsts(HP: int, WP: int, row: int, Q: int, PP: int, device) -> Tuple[torch.Tensor, bool]:
+    """([HP, WP] int64: ph0 row + pw0, with (ph0, pw0) = (ph Q - PP, pw Q - PP) the first conv-output position of
+    pooled pixel (ph, pw)'s window; whether the math is traced). Made once per geometry and device and kept, so that
+    the index bookkeeping is four elementwise ops each way (each one a kernel launch on a GPU). Traced (under
+    torch.compile or a dispatch mode: a decomposition or graph being traced) it is made afresh and not kept, and the
+    ops using it must not be in place."""
+    traced = torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0  # (written out: per call)
     key = (HP, WP, row, Q, PP, device)
-    t = _FIRSTS.get(key)
+    t = None if traced else _FIRSTS.get(key)
     if t is None:
         ph0 = torch.arange(HP, device=device).view(HP, 1) * Q - PP
         pw0 = torch.arange(WP, device=device).view(1, WP) * Q - PP
-        if len(_FIRSTS) >= 256:
-            _FIRSTS.clear()
-        t = _FIRSTS[key] = ph0 * row + pw0
-    return t
+        t = ph0 * row + pw0
+        if not traced:
+            if len(_FIRSTS) >= 256:
+                _FIRSTS.clear()
+            _FIRSTS[key] = t
+    return t, traced
 
 
 def _window_index(flat: torch.Tensor, WO: int, P: int, Q: int, PP: int) -> torch.Tensor:
@@ -61,7 +66,8 @@ def _window_index(flat: torch.Tensor, WO: int, P: int, Q: int, PP: int) -> torch
     (flat // WO, flat % WO), (oh - ph0) P + (ow - pw0) = flat + (flat // WO) (P - WO) - (ph0 P + pw0)."""
     HP, WP = flat.shape[-2:]
     pos = torch.add(flat, torch.div(flat, WO, rounding_mode="floor"), alpha=P - WO)
-    return pos.sub_(_firsts(HP, WP, P, Q, PP, flat.device)).to(torch.int8)
+    firsts, traced = _firsts(HP, WP, P, Q, PP, flat.device)
+    return (pos - firsts if traced else pos.sub_(firsts)).to(torch.int8)
 
 
 def _flat_index(idx: torch.Tensor, WO: int, P: int, Q: int, PP: int) -> torch.Tensor:
@@ -70,7 +76,8 @@ def _flat_index(idx: torch.Tensor, WO: int, P: int, Q: int, PP: int) -> torch.Te
     HP, WP = idx.shape[-2:]
     i = idx.long()
     pos = torch.add(i, torch.div(i, P, rounding_mode="floor"), alpha=WO - P)
-    return pos.add_(_firsts(HP, WP, WO, Q, PP, idx.device))
+    firsts, traced = _firsts(HP, WP, WO, Q, PP, idx.device)
+    return pos + firsts if traced else pos.add_(firsts)
 
 
 def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: int, padding: int,

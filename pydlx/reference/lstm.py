@@ -80,12 +80,12 @@ def lstm_fwd(G: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[
     T, B, H4 = G.shape
     H, P = H4 // 4, w_hh.shape[1]
     md = state_dtype(G.dtype)
-    hs, cs = G.new_empty((T + 1, B, P)), G.new_empty((T + 1, B, H), dtype=md)
-    y = G.new_empty((T, B, P))
-    acts = G.new_empty((T, B, 4 * H), dtype=md) if save else G.new_empty(0, dtype=md)
-    rs = G.new_empty((T, B, H)) if w_hr is not None else G.new_empty(0)
+    # (steps collected and stacked, not written into buffers: the math stays functional, so that the op's
+    # decomposition traces to a graph torch.export and the ONNX exporter accept)
+    hs, cs = [None] * (T + 1), [None] * (T + 1)
+    y, acts, rs = [None] * T, [None] * T, [None] * T
     first = T if reverse else 0
-    hs[first], cs[first] = h0, c0
+    hs[first], cs[first] = h0.to(G.dtype), c0.to(md)
     w = w_hh.to(md).t()
     on = None
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
@@ -103,8 +103,13 @@ def lstm_fwd(G: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[
         if save:
             acts[t] = torch.cat((i, f, g, o), dim=-1)
         if w_hr is not None:
-            rs[t] = r
-    return y, hs, cs, acts, rs
+            rs[t] = r.to(G.dtype)
+
+    def stacked(steps, shape, dtype):
+        return torch.stack(steps) if steps else G.new_empty(shape, dtype=dtype)
+    return (stacked(y, (0, B, P), G.dtype), torch.stack(hs), torch.stack(cs),
+            stacked(acts, (0, B, 4 * H), md) if save else G.new_empty(0, dtype=md),
+            stacked(rs, (0, B, H), G.dtype) if w_hr is not None else G.new_empty(0))
 
 
 def lstm_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, acts: Tensor, cs: Tensor, w_hh: Tensor,
