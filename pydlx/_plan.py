@@ -99,9 +99,9 @@ class Block:
 class Note:
     """Something about a module (its fqn; "" is the model) that is no block: its forward code was not traced (and
     why), or reads attributes the fused forward is kept per value of, or makes tensors on the CPU only to copy them
-    to a device (optimize makes them there), or could not be analysed."""
+    to a device (optimize makes them there), or has sharded parameters, or could not be analysed."""
     module: str
-    what: str  # "not traced" | "guards" | "device" | "error"
+    what: str  # "not traced" | "guards" | "device" | "sharded" | "error"
     text: str
 
     def line(self) -> str:

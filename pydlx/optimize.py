@@ -35,6 +35,7 @@ import copy
 import dataclasses
 from typing import Callable, List, Optional, Tuple
 
+import torch
 from torch import fx, nn
 
 from . import _fx_fuse, _policy
@@ -48,12 +49,20 @@ from .reference.mlp import fuses_in_one_kernel
 Filter = Optional[Callable[[nn.Module, str], bool]]
 
 
+_PLAIN_PARAMS = (torch.Tensor, nn.Parameter)
+
+
 def _hooked(*modules: nn.Module) -> Optional[str]:
     """Why modules a swap would replace stay as they are: one of them has hooks (forward, forward-pre or module
-    backward hooks fire only where the module itself is called); None if none has."""
+    backward hooks fire only where the module itself is called), or parameters of a tensor subclass (DTensor: FSDP2
+    or tensor parallelism manage them on that module object, swapping in the unsharded ones there before each
+    forward, so a new module holding them would compute on the shards); None if neither."""
     for m in modules:
         if _fx_fuse.has_hooks(m):
             return "it has hooks: it runs as written, so that they fire"
+        if any(type(p) not in _PLAIN_PARAMS for p in m.parameters(recurse=False)):
+            return ("its parameters are a tensor subclass (DTensor: sharded): it runs as written; optimize before "
+                    "sharding to fuse it")
     return None
 
 
@@ -239,12 +248,28 @@ def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = Non
     pydlx.nn.MLP over its modules.
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except Exception as e:
+            e.add_note("pydlx.optimize(model) works on a copy of the model; a model that cannot be copied (sharded by "
+                       "FSDP2, for one) is optimized with pydlx.optimize(model, inplace=True)")
+            raise
     model = _module_pass(model, filter_fn)
     if isinstance(model, MLP):
         return model
-    _fx_fuse.install_tree(model, _allowed_fqns(model, filter_fn))
+    if _sharded(model) is None:
+        _fx_fuse.install_tree(model, _allowed_fqns(model, filter_fn))
     return model
+
+
+def _sharded(model: nn.Module) -> Optional[str]:
+    """Why the forward-code pass leaves ``model`` as it is: a parameter is a tensor subclass (DTensor: sharded by
+    FSDP2 or tensor parallelism, whose hooks gather it per module); None if none is."""
+    for fqn, p in model.named_parameters():
+        if type(p) not in _PLAIN_PARAMS:
+            return (f"the forward code is not analysed: parameters are a tensor subclass ({fqn} is a "
+                    f"{type(p).__name__}: sharded), so it runs as written; optimize before sharding to fuse it")
+    return None
 
 
 def _auto(block: Block, model: nn.Module) -> Optional[str]:
@@ -302,9 +327,12 @@ def plan(model: nn.Module, filter_fn: Filter = None) -> Plan:
             result.notes.append(Note(prefix, "guards", read))
 
     try:
-        swapped = _module_pass(copy.deepcopy(model), filter_fn)
-        if not isinstance(swapped, MLP):
-            forward_tree(swapped, "")
+        if _sharded(model) is not None:
+            result.notes.append(Note("", "sharded", _sharded(model)))
+        else:
+            swapped = _module_pass(copy.deepcopy(model), filter_fn)
+            if not isinstance(swapped, MLP):
+                forward_tree(swapped, "")
     except Exception as e:  # noqa: BLE001
         result.notes.append(Note("", "error", f"the forward code could not be analysed ({type(e).__name__}: {e}); "
                                               "optimize keeps it as it is"))
