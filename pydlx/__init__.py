@@ -13,10 +13,10 @@ from . import nn, ops
 from ._backend import BackendUnavailableError, backends, clear_caches, current_backend, use_backend
 from ._policy import use_policy
 from .ops._common import decompositions
-from .optimize import explain, optimize, plan
+from .optimize import explain, optimize, plan, restore
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "backends", "use_backend", "current_backend", "use_policy", "BackendUnavailableError",
            "clear_caches", "decompositions",
-           "optimize", "explain", "plan", "nn", "ops", "reference", "registry", "activations"]
+           "optimize", "explain", "plan", "restore", "nn", "ops", "reference", "registry", "activations"]

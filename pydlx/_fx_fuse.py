@@ -877,6 +877,12 @@ def install(model: nn.Module, allowed_fqns: frozenset) -> List[Specialisation]:
     return specs
 
 
+def uninstall(model: nn.Module) -> None:
+    """``install`` undone: ``model`` (if its forward code is fused) back to its own class and forward."""
+    if isinstance(model, FusedForward):
+        model.__class__ = model.__dict__.pop("_pydlx_fx").base
+
+
 def relative(allowed_fqns: frozenset, prefix: str) -> frozenset:
     """The fqns in ``allowed_fqns`` (from the model's root; "": the model itself) as seen from the module at
     ``prefix``: its descendants', and "" if it is allowed itself (its own forward code may be rewritten)."""

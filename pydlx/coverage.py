@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import gc
 import inspect
@@ -75,6 +76,8 @@ RTOL = 1e-4  # fp32: the largest difference allowed, relative to the reference t
 # the reference backend forced differs by 3e-15 in eval, 8e-11 in the first training forward, 6e-10 in the gradients
 # and 5e-7 in the training forward after the step (fp32: up to 0.64); its fp32 error is the model's, not pydlx's.
 RTOL64 = 1e-6
+SENSITIVITY_PERTURB = 1e-15  # the float64 input perturbation that measures a model's own sensitivity to rounding
+SENSITIVITY_FACTOR = 10.0  # a float64 difference up to this many times that perturbation's effect is rounding
 BATCH = 2  # (BatchNorm in training mode needs more than one value per channel, and some maps reach 1x1)
 NUM_CLASSES = 10
 LR = 0.01
@@ -389,6 +392,7 @@ class Row:
     checks: Dict[str, float] = field(default_factory=dict)  # check -> worst relative error
     where: Dict[str, str] = field(default_factory=dict)  # check -> the state_dict entry of its worst error
     checks64: Dict[str, float] = field(default_factory=dict)  # the float64 re-run's (after an fp32 failure)
+    sensitivity64: Dict[str, float] = field(default_factory=dict)  # the original's own, float64 (after that fails)
     failures: List[str] = field(default_factory=list)
     error: Optional[str] = None
     stage: str = "build"  # what was running (for an error)
@@ -421,15 +425,17 @@ def _agreement(ex: Explained, covered: Set[str]) -> List[str]:
 
 
 def run_model(name: str, size: int, check: bool, seed: int = 0, training: bool = True,
-              backend: Optional[str] = None) -> Row:
+              backend: Optional[str] = None, batch: int = BATCH) -> Row:
     """One model's row; ``training=False`` stops after the eval forward (no training-mode coverage or checks);
     ``backend`` forces a pydlx backend for the whole run (``reference``: the ops' own forward and backward, where
-    ``auto`` on a CPU runs plain eager PyTorch for some)."""
+    ``auto`` on a CPU runs plain eager PyTorch for some); ``batch`` the input's (BATCH: the smallest BatchNorm
+    trains on, where some models amplify rounding past any fp32 tolerance; 8 keeps every zoo model's check
+    informative)."""
     row = Row(name)
     start = time.perf_counter()
     try:
         with use_backend(backend) if backend else contextlib.nullcontext():
-            _run(row, name, size, check, seed, training)
+            _run(row, name, size, check, seed, training, batch)
     except Exception as e:  # noqa: BLE001  (reported in the row; the exit status says it)
         frames = traceback.extract_tb(e.__traceback__)
         ours = [f for f in frames if "/pydlx/" in f.filename and not f.filename.endswith("coverage.py")]
@@ -440,20 +446,22 @@ def run_model(name: str, size: int, check: bool, seed: int = 0, training: bool =
     return row
 
 
-def _run(row: Row, name: str, size: int, check: bool, seed: int, training: bool) -> None:
+def _run(row: Row, name: str, size: int, check: bool, seed: int, training: bool, batch: int) -> None:
     model, row.size = build(name, size, seed)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(BATCH, 3, row.size, row.size, generator=gen)
-    target = torch.randint(0, NUM_CLASSES, (BATCH,), generator=gen)
+    x = torch.randn(batch, 3, row.size, row.size, generator=gen)
+    target = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
     analyse(row, model, x, target, check, seed, training, rebuild=lambda: build(name, size, seed)[0])
 
 
 def analyse(row: Row, model: nn.Module, x: torch.Tensor, target: torch.Tensor, check: bool, seed: int = 0,
-            training: bool = True, rebuild: Optional[Callable[[], nn.Module]] = None, rtol: float = RTOL) -> None:
+            training: bool = True, rebuild: Optional[Callable[[], nn.Module]] = None, rtol: float = RTOL,
+            fast_of: Optional[Callable[[nn.Module], nn.Module]] = None, perturb: float = 0.0) -> None:
     """Fill ``row`` for ``model`` (in eval mode; it is trained one step with --check) at input ``x``: explain,
     optimize, coverage in eval and training mode, and with ``check`` the comparisons (errors up to ``rtol``).
     ``rebuild()`` makes the model afresh: with it, an fp32 check that fails is judged again in float64 (``RTOL64``)
-    and the row keeps both."""
+    and the row keeps both. ``fast_of`` makes the model compared with ``model`` (None: ``optimize``; a copy measures the
+    model's own sensitivity), fed ``x`` scaled by ``1 + perturb``."""
     row.stage = "explain"
     ex = explained(plan(model))  # (in eval mode: what inference fuses)
     row.fused = Counter(kind for _, kind in ex.fused)
@@ -461,7 +469,8 @@ def analyse(row: Row, model: nn.Module, x: torch.Tensor, target: torch.Tensor, c
     row.notes = ex.notes
     gc.collect()  # (explain's copy of the model: module graphs hold reference cycles; 2.5 GB for vit_h_14)
     row.stage = "optimize"
-    fast = optimize(model)
+    fast = (fast_of or optimize)(model)
+    xf = x * (1 + perturb) if perturb else x
     if check:
         err, where = _state_err(fast, model)
         if err != 0.0:
@@ -473,7 +482,7 @@ def analyse(row: Row, model: nn.Module, x: torch.Tensor, target: torch.Tensor, c
         with count_flops(model) as flops:
             ref = model(x)
         with record_pydlx(fast) as covered:
-            out = fast(x)
+            out = fast(xf)
     row.calls, row.flops = len(flops), sum(flops.values())
     row.eval_share, row.eval_covered = _share(flops, covered), len(covered & set(flops))
     row.kept_share = _share(flops, [f for fqns, _, _ in ex.kept for f in fqns])
@@ -496,7 +505,7 @@ def analyse(row: Row, model: nn.Module, x: torch.Tensor, target: torch.Tensor, c
             ref = model(x)
         with record_pydlx(fast) as covered:
             torch.manual_seed(seed + 1)
-            out = fast(x)
+            out = fast(xf)
         row.train_share = _share(flops, covered)
         if check:
             row.checks["train"] = rel_err(out, ref)
@@ -509,13 +518,13 @@ def analyse(row: Row, model: nn.Module, x: torch.Tensor, target: torch.Tensor, c
             model.eval()
             fast.eval()
             with torch.no_grad():
-                row.checks["eval2"] = rel_err(fast(x), model(x))
+                row.checks["eval2"] = rel_err(fast(xf), model(x))
                 model.train()
                 fast.train()
                 torch.manual_seed(seed + 2)
                 ref = model(x)
                 torch.manual_seed(seed + 2)
-                row.checks["train2"] = rel_err(fast(x), ref)
+                row.checks["train2"] = rel_err(fast(xf), ref)
             row.where = {"grad": where, "step": where2}
     _judge(row, rtol)
     _float64_rejudge(row, model, fast, rebuild, x, target, seed, training)
@@ -545,17 +554,24 @@ def _float64_rejudge(row: Row, model, fast, rebuild, x, target, seed: int, train
     if sub.error is None and not sub.failures and not sub.disagree:
         row.failures = []
         return
+    if sub.error is None and not sub.disagree and training:
+        # the original's own sensitivity, check by check: the same steps in float64 against a copy of itself fed
+        # the input scaled by 1 + SENSITIVITY_PERTURB (a few units in the last place). A BatchNorm that normalises
+        # 2 values a channel (the late layers at this batch) amplifies any rounding by orders of magnitude; a
+        # difference within SENSITIVITY_FACTOR times what that perturbation causes is rounding, not a wrong result.
+        sens = Row(row.name)
+        analyse(sens, rebuild().double(), x.double(), target, True, seed, training, rebuild=None, rtol=math.inf,
+                fast_of=copy.deepcopy, perturb=SENSITIVITY_PERTURB)
+        row.sensitivity64 = dict(sens.checks)
+        if sens.error is None and all(v <= max(RTOL64, SENSITIVITY_FACTOR * sens.checks.get(k, 0.0))
+                                      for k, v in sub.checks.items()):
+            row.failures = []
+            return
     row.failures += [f"float64: {f}" for f in sub.failures + sub.disagree] + (
         [f"float64: {sub.error}"] if sub.error else [])
-    if training:  # how far the original itself moves in float64 when its input moves by one part in 1e15
-        model64 = rebuild().double().train()
-        with torch.no_grad():
-            torch.manual_seed(seed + 1)
-            a = model64(x.double())
-            torch.manual_seed(seed + 1)
-            b = model64(x.double() * (1 + 1e-15))
-        row.failures.append(f"(the original alone, float64, training forward, input scaled by 1+1e-15: output moves "
-                            f"{rel_err(b, a):.1e})")
+    if row.sensitivity64:
+        row.failures.append("(the original alone, float64, input scaled by 1+1e-15: " + ", ".join(
+            f"{k} moves {v:.1e}" for k, v in row.sensitivity64.items()) + ")")
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -587,6 +603,10 @@ def _check_text(row: Row, check: bool) -> str:
     if not check:
         return "ok (not checked)"
     worst = max(row.checks.values()) if row.checks else 0.0
+    if row.sensitivity64:
+        return (f"ok within the model's own float64 sensitivity (max rel err {max(row.checks64.values()):.1e}; the "
+                f"original fed its input scaled by 1+1e-15 moves up to {max(row.sensitivity64.values()):.1e}); fp32 "
+                f"max rel err {worst:.1e}: rounding the model amplifies")
     if row.checks64:
         return (f"ok in float64 (max rel err {max(row.checks64.values()):.1e}); fp32 max rel err {worst:.1e}: "
                 "rounding the model amplifies")

@@ -50,6 +50,10 @@ Filter = Optional[Callable[[nn.Module, str], bool]]
 
 
 _PLAIN_PARAMS = (torch.Tensor, nn.Parameter)
+# a module's state_dict / load_state_dict hooks: a swap would drop them with the module (the forward-code pass keeps
+# the module objects, and so their hooks)
+_STATE_HOOK_DICTS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                     "_load_state_dict_post_hooks")
 
 
 def _hooked(*modules: nn.Module) -> Optional[str]:
@@ -60,6 +64,8 @@ def _hooked(*modules: nn.Module) -> Optional[str]:
     for m in modules:
         if _fx_fuse.has_hooks(m):
             return "it has hooks: it runs as written, so that they fire"
+        if any(getattr(m, d, None) for d in _STATE_HOOK_DICTS):
+            return "it has state_dict hooks: it is kept, so that they run"
         if any(type(p) not in _PLAIN_PARAMS for p in m.parameters(recurse=False)):
             return ("its parameters are a tensor subclass (DTensor: sharded): it runs as written; optimize before "
                     "sharding to fuse it")
@@ -147,7 +153,55 @@ def _lstm_plan(model: nn.Module, filter_fn: Filter):
 
 def _set(model: nn.Module, fqn: str, new: nn.Module) -> None:
     parent_name, _, name = fqn.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, name, new)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    _record(model, parent, [name])
+    setattr(parent, name, new)
+
+
+_SWAPS = "_pydlx_swaps"  # an optimized model's record of its module swaps: [(parent, {child name: original})]
+
+
+def _record(model: nn.Module, parent: Optional[nn.Module], names: List[str], originals=None) -> None:
+    """Keep the modules a swap replaces (``parent``'s children ``names``; ``originals`` for the model itself),
+    so that ``restore`` can put them back."""
+    kept = originals if originals is not None else {n: getattr(parent, n) for n in names}
+    model.__dict__.setdefault(_SWAPS, []).append((parent, kept))
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo ``optimize``: the original modules back in place of pydlx's, and every forward fused by the
+    forward-code pass back to its class's own; returns the plain model (the same object, or the original
+    nn.Sequential where ``optimize`` turned the model itself into a pydlx.nn.MLP). The parameters and buffers are
+    the optimized model's current ones (the same tensors: an optimizer over them goes on working), and each module's
+    train/eval mode is kept. For a tool pydlx does not support; hooks registered on pydlx's own modules after
+    ``optimize`` go with them."""
+    for m in model.modules():
+        _fx_fuse.uninstall(m)
+    for parent, originals in reversed(model.__dict__.pop(_SWAPS, [])):
+        if parent is None:  # the model itself was swapped for a pydlx.nn.MLP
+            (original,) = originals.values()
+            _adopt(original, dict(model.state_dict(keep_vars=True)), model.training)
+            model = original
+            continue
+        held = {f"{n}.{k}": v for n in originals for k, v in getattr(parent, n).state_dict(keep_vars=True).items()}
+        for n, original in originals.items():
+            original.train(getattr(parent, n).training)
+            setattr(parent, n, original)
+        _adopt(parent, held, None)
+    return model
+
+
+def _adopt(root: nn.Module, tensors, training: Optional[bool]) -> None:
+    """Put ``tensors`` ({state_dict key: tensor}, as the optimized model holds them) into ``root``'s modules."""
+    for key, t in tensors.items():
+        path, _, leaf = key.rpartition(".")
+        m = root.get_submodule(path)
+        if leaf in m._parameters:
+            m._parameters[leaf] = t
+        elif leaf in m._buffers:
+            m._buffers[leaf] = t
+    if training is not None:
+        root.train(training)
 
 
 def _module_blocks(model: nn.Module, filter_fn: Filter) -> List[Tuple[Block, Optional[Callable[[], nn.Module]]]]:
@@ -166,6 +220,7 @@ def _module_blocks(model: nn.Module, filter_fn: Filter) -> List[Tuple[Block, Opt
 
         def swap(parent=parent, i=i, act=act):
             names = [n for n, _ in parent.named_children()]
+            _record(model, parent, names[i:i + 2])
             setattr(parent, names[i], Linear.from_module(getattr(parent, names[i]), activation=act))
             setattr(parent, names[i + 1], nn.Identity())
             return model
@@ -178,6 +233,7 @@ def _module_blocks(model: nn.Module, filter_fn: Filter) -> List[Tuple[Block, Opt
         def swap(parent=parent, i=i):
             names = [n for n, _ in parent.named_children()]
             conv, pool = getattr(parent, names[i]), getattr(parent, names[i + 2])
+            _record(model, parent, names[i:i + 3])
             setattr(parent, names[i], ConvReLUPool2d.from_modules(conv, pool))
             setattr(parent, names[i + 1], nn.Identity())
             setattr(parent, names[i + 2], nn.Identity())
@@ -207,6 +263,7 @@ def _module_blocks(model: nn.Module, filter_fn: Filter) -> List[Tuple[Block, Opt
         def swap(fqn=fqn, seq=seq):
             new = MLP.from_sequential(seq)
             if fqn == "":
+                _record(new, None, [], {"": seq})
                 return new
             _set(model, fqn, new)
             return model

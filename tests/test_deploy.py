@@ -185,3 +185,55 @@ def test_user_hooks_fire_after_optimize():
     fast[0](torch.randn(1, 16))
     fast[4](torch.randn(1, 1, 6, 6))
     assert fired == ["lin0", "relu"]
+
+
+RESTORE_MODELS = {
+    **{name: MODELS[name] for name in ("cnn", "rnn", "autoencoder", "small_mlp")},
+    "conv_seq": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                       nn.Linear(4 * 4 * 4, 6), nn.ReLU(), nn.Linear(6, 2)), (3, 3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", list(RESTORE_MODELS))
+def test_restore_gives_back_the_original_modules(name):
+    """``pydlx.restore`` after training the optimized model a step: the original's module types and forward, the
+    optimized model's current parameters (the same tensors, so its optimizer goes on), train/eval kept; the
+    restored model computes what the original with those parameters computes."""
+    make, shape = RESTORE_MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(shape)
+    layout = [(n, type(m)) for n, m in model.named_modules()]
+    fast = pydlx.optimize(copy.deepcopy(model))
+    assert [(n, type(m)) for n, m in fast.named_modules()] != layout  # (something was swapped or fused)
+    opt = torch.optim.SGD(fast.parameters(), lr=0.1)
+    with pydlx.use_backend("reference"):
+        fast(x).float().pow(2).mean().backward()
+    opt.step()
+    params = {k: v for k, v in fast.state_dict(keep_vars=True).items()}
+    fast.eval()
+    plain = pydlx.restore(fast)
+    assert [(n, type(m)) for n, m in plain.named_modules()] == layout  # (a fused forward's class is a subclass)
+    assert type(plain).forward is type(model).forward and not plain.training
+    restored = plain.state_dict(keep_vars=True)
+    assert list(restored) == list(params) and all(restored[k] is params[k] for k in params)
+    want = copy.deepcopy(model).eval()
+    want.load_state_dict({k: v.detach() for k, v in params.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), want(x), rtol=0, atol=0)
+    assert pydlx.restore(plain) is plain  # (nothing left to undo)
+
+
+def test_state_dict_hooks_survive_optimize():
+    """A module with state_dict or load_state_dict hooks is not swapped for a pydlx module (the hooks would go with
+    it): they run on the optimized model's state_dict and load_state_dict as on the original's."""
+    seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    seen = []
+    seq[0].register_state_dict_post_hook(lambda m, sd, prefix, local: seen.append(("save", prefix)))
+    seq[2].register_load_state_dict_post_hook(lambda m, keys: seen.append(("load", type(m).__name__)))
+    fast = pydlx.optimize(seq)
+    sd = fast.state_dict()
+    assert ("save", "0.") in seen and list(sd) == list(seq.state_dict())
+    fast.load_state_dict(sd)
+    assert ("load", "Linear") in seen
+    assert "state_dict hooks" in pydlx.explain(seq)
