@@ -157,3 +157,57 @@ def test_sharded_training_matches_the_original(trained, kind, wrap, order):
 # where no pydlx op runs after optimize-then-shard, and why
 NOTHING_FUSED_AFTER = {("cnn", "blocks"): "every layer is its own sharded unit (its hooks): each runs as written"}
 NO_OP_ON_REFERENCE = {"rnn": "the reference backend's LSTM is ATen's LSTM itself (no pydlx op)"}
+
+
+def _nccl_worker(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=WORLD)
+    try:
+        got = {}
+        x, y = (t.cuda() for t in _data("cnn"))
+        half = BATCH // WORLD
+        for which in ("original", "optimized"):
+            model = _model("cnn").cuda()
+            if which == "optimized":
+                model = pydlx.optimize(model)
+            fully_shard(model)
+            _train("cnn", model, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+            got[which] = {k: v.full_tensor().cpu().numpy().copy() for k, v in model.state_dict().items()}
+        if rank == 0:
+            out.put(got)
+    except BaseException:
+        if rank == 0:
+            out.put(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_fsdp2_over_nccl_matches_the_original():
+    """On two GPUs: the seed CNN optimized then sharded with fully_shard over NCCL, under ``auto`` (the GPU's
+    kernels), trains as the original sharded the same way (TF32-level tolerance)."""
+    import torch.multiprocessing as mp
+
+    if torch.cuda.device_count() < WORLD:
+        pytest.skip(f"needs {WORLD} GPUs (NCCL runs one process per GPU); this machine has "
+                    f"{torch.cuda.device_count()}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_nccl_worker, args=(r, port, out)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    got = out.get(timeout=600)
+    for p in procs:
+        p.join(timeout=120)
+    assert not isinstance(got, str), got
+    for k in got["original"]:
+        torch.testing.assert_close(torch.from_numpy(got["optimized"][k]), torch.from_numpy(got["original"][k]),
+                                   rtol=2e-3, atol=2e-4, msg=k)
