@@ -80,9 +80,11 @@ def cpu_auto(t: torch.Tensor) -> bool:
 
 
 def runs_eager(backend: str) -> bool:
-    """``auto`` chose the reference for a call (no kernel is measured faster on this device): the entry points then
-    run plain eager PyTorch, with autograd's own C++ nodes, not the reference inside the op (whose custom autograd
-    costs the host ~10 µs a call: the cost a kernel has to pay, not eager's). A forced ``reference`` runs the op."""
+    """``auto`` chose the reference for a call (no kernel is measured faster on this device): ``linear`` and ``mlp``
+    then run plain eager PyTorch, with autograd's own C++ nodes, not the reference inside the op, which saves what
+    eager saves and costs the host a custom autograd Function (~10 µs a call: the cost a kernel has to pay, not
+    eager's). The conv block keeps its op there: it saves the pooled output and int8 window indices, not the conv
+    and activation maps. A forced ``reference`` runs the op."""
     return backend == "reference" and current_backend() == "auto"
 
 

@@ -177,7 +177,7 @@ def _needs_grad(*tensors) -> bool:
 
 # ----------------------------------------------------------------------------------------------- entry points
 _PLANS = _backend.Plans()
-_EAGER = "eager"  # a plan: plain eager PyTorch (auto chose the reference, or a CPU tensor under auto)
+_EAGER = "eager"  # a plan: plain eager PyTorch (a CPU tensor under auto)
 
 
 def _plan(name, input, weight, bias, stride, padding, activation, pool_size, pool_stride, pool_padding, ceil_mode):
@@ -191,10 +191,8 @@ def _plan(name, input, weight, bias, stride, padding, activation, pool_size, poo
     x = input.unsqueeze(0) if input.dim() == 3 else input
     training = _needs_grad(input, weight, bias)
     save_preact = training and P == 1 and activation is not None and saves_preact(activation)
-    backend = choose(x, weight, stride, padding, P, Q, PP, ceil_mode, activation, training, name)
-    if _backend.runs_eager(backend):
-        return _EAGER, geometry
-    return backend, geometry, save_preact, training
+    return (choose(x, weight, stride, padding, P, Q, PP, ceil_mode, activation, training, name), geometry,
+            save_preact, training)
 
 
 def _conv_act_pool2d(name: str, input, weight, bias, stride, padding, activation, pool_size, pool_stride,
@@ -230,11 +228,9 @@ def _conv_act_pool2d(name: str, input, weight, bias, stride, padding, activation
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     training = _needs_grad(input, weight, bias)
     save_preact = training and P == 1 and activation is not None and saves_preact(activation)
-    backend = choose(x, weight, stride, padding, P, Q, PP, ceil_mode, activation, training, name)
-    if _backend.runs_eager(backend):
-        return reference_conv_act_pool2d(input, weight, bias, stride, padding, activation, P, Q, PP, ceil_mode)
     y, _, _ = conv_relu_pool2d_fwd(x, weight, bias, stride, padding, P, Q, PP, ceil_mode, activation or "none",
-                                   save_preact, backend)
+                                   save_preact, choose(x, weight, stride, padding, P, Q, PP, ceil_mode, activation,
+                                                       training, name))
     if channels_last:
         y = y.contiguous(memory_format=torch.channels_last)
     return y.squeeze(0) if unbatched else y
