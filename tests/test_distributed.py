@@ -111,9 +111,9 @@ def _worker(rank: int, port: int, out) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """Every case, trained in two processes (spawned once for all of them)."""
+def _spawn(worker, timeout: float):
+    """Run ``worker(rank, port, queue)`` in WORLD spawned processes; what rank 0 put on the queue (a traceback
+    string fails the test)."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -121,15 +121,21 @@ def trained():
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(WORLD)]
+    procs = [ctx.Process(target=worker, args=(r, port, out)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    results = out.get(timeout=900)
+    results = out.get(timeout=timeout)
     for p in procs:
         p.join(timeout=120)
     assert not isinstance(results, str), results
     assert all(p.exitcode == 0 for p in procs)
     return results
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Every case, trained in two processes (spawned once for all of them)."""
+    return _spawn(_worker, 900)
 
 
 @pytest.mark.parametrize("wrap,order", WRAPS)
@@ -191,23 +197,10 @@ def _nccl_worker(rank: int, port: int, out) -> None:
 def test_fsdp2_over_nccl_matches_the_original():
     """On two GPUs: the seed CNN optimized then sharded with fully_shard over NCCL, under ``auto`` (the GPU's
     kernels), trains as the original sharded the same way (TF32-level tolerance)."""
-    import torch.multiprocessing as mp
-
     if torch.cuda.device_count() < WORLD:
         pytest.skip(f"needs {WORLD} GPUs (NCCL runs one process per GPU); this machine has "
                     f"{torch.cuda.device_count()}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_nccl_worker, args=(r, port, out)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    got = out.get(timeout=600)
-    for p in procs:
-        p.join(timeout=120)
-    assert not isinstance(got, str), got
+    got = _spawn(_nccl_worker, 600)
     for k in got["original"]:
         torch.testing.assert_close(torch.from_numpy(got["optimized"][k]), torch.from_numpy(got["original"][k]),
                                    rtol=2e-3, atol=2e-4, msg=k)
