@@ -67,48 +67,59 @@ def _wrap(model: nn.Module, wrap: str) -> nn.Module:
     return model
 
 
-def _worker(rank: int, port: int, out) -> None:
+def _run_rank(rank: int, port: int, out, backend: str, body) -> None:
+    """One rank: join the process group, run ``body()``, rank 0 puts its result (or the traceback) on ``out``."""
     import torch.distributed as dist
-    from pydlx.ops._common import _OPS
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    ran = Counter()
-    for op in _OPS.values():  # count the pydlx implementations that run
-        op.impl = (lambda impl, name: lambda *a: ran.update([name]) or impl(*a))(op.impl, op.name)
-    results = {}
+    dist.init_process_group(backend, rank=rank, world_size=WORLD)
     try:
-        for kind in MODELS:
-            x, y = _data(kind)
-            half = BATCH // WORLD
-            xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
-            for wrap, order in WRAPS:
-                got = {}
-                with pydlx.use_backend("reference"):
-                    for which in ("original", "optimized"):
-                        model = _model(kind)
-                        if which == "original":
-                            model = _wrap(model, wrap)
-                        elif order == "after":
-                            model = _wrap(pydlx.optimize(model), wrap)
-                        else:
-                            model = pydlx.optimize(_wrap(model, wrap), inplace=True)
-                        ran.clear()
-                        _train(kind, model, xs, ys)
-                        inner = model.module if wrap == "ddp" else model
-                        got[which] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().numpy().copy()
-                                      for k, v in inner.state_dict().items()}  # (by value: the process ends)
-                        got[which + " ops"] = sum(ran.values())
-                    got["explain"] = pydlx.explain(inner) if order == "before" else ""
-                results[(kind, wrap, order)] = got
+        result = body()
         if rank == 0:
-            out.put(results)
+            out.put(result)
     except BaseException:
         if rank == 0:
             out.put(traceback.format_exc())
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _worker(rank: int, port: int, out) -> None:
+    _run_rank(rank, port, out, "gloo", lambda: _gloo_cases(rank))
+
+
+def _gloo_cases(rank: int) -> dict:
+    from pydlx.ops._common import _OPS
+
+    ran = Counter()
+    for op in _OPS.values():  # count the pydlx implementations that run
+        op.impl = (lambda impl, name: lambda *a: ran.update([name]) or impl(*a))(op.impl, op.name)
+    results = {}
+    for kind in MODELS:
+        x, y = _data(kind)
+        half = BATCH // WORLD
+        xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        for wrap, order in WRAPS:
+            got = {}
+            with pydlx.use_backend("reference"):
+                for which in ("original", "optimized"):
+                    model = _model(kind)
+                    if which == "original":
+                        model = _wrap(model, wrap)
+                    elif order == "after":
+                        model = _wrap(pydlx.optimize(model), wrap)
+                    else:
+                        model = pydlx.optimize(_wrap(model, wrap), inplace=True)
+                    ran.clear()
+                    _train(kind, model, xs, ys)
+                    inner = model.module if wrap == "ddp" else model
+                    got[which] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().numpy().copy()
+                                  for k, v in inner.state_dict().items()}  # (by value: the process ends)
+                    got[which + " ops"] = sum(ran.values())
+                got["explain"] = pydlx.explain(inner) if order == "before" else ""
+            results[(kind, wrap, order)] = got
+    return results
 
 
 def _spawn(worker, timeout: float):
@@ -166,31 +177,24 @@ NO_OP_ON_REFERENCE = {"rnn": "the reference backend's LSTM is ATen's LSTM itself
 
 
 def _nccl_worker(rank: int, port: int, out) -> None:
-    import torch.distributed as dist
+    torch.cuda.set_device(rank)
+    _run_rank(rank, port, out, "nccl", lambda: _nccl_case(rank))
+
+
+def _nccl_case(rank: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=WORLD)
-    try:
-        got = {}
-        x, y = (t.cuda() for t in _data("cnn"))
-        half = BATCH // WORLD
-        for which in ("original", "optimized"):
-            model = _model("cnn").cuda()
-            if which == "optimized":
-                model = pydlx.optimize(model)
-            fully_shard(model)
-            _train("cnn", model, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
-            got[which] = {k: v.full_tensor().cpu().numpy().copy() for k, v in model.state_dict().items()}
-        if rank == 0:
-            out.put(got)
-    except BaseException:
-        if rank == 0:
-            out.put(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+    got = {}
+    x, y = (t.cuda() for t in _data("cnn"))
+    half = BATCH // WORLD
+    for which in ("original", "optimized"):
+        model = _model("cnn").cuda()
+        if which == "optimized":
+            model = pydlx.optimize(model)
+        fully_shard(model)
+        _train("cnn", model, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+        got[which] = {k: v.full_tensor().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    return got
 
 
 @pytest.mark.gpu
