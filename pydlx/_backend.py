@@ -12,22 +12,22 @@ sizes, options), device, backend in force, policy in force -- and kept: later ca
 dictionary lookup (``decide``). While torch.compile or torch.export traces, it is computed afresh (and becomes a
 constant of the graph). ``clear_caches()`` forgets them (and the other kept caches); registering a backend does too.
 
-The choice is per thread (``threading.local``; not a context variable: Dynamo in torch 2.11 cannot trace
-``ContextVar.get``, so asyncio tasks on one thread share it): two server threads can run different backends. A backward runs where its forward ran whatever thread autograd runs it on (CUDA backward passes run on
-autograd's worker threads), because each op passes the forward's backend to its backward op.
+The choice is per thread and per asyncio task (pydlx/_env.py ``Scope``): two server threads, or two tasks of one
+event loop, can run different backends. A backward runs where its forward ran whatever thread autograd runs it on
+(CUDA backward passes run on autograd's worker threads), because each op passes the forward's backend to its
+backward op.
 """
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 from . import _policy, registry
-from ._env import getenv
+from ._env import DYNAMO_READS_CONTEXTVARS, Scope, getenv
 
-_local = threading.local()  # .backends: use_backend's stack in this thread (a tuple; unset: empty)
+_BACKENDS = Scope("backends")  # use_backend's stack in this thread and task
 
 
 class BackendUnavailableError(RuntimeError):
@@ -47,7 +47,7 @@ def _check_name(name: str) -> str:
 
 def current_backend() -> str:
     """The backend in force: the innermost ``use_backend``, else ``PYDLX_BACKEND``, else ``auto``."""
-    stack = getattr(_local, "backends", ())
+    stack = _BACKENDS.get()
     if stack:
         return stack[-1]
     return _check_name((getenv("PYDLX_BACKEND") or "auto").strip().lower() or "auto")
@@ -57,12 +57,8 @@ def current_backend() -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Run pydlx ops inside the block on backend ``name`` (``auto``, ``reference``, ``triton``, ``cuda``, or any
     registered one)."""
-    prev = getattr(_local, "backends", ())
-    _local.backends = prev + (_check_name(name),)
-    try:
+    with _BACKENDS.push(_check_name(name)):
         yield
-    finally:
-        _local.backends = prev
 
 
 def backends() -> Dict[str, str]:
@@ -110,7 +106,8 @@ def state() -> tuple:
     """What a kept plan depends on beyond the call itself: what decides the backend and the policy in force (the
     innermost ``use_backend`` / ``use_policy``, and PYDLX_BACKEND / PYDLX_POLICY as set now: read on every call,
     unparsed, so that a change is seen by the next call at the cost of two lookups)."""
-    stack = getattr(_local, "backends", ())
+    stack = _BACKENDS.var.get() if DYNAMO_READS_CONTEXTVARS or not torch.compiler.is_compiling() else \
+        getattr(_BACKENDS.mirror, "stack", ())  # (_BACKENDS.get, written out: this runs on every op call)
     return (stack[-1] if stack else getenv("PYDLX_BACKEND"), _policy.in_force())
 
 

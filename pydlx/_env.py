@@ -7,8 +7,13 @@ values. Elsewhere, ``os.environ.get``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from typing import Optional
+import threading
+from typing import Iterator, Optional
+
+import torch
 
 try:
     import posix
@@ -31,3 +36,37 @@ _KEYS: dict = {}
 def _key(name: str) -> bytes:
     _KEYS[name] = os.fsencode(name)
     return _KEYS[name]
+
+
+# ----------------------------------------------------------------------------------------------- scoped choices
+class Scope:
+    """A stack of choices made by a ``with`` block (``use_backend``, ``use_policy``) that holds for the code inside it
+    in this thread and asyncio task only: kept in a context variable (a new thread starts empty; each asyncio task
+    runs in a copy of its creator's context). Under torch.compile, a Dynamo that cannot read context variables
+    (torch < 2.14: "call_method ContextVar get" is unsupported) reads a per-thread mirror instead, which it guards;
+    with tasks interleaving inside blocks on one thread, a compiled region there may see another task's choice.
+
+    The readers on the hot path write ``get`` out (``var.get()`` / ``getattr(mirror, "stack", ())``)."""
+
+    def __init__(self, name: str):
+        self.var: contextvars.ContextVar = contextvars.ContextVar(f"pydlx_{name}", default=())
+        self.mirror = threading.local()  # .stack
+
+    def get(self) -> tuple:
+        if DYNAMO_READS_CONTEXTVARS or not torch.compiler.is_compiling():
+            return self.var.get()
+        return getattr(self.mirror, "stack", ())
+
+    @contextlib.contextmanager
+    def push(self, value) -> Iterator[None]:
+        stack = self.var.get() + (value,)
+        token = self.var.set(stack)
+        self.mirror.stack = stack
+        try:
+            yield
+        finally:
+            self.var.reset(token)
+            self.mirror.stack = self.var.get()  # (this task's again: tasks may leave their blocks in any order)
+
+
+DYNAMO_READS_CONTEXTVARS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import threading
 import csv
 import json
 import math
@@ -38,7 +37,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tupl
 import torch
 
 from . import registry
-from ._env import getenv
+from ._env import DYNAMO_READS_CONTEXTVARS, Scope, getenv
 
 VERSION = 1
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
@@ -132,11 +131,11 @@ def load(path: Union[str, Path]) -> Policy:
     return Policy(json.loads(path.read_text()), path)
 
 
-_local = threading.local()  # .policies: use_policy's stack in this thread (Policy objects and "off"; unset: empty)
+_POLICIES = Scope("policies")  # use_policy's stack in this thread and task (Policy objects and "off")
 
 
 def _overrides() -> tuple:
-    return getattr(_local, "policies", ())
+    return _POLICIES.get()
 _cache: Dict[Tuple[str, str], Optional[Policy]] = {}
 
 
@@ -145,12 +144,8 @@ def use_policy(policy: Union[Policy, str, Path, None]) -> Iterator[None]:
     """Within the block, ``auto`` follows ``policy`` (a Policy or a path) on every GPU, or none ("off"/None)."""
     if isinstance(policy, (str, Path)) and str(policy) != "off":
         policy = load(policy)
-    prev = _overrides()
-    _local.policies = prev + ("off" if policy is None else policy,)
-    try:
+    with _POLICIES.push("off" if policy is None else policy):
         yield
-    finally:
-        _local.policies = prev
 
 
 def for_device(device: Union[torch.device, int, None] = None) -> Optional[Policy]:
@@ -179,7 +174,8 @@ def in_force() -> tuple:
     """What decides the policy in force (the innermost ``use_policy``, PYDLX_POLICY): part of every kept dispatch
     decision's key, so that a change of policy is seen by the next call. The override itself, not its id: the key
     keeps it alive, so a later policy object cannot reuse the id and be taken for it."""
-    override = getattr(_local, "policies", ())  # (_overrides, written out: this runs on every op call)
+    override = _POLICIES.var.get() if DYNAMO_READS_CONTEXTVARS or not torch.compiler.is_compiling() else \
+        getattr(_POLICIES.mirror, "stack", ())  # (_overrides, written out: this runs on every op call)
     return (override[-1] if override else None, getenv("PYDLX_POLICY"))
 
 

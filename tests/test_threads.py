@@ -64,3 +64,48 @@ def test_backward_on_another_thread_runs_on_the_forward_backend(monkeypatch):
     assert calls == [("linear", "reference")], calls
     torch.testing.assert_close(w.grad, (torch.relu(x @ w.t()) > 0).float().t() @ x)
 
+
+
+def test_two_asyncio_tasks_two_backends():
+    """Two tasks of one event loop, interleaving inside their blocks: each sees its own backend and policy (the
+    other task's block is still open at each of its calls), and the loop's own code outside both sees neither."""
+    import asyncio
+
+    x, w = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    seen = {}
+
+    async def task(name, backend, policy):
+        with pydlx.use_backend(backend), pydlx.use_policy(policy):
+            for step in range(3):
+                await asyncio.sleep(0)  # the other task runs, inside its own block
+                seen[(name, step)] = (pydlx.current_backend(), _policy.in_force()[0],
+                                      _linear_backend(pydlx.ops.linear(x, w, None, "relu")))
+
+    async def main():
+        await asyncio.gather(task("forced", "reference", "off"), task("auto", "auto", None))
+        return pydlx.current_backend(), _policy.in_force()[0]
+
+    outside = asyncio.run(main())
+    for step in range(3):
+        assert seen[("forced", step)] == ("reference", "off", "op")
+        assert seen[("auto", step)] == ("auto", "off", "eager")  # (use_policy(None): "off" as well)
+    assert outside == (pydlx.current_backend(), None) and outside[0] == "auto"
+    # the per-thread mirror (what torch.compile reads where Dynamo cannot read a context variable) is left clean
+    from pydlx import _backend
+    assert getattr(_backend._BACKENDS.mirror, "stack", ()) == () == getattr(_policy._POLICIES.mirror, "stack", ())
+
+
+def test_compiled_code_reads_and_guards_the_backend_in_force():
+    """torch.compile reads the backend in force (the context variable, or its per-thread mirror where Dynamo cannot
+    read one) with no graph break, and a change of it between calls makes a new graph, not a stale answer."""
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def which(x):
+        return x + (1 if pydlx.current_backend() == "reference" else 2)
+
+    x = torch.zeros(2)
+    assert which(x).tolist() == [2, 2]
+    with pydlx.use_backend("reference"):
+        assert which(x).tolist() == [1, 1]
+    assert which(x).tolist() == [2, 2]
