@@ -30,12 +30,14 @@ def getenv(name: str) -> Optional[str]:
     return None if value is None else os.fsdecode(value)
 
 
-_KEYS: dict = {}
-
-
 def _key(name: str) -> bytes:
     _KEYS[name] = os.fsencode(name)
     return _KEYS[name]
+
+
+# the variables read on every call, encoded up front: filled lazily, the dictionary would change between a
+# torch.compile trace that reads it and the next call, and Dynamo's guard on it would recompile the model once
+_KEYS: dict = {name: os.fsencode(name) for name in ("PYDLX_BACKEND", "PYDLX_POLICY")}
 
 
 # ----------------------------------------------------------------------------------------------- scoped choices

@@ -751,16 +751,20 @@ class FxState:
     def lookup(self, model: nn.Module, args=(), kwargs=None) -> Specialisation:
         """The specialisation a call of ``model`` with these arguments runs (made now if there is none)."""
         at_default = self.at_default(model, args, kwargs or {})
-        last = self.last  # (the common call: the same specialisation as the previous one)
+        # the common call: the same specialisation as the previous one. Not under torch.compile: the graph would be
+        # guarded on which one that was, and the trace's own update of it would recompile the next call
+        compiling = torch.compiler.is_compiling()
+        last = None if compiling else self.last
         if last is not None and last.at_default == at_default and last.holds(model):
             return last
         for s in self.specs:
             if s is not last and s.at_default == at_default and s.holds(model):
-                self.last = s
+                if not compiling:
+                    self.last = s
                 return s
         spec = self.specialise(model, at_default)
-        if spec in self.specs:  # (past MAX_SPECIALISATIONS a guardless unfused one: never the shortcut)
-            self.last = spec
+        if spec in self.specs and not compiling:  # (past MAX_SPECIALISATIONS a guardless unfused one: never the
+            self.last = spec                      # shortcut)
         return spec
 
     def select(self, model: nn.Module, args, kwargs) -> Callable:

@@ -263,3 +263,33 @@ def test_cuda_export_lowers_and_runs_without_the_kernels(name, backend):
         want = model(xb)
         torch.testing.assert_close(ep.module()(xb), want, rtol=2e-3, atol=2e-3)  # (TF32 in the kernels' GEMMs)
         torch.testing.assert_close(lowered.module()(xb), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compile_dynamic_gives_the_originals_results_at_other_sizes(name, backend):
+    """``torch.compile(dynamic=True)`` of an optimized model compiles as often as the original's over batch sizes
+    (the ops' fake implementations keep the batch symbolic; nothing pydlx reads makes a new graph), with the
+    original's results; training too (gradients)."""
+    from torch._dynamo.testing import CompileCounter
+
+    model, fast, x = _pair(name)
+    counts = []
+    for m in (model, fast):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(m, dynamic=True, backend=counter)
+        with pydlx.use_backend(backend):
+            for batch in (3, 5, 9, 17):
+                xb = torch.randn(batch, *x.shape[1:])
+                with torch.no_grad():
+                    torch.testing.assert_close(compiled(xb), model(xb), rtol=1e-5, atol=1e-5)
+        counts.append(counter.frame_count)
+    assert counts[1] <= counts[0], counts  # (never more graphs than the original: the seed CNN has 3, torch's conv
+    # specialising sizes; under a forced backend its op keeps one of them symbolic)
+    with pydlx.use_backend(backend):
+        xb = torch.randn(6, *x.shape[1:])
+        compiled(xb).pow(2).sum().backward()
+    model(xb).pow(2).sum().backward()
+    for (k, p), q in zip(fast.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=k)
