@@ -100,7 +100,8 @@ def test_torchscript_trace_saves_loads_and_runs(name, backend):
             torch.testing.assert_close(loaded(xb), model(xb), rtol=1e-5, atol=1e-5)
 
 
-FUNC_CASES = [(name, backend) for name in ("cnn", "autoencoder", "small_mlp") for backend in ("auto", "reference")]
+FUNC_CASES = [(name, backend) for name in ("cnn", "autoencoder", "small_mlp") for backend in ("auto", "reference")] + [
+    pytest.param(name, "triton", marks=pytest.mark.interpreter) for name in ("cnn", "autoencoder", "small_mlp")]
 
 
 @pytest.mark.parametrize("name,backend", FUNC_CASES)
@@ -141,14 +142,21 @@ def test_vmap_raises_naming_the_op():
 
 
 @pytest.mark.interpreter
-def test_torch_func_through_a_kernel_backend_raises_naming_the_op():
-    """Under torch.func a kernel backend's forward runs (on plain tensors), but its backward kernels cannot read
-    torch.func's wrapped tensors: a clear error naming the op and the way out, never a wrong gradient."""
-    from torch.func import grad
+def test_torch_func_beyond_grad_and_vjp_through_a_kernel_backend_raises_naming_the_op():
+    """A kernel backend's backward runs under one level of grad / vjp; under vmap of it (jacrev) or nested grad its
+    kernels would read torch.func's batched or wrapped tensors: a clear error naming the op and the way out, never
+    a wrong derivative. (The same through the reference backend works: torch's own ops all the way.)"""
+    from torch.func import grad, jacrev
 
-    _, fast, x = _pair("small_mlp")
-    with pydlx.use_backend("triton"), pytest.raises(RuntimeError, match="pydlx::mlp_fused_bwd: the triton backend"):
-        grad(lambda inp: fast(inp).pow(2).sum())(x)
+    model, fast, x = _pair("small_mlp")
+    with pydlx.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="pydlx::mlp_fused_bwd: the triton backend's backward runs under"):
+            jacrev(lambda inp: fast(inp).sum(0))(x)
+        with pytest.raises(RuntimeError, match="pydlx::mlp_fused_bwd: the triton backend's backward runs under"):
+            grad(lambda inp: grad(lambda i: fast(i).pow(2).sum())(inp).pow(2).sum())(x)
+    with pydlx.use_backend("reference"):
+        want = jacrev(lambda inp: model(inp).sum(0))(x)
+        torch.testing.assert_close(jacrev(lambda inp: fast(inp).sum(0))(x), want, rtol=1e-5, atol=1e-6)
 
 
 def test_user_hooks_fire_after_optimize():

@@ -109,7 +109,7 @@ class Op:
     modes see one opaque op. A backward op (no ``function``) called with gradients enabled on inputs that need one
     (a double backward) goes through the op too, which refuses it."""
 
-    __slots__ = ("name", "impl", "overload", "function", "transformable", "tensors", "lists", "names")
+    __slots__ = ("name", "impl", "overload", "function", "transformable", "tensors", "lists", "names", "backend_at")
 
     def __init__(self, name: str, impl: Callable, overload: torch._ops.OpOverload):
         self.name, self.impl, self.overload, self.function = name, impl, overload, None
@@ -119,6 +119,7 @@ class Op:
         self.tensors = tuple(i for i, a in enumerate(args) if _is_tensor(a.type))
         self.lists = tuple(i for i, a in enumerate(args) if isinstance(a.type, torch.ListType)
                            and _is_tensor(a.type.getElementType()))
+        self.backend_at = self.names.index("backend")  # (every op takes the backend that runs it)
 
     def __call__(self, *args):
         if traced():
@@ -144,20 +145,38 @@ class Op:
     def _transformed(self, args):
         """Under a torch.func transform: a forward op through its Function in torch.func's form (grad, vjp and
         functional_call differentiate it with the op's own formulas; vmap raises torch's error for a Function
-        without a vmap rule); a backward op (called by those formulas) runs its implementation."""
+        without a vmap rule); a backward op (called by those formulas) runs its implementation: the reference's
+        on the transform's tensors, a kernel backend's on the plain tensors under one level of grad / vjp (its
+        result a constant there: the backward ops are not differentiable anyway)."""
         if self.transformable is None:
-            backend = args[-1]  # (every op takes the backend that runs it last: pydlx/ops/schemas.py)
-            if backend != "reference" and any(
-                    isinstance(args[i], Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(args[i])
-                    for i in self.tensors):
-                raise RuntimeError(
-                    f"pydlx::{self.name}: the {backend} backend's backward cannot run under a torch.func transform "
-                    "(its kernels read plain tensors); differentiate with torch.func under the reference backend "
-                    "(pydlx.use_backend('reference'), or auto on a CPU), or use torch.autograd")
-            return self.impl(*args)
+            backend = args[self.backend_at]
+            if backend == "reference":
+                return self.impl(*args)
+            plain = list(args)
+            for i in self.tensors:
+                plain[i] = self._kernel_tensor(backend, args[i])
+            for i in self.lists:
+                plain[i] = [self._kernel_tensor(backend, t) for t in args[i]]
+            with torch._C._DisableFuncTorch():
+                return self.impl(*plain)
         if not self.lists:
             return self.transformable.apply(None, *args)
         return self.transformable.apply(tuple(len(args[i]) for i in self.lists), *_flatten(args, self.lists))
+
+    def _kernel_tensor(self, backend: str, t):
+        """``t`` as a kernel backend's backward reads it under a torch.func transform: the plain tensor inside one
+        level of grad tracking; a batched tensor (vmap, jacrev, jacfwd, hessian) or nested levels raise."""
+        F = torch._C._functorch
+        if not isinstance(t, Tensor) or not F.is_functorch_wrapped_tensor(t):
+            return t
+        if F.is_gradtrackingtensor(t):
+            inner = F.get_unwrapped(t)
+            if not F.is_functorch_wrapped_tensor(inner):
+                return inner
+        raise RuntimeError(
+            f"pydlx::{self.name}: the {backend} backend's backward runs under torch.func's grad and vjp, not under "
+            "vmap (jacrev, jacfwd, hessian) or nested transforms (its kernels read plain tensors); use the reference "
+            "backend there (pydlx.use_backend('reference'), or auto on a CPU)")
 
     def eager(self, grad: bool, *args):
         """The eager path for a caller that has checked ``traced()`` and the tensors' types itself (a kept plan):
