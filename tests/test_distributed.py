@@ -22,6 +22,9 @@ import pydlx
 from pydlx.bench import seed_models as S
 
 STEPS, BATCH, WORLD = 3, 8, 2
+# also through the Triton kernels (the interpreter on a CPU: small enough to run there): the autoencoder's MLP kernels,
+# FSDP2 on the whole model
+TRITON_CASES = [("autoencoder", "whole", "after")]
 WRAPS = [("ddp", "after"), ("blocks", "after"), ("whole", "after"), ("blocks", "before"), ("whole", "before")]
 MODELS = ["cnn", "autoencoder", "rnn", "bn_blocks"]  # bn_blocks: Conv -> BatchNorm -> ReLU -> MaxPool blocks
 
@@ -100,9 +103,10 @@ def _gloo_cases(rank: int) -> dict:
         x, y = _data(kind)
         half = BATCH // WORLD
         xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
-        for wrap, order in WRAPS:
+        for wrap, order, backend in [(w, o, "reference") for w, o in WRAPS] + [
+                (w, o, "triton") for k, w, o in TRITON_CASES if k == kind and os.environ.get("TRITON_INTERPRET") == "1"]:
             got = {}
-            with pydlx.use_backend("reference"):
+            with pydlx.use_backend(backend):
                 for which in ("original", "optimized"):
                     model = _model(kind)
                     if which == "original":
@@ -118,7 +122,7 @@ def _gloo_cases(rank: int) -> dict:
                                   for k, v in inner.state_dict().items()}  # (by value: the process ends)
                     got[which + " ops"] = sum(ran.values())
                 got["explain"] = pydlx.explain(inner) if order == "before" else ""
-            results[(kind, wrap, order)] = got
+            results[(kind, wrap, order, backend)] = got
     return results
 
 
@@ -151,8 +155,8 @@ def trained():
 
 @pytest.mark.parametrize("wrap,order", WRAPS)
 @pytest.mark.parametrize("kind", MODELS)
-def test_sharded_training_matches_the_original(trained, kind, wrap, order):
-    got = trained[(kind, wrap, order)]
+def test_sharded_training_matches_the_original(trained, kind, wrap, order, backend="reference"):
+    got = trained[(kind, wrap, order, backend)]
     original, optimized = got["original"], got["optimized"]
     assert set(optimized) == set(original)
     tol = dict(rtol=1e-4, atol=1e-5)
@@ -169,6 +173,12 @@ def test_sharded_training_matches_the_original(trained, kind, wrap, order):
     if order == "before":  # sharded first: the sharded modules run as written, and explain says why
         assert got["optimized ops"] == 0
         assert "DTensor: sharded" in got["explain"], got["explain"]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind,wrap,order", TRITON_CASES)
+def test_sharded_training_through_the_triton_kernels(trained, kind, wrap, order):
+    test_sharded_training_matches_the_original(trained, kind, wrap, order, "triton")
 
 
 # where no pydlx op runs after optimize-then-shard, and why
