@@ -277,8 +277,7 @@ def _decomposes(the_op: Op, fake: Callable, impl: Callable) -> None:
     backend the call names, so that tracing it yields plain ATen ops. It goes into torch's decomposition
     table, which torch.onnx.export's lowering uses (so ONNX export needs no argument), and into ``DECOMPOSITIONS``,
     the table ``pydlx.decompositions()`` gives to ``ExportedProgram.run_decompositions``."""
-    schema = the_op.overload._schema.arguments
-    at = the_op.names.index("backend")
+    schema, at = the_op.overload._schema.arguments, the_op.backend_at
 
     def decomposition(*args, **kwargs):
         full = list(args)
