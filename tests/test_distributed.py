@@ -103,7 +103,7 @@ def _gloo_cases(rank: int) -> dict:
         x, y = _data(kind)
         half = BATCH // WORLD
         xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
-        for wrap, order, backend in [(w, o, "reference") for w, o in WRAPS] + [
+        for wrap, order, backend in [(w, o, b) for w, o in WRAPS for b in ("reference", "auto")] + [
                 (w, o, "triton") for k, w, o in TRITON_CASES if k == kind and os.environ.get("TRITON_INTERPRET") == "1"]:
             got = {}
             with pydlx.use_backend(backend):
@@ -173,6 +173,17 @@ def test_sharded_training_matches_the_original(trained, kind, wrap, order, backe
     if order == "before":  # sharded first: the sharded modules run as written, and explain says why
         assert got["optimized ops"] == 0
         assert "DTensor: sharded" in got["explain"], got["explain"]
+
+
+@pytest.mark.parametrize("wrap,order", WRAPS)
+@pytest.mark.parametrize("kind", MODELS)
+def test_sharded_training_under_auto(trained, kind, wrap, order):
+    """The same under ``auto`` (on a CPU the fused modules and forwards call plain eager PyTorch: no op runs)."""
+    got = trained[(kind, wrap, order, "auto")]
+    for k in got["original"]:
+        torch.testing.assert_close(torch.from_numpy(got["optimized"][k]), torch.from_numpy(got["original"][k]),
+                                   rtol=1e-4, atol=1e-5, msg=k)
+    assert got["optimized ops"] == 0
 
 
 @pytest.mark.interpreter
