@@ -69,9 +69,10 @@ def mlp_fp64_rounded(x, ws, bs, acts, dtype):
     return h
 
 
-def weight_grad_abs_sums(x, ws, bs, g, acts, dtype):
-    """|dZ_l|^T |H_{l-1}| per layer (float64): the sum of absolute terms of each weight-gradient element, the scale
-    at which rounding the terms to ``dtype`` shows when they cancel."""
+def grad_abs_sums(x, ws, bs, g, acts, dtype):
+    """(float64) |dZ_l|^T |H_{l-1}| per layer, then the column sums of |dZ_l| per layer with a bias: the sum of the
+    absolute terms of each weight- and bias-gradient element (both reductions over the rows), the scale at which
+    rounding the terms to ``dtype`` shows when they cancel."""
     h = x.detach().double().reshape(-1, x.shape[-1])
     inputs, zs = [], []
     for i, (w, b) in enumerate(zip(ws, bs)):
@@ -82,7 +83,8 @@ def weight_grad_abs_sums(x, ws, bs, g, acts, dtype):
         if i + 1 < len(ws) and dtype != torch.float64:
             h = h + (h.to(dtype).double() - h).detach()
     dzs = torch.autograd.grad(h, zs, g.detach().double().reshape(h.shape))
-    return [dz.abs().t() @ hin.abs() for dz, hin in zip(dzs, inputs)]
+    return ([dz.abs().t() @ hin.abs() for dz, hin in zip(dzs, inputs)]
+            + [dz.abs().sum(0) for dz, b in zip(dzs, bs) if b is not None])
 
 
 def check_against_fp64(fn, x, ws, bs, g, acts, dtype):
@@ -92,7 +94,7 @@ def check_against_fp64(fn, x, ws, bs, g, acts, dtype):
     want = fwd_bwd(lambda a, b_, c: mlp_fp64_rounded(a, b_, c, acts, dtype), x64, ws64, bs64, g.double())
     eager = fwd_bwd(lambda a, b_, c: ref.mlp.mlp(a, b_, c, *acts), x, ws, bs, g)
     names = ["y", "dx"] + [f"dW{i}" for i in range(len(ws))] + [f"db{i}" for i, b in enumerate(bs) if b is not None]
-    sums = [None, None] + weight_grad_abs_sums(x, ws, bs, g, acts, dtype) + [None] * len(names)
+    sums = [None, None] + grad_abs_sums(x, ws, bs, g, acts, dtype)
     for a, e, base, name, abs_sum in zip(got, want, eager, names, sums):
         assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
         assert_close(a, e, dtype=dtype, name=name, baseline=base, abs_sum=abs_sum)
