@@ -62,12 +62,19 @@ class build_py(_build_py):
                 shutil.copy2(os.path.join(HERE, "csrc", name), dest)
 
 
+def _version():
+    scope = {}
+    with open(os.path.join(HERE, "pydlx", "_version.py")) as f:
+        exec(f.read(), scope)  # noqa: S102  (the package's own version file)
+    return scope["__version__"]
+
+
 ext_modules, cmdclass = _extensions()
 cmdclass["build_py"] = build_py
 
 setup(
     name="pydlx",
-    version="0.1.0",
+    version=_version(),
     description="Fused GPU kernels (Triton and C++/CUDA) for PyTorch CNN, LSTM and MLP layers",
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",

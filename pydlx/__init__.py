@@ -15,7 +15,7 @@ from ._policy import use_policy
 from .ops._common import decompositions
 from .optimize import explain, optimize, plan, restore
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["__version__", "backends", "use_backend", "current_backend", "use_policy", "BackendUnavailableError",
            "clear_caches", "decompositions",

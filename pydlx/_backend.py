@@ -24,7 +24,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from . import _policy, registry
+from . import _measure, _policy, registry
 from ._env import DYNAMO_READS_CONTEXTVARS, Scope, getenv
 
 _BACKENDS = Scope("backends")  # use_backend's stack in this thread and task
@@ -142,6 +142,7 @@ class Plans:
 
 
 registry._listeners.append(clear_caches)
+_measure.HOOKS.update(force=use_backend, changed=clear_caches)
 
 
 def decide(family: str, device: torch.device, call, op: Optional[str] = None) -> Tuple[str, str]:
@@ -149,17 +150,19 @@ def decide(family: str, device: torch.device, call, op: Optional[str] = None) ->
     ``device``; ``op`` names the op in errors. Raises BackendUnavailableError when a forced backend cannot run it."""
     name = current_backend()
     if torch.compiler.is_compiling():
-        return _decide(name, family, device, call, op)
+        return _decide(name, family, device, call, op)[:2]
     key = (family, call, device, name, _policy.in_force())
     try:
         hit = _decisions.get(key)
     except TypeError:  # (a symbolic size: traced by torch.export's non-strict mode)
-        return _decide(name, family, device, call, op)
+        return _decide(name, family, device, call, op)[:2]
     if hit is None:
-        hit = _decide(name, family, device, call, op)
-        if len(_decisions) >= MAX_DECISIONS:
-            _decisions.clear()
-        _decisions[key] = hit
+        backend, why, keep = _decide(name, family, device, call, op)
+        hit = (backend, why)
+        if keep:
+            if len(_decisions) >= MAX_DECISIONS:
+                _decisions.clear()
+            _decisions[key] = hit
     return hit
 
 
@@ -168,23 +171,42 @@ def choose(family: str, device: torch.device, call, op: Optional[str] = None) ->
     return decide(family, device, call, op)[0]
 
 
-def _decide(name: str, family: str, device: torch.device, call, op: Optional[str]) -> Tuple[str, str]:
+def _runs(backend: str, family: str, device: torch.device, call) -> bool:
+    return backend == "reference" or registry.why_not(backend, family, device, call) is None
+
+
+def _decide(name: str, family: str, device: torch.device, call, op: Optional[str]) -> Tuple[str, str, bool]:
+    """(backend, why, whether the decision may be kept for the call's signature)."""
     if name != "auto":
         reason = registry.why_not(name, family, device, call)
         if reason is not None:
             raise BackendUnavailableError(f"pydlx.{op or family}: backend {name!r} cannot run this call: {reason}")
-        return name, f"{name}: forced"
+        return name, f"{name}: forced", True
     if device.type != "cuda":
-        return "reference", "reference: not a CUDA tensor"
+        return "reference", "reference: not a CUDA tensor", True
     fam = registry.FAMILIES[family]
+    setting = _policy.setting()
+    recorded = setting in ("default", _policy.MEASURE) and call.dtype in registry.KERNEL_DTYPES
+    not_now = None
+    if recorded:  # decisions measured on this card: this process's, the user cache's (pydlx/_measure.py)
+        d = _measure.recorded(family, device, call)
+        if d is not None and _runs(d.backend, family, device, call):
+            return d.backend, d.describe(), True
+        if setting == _policy.MEASURE:
+            d, not_now, passing = _measure.first_use(family, device, call)
+            if d is not None and _runs(d.backend, family, device, call):
+                return d.backend, d.describe(), True
     policy = _policy.for_device(device)
-    rule = _policy.lookup(family, device, call) if fam.policy_applies(call) else None
-    if rule is not None and (rule.backend == "reference" or registry.why_not(rule.backend, family, device,
-                                                                              call) is None):
-        return rule.backend, rule.describe()
+    if fam.policy_applies(call):
+        for rule in ((_measure.nearby(family, device, call) if recorded else None),
+                     _policy.lookup(family, device, call, policy) if policy is not None else None):
+            if rule is not None and _runs(rule.backend, family, device, call):
+                return rule.backend, rule.describe(), not_now is None or not passing
+    if not_now is not None:
+        return "reference", f"eager: not measured ({not_now})", not passing
     for b in fam.auto:
         if b in registry.BACKENDS and registry.why_not(b, family, device, call) is None:
             return b, f"{b}: {'no rule of the policy for this call' if policy else 'not measured on this GPU'} " \
-                      "(default)"
+                      "(default)", True
     return "reference", ("eager: not measured on this GPU" if policy is None else
-                         "eager: the policy measured no faster implementation for this call")
+                         "eager: the policy measured no faster implementation for this call"), True

@@ -61,14 +61,22 @@ class Scope:
 
     @contextlib.contextmanager
     def push(self, value) -> Iterator[None]:
-        stack = self.var.get() + (value,)
-        token = self.var.set(stack)
-        self.mirror.stack = stack
+        token = self.enter(value)
         try:
             yield
         finally:
-            self.var.reset(token)
-            self.mirror.stack = self.var.get()  # (this task's again: tasks may leave their blocks in any order)
+            self.leave(token)
+
+    def enter(self, value):
+        """``push`` without the ``with``: returns the token ``leave`` takes (a hook pair around a forward)."""
+        stack = self.var.get() + (value,)
+        token = self.var.set(stack)
+        self.mirror.stack = stack
+        return token
+
+    def leave(self, token) -> None:
+        self.var.reset(token)
+        self.mirror.stack = self.var.get()  # (this task's again: tasks may leave their blocks in any order)
 
 
 DYNAMO_READS_CONTEXTVARS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)

@@ -139,30 +139,54 @@ def _overrides() -> tuple:
 _cache: Dict[Tuple[str, str], Optional[Policy]] = {}
 
 
+MEASURE = "measure"
+SETTINGS = ("off", MEASURE)  # the named settings use_policy and PYDLX_POLICY take besides a policy file
+
+
 @contextlib.contextmanager
 def use_policy(policy: Union[Policy, str, Path, None]) -> Iterator[None]:
-    """Within the block, ``auto`` follows ``policy`` (a Policy or a path) on every GPU, or none ("off"/None)."""
-    if isinstance(policy, (str, Path)) and str(policy) != "off":
-        policy = load(policy)
-    with _POLICIES.push("off" if policy is None else policy):
+    """Within the block, ``auto`` follows ``policy`` on every GPU: a Policy or a policy file's path; "off" (or None):
+    no measured decision at all, the unmeasured defaults; "measure": measured on first use (pydlx/_measure.py)."""
+    with _POLICIES.push(_setting_value(policy)):
         yield
 
 
-def for_device(device: Union[torch.device, int, None] = None) -> Optional[Policy]:
-    """The policy in force for a CUDA device: a ``use_policy`` override, else PYDLX_POLICY (off | a path), else the
-    shipped file for the device's name and capability, else None."""
+def _setting_value(policy):
+    if policy is None:
+        return "off"
+    if isinstance(policy, Policy):
+        return policy
+    if str(policy).strip().lower() in SETTINGS:
+        return str(policy).strip().lower()
+    return load(policy)
+
+
+def setting() -> Union[str, Policy]:
+    """The policy setting in force: the innermost ``use_policy``, else PYDLX_POLICY: "off", "measure", a Policy (a
+    file given by path), or "default" (recorded decisions: the user cache of pydlx/_measure.py, then the policy
+    shipped for the GPU)."""
     override = _overrides()
     if override:
-        top = override[-1]
-        return None if top == "off" else top
+        return override[-1]
     env = (getenv("PYDLX_POLICY") or "").strip()
-    if env.lower() == "off":
-        return None
+    if env.lower() in SETTINGS:
+        return env.lower()
     if env:
         key = ("path", env)
         if key not in _cache:
             _cache[key] = load(env)
         return _cache[key]
+    return "default"
+
+
+def for_device(device: Union[torch.device, int, None] = None) -> Optional[Policy]:
+    """The policy file in force for a CUDA device: the one ``setting`` names, None when it is "off", else (default,
+    measure) the shipped file for the device's name and capability, if any."""
+    current = setting()
+    if isinstance(current, Policy):
+        return current
+    if current == "off":
+        return None
     key = device_key(device)
     if key not in _cache:
         path = POLICY_DIR / file_name(*key)
@@ -179,13 +203,27 @@ def in_force() -> tuple:
     return (override[-1] if override else None, getenv("PYDLX_POLICY"))
 
 
-def lookup(family: str, device, call) -> Optional[Rule]:
-    """The rule of the policy in force on ``device`` for ``call`` (a ``registry.FAMILIES[family].call``), or None."""
-    policy = for_device(device)
+def lookup(family: str, device, call, policy: Optional[Policy] = None) -> Optional[Rule]:
+    """The rule of ``policy`` (default: the policy file in force on ``device``) for ``call`` (a
+    ``registry.FAMILIES[family].call``), or None."""
+    policy = for_device(device) if policy is None else policy
     if policy is None or call.dtype not in registry.KERNEL_DTYPES:
         return None
-    return policy.lookup(family, registry.DTYPE_NAMES[call.dtype], "training" if call.training else "inference",
+    return policy.lookup(family, registry.DTYPE_NAMES[call.dtype], mode_name(call.training),
                          registry.FAMILIES[family].work(call))
+
+
+def mode_name(training: bool) -> str:
+    """A measured decision's mode: "training" (forward + backward) or "inference" (forward)."""
+    return "training" if training else "inference"
+
+
+def faster(eager: Sequence[float], candidate: Sequence[float], min_ratio: float = MIN_RATIO) -> Optional[float]:
+    """The one rule by which a measured candidate beats eager (policy files and measured decisions alike), from the
+    two timings' (median, p20, p80): its speedup (eager's median over its median) when that is at least
+    ``min_ratio`` and its p80 is below eager's median (faster beyond the measurement's spread), else None."""
+    ratio = eager[0] / candidate[0] if candidate[0] > 0 else 0.0
+    return ratio if ratio >= min_ratio and candidate[2] < eager[0] else None
 
 
 def status(device=None) -> str:
@@ -289,14 +327,14 @@ def make_policy(rows: Iterable[dict], passed: Dict[str, Set[str]], min_ratio: fl
         size = size_from_shape(family, shape)
         if eager is None or size is None:
             continue
-        e_med = float(eager["median_ms"])
+        e_times = _times(eager)
         best, best_ratio = "reference", 1.0
         for backend in registry.candidates():
             row = by_impl.get(backend)
             if row is None or backend not in passed.get(family, set()):
                 continue
-            ratio = e_med / float(row["median_ms"])
-            if ratio >= min_ratio and float(row["p80_ms"]) < e_med and ratio > best_ratio:
+            ratio = faster(e_times, _times(row), min_ratio)
+            if ratio is not None and ratio > best_ratio:
                 best, best_ratio = backend, ratio
         rules.append({"family": family, "op": op, "dtype": dtype, "mode": mode, "size": size, "shape": shape,
                       "backend": best, "ratio": round(best_ratio, 3)})
@@ -313,6 +351,11 @@ def make_policy(rows: Iterable[dict], passed: Dict[str, Set[str]], min_ratio: fl
     return {"version": VERSION, "device": device, "capability": capability, "torch": meta["torch"],
             "triton": meta["triton"], "commit": meta["commit"], "min_ratio": min_ratio,
             "rules": [{k: v for k, v in r.items() if k != "op"} for r in merged.values()]}
+
+
+def _times(row: dict) -> Tuple[float, float, float]:
+    """A benchmark CSV row's (median, p20, p80)."""
+    return float(row["median_ms"]), float(row["p20_ms"]), float(row["p80_ms"])
 
 
 def read_rows(paths: Sequence[Union[str, Path]]) -> List[dict]:

@@ -96,7 +96,9 @@ class Family:
     """One family's row. ``work(call)``: the size measured policies are keyed by; ``shape(**dims)`` / ``parse(text)``:
     a benchmark row's shape column and the work it stands for; ``policy_applies(call)``: whether measured rules speak
     for a call (variants no benchmark measured are left to the unmeasured default); ``auto``: the backends ``auto``
-    runs on a GPU without a measured policy, best first (then eager PyTorch, the reference)."""
+    runs on a GPU without a measured policy, best first (then eager PyTorch, the reference); ``bucket(call)``: the
+    shape bucket of a call, named in the form of ``shape``, under which a decision measured on first use speaks for
+    every call in it (the batch-like sizes rounded up to a power of two: ``pow2``)."""
     name: str
     call: type
     functions: Tuple[str, ...]
@@ -105,7 +107,31 @@ class Family:
     parse: Callable[[str], Optional[float]]
     auto: Tuple[str, ...] = ()
     policy_applies: Callable[..., bool] = lambda call: True
+    bucket: Optional[Callable[..., str]] = None
     doc: str = ""
+
+    def bucket_of(self, call) -> str:
+        """The shape bucket a call's measured decision is kept under (pydlx/_measure.py): ``bucket(call)``, by default
+        every field of the descriptor but dtype and training (which a decision is keyed by besides)."""
+        if self.bucket is not None:
+            return self.bucket(call)
+        return ",".join(f"{k}={v}" for k, v in zip(call._fields, call) if k not in ("dtype", "training"))
+
+
+def pow2(n: int) -> int:
+    """``n`` rounded up to a power of two (0 stays 0): the batch-like sizes of a shape bucket."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def _conv_bucket(c) -> str:
+    layout = " channels_last" if len(c.strides) == 4 and c.strides[1] == 1 and c.C > 1 else ""
+    return _conv_shape(pow2(c.N), c.C, c.H, c.W, c.K, c.R, c.stride, c.padding, c.P, c.Q, c.PP, c.ceil_mode,
+                       c.activation or "none") + layout
+
+
+def _lstm_bucket(c) -> str:
+    return (f"cell {pow2(c.B)}x{c.H}" if c.cell else f"{pow2(c.T)}:{pow2(c.B)}x{c.H}") + \
+        (f" proj{c.P}" if c.P != c.H else "")
 
 
 def _ints(pattern: str, text: str) -> Optional[Tuple[int, ...]]:
@@ -154,20 +180,22 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     Family("linear", LinearCall, ("linear_fwd", "linear_bwd"),
            work=lambda c: float(c.M) * c.N * c.K, shape=lambda M, N, K: f"{M}x{N}x{K}", parse=_parse_linear,
            # the Triton GEMM with the activation in its epilogue; then cuBLAS + a fused pointwise kernel
-           auto=("triton", "cuda"), doc="act(x W^T + b): a GEMM with the activation in its epilogue"),
+           auto=("triton", "cuda"), bucket=lambda c: f"{pow2(c.M)}x{c.N}x{c.K}",
+           doc="act(x W^T + b): a GEMM with the activation in its epilogue"),
     Family("mlp", MLPCall, ("mlp_fwd", "mlp_bwd"),
            work=lambda c: _mlp_work(c.M, c.sizes), shape=lambda M, sizes: f"{M}:{'-'.join(map(str, sizes))}",
-           parse=_parse_mlp,
+           parse=_parse_mlp, bucket=lambda c: f"{pow2(c.M)}:{'-'.join(map(str, c.sizes))}",
            # the fused MLP kernels; csrc/mlp.cu's forward only where a policy measured it faster
            auto=("triton",), doc="Linear -> act -> ... -> Linear, every layer in one kernel"),
     Family("conv_relu_pool", ConvCall, ("conv_relu_pool_fwd", "conv_relu_pool_bwd"),
            work=lambda c: _conv_work(c.N, c.C, c.H, c.W, c.K, c.R, c.stride, c.padding), shape=_conv_shape,
-           parse=_parse_conv,
+           parse=_parse_conv, bucket=_conv_bucket,
            # rules are measured on the ReLU + floor-mode unpadded pool blocks the benchmarks time
            policy_applies=lambda c: c.activation == "relu" and c.P > 1 and c.PP == 0 and not c.ceil_mode,
            doc="MaxPool2d(act(Conv2d(x))) writing only its output"),
     Family("lstm", LSTMCall, ("lstm_fwd", "lstm_bwd"),
            work=lambda c: float(c.T) * c.B * c.H * c.H, shape=lambda T, B, H: f"{T}:{B}x{H}", parse=_parse_lstm,
+           bucket=_lstm_bucket,
            doc="one LSTM layer's recurrence over a whole sequence (the GEMMs around it: the same backend's linear)"),
 )}
 

@@ -18,7 +18,7 @@ from typing import List
 import torch
 
 from .. import registry
-from . import Case, pick
+from . import Case, Trial, pick
 
 # (N, C, H, W, K, kernel, stride, padding, pool, pool_stride)
 GPU_SHAPES = {"seed_conv1": (256, 3, 32, 32, 32, 3, 1, 1, 2, 2), "seed_conv2": (256, 32, 16, 16, 64, 3, 1, 1, 2, 2),
@@ -167,3 +167,22 @@ def train_cases(device, small: bool) -> List[Case]:
     device = torch.device(device)
     shapes, dtypes = (TRAIN_CPU_SHAPES, CPU_DTYPES) if small else (TRAIN_GPU_SHAPES, GPU_DTYPES)
     return [_make_train_case(device, op, shape, dt) for dt in dtypes for op, shape in shapes.items()]
+
+
+def trial(call: registry.ConvCall, device, gen: torch.Generator) -> Trial:
+    """A call of the family's descriptor: the input in the call's layout (its strides), the call's activation and
+    pool."""
+    from pydlx.reference.conv_relu_pool import conv_act_pool2d as eager_chain
+
+    c = call
+    x = torch.empty_strided((c.N, c.C, c.H, c.W), c.strides, device=device, dtype=c.dtype)
+    x.copy_(torch.randn(x.shape, generator=gen, device=device, dtype=c.dtype))
+    w = torch.randn(c.K, c.C, c.R, c.R, generator=gen, device=device, dtype=c.dtype) / max(c.C * c.R * c.R, 1) ** 0.5
+    b = torch.randn(c.K, generator=gen, device=device, dtype=c.dtype)
+    pool = (c.P, c.Q, c.PP, c.ceil_mode)
+
+    def fused(x, w, b):
+        import pydlx
+        return pydlx.ops.conv_act_pool2d(x, w, b, c.stride, c.padding, c.activation, *pool)
+
+    return Trial((x, w, b), fused, lambda x, w, b: eager_chain(x, w, b, c.stride, c.padding, c.activation, *pool))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import registry
-from . import Case, pick
+from . import Case, Trial, pick
 
 OPS = {"linear_relu": "relu", "linear_gelu": "gelu"}
 GPU_SHAPES = [(4096, 4096, 4096), (256, 4096, 1024), (65536, 256, 256)]
@@ -66,3 +66,15 @@ def cases(device, small: bool) -> List[Case]:
     shapes, dtypes = (CPU_SHAPES, CPU_DTYPES) if small else (GPU_SHAPES, GPU_DTYPES)
     return [_make_case(device, op, act, M, N, K, dtype)
             for dtype in dtypes for op, act in OPS.items() for M, N, K in shapes]
+
+
+def trial(call: registry.LinearCall, device, gen: torch.Generator) -> Trial:
+    """A call of the family's descriptor (its activation is not part of it: ReLU, as the benchmarks time)."""
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=call.dtype)  # noqa: E731
+    inputs = (rnd(call.M, call.K), rnd(call.N, call.K) * max(call.K, 1) ** -0.5, rnd(call.N))
+
+    def fused(x, w, b):
+        import pydlx
+        return pydlx.ops.linear(x, w, b, activation="relu")
+
+    return Trial(inputs, fused, lambda x, w, b: torch.relu(F.linear(x, w, b)))

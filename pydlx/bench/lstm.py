@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from .. import registry
-from . import Case, pick
+from . import Case, Trial, pick
 
 GPU_HIDDEN = (128, 256, 512, 1024)
 GPU_BATCH = (1, 7, 16, 64, 256)
@@ -83,3 +83,32 @@ def cases(device, small: bool) -> List[Case]:
     out += [_make_case(device, T, B, H, dt, False) for dt in GPU_DTYPES for T in GPU_SEQ for H in GPU_HIDDEN
             for B in GPU_BATCH]
     return out
+
+
+def trial(call: registry.LSTMCall, device, gen: torch.Generator) -> Trial:
+    """A call of the family's descriptor: one layer (input size = hidden size, with biases, ``proj_size`` = P when it
+    differs from H) over T steps, or one LSTMCell step (``cell``); the output is y (the cell's h)."""
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=call.dtype)  # noqa: E731
+    T, B, H, P = call.T, call.B, call.H, call.P
+    scale = H ** -0.5
+    if call.cell:
+        inputs = (rnd(B, H), rnd(B, H), rnd(B, H), rnd(4 * H, H) * scale, rnd(4 * H, H) * scale, rnd(4 * H),
+                  rnd(4 * H))
+
+        def fused_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
+            import pydlx
+            return pydlx.ops.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)[0]
+
+        return Trial(inputs, fused_cell, lambda x, h, c, *w: torch.lstm_cell(x, (h, c), *w)[0])
+    proj = (rnd(P, H) * scale,) if P != H else ()
+    inputs = (rnd(T, B, H), rnd(1, B, P), rnd(1, B, H), rnd(4 * H, H) * scale, rnd(4 * H, P) * P ** -0.5,
+              rnd(4 * H), rnd(4 * H), *proj)
+
+    def fused(x, h, c, *weights):
+        import pydlx
+        return pydlx.ops.lstm(x, weights, (h, c), proj_size=P if P != H else 0)[0]
+
+    def eager(x, h, c, *weights):
+        return torch.lstm(x, (h, c), weights, True, 1, 0.0, False, False, False)[0]
+
+    return Trial(inputs, fused, eager)

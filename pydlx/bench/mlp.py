@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import registry
-from . import Case, pick
+from . import Case, Trial, pick
 
 NETS = {"autoencoder": [784, 400, 200, 32, 200, 400, 784], "mlp_64x4": [64, 64, 64, 64, 64, 16],
         "mlp_128x4": [32, 128, 128, 128, 128, 3]}
@@ -69,3 +69,23 @@ def cases(device, small: bool) -> List[Case]:
     device = torch.device(device)
     batches, dtypes = (CPU_BATCHES, CPU_DTYPES) if small else (GPU_BATCHES, GPU_DTYPES)
     return [_make_case(device, op, b, dt) for dt in dtypes for op in NETS for b in batches[op]]
+
+
+def trial(call: registry.MLPCall, device, gen: torch.Generator) -> Trial:
+    """A call of the family's descriptor: layers ``call.sizes`` with ReLU between them, none after the last."""
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=call.dtype)  # noqa: E731
+    sizes, L = call.sizes, len(call.sizes) - 1
+    weights = [rnd(sizes[i + 1], sizes[i]) * max(sizes[i], 1) ** -0.5 for i in range(L)]
+    biases = [rnd(sizes[i + 1]) for i in range(L)]
+
+    def fused(x, *params):
+        import pydlx
+        return pydlx.ops.mlp(x, params[:L], params[L:], activation="relu")
+
+    def eager(x, *params):
+        for i in range(L):
+            x = torch.nn.functional.linear(x, params[i], params[L + i])
+            x = torch.relu(x) if i + 1 < L else x
+        return x
+
+    return Trial((rnd(call.M, sizes[0]), *weights, *biases), fused, eager)
