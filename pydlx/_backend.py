@@ -62,10 +62,13 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def backends() -> Dict[str, str]:
-    """What each registered backend can do on this machine, and for those that cannot run, why; and the measured
-    policy ``auto`` follows on this machine's GPU (or why there is none)."""
+    """What each registered backend can do on this machine, and for those that cannot run, why; the policy ``auto``
+    follows on this machine's GPU (or why there is none); and, on a GPU, the decisions measured on it that ``auto``
+    follows ("decisions": measured in this process, the user cache's, or shared by a rank)."""
     out = {name: b.status() for name, b in registry.BACKENDS.items()}
     out["policy"] = _policy.status()
+    if torch.cuda.is_available() and _policy.setting() in ("default", _policy.MEASURE):
+        out["decisions"] = _measure.status(None)
     return out
 
 

@@ -138,7 +138,9 @@ _generation = [0]  # bumped on every change of recorded decisions (the size-rule
 
 
 # set by pydlx/_backend.py (which imports this module): "force" is its use_backend (the trials run each backend
-# forced), "changed" its clear_caches (a new decision must be seen by calls whose decision was kept)
+# forced), "changed" its clear_caches (a new decision must be seen by calls whose decision was kept); set by
+# pydlx/tune.py while it measures a model: "watch(family, call)" sees each call's lookup, "exclude(family)" names
+# backends to leave out
 HOOKS: Dict[str, Callable] = {}
 
 
@@ -356,6 +358,9 @@ def _sources(device) -> List[Dict[Key, Decision]]:
 
 def recorded(family: str, device, call) -> Optional[Decision]:
     """The decision recorded for ``call``'s bucket, or None."""
+    watch = HOOKS.get("watch")
+    if watch is not None:
+        watch(family, call)
     k = key_of(family, call)
     for table in _sources(device):
         d = table.get(k)
@@ -432,13 +437,21 @@ def first_use(family: str, device, call) -> Tuple[Optional[Decision], Optional[s
         why, passing = why_not_now(device)
         if why is not None:
             return None, why, passing
-        decision = measure(family, device, call)
+        exclude = HOOKS.get("exclude")
+        decision = measure(family, device, call, exclude(family) if exclude else None)
         if decision is None:
             return None, "measuring failed (see the warning)", False
-        _PROCESS[decision.key] = decision
-        user_cache(device).add([decision])
-    _changed()
+        record([decision], device)
     return decision, None, False
+
+
+def record(decisions: Sequence[Decision], device) -> None:
+    """Keep ``decisions`` in this process and write them to the user cache (python -m pydlx.tune, first use)."""
+    with _LOCK:
+        for d in decisions:
+            _PROCESS[d.key] = d
+        user_cache(device).add(decisions)
+    _changed()
 
 
 def trial_device(device) -> torch.device:
@@ -464,14 +477,17 @@ def trial_of(family: str) -> Optional[Callable]:
     return getattr(module, "trial", None)
 
 
-def measure(family: str, device, call) -> Optional[Decision]:
-    """Measure one call's bucket now (see the module docstring); None if the trial itself failed (warned once)."""
+def measure(family: str, device, call, exclude: Optional[Dict[str, str]] = None) -> Optional[Decision]:
+    """Measure one call's bucket now (see the module docstring); None if the trial itself failed (warned once).
+    ``exclude``: {backend: why} backends not to consider (python -m pydlx.tune --tests: their GPU tests failed)."""
     from ._policy import device_key
     t0 = time.perf_counter()
     eligible, checked = [], {}
     for b in registry.candidates():
         why = registry.why_not(b, family, device, call)
-        if why is None:
+        if exclude and b in exclude:
+            checked[b] = f"excluded: {exclude[b]}"
+        elif why is None:
             eligible.append(b)
         else:
             checked[b] = f"cannot run it: {why}"
@@ -620,6 +636,28 @@ def in_force(device) -> List[Decision]:
     for table in reversed(_sources(device)):
         merged.update(table)
     return sorted(merged.values(), key=lambda d: (d.family, d.dtype, d.mode, d.size))
+
+
+def summary(family: str, dtype: torch.dtype, device=None) -> Optional[str]:
+    """explain()'s line for a fused block of ``family`` in ``dtype`` from the decisions recorded on this GPU (the
+    calls' shapes are not known before they run: every bucket measured), or None when none is recorded and the
+    policy is not "measure"."""
+    from ._policy import MEASURE, device_key, setting
+    if not torch.cuda.is_available():
+        return None
+    current = setting()
+    if current not in ("default", MEASURE):
+        return None
+    name, cc = device_key(device)
+    dt = registry.DTYPE_NAMES.get(dtype)
+    mine = [d for d in in_force(device) if d.family == family and d.dtype == dt]
+    where = f"auto on {name} (sm_{cc.replace('.', '')})"
+    if not mine:
+        return f"{where}: measured on first use of each shape (none recorded yet)" if current == MEASURE else None
+    parts = [f"{d.backend if d.backend != 'reference' else 'eager'} at {d.bucket} {d.mode}"
+             + (f" ({d.ratio:.2f}x eager, {d.lo:.2f}x-{d.hi:.2f}x)" if d.backend != "reference" else "")
+             + f" [{d.source}]" for d in mine]
+    return f"{where}: measured: " + "; ".join(parts)
 
 
 def status(device) -> str:

@@ -27,7 +27,6 @@ import contextlib
 import csv
 import json
 import math
-import os
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -230,14 +229,20 @@ def status(device=None) -> str:
     """backends()' line: the policy in force on the current GPU, or why there is none."""
     if not torch.cuda.is_available():
         return "no GPU: auto runs the reference on CPU tensors"
+    current = setting()
+    if current == "off":
+        return "off: auto runs the unmeasured defaults"
     policy = for_device(device)
+    name, cc = device_key(device)
+    shipped = (f"{policy.device} (sm_{policy.capability.replace('.', '')}), {policy.path or 'in memory'}"
+               if policy is not None else None)
+    if current == MEASURE:
+        return (f"measure: each new shape measured on first use on {name} (sm_{cc.replace('.', '')}), then "
+                + (f"the policy {shipped}" if shipped else "recorded decisions only") + " where it cannot be")
     if policy is None:
-        name, cc = device_key(device)
-        off = os.environ.get("PYDLX_POLICY", "").strip().lower() == "off" or (_overrides()[-1:] == ("off",))
-        return ("off: auto runs the unmeasured defaults" if off else
-                f"none for {name} (sm_{cc.replace('.', '')}): auto runs the unmeasured defaults (eager where a kernel "
-                "is not measured)")
-    return f"{policy.device} (sm_{policy.capability.replace('.', '')}), {policy.path or 'in memory'}"
+        return (f"none for {name} (sm_{cc.replace('.', '')}): auto runs the unmeasured defaults (eager where a kernel "
+                "is not measured) where no decision is recorded")
+    return shipped
 
 
 def summary(family: str, dtype: torch.dtype, device=None) -> str:

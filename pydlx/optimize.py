@@ -31,6 +31,7 @@ with the reason, and notes), which ``optimize`` applies and ``explain`` renders.
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 from typing import Callable, List, Optional, Tuple
@@ -38,7 +39,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import fx, nn
 
-from . import _fx_fuse, _policy
+from . import _fx_fuse, _measure, _policy
 from ._plan import Block, Note, Plan
 from .nn.conv_relu_pool import ConvReLUPool2d, _square, fused_args, unsupported as conv_unsupported
 from .nn.linear import Linear
@@ -175,6 +176,8 @@ def restore(model: nn.Module) -> nn.Module:
     the optimized model's current ones (the same tensors: an optimizer over them goes on working), and each module's
     train/eval mode is kept. For a tool pydlx does not support; hooks registered on pydlx's own modules after
     ``optimize`` go with them."""
+    for h in model.__dict__.pop(_HOOKS, ()):
+        h.remove()
     for m in model.modules():
         _fx_fuse.uninstall(m)
     for parent, originals in reversed(model.__dict__.pop(_SWAPS, [])):
@@ -293,7 +296,7 @@ def _allowed_fqns(model: nn.Module, filter_fn: Filter) -> frozenset:
     return frozenset(f for f, v in ok.items() if v)
 
 
-def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = None) -> nn.Module:
+def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = None, policy=None) -> nn.Module:
     """Return ``model`` with fusable chains replaced by pydlx layers; state_dict keys and values unchanged.
 
     inplace=False (default) works on a deep copy and leaves ``model`` untouched. ``filter_fn(module, fqn)``
@@ -303,7 +306,13 @@ def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = Non
     attributes and methods, and follows ``.train()``/``.eval()``, attribute changes and optional arguments
     exactly as the original forward does. If ``model`` itself is an MLP-shaped nn.Sequential, the result is a new
     pydlx.nn.MLP over its modules.
+
+    ``policy``: what ``auto`` follows during this model's forward calls, as ``pydlx.use_policy(policy)`` would:
+    "measure" (each new shape measured on first use on this GPU: pydlx/_measure.py), "off", or a policy file; None
+    (default): the policy in force where it is called. It is held by a forward pre-hook and hook on the model
+    (``pydlx.restore`` removes them); a compiled model follows the policy in force around the compiled call.
     """
+    follow = None if policy is None else _policy._setting_value(policy)  # (checked before any work)
     if not inplace:
         try:
             model = copy.deepcopy(model)
@@ -312,11 +321,35 @@ def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = Non
                        "FSDP2, for one) is optimized with pydlx.optimize(model, inplace=True)")
             raise
     model = _module_pass(model, filter_fn)
-    if isinstance(model, MLP):
-        return model
-    if _sharded(model) is None:
+    if not isinstance(model, MLP) and _sharded(model) is None:
         _fx_fuse.install_tree(model, _allowed_fqns(model, filter_fn))
+    if follow is not None:
+        _follow(model, follow)
     return model
+
+
+_HOOKS = "_pydlx_policy_hooks"  # an optimized model's forward hooks that hold its policy (optimize's ``policy``)
+_HELD = contextvars.ContextVar("pydlx_model_policies", default=())  # the tokens of the policies models hold now
+
+
+def _follow(model: nn.Module, setting) -> None:
+    """Hold ``setting`` (a _policy setting value) as the policy in force during ``model``'s forward calls."""
+    for h in model.__dict__.pop(_HOOKS, ()):
+        h.remove()
+
+    def enter(module, args):
+        if not torch.compiler.is_compiling():
+            _HELD.set(_HELD.get() + (_policy._POLICIES.enter(setting),))
+
+    def leave(module, args, output):
+        if not torch.compiler.is_compiling():
+            held = _HELD.get()
+            if held:
+                _HELD.set(held[:-1])
+                _policy._POLICIES.leave(held[-1])
+
+    model.__dict__[_HOOKS] = (model.register_forward_pre_hook(enter),
+                              model.register_forward_hook(leave, always_call=True))
 
 
 def _sharded(model: nn.Module) -> Optional[str]:
@@ -330,11 +363,14 @@ def _sharded(model: nn.Module) -> Optional[str]:
 
 
 def _auto(block: Block, model: nn.Module) -> Optional[str]:
-    """What auto runs for a fused block's calls on this machine, and why (pydlx/_policy.py ``summary``)."""
+    """What auto runs for a fused block's calls on this machine, and why: the decisions measured on this GPU
+    (pydlx/_measure.py ``summary``), else the policy file's (pydlx/_policy.py ``summary``)."""
     if block.family is None:
         return None
     weight = next(model.get_submodule(block.modules[0]).parameters(), None)
-    return _policy.summary(block.family, weight.dtype) if weight is not None else None
+    if weight is None:
+        return None
+    return _measure.summary(block.family, weight.dtype) or _policy.summary(block.family, weight.dtype)
 
 
 def plan(model: nn.Module, filter_fn: Filter = None) -> Plan:

@@ -2,11 +2,14 @@
 (TRITON_INTERPRET=1 must be set before triton is imported, hence here, first). On a GPU machine the same tests
 run the compiled kernels; run the interpreter pass there with TRITON_INTERPRET=1 set explicitly."""
 import os
+import tempfile
 
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+# decisions measured by the tests (pydlx/_measure.py) go to a folder of their own, never the user's cache
+os.environ["PYDLX_CACHE_DIR"] = tempfile.mkdtemp(prefix="pydlx-test-cache-")
 
 import pytest  # noqa: E402
 
@@ -107,4 +110,7 @@ def _fresh_decisions():
     """The dispatcher keeps one decision per call signature; tests that fake a GPU or a broken backend change what
     a decision depends on behind its back, so each test starts without kept decisions."""
     pydlx._backend.clear_caches()
+    m = pydlx._measure
+    if m._PROCESS or m._SHARED[0] is not None or m.BUDGET.measured or any(c.decisions for c in m._CACHES.values()):
+        m.forget(cache=True)  # (and no test follows another's measured decisions)
     yield

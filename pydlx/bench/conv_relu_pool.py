@@ -186,3 +186,10 @@ def trial(call: registry.ConvCall, device, gen: torch.Generator) -> Trial:
         return pydlx.ops.conv_act_pool2d(x, w, b, c.stride, c.padding, c.activation, *pool)
 
     return Trial((x, w, b), fused, lambda x, w, b: eager_chain(x, w, b, c.stride, c.padding, c.activation, *pool))
+
+
+def tune_calls(dtypes) -> List[registry.ConvCall]:
+    """The calls ``python -m pydlx.tune`` measures for this family: the GPU benchmark's ReLU + pool blocks."""
+    return [registry.ConvCall(dt, training, N, C, H, W, K, R, s, p, P, Q, 0, False, "relu", (C * H * W, H * W, W, 1))
+            for dt in dtypes for training in (True, False)
+            for N, C, H, W, K, R, s, p, P, Q in GPU_SHAPES.values()]

@@ -78,3 +78,9 @@ def trial(call: registry.LinearCall, device, gen: torch.Generator) -> Trial:
         return pydlx.ops.linear(x, w, b, activation="relu")
 
     return Trial(inputs, fused, lambda x, w, b: torch.relu(F.linear(x, w, b)))
+
+
+def tune_calls(dtypes) -> List[registry.LinearCall]:
+    """The calls ``python -m pydlx.tune`` measures for this family: the GPU benchmark's shapes, training first."""
+    return [registry.LinearCall(dt, training, M, N, K) for dt in dtypes for training in (True, False)
+            for M, N, K in GPU_SHAPES]

@@ -112,3 +112,10 @@ def trial(call: registry.LSTMCall, device, gen: torch.Generator) -> Trial:
         return torch.lstm(x, (h, c), weights, True, 1, 0.0, False, False, False)[0]
 
     return Trial(inputs, fused, eager)
+
+
+def tune_calls(dtypes) -> List[registry.LSTMCall]:
+    """The calls ``python -m pydlx.tune`` measures for this family: the GPU benchmark's hidden sizes and batches at
+    its shorter sequence length."""
+    return [registry.LSTMCall(dt, training, GPU_SEQ[0], B, H, H, False) for dt in dtypes for training in (True, False)
+            for H in GPU_HIDDEN for B in GPU_BATCH]

@@ -89,3 +89,9 @@ def trial(call: registry.MLPCall, device, gen: torch.Generator) -> Trial:
         return x
 
     return Trial((rnd(call.M, sizes[0]), *weights, *biases), fused, eager)
+
+
+def tune_calls(dtypes) -> List[registry.MLPCall]:
+    """The calls ``python -m pydlx.tune`` measures for this family: the GPU benchmark's nets and batches."""
+    return [registry.MLPCall(dt, training, batch, tuple(sizes)) for dt in dtypes for training in (True, False)
+            for op, sizes in NETS.items() for batch in GPU_BATCHES[op]]
