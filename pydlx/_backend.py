@@ -187,19 +187,45 @@ def _decide(name: str, family: str, device: torch.device, call, op: Optional[str
         return name, f"{name}: forced", True
     if device.type != "cuda":
         return "reference", "reference: not a CUDA tensor", True
-    fam = registry.FAMILIES[family]
     setting = _policy.setting()
+    if _symbolic(call):  # (torch.export / compile with dynamic sizes: no size is known to look up)
+        return _defaults(family, device, call, setting, "the sizes are symbolic")
+    if torch.compiler.is_compiling():
+        return _auto_in_trace(family, device, call, setting)
+    return _auto(family, device, call, setting, False)
+
+
+def _symbolic(call) -> bool:
+    return any(isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) or
+               (isinstance(v, tuple) and any(isinstance(u, torch.SymInt) for u in v)) for v in call)
+
+
+@torch._dynamo.assume_constant_result
+def _auto_in_trace(family: str, device: torch.device, call, setting: str) -> Tuple[str, str, bool]:
+    """``_auto`` while torch.compile traces: Dynamo calls it once and the decision becomes a constant of the graph
+    (recorded decisions and policy files are read in plain Python, never traced; nothing is measured). The setting
+    is read by the traced caller, so that the compiled code guards on it."""
+    return _auto(family, device, call, setting, True)
+
+
+def _auto(family: str, device: torch.device, call, setting: str, tracing: bool) -> Tuple[str, str, bool]:
+    """``auto``'s decision for a call on a GPU: recorded decisions (pydlx/_measure.py), measured now under "measure",
+    the nearest measured sizes, the policy file, then the family's unmeasured default (eager under "measure")."""
+    fam = registry.FAMILIES[family]
     recorded = setting in ("default", _policy.MEASURE) and call.dtype in registry.KERNEL_DTYPES
-    not_now = None
-    if recorded:  # decisions measured on this card: this process's, the user cache's (pydlx/_measure.py)
+    not_now, passing = None, False
+    if recorded:  # decisions measured on this card: this process's, the user cache's
         d = _measure.recorded(family, device, call)
         if d is not None and _runs(d.backend, family, device, call):
             return d.backend, d.describe(), True
         if setting == _policy.MEASURE:
-            d, not_now, passing = _measure.first_use(family, device, call)
-            if d is not None and _runs(d.backend, family, device, call):
-                return d.backend, d.describe(), True
-    policy = _policy.for_device(device)
+            if tracing:
+                not_now, passing = "torch.compile is tracing: it follows recorded decisions only", True
+            else:
+                d, not_now, passing = _measure.first_use(family, device, call)
+                if d is not None and _runs(d.backend, family, device, call):
+                    return d.backend, d.describe(), True
+    policy = _policy.for_device(device, setting)
     if fam.policy_applies(call):
         for rule in ((_measure.nearby(family, device, call) if recorded else None),
                      _policy.lookup(family, device, call, policy) if policy is not None else None):
@@ -207,7 +233,14 @@ def _decide(name: str, family: str, device: torch.device, call, op: Optional[str
                 return rule.backend, rule.describe(), not_now is None or not passing
     if not_now is not None:
         return "reference", f"eager: not measured ({not_now})", not passing
-    for b in fam.auto:
+    return _defaults(family, device, call, setting, None, policy)
+
+
+def _defaults(family, device, call, setting: str, why: Optional[str], policy=None) -> Tuple[str, str, bool]:
+    """The family's unmeasured default (the first of ``auto`` that can run the call), or eager under "measure"."""
+    if setting == _policy.MEASURE and why is not None:
+        return "reference", f"eager: not measured ({why})", True
+    for b in registry.FAMILIES[family].auto:
         if b in registry.BACKENDS and registry.why_not(b, family, device, call) is None:
             return b, f"{b}: {'no rule of the policy for this call' if policy else 'not measured on this GPU'} " \
                       "(default)", True

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import csv
+import itertools
 import json
 import math
 import re
@@ -130,60 +131,78 @@ def load(path: Union[str, Path]) -> Policy:
     return Policy(json.loads(path.read_text()), path)
 
 
-_POLICIES = Scope("policies")  # use_policy's stack in this thread and task (Policy objects and "off")
+_POLICIES = Scope("policies")  # use_policy's stack in this thread and task (settings: "off", "measure", "policy:<n>")
 
 
 def _overrides() -> tuple:
     return _POLICIES.get()
+
+
 _cache: Dict[Tuple[str, str], Optional[Policy]] = {}
-
-
 MEASURE = "measure"
 SETTINGS = ("off", MEASURE)  # the named settings use_policy and PYDLX_POLICY take besides a policy file
+_HELD: Dict[str, Policy] = {}  # "policy:<n>" -> a Policy given to use_policy (or optimize): settings are strings
+_NAMES = itertools.count()
 
 
 @contextlib.contextmanager
 def use_policy(policy: Union[Policy, str, Path, None]) -> Iterator[None]:
     """Within the block, ``auto`` follows ``policy`` on every GPU: a Policy or a policy file's path; "off" (or None):
     no measured decision at all, the unmeasured defaults; "measure": measured on first use (pydlx/_measure.py)."""
-    with _POLICIES.push(_setting_value(policy)):
-        yield
+    value = _setting_value(policy)
+    try:
+        with _POLICIES.push(value):
+            yield
+    finally:
+        _HELD.pop(value, None)  # (decisions kept under its name are never found again: names are not reused)
 
 
-def _setting_value(policy):
+def _setting_value(policy) -> str:
+    """The setting (a string) ``use_policy(policy)`` pushes: a Policy object, or a file (loaded now), is held under
+    a name of its own, never reused, until the block ends."""
     if policy is None:
         return "off"
-    if isinstance(policy, Policy):
-        return policy
-    if str(policy).strip().lower() in SETTINGS:
-        return str(policy).strip().lower()
-    return load(policy)
+    if not isinstance(policy, Policy):
+        if str(policy).strip().lower() in SETTINGS:
+            return str(policy).strip().lower()
+        policy = load(policy)
+    name = f"policy:{next(_NAMES)}"
+    _HELD[name] = policy
+    return name
 
 
-def setting() -> Union[str, Policy]:
-    """The policy setting in force: the innermost ``use_policy``, else PYDLX_POLICY: "off", "measure", a Policy (a
-    file given by path), or "default" (recorded decisions: the user cache of pydlx/_measure.py, then the policy
-    shipped for the GPU)."""
+def setting() -> str:
+    """The policy setting in force, a string: the innermost ``use_policy``, else PYDLX_POLICY: "off", "measure", a
+    policy file ("policy:<n>" from use_policy, "file:<path>" from PYDLX_POLICY: ``explicit`` resolves them), or
+    "default" (recorded decisions: the user cache of pydlx/_measure.py, then the policy shipped for the GPU)."""
     override = _overrides()
     if override:
         return override[-1]
     env = (getenv("PYDLX_POLICY") or "").strip()
     if env.lower() in SETTINGS:
         return env.lower()
-    if env:
-        key = ("path", env)
+    return f"file:{env}" if env else "default"
+
+
+def explicit(current: str) -> Optional[Policy]:
+    """The Policy a setting names ("policy:<n>", "file:<path>"), or None for the named settings."""
+    if current.startswith("policy:"):
+        return _HELD[current]
+    if current.startswith("file:"):
+        key = ("path", current[len("file:"):])
         if key not in _cache:
-            _cache[key] = load(env)
+            _cache[key] = load(key[1])
         return _cache[key]
-    return "default"
+    return None
 
 
-def for_device(device: Union[torch.device, int, None] = None) -> Optional[Policy]:
-    """The policy file in force for a CUDA device: the one ``setting`` names, None when it is "off", else (default,
-    measure) the shipped file for the device's name and capability, if any."""
-    current = setting()
-    if isinstance(current, Policy):
-        return current
+def for_device(device: Union[torch.device, int, None] = None, current: Optional[str] = None) -> Optional[Policy]:
+    """The policy file in force for a CUDA device under ``current`` (default: the setting in force): the one it
+    names, None when it is "off", else (default, measure) the shipped file for the device's name and capability."""
+    current = setting() if current is None else current
+    named = explicit(current)
+    if named is not None:
+        return named
     if current == "off":
         return None
     key = device_key(device)
@@ -195,8 +214,8 @@ def for_device(device: Union[torch.device, int, None] = None) -> Optional[Policy
 
 def in_force() -> tuple:
     """What decides the policy in force (the innermost ``use_policy``, PYDLX_POLICY): part of every kept dispatch
-    decision's key, so that a change of policy is seen by the next call. The override itself, not its id: the key
-    keeps it alive, so a later policy object cannot reuse the id and be taken for it."""
+    decision's key, so that a change of policy is seen by the next call (a policy object's setting is a name never
+    reused: a later object cannot be taken for it)."""
     override = _POLICIES.var.get() if DYNAMO_READS_CONTEXTVARS or not torch.compiler.is_compiling() else \
         getattr(_POLICIES.mirror, "stack", ())  # (_overrides, written out: this runs on every op call)
     return (override[-1] if override else None, getenv("PYDLX_POLICY"))
