@@ -191,7 +191,7 @@ def _decide(name: str, family: str, device: torch.device, call, op: Optional[str
     if _symbolic(call):  # (torch.export / compile with dynamic sizes: no size is known to look up)
         return _defaults(family, device, call, setting, "the sizes are symbolic")
     if torch.compiler.is_compiling():
-        return _auto_in_trace(family, device, call, setting)
+        return _auto_in_trace(family, device, type(call), tuple(call), setting)
     return _auto(family, device, call, setting, False)
 
 
@@ -201,11 +201,13 @@ def _symbolic(call) -> bool:
 
 
 @torch._dynamo.assume_constant_result
-def _auto_in_trace(family: str, device: torch.device, call, setting: str) -> Tuple[str, str, bool]:
+def _auto_in_trace(family: str, device: torch.device, kind: type, fields: tuple, setting: str
+                   ) -> Tuple[str, str, bool]:
     """``_auto`` while torch.compile traces: Dynamo calls it once and the decision becomes a constant of the graph
     (recorded decisions and policy files are read in plain Python, never traced; nothing is measured). The setting
-    is read by the traced caller, so that the compiled code guards on it."""
-    return _auto(family, device, call, setting, True)
+    is read by the traced caller, so that the compiled code guards on it. (The call descriptor comes as its type
+    and fields: Dynamo passes plain constants faithfully, not a NamedTuple built in traced code.)"""
+    return _auto(family, device, kind(*fields), setting, True)
 
 
 def _auto(family: str, device: torch.device, call, setting: str, tracing: bool) -> Tuple[str, str, bool]:

@@ -56,7 +56,7 @@ from ._env import getenv
 
 VERSION = 1
 FACTOR = 4.0  # a backend's largest error may be this many times eager's (same dtype, same inputs) ...
-FLOOR_ULPS = 8.0  # ... plus this many units in the last place of the dtype at the tensor's largest magnitude
+FLOOR_ULPS = 4.0  # ... plus this many units in the last place of the dtype at the tensor's largest magnitude
 WARMUP_MS, REP_MS = 10, 50  # per timed function on a GPU (pydlx.bench.measure's warmup and rep)
 SEED = 20261205  # the trials' inputs (a private generator)
 LOCK_WAIT_S = 2.0  # how long a write waits for another process's lock on the user cache before giving up
@@ -228,7 +228,7 @@ class UserCache:
     def _read(self) -> None:
         try:
             text = self.path.read_text()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # (nothing written yet)
             return
         except OSError as e:
             self._unusable(f"unreadable ({e})")
@@ -349,10 +349,12 @@ def distributed() -> bool:
 
 
 def _sources(device) -> List[Dict[Key, Decision]]:
-    """The recorded decisions, most specific first: this process's; the user cache's, unless a distributed job has
-    not agreed on it (``share``): ranks on different machines may have different caches."""
-    if _SHARED[0] is not None or distributed():
+    """The recorded decisions, most specific first: this process's, then the user cache's; after ``share``, the
+    shared ones only; in a distributed job that has not shared, none (ranks measure, and keep caches, apart)."""
+    if _SHARED[0] is not None:
         return [_PROCESS]
+    if distributed():
+        return []
     return [_PROCESS, user_cache(device).decisions]
 
 
@@ -567,8 +569,8 @@ def _run_trial(make, family, device, call, eligible, checked, t0) -> Tuple[str, 
     for b in correct:
         r = ratio(times["eager"], times[b])
         checked[b] = f"correct, {r.median:.2f}x eager ({r.lo:.2f}x-{r.hi:.2f}x)"
-        ratio = faster(times["eager"], times[b])
-        if ratio is not None and ratio > best_ratio[0]:
+        wins = faster(times["eager"], times[b])
+        if wins is not None and wins > best_ratio[0]:
             best, best_ratio = b, (r.median, r.lo, r.hi)
     return best, best_ratio
 
@@ -669,7 +671,8 @@ def status(device) -> str:
     if _SHARED[0] is not None:
         parts.append(f"{len(_PROCESS)} shared by rank {_SHARED[0]} (the user cache is not used)")
     elif distributed():
-        parts.append("the user cache is not used in a distributed job until pydlx.tune.share() agrees on it")
+        parts.append("none followed: a distributed job follows recorded decisions once pydlx.tune.share() agreed on "
+                     "them")
     else:
         cache = user_cache(device)
         parts.append(f"user cache {cache.path}: {cache.state}")

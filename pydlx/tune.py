@@ -58,6 +58,8 @@ def budget(total_s: Optional[float] = None, per_shape_s: Optional[float] = None)
         _measure.BUDGET.total_s = float(total_s)
     if per_shape_s is not None:
         _measure.BUDGET.per_shape_s = float(per_shape_s)
+    if total_s is not None or per_shape_s is not None:
+        _measure.HOOKS["changed"]()  # (calls decided eager for want of budget decide again)
     return _measure.BUDGET
 
 
