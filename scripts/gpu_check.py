@@ -4,8 +4,9 @@ Tiers, in order, each writing its results under $OUT as they land (a run cut at 
 covered), each step under its own timeout so that a hung kernel cannot eat the budget:
   tier 0  environment and ceilings, the C++/CUDA extension built (sm of this GPU only, all cores), every shipped
           kernel x dtype x backend once against float64 (tests/test_gpu_smoke.py), and the headline benchmark case
-          of each goal (pydlx auto / pydlx-triton / pydlx-cuda vs eager vs torch.compile), and the host cost per call
-          at tiny shapes (python -m pydlx.bench --host);
+          of each goal (pydlx auto / pydlx-triton / pydlx-cuda vs eager vs torch.compile), the host cost per call
+          at tiny shapes (python -m pydlx.bench --host), and measuring on first use as a user runs it
+          (python -m pydlx.tune on the seed CNN's shapes);
   tier 1  the full GPU test suite (pytest -m gpu; xdist workers and per-test timeouts where installed), then the
           CUDA-graph tests (tests/test_cuda_graphs.py: the seed models' inference and training step captured with
           torch.cuda.graphs and with torch.compile(mode="reduce-overhead"), each backend forced), on their own
@@ -29,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -153,6 +155,18 @@ class Check:
         if self.dry:
             cmd += ["--device", "cpu", "--host-calls", "5", "--rounds", "3"]
         return self.run(name, cmd, timeout)
+
+    def tune(self, name: str, timeout: float) -> int:
+        """Measured on first use, as a user runs it (python -m pydlx.tune on the seed CNN's shapes): every backend
+        checked against float64 and timed against eager on this card; the table goes to the log. The decisions go to a
+        scratch cache, not the report (which stays at 8 files) nor the machine's user cache."""
+        if self.dry:
+            self.say(f"{name}: skipped (dry run: it measures on a GPU; tests/test_measure.py runs it with fakes)")
+            return 0
+        scratch = tempfile.mkdtemp(prefix="pydlx-tune-")
+        return self.run(name, [self.py, "-m", "pydlx.tune", "--model", "pydlx.bench.seed_models:CNN",
+                               "--input-shape", "256,3,24,24", "--dtype", "bf16", "--minutes",
+                               f"{max(timeout - 20, 10) / 60:.2f}", "--cache-dir", scratch], timeout)
 
     def policy(self) -> None:
         csv_path = self.out / "bench.csv"
@@ -315,6 +329,7 @@ def main(argv=None) -> int:
              min(150, c.left()))
     c.bench("tier 0: headline benchmarks", "headline", min(1.5, c.left() / 60), min(150, c.left()))
     c.host("tier 0: host cost", min(60, c.left()))
+    c.tune("tier 0: measured on first use (python -m pydlx.tune)", min(90, c.left()))
     # tier 1: the full GPU test suite, then the CUDA-graph tests on their own bounded step (a slow torch.compile there
     # cannot push the suite past its timeout, which would lose its junit)
     c.pytest("tier 1: GPU test suite", ["tests", "-m", "gpu", f"--ignore={GRAPH_TESTS}",

@@ -480,15 +480,16 @@ def test_gpu_measure_on_first_use_and_tune_a_seed_model(tmp_path, monkeypatch):
     monkeypatch.setenv("PYDLX_CACHE_DIR", str(tmp_path))
     _measure.forget()
     found = []
-    for kind, shape in (("cnn", (64, 3, 32, 32)), ("autoencoder", (256, 784))):
+    for kind, shape in (("cnn", (64, 3, 24, 24)), ("autoencoder", (256, 784)), ("rnn", (64, 28, 28))):
         model = pydlx.optimize(S.make_model(kind)).cuda().bfloat16()
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         found += pydlx.tune.tune_model(model, x, seconds=120)
     print()
     print(pydlx.tune.format_table(found))
-    assert found and {d.family for d in found} >= {"conv_relu_pool", "linear"} | ({"mlp"} & {d.family for d in found})
-    wrong = [(d.family, d.bucket, b, v) for d in found for b, v in d.checked if v.startswith(("wrong", "failed"))]
-    assert not wrong, wrong
+    assert {d.family for d in found} >= {"conv_relu_pool", "linear", "lstm"}
+    wrong = [(d.family, d.bucket, b, v) for d in found for b, v in d.checked
+             if v.startswith("wrong") or (v.startswith("failed") and "BackendUnavailableError" not in v)]
+    assert not wrong, wrong  # a kernel wrong on this card, or one that crashed: a bug to fix
     with pydlx.use_policy("measure"):
         model = pydlx.optimize(S.make_model("autoencoder")).cuda().bfloat16()
         y = model(torch.randn(256, 784, device="cuda", dtype=torch.bfloat16))

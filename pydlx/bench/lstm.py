@@ -108,8 +108,8 @@ def trial(call: registry.LSTMCall, device, gen: torch.Generator) -> Trial:
         import pydlx
         return pydlx.ops.lstm(x, weights, (h, c), proj_size=P if P != H else 0)[0]
 
-    def eager(x, h, c, *weights):
-        return torch.lstm(x, (h, c), weights, True, 1, 0.0, False, False, False)[0]
+    def eager(x, h, c, *weights):  # (nn.LSTM's call; train as in training: cuDNN's backward needs it)
+        return torch.lstm(x, (h, c), weights, True, 1, 0.0, call.training, False, False)[0]
 
     return Trial(inputs, fused, eager)
 
