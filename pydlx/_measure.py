@@ -129,11 +129,35 @@ class Budget:
     measured: int = 0
 
 
-BUDGET = Budget()
+_WARNED: set = set()
+
+
+def _warn_once(what: str, message: str) -> None:
+    if what not in _WARNED:
+        _WARNED.add(what)
+        warnings.warn(f"pydlx: {message}", RuntimeWarning, stacklevel=3)
+
+
+def budget_from_env() -> Budget:
+    """The budget PYDLX_MEASURE_BUDGET sets ("<total seconds>[,<seconds per bucket>]"), else the defaults."""
+    text = (os.environ.get("PYDLX_MEASURE_BUDGET") or "").strip()
+    if not text:
+        return Budget()
+    try:
+        values = [float(v) for v in text.split(",")]
+        if not 1 <= len(values) <= 2 or min(values) < 0:
+            raise ValueError
+    except ValueError:
+        _warn_once("budget", f"PYDLX_MEASURE_BUDGET={text!r} is not '<total seconds>[,<seconds per bucket>]': the "
+                             "defaults apply")
+        return Budget()
+    return Budget(*values)
+
+
+BUDGET = budget_from_env()
 _LOCK = threading.RLock()
 _PROCESS: Dict[Key, Decision] = {}  # measured (or shared) in this process
 _SHARED: List[Optional[int]] = [None]  # the rank whose decisions ``share`` installed (then the only recorded ones)
-_WARNED: set = set()
 _generation = [0]  # bumped on every change of recorded decisions (the size-rule policies are rebuilt)
 
 
@@ -204,12 +228,6 @@ def environment(device) -> Dict[str, str]:
     return {"device": name, "capability": cc, "driver": _driver(), "cuda": torch.version.cuda or "none",
             "torch": torch.__version__, "triton": _version("triton"), "pydlx": __version__,
             "kernels": _kernels_digest()}
-
-
-def _warn_once(what: str, message: str) -> None:
-    if what not in _WARNED:
-        _WARNED.add(what)
-        warnings.warn(f"pydlx: {message}", RuntimeWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------- the user cache

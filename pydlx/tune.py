@@ -133,13 +133,13 @@ def _tensors(out) -> List[torch.Tensor]:
 
 def format_table(rows: Sequence[Decision]) -> str:
     """The decisions as a table: what each bucket runs, its speedup over eager with the spread, where it came from,
-    and every backend's verdict."""
-    header = ("family", "dtype", "mode", "shape bucket", "runs", "vs eager", "source", "why")
+    what measuring it took, and every backend's verdict."""
+    header = ("family", "dtype", "mode", "shape bucket", "runs", "vs eager", "source", "took", "why")
     lines = []
     for d in rows:
         ratio = f"{d.ratio:.2f}x ({d.lo:.2f}-{d.hi:.2f})" if d.backend != "reference" else "-"
         lines.append((d.family, d.dtype, d.mode, d.bucket, "eager" if d.backend == "reference" else d.backend, ratio,
-                      d.source, "; ".join(f"{b}: {v}" for b, v in d.checked)))
+                      d.source, f"{d.spent_s:.1f} s", "; ".join(f"{b}: {v}" for b, v in d.checked)))
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)] if lines else [len(h) for h in header]
     fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells[:-1], widths)) + "  " + cells[-1]  # noqa
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])

@@ -238,7 +238,8 @@ with pydlx.use_policy("measure"):
     assert out.stdout.startswith("fastok: 2.00x eager (1.92x-2.08x), user cache on NVIDIA H100 80GB HBM3")
 
 
-def test_a_corrupt_cache_warns_once_and_decisions_are_kept_in_memory(gpu, tmp_path):
+def test_a_corrupt_cache_warns_once_and_decisions_are_kept_in_memory(gpu, tmp_path, monkeypatch):
+    monkeypatch.setattr(_measure, "_WARNED", set())
     path = tmp_path / "cache" / "decisions" / _policy.file_name(*CARD)
     path.parent.mkdir(parents=True)
     path.write_text('{"version": 1, "env": ')
@@ -254,6 +255,7 @@ def test_a_corrupt_cache_warns_once_and_decisions_are_kept_in_memory(gpu, tmp_pa
 
 
 def test_an_unwritable_cache_warns_once_and_decisions_are_kept_in_memory(gpu, tmp_path, monkeypatch):
+    monkeypatch.setattr(_measure, "_WARNED", set())
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("PYDLX_CACHE_DIR", str(blocker))
@@ -347,6 +349,17 @@ def test_the_time_budget(gpu, monkeypatch):
     assert gpu.calls == 2
 
 
+def test_the_budget_from_the_environment(monkeypatch):
+    monkeypatch.setattr(_measure, "_WARNED", set())
+    monkeypatch.setenv("PYDLX_MEASURE_BUDGET", "30,2.5")
+    assert (_measure.budget_from_env().total_s, _measure.budget_from_env().per_shape_s) == (30.0, 2.5)
+    monkeypatch.setenv("PYDLX_MEASURE_BUDGET", "600")
+    assert _measure.budget_from_env().total_s == 600.0
+    monkeypatch.setenv("PYDLX_MEASURE_BUDGET", "a lot")
+    with pytest.warns(RuntimeWarning, match="PYDLX_MEASURE_BUDGET='a lot' is not"):
+        assert _measure.budget_from_env() == _measure.Budget()
+
+
 def test_threads_measure_a_bucket_once(gpu):
     gpu.times, gpu.delay = {"fastok": (0.5, 0.49, 0.51)}, 0.2
     got, errors = [], []
@@ -421,6 +434,32 @@ def test_tune_calls_record_and_the_command_needs_a_gpu(gpu):
     out = subprocess.run([sys.executable, "-m", "pydlx.tune", "--minutes", "1"], capture_output=True, text=True,
                          timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert out.returncode == 2 and "no CUDA device here" in out.stderr
+
+
+def test_tune_model_measures_the_shapes_a_model_calls(gpu):
+    """tune_model runs a copy of the model (forward and backward) under "measure" and returns the decisions for the
+    calls it made: here a module that asks the dispatcher as pydlx's entry points do (the fake card's tensors are
+    CPU tensors, which the entry points would run eagerly without asking)."""
+    gpu.times = {"fastok": (0.5, 0.49, 0.51)}
+
+    class Asks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            _backend.decide("linear", DEV, call(x.shape[0], training=self.training))
+            return x @ self.w
+
+    model = Asks()
+    got = pydlx.tune.tune_model(model, torch.randn(100, 4), seconds=30)
+    assert [(d.backend, d.mode, d.bucket) for d in got] == [("fastok", "training", "128x32x48")]
+    assert model.w.grad is None  # (a copy ran)
+    got = pydlx.tune.tune_model(model, torch.randn(100, 4), training=False)
+    assert [(d.backend, d.mode) for d in got] == [("fastok", "inference")]
+    again = pydlx.tune.tune_model(model, torch.randn(90, 4))  # the same bucket: recorded, not measured again
+    assert [d.key for d in again] == [got[0].key[:2] + ("training",) + got[0].key[3:]] and gpu.calls == 2
+    assert _policy.setting() == "default"
 
 
 # ----------------------------------------------------------------------------------------------- ranks
