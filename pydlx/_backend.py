@@ -20,6 +20,7 @@ backward op.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -93,6 +94,9 @@ _decisions: Dict[tuple, Tuple[str, str]] = {}
 
 
 CACHES: list = []  # the other caches' clear functions (the eval-mode BatchNorm folds)
+# set in this thread when a decision is not kept (made during CUDA graph capture, under deterministic algorithms:
+# measuring on first use must happen later); the entry point's next Plans.keep then keeps no plan either
+_UNKEPT = threading.local()
 
 
 def clear_caches() -> None:
@@ -135,6 +139,9 @@ class Plans:
             return None
 
     def keep(self, key, plan):
+        if getattr(_UNKEPT, "flag", False):  # the decision under the plan was not to be kept: nor is the plan
+            _UNKEPT.flag = False
+            return plan
         try:
             if len(self.kept) >= MAX_DECISIONS:
                 self.kept.clear()
@@ -162,7 +169,9 @@ def decide(family: str, device: torch.device, call, op: Optional[str] = None) ->
     if hit is None:
         backend, why, keep = _decide(name, family, device, call, op)
         hit = (backend, why)
-        if keep:
+        if not keep:
+            _UNKEPT.flag = True
+        else:
             if len(_decisions) >= MAX_DECISIONS:
                 _decisions.clear()
             _decisions[key] = hit

@@ -280,9 +280,12 @@ def test_a_stale_lock_file_does_not_block_a_write(gpu, tmp_path):
 # ----------------------------------------------------------------------------------------------- when not to measure
 def test_nothing_is_measured_under_capture_or_deterministic_algorithms(gpu, monkeypatch):
     monkeypatch.setattr(_measure, "_capturing", lambda device: True)
+    plans = _backend.Plans()
     backend, why = measure_decide(call())
     assert (backend, why) == ("reference", "eager: not measured (a CUDA graph is being captured: recorded decisions "
                                            "only)")
+    plans.keep("signature", backend)  # (an entry point keeps its plan after deciding)
+    assert plans.get("signature") is None  # nor is a plan built on that decision kept
     monkeypatch.setattr(_measure, "_capturing", lambda device: False)
     gpu.times = {"fastok": (0.5, 0.49, 0.51)}
     assert measure_decide(call())[0] == "fastok"  # the capture's eager was not kept
