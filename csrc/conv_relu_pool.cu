@@ -14,12 +14,7 @@
 //
 // Shapes: x [N, C, H, W] with any strides (NCHW or channels_last), w [K, C, R, R], b [K] or none; outputs y and
 // idx (z) contiguous [N, K, HP, WP]. fp32, fp16, bf16 in and out, fp32 arithmetic. C <= kMaxChannels.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "torch_stable.h"
 
 #include <algorithm>
 #include <cmath>
@@ -150,26 +145,26 @@ int pooled_size(int size, int P, int Q, int pad, bool ceil_mode) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride,
-    int64_t padding, int64_t pool_size, int64_t pool_stride, int64_t pool_padding, bool ceil_mode, const std::string& activation,
-    double alpha, bool save_z) {
+std::tuple<Tensor, Tensor, Tensor> conv_relu_pool2d_fwd_cuda(
+    Tensor input, Tensor weight, std::optional<Tensor> bias, int64_t stride, int64_t padding, int64_t pool_size,
+    int64_t pool_stride, int64_t pool_padding, bool ceil_mode, std::string activation, double alpha, bool save_z) {
   const char* name = "pydlx::conv_relu_pool2d_fwd_cuda";
-  TORCH_CHECK(input.dim() == 4, name, ": input must be (N, C, H, W), got ", input.sizes());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == input.size(1) && weight.size(2) == weight.size(3), name,
-              ": weight must be (K, C, k, k) with C = input's channels, got ", weight.sizes());
-  TORCH_CHECK(input.size(1) <= kMaxChannels, name, ": the direct-convolution kernel is for first layers, at most ",
+  PYDLX_CHECK(input.dim() == 4, name, ": input must be (N, C, H, W), got ", shape(input));
+  PYDLX_CHECK(weight.dim() == 4 && weight.size(1) == input.size(1) && weight.size(2) == weight.size(3), name,
+              ": weight must be (K, C, k, k) with C = input's channels, got ", shape(weight));
+  PYDLX_CHECK(input.size(1) <= kMaxChannels, name, ": the direct-convolution kernel is for first layers, at most ",
               kMaxChannels, " input channels; got ", input.size(1));
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(), name,
+  PYDLX_CHECK(weight.scalar_type() == input.scalar_type() && same_device(weight, input), name,
               ": weight must match input's dtype and device");
-  TORCH_CHECK(stride >= 1 && padding >= 0 && pool_size >= 1 && pool_stride >= 1 && pool_size <= 3 &&
+  PYDLX_CHECK(stride >= 1 && padding >= 0 && pool_size >= 1 && pool_stride >= 1 && pool_size <= 3 &&
                   pool_padding >= 0 && 2 * pool_padding <= pool_size, name, ": bad stride/padding/pool arguments");
-  TORCH_CHECK(!save_z || pool_size == 1, name, ": the pre-activation is saved only without a pool");
-  at::Tensor b;
-  if (bias.has_value()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == weight.size(0) && b.scalar_type() == input.scalar_type() &&
-                    b.device() == input.device(), name, ": bias must be (K,) of input's dtype and device");
+  PYDLX_CHECK(!save_z || pool_size == 1, name, ": the pre-activation is saved only without a pool");
+  Tensor b;
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    b = contig(*bias);
+    PYDLX_CHECK(b.dim() == 1 && b.size(0) == weight.size(0) && b.scalar_type() == input.scalar_type() &&
+                    same_device(b, input), name, ": bias must be (K,) of input's dtype and device");
   }
   Geometry g{};
   g.C = static_cast<int>(input.size(1));
@@ -184,23 +179,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(
   g.PP = static_cast<int>(pool_padding);
   g.act = act_code(activation);
   g.alpha = static_cast<float>(alpha);
-  TORCH_CHECK(g.H + 2 * g.pad >= g.R && g.W + 2 * g.pad >= g.R, name, ": the kernel (", g.R,
+  PYDLX_CHECK(g.H + 2 * g.pad >= g.R && g.W + 2 * g.pad >= g.R, name, ": the kernel (", g.R,
               ") is larger than the padded input (", g.H + 2 * g.pad, "x", g.W + 2 * g.pad, ")");
   g.HO = (g.H + 2 * g.pad - g.R) / g.S + 1;
   g.WO = (g.W + 2 * g.pad - g.R) / g.S + 1;
   g.HP = pooled_size(g.HO, g.P, g.Q, g.PP, ceil_mode);
   g.WP = pooled_size(g.WO, g.P, g.Q, g.PP, ceil_mode);
-  TORCH_CHECK(g.HP >= 1 && g.WP >= 1, name, ": the conv output (", g.HO, "x", g.WO,
+  PYDLX_CHECK(g.HP >= 1 && g.WP >= 1, name, ": the conv output (", g.HO, "x", g.WO,
               ") is too small for the pool window");
   g.sn = input.stride(0);
   g.sc = input.stride(1);
   g.sh = input.stride(2);
   g.sw = input.stride(3);
   // the largest square tile (8, 4, 2 or 1 pooled pixels a side) whose shared memory fits
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.get_device_index());
   int dev = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  PYDLX_CUDA_CHECK(cudaGetDevice(&dev));
+  PYDLX_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   const size_t limit = std::min<size_t>(kMaxSmem, static_cast<size_t>(optin));
   for (g.tile = 8;; g.tile /= 2) {
     g.toh = (g.tile - 1) * g.Q + g.P;
@@ -208,30 +203,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(
     if (g.tile == 1 || static_cast<size_t>(smem_floats(g)) * 4 <= limit) break;
   }
   const size_t smem = static_cast<size_t>(smem_floats(g)) * sizeof(float);
-  TORCH_CHECK(smem <= limit, name, ": needs ", smem, " bytes of shared memory; this GPU allows ", limit);
+  PYDLX_CHECK(smem <= limit, name, ": needs ", smem, " bytes of shared memory; this GPU allows ", limit);
 
-  at::Tensor y = at::empty({input.size(0), g.K, g.HP, g.WP}, input.options());
-  at::Tensor idx = g.P > 1 ? at::empty({input.size(0), g.K, g.HP, g.WP}, input.options().dtype(at::kChar))
-                           : at::empty({0}, input.options().dtype(at::kChar));
-  at::Tensor z = save_z ? at::empty({input.size(0), g.K, g.HP, g.WP}, input.options()) : at::empty({0}, input.options());
+  const std::vector<int64_t> out_shape{input.size(0), g.K, g.HP, g.WP};
+  Tensor y = empty_like_sized(input, out_shape);
+  Tensor idx = empty_like_sized(input, g.P > 1 ? out_shape : std::vector<int64_t>{0}, ScalarType::Char);
+  Tensor z = empty_like_sized(input, save_z ? out_shape : std::vector<int64_t>{0});
   if (y.numel() == 0) return {y, idx, z};
-  TORCH_CHECK(input.size(0) <= 65535, name, ": batch must be at most 65535, got ", input.size(0));
-  const at::Tensor wc = weight.contiguous();
+  PYDLX_CHECK(input.size(0) <= 65535, name, ": batch must be at most 65535, got ", input.size(0));
+  const Tensor wc = contig(weight);
   const int tiles = ((g.HP + g.tile - 1) / g.tile) * ((g.WP + g.tile - 1) / g.tile);
   const dim3 grid(tiles, (g.K + kGroup - 1) / kGroup, static_cast<unsigned>(input.size(0)));
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto stream = stream_of(input);
   PYDLX_DISPATCH_FLOAT(input.scalar_type(), name, [&] {
     auto kernel = conv_relu_pool_kernel<scalar_t>;
     if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      PYDLX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
     }
-    kernel<<<grid, kThreads, smem, stream>>>(input.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(),
-                                             b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                                             y.mutable_data_ptr<scalar_t>(),
-                                             g.P > 1 ? idx.mutable_data_ptr<int8_t>() : nullptr,
-                                             save_z ? z.mutable_data_ptr<scalar_t>() : nullptr, g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    kernel<<<grid, kThreads, smem, stream>>>(static_cast<const scalar_t*>(input.const_data_ptr()),
+                                             static_cast<const scalar_t*>(wc.const_data_ptr()),
+                                             has_bias ? static_cast<const scalar_t*>(b.const_data_ptr()) : nullptr,
+                                             static_cast<scalar_t*>(y.mutable_data_ptr()),
+                                             g.P > 1 ? static_cast<int8_t*>(idx.mutable_data_ptr()) : nullptr,
+                                             save_z ? static_cast<scalar_t*>(z.mutable_data_ptr()) : nullptr, g);
+    PYDLX_LAUNCH_CHECK();
   });
   return {y, idx, z};
 }
@@ -239,10 +235,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool2d_fwd_cuda(
 }  // namespace
 }  // namespace pydlx
 
-TORCH_LIBRARY_FRAGMENT(pydlx, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(pydlx, m) {
   m.def("conv_relu_pool2d_fwd_cuda(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, "
         "int pool_size, int pool_stride, int pool_padding, bool ceil_mode, str activation, float alpha, bool save_z) "
         "-> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(pydlx, CUDA, m) { m.impl("conv_relu_pool2d_fwd_cuda", &pydlx::conv_relu_pool2d_fwd_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(pydlx, CUDA, m) {
+  m.impl("conv_relu_pool2d_fwd_cuda", TORCH_BOX(&pydlx::conv_relu_pool2d_fwd_cuda));
+}

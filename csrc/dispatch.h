@@ -1,5 +1,5 @@
 // pydlx: the one shared compile-time switch header for the C++/CUDA kernels.
-//  * PYDLX_DISPATCH_FLOAT(dtype, NAME, ...): runs the body with scalar_t = float, at::Half or at::BFloat16.
+//  * PYDLX_DISPATCH_FLOAT(dtype, NAME, ...): runs the body with scalar_t = float, pydlx::Half or pydlx::BFloat16.
 //  * PYDLX_DISPATCH_ACT(act, ...): runs the body with `constexpr int ACT` for an activation code (act_code of its name;
 //    the parameter of leaky_relu / elu travels as a run-time float next to it).
 // Activation codes match ACT_CODES in pydlx/triton/common.py.
@@ -7,10 +7,7 @@
 
 #include <string>
 
-#include <c10/core/ScalarType.h>
-#include <c10/util/Exception.h>
-#include <c10/util/Half.h>
-#include <c10/util/BFloat16.h>
+#include "torch_stable.h"
 
 namespace pydlx {
 
@@ -34,7 +31,7 @@ inline int act_code(const std::string& name) {
   if (name == "mish") return kMish;
   if (name == "relu6") return kRelu6;
   if (name == "selu") return kSelu;
-  TORCH_CHECK(false, "pydlx: activation must be one of none, relu, gelu, gelu_tanh, silu, tanh, sigmoid, leaky_relu, "
+  PYDLX_CHECK(false, "pydlx: activation must be one of none, relu, gelu, gelu_tanh, silu, tanh, sigmoid, leaky_relu, "
               "elu, hardswish, hardsigmoid, mish, relu6, selu; got '", name, "'");
 }
 
@@ -43,10 +40,11 @@ inline int act_code(const std::string& name) {
 #define PYDLX_DISPATCH_FLOAT(DTYPE, NAME, ...)                                                       \
   [&] {                                                                                              \
     switch (DTYPE) {                                                                                 \
-      case c10::ScalarType::Float: { using scalar_t = float; return __VA_ARGS__(); }                 \
-      case c10::ScalarType::Half: { using scalar_t = c10::Half; return __VA_ARGS__(); }              \
-      case c10::ScalarType::BFloat16: { using scalar_t = c10::BFloat16; return __VA_ARGS__(); }      \
-      default: TORCH_CHECK(false, NAME, ": dtype must be float32, float16 or bfloat16, got ", DTYPE); \
+      case pydlx::ScalarType::Float: { using scalar_t = float; return __VA_ARGS__(); }               \
+      case pydlx::ScalarType::Half: { using scalar_t = pydlx::Half; return __VA_ARGS__(); }          \
+      case pydlx::ScalarType::BFloat16: { using scalar_t = pydlx::BFloat16; return __VA_ARGS__(); }  \
+      default: PYDLX_CHECK(false, NAME, ": dtype must be float32, float16 or bfloat16, got ",        \
+                           pydlx::dtype_name(DTYPE));                                                \
     }                                                                                                \
   }()
 
@@ -62,6 +60,6 @@ inline int act_code(const std::string& name) {
       PYDLX_ACT_CASE(pydlx::kElu, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kHardswish, __VA_ARGS__)        \
       PYDLX_ACT_CASE(pydlx::kHardsigmoid, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kMish, __VA_ARGS__)     \
       PYDLX_ACT_CASE(pydlx::kRelu6, __VA_ARGS__) PYDLX_ACT_CASE(pydlx::kSelu, __VA_ARGS__)          \
-      default: TORCH_CHECK(false, "pydlx: unknown activation code ", CODE);                         \
+      default: PYDLX_CHECK(false, "pydlx: unknown activation code ", CODE);                         \
     }                                                                                                \
   }()

@@ -5,13 +5,7 @@
 // in one pass (s = z for gelu/gelu_tanh/silu/hardswish/mish, s = y for the others; see pydlx/reference/linear.py).
 // `alpha` is the activation's parameter (leaky_relu's negative slope, elu's alpha; ignored by the others).
 // Math in fp32 whatever the storage dtype; vectorised 16-byte loads where the tensors are aligned.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
+#include "torch_stable.h"
 #include "activations.cuh"
 #include "dispatch.h"
 
@@ -51,23 +45,24 @@ __global__ void act_kernel(const scalar_t* __restrict__ a, const scalar_t* __res
 }
 
 template <bool BWD>
-at::Tensor launch(const at::Tensor& a, const at::Tensor& s, const std::string& activation, double alpha,
-                  const char* name) {
-  TORCH_CHECK(a.is_cuda(), name, ": input must be a CUDA tensor, got one on ", a.device());
-  TORCH_CHECK(a.is_contiguous(), name, ": input must be contiguous");
+Tensor launch(const Tensor& a, const Tensor& s, const std::string& activation, double alpha, const char* name) {
+  PYDLX_CHECK(a.is_cuda(), name, ": input must be a CUDA tensor, got one on ", device_name(a));
+  PYDLX_CHECK(a.is_contiguous(), name, ": input must be contiguous");
   if (BWD) {
-    TORCH_CHECK(s.device() == a.device(), name, ": saved is on ", s.device(), " but grad is on ", a.device());
-    TORCH_CHECK(s.sizes() == a.sizes(), name, ": saved has shape ", s.sizes(), " but grad has ", a.sizes());
-    TORCH_CHECK(s.scalar_type() == a.scalar_type(), name, ": saved dtype ", s.scalar_type(), " != grad dtype ",
-                a.scalar_type());
+    PYDLX_CHECK(same_device(s, a), name, ": saved is on ", device_name(s), " but grad is on ", device_name(a));
+    PYDLX_CHECK(shape(s) == shape(a), name, ": saved has shape ", shape(s), " but grad has ", shape(a));
+    PYDLX_CHECK(s.scalar_type() == a.scalar_type(), name, ": saved dtype ", dtype_name(s.scalar_type()),
+                " != grad dtype ", dtype_name(a.scalar_type()));
   }
   const int code = act_code(activation);
-  const at::Tensor sc = BWD ? s.contiguous() : a;
-  at::Tensor out = at::empty_like(a, at::MemoryFormat::Contiguous);
+  const Tensor sc = BWD ? contig(s) : a;
+  std::vector<int64_t> sizes;
+  for (int64_t i = 0; i < a.dim(); ++i) sizes.push_back(a.size(i));
+  Tensor out = empty_like_sized(a, sizes);
   const int64_t n = a.numel();
   if (n == 0) return out;
-  const c10::cuda::CUDAGuard guard(a.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(a.get_device_index());
+  cudaStream_t stream = stream_of(a);
   PYDLX_DISPATCH_FLOAT(a.scalar_type(), name, [&] {
     PYDLX_DISPATCH_ACT(code, [&] {
       constexpr int kVec = 16 / sizeof(scalar_t);
@@ -85,29 +80,29 @@ at::Tensor launch(const at::Tensor& a, const at::Tensor& s, const std::string& a
       } else {
         act_kernel<scalar_t, ACT, 1, BWD><<<blocks, threads, 0, stream>>>(ap, sp, op, n, static_cast<float>(alpha));
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      PYDLX_LAUNCH_CHECK();
     });
   });
   return out;
 }
 
-at::Tensor act_fwd_cuda(const at::Tensor& z, std::string activation, double alpha) {
+Tensor act_fwd_cuda(Tensor z, std::string activation, double alpha) {
   return launch<false>(z, z, activation, alpha, "pydlx::act_fwd_cuda");
 }
 
-at::Tensor act_bwd_cuda(const at::Tensor& grad, const at::Tensor& saved, std::string activation, double alpha) {
+Tensor act_bwd_cuda(Tensor grad, Tensor saved, std::string activation, double alpha) {
   return launch<true>(grad, saved, activation, alpha, "pydlx::act_bwd_cuda");
 }
 
 }  // namespace
 }  // namespace pydlx
 
-TORCH_LIBRARY_FRAGMENT(pydlx, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(pydlx, m) {
   m.def("act_fwd_cuda(Tensor z, str activation, float alpha) -> Tensor");
   m.def("act_bwd_cuda(Tensor grad, Tensor saved, str activation, float alpha) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(pydlx, CUDA, m) {
-  m.impl("act_fwd_cuda", &pydlx::act_fwd_cuda);
-  m.impl("act_bwd_cuda", &pydlx::act_bwd_cuda);
+STABLE_TORCH_LIBRARY_IMPL(pydlx, CUDA, m) {
+  m.impl("act_fwd_cuda", TORCH_BOX(&pydlx::act_fwd_cuda));
+  m.impl("act_bwd_cuda", TORCH_BOX(&pydlx::act_bwd_cuda));
 }

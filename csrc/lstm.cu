@@ -16,15 +16,10 @@
 // all steps at once, outside (pydlx/ops/lstm.py), as for the Triton path.
 // Buffers and masks (per-sequence lengths: rows past their end keep h and c and output 0; a reverse direction
 // walks T-1..0) are those of pydlx/triton/lstm.py, so both backends share the Python side.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
+
+#include "torch_stable.h"
 
 #include <algorithm>
 #include <optional>
@@ -258,117 +253,119 @@ size_t smem_bytes(int H, int elt, int sms, bool fwd) {
 template <typename T>
 std::tuple<int, int, size_t> plan(const char* name, const void* kernel, int H, bool fwd) {
   int dev = 0, sms = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  PYDLX_CUDA_CHECK(cudaGetDevice(&dev));
   // two attribute queries (cheap), not cudaGetDeviceProperties (which fills every field, milliseconds a call)
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  PYDLX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  PYDLX_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   const int HB = (H + sms - 1) / sms;
   const int blocks = (H + HB - 1) / HB;
   const size_t smem = smem_bytes(H, static_cast<int>(sizeof(T)), sms, fwd);
-  TORCH_CHECK(smem <= static_cast<size_t>(optin), name, ": hidden_size ", H,
+  PYDLX_CHECK(smem <= static_cast<size_t>(optin), name, ": hidden_size ", H,
               " does not fit the persistent kernel: ", HB, " units a block need ", smem, " bytes of shared memory, ",
               "the GPU has ", optin, " (use the triton backend for this layer)");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  PYDLX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  TORCH_CHECK(per_sm * sms >= blocks, name, ": ", blocks,
-              " blocks cannot all be resident (", per_sm, " per SM)");
+  PYDLX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  PYDLX_CHECK(per_sm * sms >= blocks, name, ": ", blocks, " blocks cannot all be resident (", per_sm, " per SM)");
   return {HB, blocks, smem};
 }
 
-void check_common(const char* name, const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths, int64_t B) {
-  TORCH_CHECK(w_hh.is_cuda() && w_hh.dim() == 2 && w_hh.size(0) == 4 * w_hh.size(1), name,
-              ": w_hh must be a CUDA (4H, H) tensor, got ", w_hh.sizes());
+void check_common(const char* name, const Tensor& w_hh, const std::optional<Tensor>& lengths, int64_t B) {
+  PYDLX_CHECK(w_hh.is_cuda() && w_hh.dim() == 2 && w_hh.size(0) == 4 * w_hh.size(1), name,
+              ": w_hh must be a CUDA (4H, H) tensor, got ", shape(w_hh));
   if (lengths.has_value()) {
-    TORCH_CHECK(lengths->scalar_type() == at::kInt && lengths->dim() == 1 && lengths->size(0) == B &&
-                    lengths->is_contiguous() && lengths->device() == w_hh.device(), name,
+    PYDLX_CHECK(lengths->scalar_type() == ScalarType::Int && lengths->dim() == 1 && lengths->size(0) == B &&
+                    lengths->is_contiguous() && same_device(*lengths, w_hh), name,
                 ": lengths must be a contiguous int32 (B,) tensor on w_hh's device");
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_seq_fwd_cuda(
-    const at::Tensor& G, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
-    const std::optional<at::Tensor>& lengths, bool reverse, bool save) {
+std::vector<int64_t> dims(std::initializer_list<int64_t> d) { return std::vector<int64_t>(d); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_seq_fwd_cuda(Tensor G, Tensor w_hh, Tensor h0, Tensor c0,
+                                                             std::optional<Tensor> lengths, bool reverse, bool save) {
   const char* name = "pydlx::lstm_seq_fwd_cuda";
-  TORCH_CHECK(G.dim() == 3, name, ": G must be (T, B, 4H), got ", G.sizes());
+  PYDLX_CHECK(G.dim() == 3, name, ": G must be (T, B, 4H), got ", shape(G));
   const int64_t T = G.size(0), B = G.size(1), H = w_hh.size(1);
   check_common(name, w_hh, lengths, B);
-  TORCH_CHECK(G.size(2) == 4 * H && G.scalar_type() == w_hh.scalar_type() && G.device() == w_hh.device(), name,
+  PYDLX_CHECK(G.size(2) == 4 * H && G.scalar_type() == w_hh.scalar_type() && same_device(G, w_hh), name,
               ": G must be (T, B, 4H) of w_hh's dtype and device");
-  TORCH_CHECK(h0.sizes() == c0.sizes() && h0.dim() == 2 && h0.size(0) == B && h0.size(1) == H, name,
+  PYDLX_CHECK(shape(h0) == shape(c0) && h0.dim() == 2 && h0.size(0) == B && h0.size(1) == H, name,
               ": h0 and c0 must be (B, H)");
-  at::Tensor hs = at::empty({T + 1, B, H}, G.options());
-  at::Tensor cs = at::empty({T + 1, B, H}, G.options().dtype(at::kFloat));
-  at::Tensor y = at::empty({T, B, H}, G.options());
-  at::Tensor acts = save ? at::empty({T, B, 4 * H}, G.options().dtype(at::kFloat))
-                         : at::empty({0}, G.options().dtype(at::kFloat));
+  Tensor hs = empty_like_sized(G, dims({T + 1, B, H}));
+  Tensor cs = empty_like_sized(G, dims({T + 1, B, H}), ScalarType::Float);
+  Tensor y = empty_like_sized(G, dims({T, B, H}));
+  Tensor acts = empty_like_sized(G, save ? dims({T, B, 4 * H}) : dims({0}), ScalarType::Float);
   const int64_t first = reverse ? T : 0;
-  hs[first].copy_(h0);
-  cs[first].copy_(c0);
+  Tensor h_first = torch::stable::select(hs, 0, first), c_first = torch::stable::select(cs, 0, first);
+  torch::stable::copy_(h_first, h0);
+  torch::stable::copy_(c_first, c0);
   if (T == 0 || B == 0 || H == 0) return {y, hs, cs, acts};
-  const c10::cuda::CUDAGuard guard(G.device());
-  const at::Tensor Gc = G.contiguous(), Wc = w_hh.contiguous();
+  const DeviceGuard guard(G.get_device_index());
+  const Tensor Gc = contig(G), Wc = contig(w_hh);
   PYDLX_DISPATCH_FLOAT(G.scalar_type(), name, [&] {
     const void* kernel = reinterpret_cast<const void*>(&lstm_fwd_persistent<scalar_t>);
     auto [HB, blocks, smem] = plan<scalar_t>(name, kernel, static_cast<int>(H), true);
     Dims d{static_cast<int>(T), static_cast<int>(B), static_cast<int>(H), HB, round4(static_cast<int>(H)),
            round4(static_cast<int>(4 * H)), reverse, lengths.has_value(), save};
-    const scalar_t* g_p = Gc.const_data_ptr<scalar_t>();
-    const scalar_t* w_p = Wc.const_data_ptr<scalar_t>();
-    scalar_t* hs_p = hs.mutable_data_ptr<scalar_t>();
-    float* cs_p = cs.mutable_data_ptr<float>();
-    scalar_t* y_p = y.mutable_data_ptr<scalar_t>();
-    float* a_p = save ? acts.mutable_data_ptr<float>() : nullptr;
-    const int* len_p = lengths.has_value() ? lengths->const_data_ptr<int>() : nullptr;
+    const scalar_t* g_p = static_cast<const scalar_t*>(Gc.const_data_ptr());
+    const scalar_t* w_p = static_cast<const scalar_t*>(Wc.const_data_ptr());
+    scalar_t* hs_p = static_cast<scalar_t*>(hs.mutable_data_ptr());
+    float* cs_p = static_cast<float*>(cs.mutable_data_ptr());
+    scalar_t* y_p = static_cast<scalar_t*>(y.mutable_data_ptr());
+    float* a_p = save ? static_cast<float*>(acts.mutable_data_ptr()) : nullptr;
+    const int* len_p = lengths.has_value() ? static_cast<const int*>(lengths->const_data_ptr()) : nullptr;
     void* args[] = {&g_p, &w_p, &hs_p, &cs_p, &y_p, &a_p, &len_p, &d};
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(blocks), dim3(kThreads), args, smem,
-                                               c10::cuda::getCurrentCUDAStream()));
+    PYDLX_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(blocks), dim3(kThreads), args, smem, stream_of(G)));
   });
   return {y, hs, cs, acts};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_seq_bwd_cuda(const at::Tensor& dy, const at::Tensor& dh_n,
-                                                                  const at::Tensor& dc_n, const at::Tensor& acts,
-                                                                  const at::Tensor& cs, const at::Tensor& w_hh,
-                                                                  const std::optional<at::Tensor>& lengths,
-                                                                  bool reverse) {
+std::tuple<Tensor, Tensor, Tensor> lstm_seq_bwd_cuda(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor acts, Tensor cs,
+                                                     Tensor w_hh, std::optional<Tensor> lengths, bool reverse) {
   const char* name = "pydlx::lstm_seq_bwd_cuda";
-  TORCH_CHECK(acts.dim() == 3 && acts.scalar_type() == at::kFloat, name, ": acts must be fp32 (T, B, 4H)");
+  PYDLX_CHECK(acts.dim() == 3 && acts.scalar_type() == ScalarType::Float, name, ": acts must be fp32 (T, B, 4H)");
   const int64_t T = acts.size(0), B = acts.size(1), H = w_hh.size(1);
   check_common(name, w_hh, lengths, B);
-  TORCH_CHECK(acts.size(2) == 4 * H && cs.dim() == 3 && cs.size(0) == T + 1 && cs.scalar_type() == at::kFloat,
+  PYDLX_CHECK(acts.size(2) == 4 * H && cs.dim() == 3 && cs.size(0) == T + 1 && cs.scalar_type() == ScalarType::Float,
               name, ": cs must be fp32 (T + 1, B, H)");
-  TORCH_CHECK(dy.dim() == 3 && dy.size(0) == T && dy.size(1) == B && dy.size(2) == H &&
+  PYDLX_CHECK(dy.dim() == 3 && dy.size(0) == T && dy.size(1) == B && dy.size(2) == H &&
                   dy.scalar_type() == w_hh.scalar_type(), name, ": dy must be (T, B, H) of w_hh's dtype");
-  TORCH_CHECK(cs.size(1) == B && cs.size(2) == H, name, ": cs must be (T + 1, B, H)");
-  for (const at::Tensor* t : {&dh_n, &dc_n}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == H, name, ": dh_n and dc_n must be (B, H)");
+  PYDLX_CHECK(cs.size(1) == B && cs.size(2) == H, name, ": cs must be (T + 1, B, H)");
+  for (const Tensor* t : {&dh_n, &dc_n}) {
+    PYDLX_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == H, name, ": dh_n and dc_n must be (B, H)");
   }
-  for (const at::Tensor* t : {&dy, &acts, &cs, &dh_n, &dc_n}) {
-    TORCH_CHECK(t->device() == w_hh.device(), name, ": every tensor must be on w_hh's device");
+  for (const Tensor* t : {&dy, &acts, &cs, &dh_n, &dc_n}) {
+    PYDLX_CHECK(same_device(*t, w_hh), name, ": every tensor must be on w_hh's device");
   }
-  at::Tensor dz = at::empty({T, B, 4 * H}, w_hh.options());
-  at::Tensor dh = dh_n.to(at::kFloat).contiguous().clone();
-  at::Tensor dc = dc_n.to(at::kFloat).contiguous().clone();
-  if (T == 0 || B == 0 || H == 0) return {dz.zero_(), dh, dc};
-  const c10::cuda::CUDAGuard guard(w_hh.device());
-  const at::Tensor dyc = dy.contiguous(), Wc = w_hh.contiguous(), ac = acts.contiguous(), csc = cs.contiguous();
+  Tensor dz = empty_like_sized(w_hh, dims({T, B, 4 * H}));
+  // fp32 copies of the incoming state gradients (the kernel updates them in place)
+  Tensor dh = empty_like_sized(w_hh, dims({B, H}), ScalarType::Float);
+  Tensor dc = empty_like_sized(w_hh, dims({B, H}), ScalarType::Float);
+  torch::stable::copy_(dh, dh_n);
+  torch::stable::copy_(dc, dc_n);
+  if (T == 0 || B == 0 || H == 0) {
+    torch::stable::zero_(dz);
+    return {dz, dh, dc};
+  }
+  const DeviceGuard guard(w_hh.get_device_index());
+  const Tensor dyc = contig(dy), Wc = contig(w_hh), ac = contig(acts), csc = contig(cs);
   PYDLX_DISPATCH_FLOAT(w_hh.scalar_type(), name, [&] {
     const void* kernel = reinterpret_cast<const void*>(&lstm_bwd_persistent<scalar_t>);
     auto [HB, blocks, smem] = plan<scalar_t>(name, kernel, static_cast<int>(H), false);
     Dims d{static_cast<int>(T), static_cast<int>(B), static_cast<int>(H), HB, round4(static_cast<int>(H)),
            round4(static_cast<int>(4 * H)), reverse, lengths.has_value(), false};
-    const scalar_t* dy_p = dyc.const_data_ptr<scalar_t>();
-    const float* a_p = ac.const_data_ptr<float>();
-    const float* cs_p = csc.const_data_ptr<float>();
-    const scalar_t* w_p = Wc.const_data_ptr<scalar_t>();
-    scalar_t* dz_p = dz.mutable_data_ptr<scalar_t>();
-    float* dh_p = dh.mutable_data_ptr<float>();
-    float* dc_p = dc.mutable_data_ptr<float>();
-    const int* len_p = lengths.has_value() ? lengths->const_data_ptr<int>() : nullptr;
+    const scalar_t* dy_p = static_cast<const scalar_t*>(dyc.const_data_ptr());
+    const float* a_p = static_cast<const float*>(ac.const_data_ptr());
+    const float* cs_p = static_cast<const float*>(csc.const_data_ptr());
+    const scalar_t* w_p = static_cast<const scalar_t*>(Wc.const_data_ptr());
+    scalar_t* dz_p = static_cast<scalar_t*>(dz.mutable_data_ptr());
+    float* dh_p = static_cast<float*>(dh.mutable_data_ptr());
+    float* dc_p = static_cast<float*>(dc.mutable_data_ptr());
+    const int* len_p = lengths.has_value() ? static_cast<const int*>(lengths->const_data_ptr()) : nullptr;
     void* args[] = {&dy_p, &a_p, &cs_p, &w_p, &dz_p, &dh_p, &dc_p, &len_p, &d};
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(blocks), dim3(kThreads), args, smem,
-                                               c10::cuda::getCurrentCUDAStream()));
+    PYDLX_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(blocks), dim3(kThreads), args, smem,
+                                                 stream_of(w_hh)));
   });
   return {dz, dh, dc};
 }
@@ -377,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_seq_bwd_cuda(const at::Tenso
 
 // The larger of the forward's and the backward's shared memory a block (what must fit the GPU's opt-in limit).
 int64_t lstm_smem_bytes(int64_t H, int64_t elt, int64_t sms) {
-  TORCH_CHECK(H >= 0 && elt > 0 && sms > 0, "pydlx::lstm_smem_bytes: H >= 0, elt > 0 and sms > 0, got ", H, ", ",
+  PYDLX_CHECK(H >= 0 && elt > 0 && sms > 0, "pydlx::lstm_smem_bytes: H >= 0, elt > 0 and sms > 0, got ", H, ", ",
               elt, ", ", sms);
   return static_cast<int64_t>(std::max(smem_bytes(static_cast<int>(H), static_cast<int>(elt), static_cast<int>(sms),
                                                   true),
@@ -387,15 +384,20 @@ int64_t lstm_smem_bytes(int64_t H, int64_t elt, int64_t sms) {
 
 }  // namespace pydlx
 
-TORCH_LIBRARY_FRAGMENT(pydlx, m) {
-  m.def("lstm_smem_bytes(int H, int elt, int sms) -> int", &pydlx::lstm_smem_bytes);
+STABLE_TORCH_LIBRARY_FRAGMENT(pydlx, m) {
+  m.def("lstm_smem_bytes(int H, int elt, int sms) -> int");
   m.def("lstm_seq_fwd_cuda(Tensor G, Tensor w_hh, Tensor h0, Tensor c0, Tensor? lengths, bool reverse, bool save) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_seq_bwd_cuda(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor acts, Tensor cs, Tensor w_hh, "
         "Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(pydlx, CUDA, m) {
-  m.impl("lstm_seq_fwd_cuda", &pydlx::lstm_seq_fwd_cuda);
-  m.impl("lstm_seq_bwd_cuda", &pydlx::lstm_seq_bwd_cuda);
+STABLE_TORCH_LIBRARY_IMPL(pydlx, CUDA, m) {
+  m.impl("lstm_seq_fwd_cuda", TORCH_BOX(&pydlx::lstm_seq_fwd_cuda));
+  m.impl("lstm_seq_bwd_cuda", TORCH_BOX(&pydlx::lstm_seq_bwd_cuda));
+}
+
+// a size computation (no tensor): the same answer on every device
+STABLE_TORCH_LIBRARY_IMPL(pydlx, CompositeExplicitAutograd, m) {
+  m.impl("lstm_smem_bytes", TORCH_BOX(&pydlx::lstm_smem_bytes));
 }

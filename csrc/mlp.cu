@@ -10,16 +10,10 @@
 // Inference only for now: training (saving the activations, backward) runs the Triton kernels.
 //
 // Weight pointers and sizes travel in a by-value kernel parameter (no device allocation: CUDA-graph safe).
-#include <ATen/core/List.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
-#include <torch/library.h>
+#include "torch_stable.h"
 
 #include <vector>
 
@@ -153,22 +147,22 @@ __global__ void __launch_bounds__(kThreads) mlp_fwd_kernel(const T* __restrict__
 }
 
 template <typename T, int W>
-void launch_width(const at::Tensor& x, const MlpLayers<T>& p, at::Tensor& y, int act, float alpha, int last_act,
+void launch_width(const Tensor& x, const MlpLayers<T>& p, Tensor& y, int act, float alpha, int last_act,
                   float last_alpha) {
   const int64_t M = x.size(0);
   const size_t smem = Smem<W>::template bytes<T>();
   auto kernel = mlp_fwd_kernel<T, W>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  PYDLX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>((M + kRows - 1) / kRows));
-  kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+  kernel<<<grid, kThreads, smem, stream_of(x)>>>(
       reinterpret_cast<const T*>(x.data_ptr()), M, static_cast<int>(x.size(1)), p,
       reinterpret_cast<T*>(y.data_ptr()), act, alpha, last_act, last_alpha);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PYDLX_LAUNCH_CHECK();
 }
 
 template <typename T>
-void launch(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& bs,
-            at::Tensor& y, int act, float alpha, int last_act, float last_alpha, int width) {
+void launch(const Tensor& x, const std::vector<Tensor>& ws, const std::vector<Tensor>& bs,
+            Tensor& y, int act, float alpha, int last_act, float last_alpha, int width) {
   MlpLayers<T> p{};
   p.count = static_cast<int>(ws.size());
   for (int l = 0; l < p.count; ++l) {
@@ -185,49 +179,48 @@ void launch(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::v
   }
 }
 
-at::Tensor mlp_fwd_cuda(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
-                        const c10::List<bool>& has_bias, std::string activation, double alpha,
-                        std::string last_activation, double last_alpha) {
+Tensor mlp_fwd_cuda(Tensor input, std::vector<Tensor> weights, std::vector<Tensor> biases,
+                    std::vector<bool> has_bias, std::string activation, double alpha, std::string last_activation,
+                    double last_alpha) {
   const char* name = "pydlx::mlp_fwd_cuda";
-  TORCH_CHECK(input.is_cuda(), name, ": input must be a CUDA tensor, got one on ", input.device());
-  TORCH_CHECK(input.dim() == 2, name, ": input must be 2-D (rows, in_features), got ", input.dim(), "-D");
+  PYDLX_CHECK(input.is_cuda(), name, ": input must be a CUDA tensor, got one on ", device_name(input));
+  PYDLX_CHECK(input.dim() == 2, name, ": input must be 2-D (rows, in_features), got ", input.dim(), "-D");
   const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, name, ": dtype must be float16 or bfloat16, got ",
-              dtype);
+  PYDLX_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16, name,
+              ": dtype must be float16 or bfloat16, got ", dtype_name(dtype));
   const int L = static_cast<int>(weights.size());
-  TORCH_CHECK(L >= 1 && L <= kMaxLayers, name, ": 1 to ", kMaxLayers, " layers, got ", L);
-  TORCH_CHECK(static_cast<int>(has_bias.size()) == L, name, ": has_bias must have one entry per layer");
+  PYDLX_CHECK(L >= 1 && L <= kMaxLayers, name, ": 1 to ", kMaxLayers, " layers, got ", L);
+  PYDLX_CHECK(static_cast<int>(has_bias.size()) == L, name, ": has_bias must have one entry per layer");
   const int act = act_code(activation), last_act = act_code(last_activation);
-  std::vector<at::Tensor> ws, bs;
+  std::vector<Tensor> ws, bs;
   int fan_in = static_cast<int>(input.size(1)), width = 16, bi = 0;
   for (int l = 0; l < L; ++l) {
-    const at::Tensor& w = weights[l];
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == fan_in, name, ": weights[", l, "] must be (out, ", fan_in, "), got ",
-                w.sizes());
-    TORCH_CHECK(w.size(0) <= kMaxWidth, name, ": weights[", l, "] has ", w.size(0), " outputs; at most ",
+    const Tensor& w = weights[l];
+    PYDLX_CHECK(w.dim() == 2 && w.size(1) == fan_in, name, ": weights[", l, "] must be (out, ", fan_in, "), got ",
+                shape(w));
+    PYDLX_CHECK(w.size(0) <= kMaxWidth, name, ": weights[", l, "] has ", w.size(0), " outputs; at most ",
                 kMaxWidth);
-    TORCH_CHECK(w.scalar_type() == dtype && w.device() == input.device(), name, ": weights[", l,
+    PYDLX_CHECK(w.scalar_type() == dtype && same_device(w, input), name, ": weights[", l,
                 "] must match input's dtype and device");
-    ws.push_back(w.contiguous());
-    if (has_bias.get(l)) {
-      TORCH_CHECK(bi < static_cast<int>(biases.size()), name, ": fewer biases than has_bias says");
-      const at::Tensor& b = biases[bi++];
-      TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0) && b.scalar_type() == dtype &&
-                      b.device() == input.device(), name, ": biases for layer ", l, " must be (", w.size(0),
-                  ",) of input's dtype and device");
-      bs.push_back(b.contiguous());
+    ws.push_back(contig(w));
+    if (has_bias[l]) {
+      PYDLX_CHECK(bi < static_cast<int>(biases.size()), name, ": fewer biases than has_bias says");
+      const Tensor& b = biases[bi++];
+      PYDLX_CHECK(b.dim() == 1 && b.size(0) == w.size(0) && b.scalar_type() == dtype && same_device(b, input),
+                  name, ": biases for layer ", l, " must be (", w.size(0), ",) of input's dtype and device");
+      bs.push_back(contig(b));
     } else {
       bs.emplace_back();
     }
     while (width < w.size(0)) width *= 2;
     fan_in = static_cast<int>(w.size(0));
   }
-  TORCH_CHECK(bi == static_cast<int>(biases.size()), name, ": more biases than has_bias says");
-  const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty({x.size(0), fan_in}, x.options());
+  PYDLX_CHECK(bi == static_cast<int>(biases.size()), name, ": more biases than has_bias says");
+  const Tensor x = contig(input);
+  Tensor y = empty_like_sized(x, {x.size(0), fan_in});
   if (x.size(0) == 0) return y;
-  const c10::cuda::CUDAGuard guard(x.device());
-  if (dtype == at::kHalf) {
+  const DeviceGuard guard(x.get_device_index());
+  if (dtype == ScalarType::Half) {
     launch<__half>(x, ws, bs, y, act, static_cast<float>(alpha), last_act, static_cast<float>(last_alpha), width);
   } else {
     launch<__nv_bfloat16>(x, ws, bs, y, act, static_cast<float>(alpha), last_act, static_cast<float>(last_alpha),
@@ -239,9 +232,9 @@ at::Tensor mlp_fwd_cuda(const at::Tensor& input, at::TensorList weights, at::Ten
 }  // namespace
 }  // namespace pydlx
 
-TORCH_LIBRARY_FRAGMENT(pydlx, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(pydlx, m) {
   m.def("mlp_fwd_cuda(Tensor input, Tensor[] weights, Tensor[] biases, bool[] has_bias, str activation, "
         "float alpha, str last_activation, float last_alpha) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(pydlx, CUDA, m) { m.impl("mlp_fwd_cuda", &pydlx::mlp_fwd_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(pydlx, CUDA, m) { m.impl("mlp_fwd_cuda", TORCH_BOX(&pydlx::mlp_fwd_cuda)); }

@@ -2,6 +2,8 @@
 fails CI, and its ops register with the right schemas and dispatch keys. On a GPU its kernels are checked
 against the reference (tests/test_linear.py runs the `cuda` backend end to end)."""
 import os
+import re
+import subprocess
 
 import pytest
 import torch
@@ -66,6 +68,16 @@ def test_lstm_shared_memory_has_one_home(built):
     assert smem_bytes(1, 4, 132) == 4 * 4 * 4 + 4 * 8 * 4  # one unit: its 4 W_hh rows of 4 (H padded), 8 rows of h
     with pytest.raises(RuntimeError, match="sms > 0"):
         smem_bytes(8, 2, 0)
+
+
+def test_the_extension_uses_only_the_stable_abi(built):
+    """pydlx._C reaches torch only through PyTorch's stable C ABI (csrc/torch_stable.h: aoti_torch_* / torch_* C
+    functions), never a C++ symbol of torch, c10 or ATen, which would tie the binary to the torch it was built with:
+    so one build loads under every torch from its target on (tests/test_packaging.py: the binary wheel)."""
+    out = subprocess.run(["nm", "-D", "--undefined-only", "-C", built], capture_output=True, text=True, check=True)
+    cxx = [line for line in out.stdout.splitlines() if re.search(r"\b(c10|at|torch|caffe2)::", line)]
+    assert not cxx, cxx[:10]
+    assert any("aoti_torch_" in line for line in out.stdout.splitlines())
 
 
 def test_extension_ops_reject_cpu_tensors(built):
