@@ -2,8 +2,9 @@
 
 Tiers, in order, each writing its results under $OUT as they land (a run cut at any point still reports what it
 covered), each step under its own timeout so that a hung kernel cannot eat the budget:
-  tier 0  environment and ceilings, the C++/CUDA extension built (sm of this GPU only, all cores), every shipped
-          kernel x dtype x backend once against float64 (tests/test_gpu_smoke.py), and the headline benchmark case
+  tier 0  environment and ceilings, the C++/CUDA extension taken from a binary wheel built from these sources
+          (--wheel, default the newest dist/pydlx-*.whl: no compile) or else built (sm of this GPU only, all cores),
+          every shipped kernel x dtype x backend once against float64 (tests/test_gpu_smoke.py), and the headline benchmark case
           of each goal (pydlx auto / pydlx-triton / pydlx-cuda vs eager vs torch.compile), the host cost per call
           at tiny shapes (python -m pydlx.bench --host), and measuring on first use as a user runs it
           (python -m pydlx.tune on the seed CNN's shapes);
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -125,10 +127,23 @@ class Check:
             return
         self.run("ceilings", [self.py, "bench/ceilings.py"], 90)
 
-    def build(self) -> None:
+    def build(self, wheel: Optional[Path]) -> None:
+        """pydlx._C: from the binary wheel when one built from these sources is given (no compile: its _C.so and
+        _build.json go into the checkout's package, where the loader finds a prebuilt library), else compiled for
+        this GPU's arch."""
         if self.dry:
             self.say("extension build: skipped (dry run: tests/test_extension.py builds it in CI)")
             return
+        if wheel is not None:
+            why = wheel_mismatch(wheel)
+            if why is None:
+                with zipfile.ZipFile(wheel) as z:
+                    for name in ("pydlx/_C.so", "pydlx/_build.json"):
+                        (ROOT / name).write_bytes(z.read(name))
+                code = "from pydlx import _ext; assert _ext.load(), _ext.status(); print(_ext.status())"
+                self.run(f"pydlx._C from the binary wheel {wheel.name} (no compile)", [self.py, "-c", code], 120)
+                return
+            self.say(f"the binary wheel {wheel} is not used: {why}; compiling instead")
         code = "from pydlx import _ext; import time; t = time.time(); print(_ext.jit_build(), time.time() - t)"
         env = {"MAX_JOBS": str(os.cpu_count() or 8), "PYDLX_CUDA_ARCHS": "native"}
         self.run("build pydlx._C (this GPU's arch only)", [self.py, "-c", code], 240, env)
@@ -210,6 +225,29 @@ class Check:
         lines += ["", "## Benchmarks (speedup over eager; `?` = within the noise)", ""]
         lines += bench_table(self.out / "bench.csv")
         (self.out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def newest_wheel() -> Optional[Path]:
+    """The newest binary wheel in dist/ (scripts/build_wheel.sh), if any."""
+    wheels = sorted((ROOT / "dist").glob("pydlx-*-py3-none-linux_*.whl"), key=lambda p: p.stat().st_mtime)
+    return wheels[-1] if wheels else None
+
+
+def wheel_mismatch(wheel: Path) -> Optional[str]:
+    """Why a binary wheel's pydlx._C is not these sources' (its copy of csrc/ differs), or None."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            names = set(z.namelist())
+            if "pydlx/_C.so" not in names:
+                return "it holds no pydlx/_C.so"
+            for src in sorted((ROOT / "csrc").iterdir()):
+                packed = f"pydlx/_csrc/{src.name}"
+                if src.suffix in (".cu", ".cuh", ".h", ".cpp") and (
+                        packed not in names or z.read(packed) != src.read_bytes()):
+                    return f"it was built from other sources ({src.name} differs)"
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"it cannot be read ({e})"
+    return None
 
 
 def iter_lines(p: subprocess.Popen, deadline: float):
@@ -304,6 +342,9 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=9.0, help="the whole check's budget (default 9)")
     p.add_argument("--dry-run", action="store_true", help="the same driver on the CPU (interpreter, tiny sizes)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "gpu-report"))
+    p.add_argument("--wheel", default=None, help="a binary wheel (scripts/build_wheel.sh) whose pydlx._C to use instead "
+                                                 "of compiling (default: the newest dist/pydlx-*.whl, when it was built "
+                                                 "from these sources)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +364,7 @@ def main(argv=None) -> int:
     # tier 0: environment, ceilings, build, every kernel once, the headline benchmarks (~3 min)
     c.environment()
     c.ceilings()
-    c.build()
+    c.build(Path(args.wheel) if args.wheel else newest_wheel())
     workers = ["-n", "8"] if has_module("xdist") and not args.dry_run else []  # Triton compiles in parallel
     c.pytest("tier 0: every kernel once", ["tests/test_gpu_smoke.py", "-v", *workers], "tier0.xml",
              min(150, c.left()))

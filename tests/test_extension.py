@@ -23,6 +23,9 @@ BUILD_DIR = os.environ.get("PYDLX_BUILD_DIR") or os.path.join(
 
 @pytest.fixture(scope="module")
 def built():
+    if _ext.prebuilt():  # (the GPU check with a binary wheel: its library, not a second copy of the same ops)
+        assert _ext.load(), _ext.status()
+        return _ext.prebuilt()
     reason = _ext.why_cannot_build()
     assert reason is None, f"the test suite must build pydlx._C, but cannot: {reason}"
     path = _ext.jit_build(BUILD_DIR)
