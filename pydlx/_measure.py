@@ -437,8 +437,8 @@ def why_not_now(device) -> Tuple[Optional[str], bool]:
     if torch.are_deterministic_algorithms_enabled():
         return "torch.use_deterministic_algorithms(True): recorded decisions only, never a fresh timing", True
     if distributed():
-        return ("a distributed job: every rank follows the same recorded decisions (pydlx.tune.share, or "
-                "python -m pydlx.tune before the job)"), False
+        return ("a distributed job: ranks time nothing and follow the decisions pydlx.tune.share() gave them all "
+                "(measure before the job with python -m pydlx.tune)"), False
     if BUDGET.spent_s >= BUDGET.total_s:
         return f"the measuring budget is spent ({BUDGET.spent_s:.1f} s of {BUDGET.total_s:g} s)", False
     return None, False

@@ -498,9 +498,9 @@ def test_ranks_agree_on_rank_0s_decisions(tmp_path):
     assert (mine0, mine1) == ("fastok", "reference")  # they measured differently on their own
     # in the job, before agreeing: neither follows its own cache, nothing is timed
     assert before0[0] == before1[0] == "reference"
-    assert before0[1] == before1[1] == ("reference", "eager: not measured (a distributed job: every rank follows the "
-                                                     "same recorded decisions (pydlx.tune.share, or python -m "
-                                                     "pydlx.tune before the job))")
+    assert before0[1] == before1[1] == ("reference", "eager: not measured (a distributed job: ranks time nothing and "
+                                                     "follow the decisions pydlx.tune.share() gave them all (measure "
+                                                     "before the job with python -m pydlx.tune))")
     assert (calls0, calls1) == (after_calls0, after_calls1) == (1, 1)
     assert n0 == n1 == 1
     assert after0 == after1
