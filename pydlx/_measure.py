@@ -164,7 +164,7 @@ _generation = [0]  # bumped on every change of recorded decisions (the size-rule
 # set by pydlx/_backend.py (which imports this module): "force" is its use_backend (the trials run each backend
 # forced), "changed" its clear_caches (a new decision must be seen by calls whose decision was kept); set by
 # pydlx/tune.py while it measures a model: "watch(family, call)" sees each call's lookup, "exclude(family)" names
-# backends to leave out
+# backends to leave out, "progress(decision)" sees each decision recorded
 HOOKS: Dict[str, Callable] = {}
 
 
@@ -472,6 +472,10 @@ def record(decisions: Sequence[Decision], device) -> None:
             _PROCESS[d.key] = d
         user_cache(device).add(decisions)
     _changed()
+    progress = HOOKS.get("progress")
+    if progress is not None:
+        for d in decisions:
+            progress(d)
 
 
 def trial_device(device) -> torch.device:

@@ -243,11 +243,13 @@ def main(argv=None) -> int:
         inputs = [torch.randn(s, device=device, dtype=dtype) for s in args.input_shape]
         if passed is not None:
             _measure.HOOKS["exclude"] = exclude
+        _measure.HOOKS["progress"] = lambda d: print(f"  {d.describe()}", flush=True)  # (a run cut short says it)
         try:
             got = tune_model(model, *inputs, training=not args.inference,
                              seconds=max(1.0, deadline - time.monotonic()))
         finally:
             _measure.HOOKS.pop("exclude", None)
+            _measure.HOOKS.pop("progress", None)
     else:
         families = list(registry.FAMILIES) if args.family == "all" else [args.family]
         dtypes = [_policy.DTYPES[args.dtype]] if args.dtype else [torch.bfloat16, torch.float32]
