@@ -455,8 +455,13 @@ def test_tune_model_measures_the_shapes_a_model_calls(gpu):
             return x @ self.w
 
     model = Asks()
-    got = pydlx.tune.tune_model(model, torch.randn(100, 4), seconds=30)
-    assert [(d.backend, d.mode, d.bucket) for d in got] == [("fastok", "training", "128x32x48")]
+    said = []
+    _measure.HOOKS["progress"] = said.append  # (python -m pydlx.tune prints each decision as it lands)
+    try:
+        got = pydlx.tune.tune_model(model, torch.randn(100, 4), seconds=30)
+    finally:
+        _measure.HOOKS.pop("progress")
+    assert [(d.backend, d.mode, d.bucket) for d in got] == [("fastok", "training", "128x32x48")] and said == got
     assert model.w.grad is None  # (a copy ran)
     got = pydlx.tune.tune_model(model, torch.randn(100, 4), training=False)
     assert [(d.backend, d.mode) for d in got] == [("fastok", "inference")]
