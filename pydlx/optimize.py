@@ -176,8 +176,7 @@ def restore(model: nn.Module) -> nn.Module:
     the optimized model's current ones (the same tensors: an optimizer over them goes on working), and each module's
     train/eval mode is kept. For a tool pydlx does not support; hooks registered on pydlx's own modules after
     ``optimize`` go with them."""
-    for h in model.__dict__.pop(_HOOKS, ()):
-        h.remove()
+    _unfollow(model)
     for m in model.modules():
         _fx_fuse.uninstall(m)
     for parent, originals in reversed(model.__dict__.pop(_SWAPS, [])):
@@ -312,7 +311,7 @@ def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = Non
     (default): the policy in force where it is called. It is held by a forward pre-hook and hook on the model
     (``pydlx.restore`` removes them); a compiled model follows the policy in force around the compiled call.
     """
-    follow = None if policy is None else _policy._setting_value(policy)  # (checked before any work)
+    enter = None if policy is None else _PolicyHook(policy, True)  # (before any work: a bad policy file raises)
     if not inplace:
         try:
             model = copy.deepcopy(model)
@@ -323,33 +322,57 @@ def optimize(model: nn.Module, *, inplace: bool = False, filter_fn: Filter = Non
     model = _module_pass(model, filter_fn)
     if not isinstance(model, MLP) and _sharded(model) is None:
         _fx_fuse.install_tree(model, _allowed_fqns(model, filter_fn))
-    if follow is not None:
-        _follow(model, follow)
+    if enter is not None:
+        _follow(model, enter)
     return model
 
 
-_HOOKS = "_pydlx_policy_hooks"  # an optimized model's forward hooks that hold its policy (optimize's ``policy``)
 _HELD = contextvars.ContextVar("pydlx_model_policies", default=())  # the tokens of the policies models hold now
 
 
-def _follow(model: nn.Module, setting) -> None:
-    """Hold ``setting`` (a _policy setting value) as the policy in force during ``model``'s forward calls."""
-    for h in model.__dict__.pop(_HOOKS, ()):
-        h.remove()
+class _PolicyHook:
+    """The forward pre-hook (``enter``) or the always-called forward hook (leaving) that hold a model's policy
+    (optimize's ``policy``) during its forward calls. A module-level class, so that a model holding it pickles
+    (``torch.save(model)``) and deep-copies; it keeps the policy as given (a name, or a Policy object, re-held under
+    a fresh setting name wherever it is unpickled)."""
 
-    def enter(module, args):
-        if not torch.compiler.is_compiling():
-            _HELD.set(_HELD.get() + (_policy._POLICIES.enter(setting),))
+    def __init__(self, policy, enter: bool):
+        self.policy, self.enter = policy, enter
+        self._setting = _policy._setting_value(policy) if enter else None  # (loads a policy file: raises if bad)
 
-    def leave(module, args, output):
-        if not torch.compiler.is_compiling():
-            held = _HELD.get()
-            if held:
-                _HELD.set(held[:-1])
-                _policy._POLICIES.leave(held[-1])
+    def __getstate__(self):
+        return {"policy": self.policy, "enter": self.enter}
 
-    model.__dict__[_HOOKS] = (model.register_forward_pre_hook(enter),
-                              model.register_forward_hook(leave, always_call=True))
+    def __setstate__(self, state):
+        self.__init__(state["policy"], state["enter"])
+
+    def __call__(self, module, args, output=None):
+        if torch.compiler.is_compiling():
+            return None
+        if self.enter:
+            _HELD.set(_HELD.get() + (_policy._POLICIES.enter(self._setting),))
+            return None
+        held = _HELD.get()
+        if held:
+            _HELD.set(held[:-1])
+            _policy._POLICIES.leave(held[-1])
+        return None
+
+
+def _follow(model: nn.Module, enter: _PolicyHook) -> None:
+    """Hold ``enter``'s policy as the policy in force during ``model``'s forward calls (the hooks are found again by
+    their type, not by handles: a deep copy of the model copies its hooks and can be restored too)."""
+    _unfollow(model)
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(_PolicyHook(enter.policy, False), always_call=True)
+
+
+def _unfollow(model: nn.Module) -> None:
+    """Remove the hooks ``_follow`` registered on ``model``."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, fn in hooks.items() if isinstance(fn, _PolicyHook)]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
 
 
 def _sharded(model: nn.Module) -> Optional[str]:

@@ -5,7 +5,9 @@ reference's implementations under another name: correct everywhere), ``wrong`` (
 and ``broken`` (a Linear that raises). The real measurement on a GPU is the GPU test at the end."""
 from __future__ import annotations
 
+import copy
 import functools
+import io
 import json
 import os
 import subprocess
@@ -400,16 +402,19 @@ def test_backends_and_explain_name_each_decisions_source(gpu, monkeypatch):
     assert "fastok" in rows and "2.00x (1.92-2.08)" in rows and "user cache" in rows
 
 
+class Probe(nn.Module):
+    """Records the policy setting in force when it runs (module level: a model holding it pickles)."""
+    seen: list = []
+
+    def forward(self, x):
+        Probe.seen.append(_policy.setting())
+        if x.shape[0] == 3:
+            raise ValueError("a forward that fails")
+        return x
+
+
 def test_optimize_holds_its_policy_for_the_models_forward(gpu):
-    seen = []
-
-    class Probe(nn.Module):
-        def forward(self, x):
-            seen.append(_policy.setting())
-            if x.shape[0] == 3:
-                raise ValueError("a forward that fails")
-            return x
-
+    seen = Probe.seen
     model = pydlx.optimize(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Probe()), policy="measure")
     seen.clear()  # (optimize traced the forward)
     model(torch.randn(2, 4))
@@ -419,10 +424,19 @@ def test_optimize_holds_its_policy_for_the_models_forward(gpu):
     with pydlx.use_policy("off"):
         model(torch.randn(2, 4))
     assert seen == ["measure"] * 3
+    # a copy and a pickled model hold it too; restoring one leaves the other's hooks alone
+    twin = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     pydlx.restore(model)
     model(torch.randn(2, 4))
     assert seen[-1] == "default" and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    twin(torch.randn(2, 4))
+    loaded(torch.randn(2, 4))
+    assert seen[-2:] == ["measure", "measure"]
     with pytest.raises(FileNotFoundError):
         pydlx.optimize(nn.Linear(2, 2), policy="no/such/policy.json")
 
