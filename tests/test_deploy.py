@@ -104,10 +104,22 @@ FUNC_CASES = [(name, backend) for name in ("cnn", "autoencoder", "small_mlp") fo
     pytest.param(name, "triton", marks=pytest.mark.interpreter) for name in ("cnn", "autoencoder", "small_mlp")]
 
 
+def _as_close_as_eager(got, eager, truth, what: str, tol: float = 1e-4) -> None:
+    """``got`` (pydlx, float32) is within ``tol`` of the float64 ``truth`` plus twice what eager PyTorch in float32
+    (``eager``) is off by: a max pool's backward sends a window's gradient to its argmax, which a near-tie flips
+    between two float32 computations (eager's and the kernel's, summing in different orders) -- against float64,
+    either may be the one that is off (seed 65529: eager's conv1 weight gradient is 1.4e-3 from float64, the Triton
+    kernels' 2e-8)."""
+    err = (got.double() - truth).abs().max().item()
+    allow = tol + 2 * (eager.double() - truth).abs().max().item()
+    assert err <= allow, f"{what}: max error {err:.3g} from float64 > {allow:.3g} (eager's error x 2 + {tol})"
+
+
 @pytest.mark.parametrize("name,backend", FUNC_CASES)
 def test_torch_func_grad_and_vjp(name, backend):
     """torch.func.grad over functional_call, and vjp, through an optimized model give the original's gradients
-    (pydlx's ops differentiate with their own formulas under the transforms)."""
+    (pydlx's ops differentiate with their own formulas under the transforms), checked against the original in
+    float64."""
     from torch.func import functional_call, grad, vjp
 
     model, fast, x = _pair(name)
@@ -124,12 +136,15 @@ def test_torch_func_grad_and_vjp(name, backend):
         got_vjp = pull(cot)[0]
     want = grad(loss(model), argnums=(0, 1))(params, x)
     out_want, pull_want = vjp(lambda inp: model(inp), x)
-    tol = dict(rtol=1e-4, atol=1e-4)
+    model64 = copy.deepcopy(model).double()
+    params64, x64 = {k: v.double() for k, v in params.items()}, x.double()
+    truth = grad(loss(model64), argnums=(0, 1))(params64, x64)
+    out64, pull64 = vjp(lambda inp: model64(inp), x64)
     for k in want[0]:
-        torch.testing.assert_close(got[0][k], want[0][k], **tol)
-    torch.testing.assert_close(got[1], want[1], **tol)
-    torch.testing.assert_close(out, out_want, **tol)
-    torch.testing.assert_close(got_vjp, pull_want(cot)[0], **tol)
+        _as_close_as_eager(got[0][k], want[0][k], truth[0][k], f"d loss / d {k}")
+    _as_close_as_eager(got[1], want[1], truth[1], "d loss / d input")
+    _as_close_as_eager(out, out_want, out64, "output")
+    _as_close_as_eager(got_vjp, pull_want(cot)[0], pull64(cot.double())[0], "vjp")
 
 
 def test_vmap_raises_naming_the_op():
