@@ -531,8 +531,7 @@ def _rank_entry(rank, port, out, cache_root):
 
 
 # ----------------------------------------------------------------------------------------------- on a GPU
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu  # (tests/conftest.py skips it where there is no CUDA device, as every GPU test)
 def test_gpu_measure_on_first_use_and_tune_a_seed_model(tmp_path, monkeypatch):
     """On the GPU: the seed CNN and autoencoder measured on first use (real trials, CUDA-event timings), each
     decision's verdicts printed; a backend found wrong on this card fails the test (a kernel bug to fix)."""
