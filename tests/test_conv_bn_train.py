@@ -255,7 +255,10 @@ def test_gpu_against_reference(case, dtype, backend, poison):
 
 def test_a_conv_output_far_from_zero_keeps_fp32_accuracy():
     """A conv output whose mean is ~3000 standard deviations from zero (a large bias): the normalisation subtracts
-    nearly equal numbers; the op stays as accurate as eager's fp32 against float64 (gradients included)."""
+    nearly equal numbers; the op stays as accurate as eager's fp32 against float64 (gradients included).
+    A conv output of ~3000 is rounded to 2.4e-4 in fp32, so after normalisation a ReLU input that near zero can fall
+    on either side in any fp32 computation, eager's included: the upstream gradient is zero at such near-ties (the
+    forward's value there is within the band either way), so the check is about the cancellation, not a coin flip."""
     x, conv, bn, kw = make(CASES[1].values[0], torch.float32)
     conv = nn.Conv2d(5, 6, 3, padding=1)
     with torch.no_grad():
@@ -263,10 +266,18 @@ def test_a_conv_output_far_from_zero_keeps_fp32_accuracy():
     c64, b64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
     ce, be = copy.deepcopy(conv), copy.deepcopy(bn)
     g = torch.randn(3, 6, 7, 9)
+    with torch.no_grad():
+        h64 = copy.deepcopy(c64)(x.double())
+        z64 = copy.deepcopy(b64)(h64)
+        std = h64.var((0, 2, 3), unbiased=False).add(bn.eps).sqrt()
+        scale = (b64.weight.abs() / std).view(1, -1, 1, 1)
+        band = 16 * torch.finfo(torch.float32).eps * h64.abs().amax((0, 2, 3), keepdim=True) * scale
+        g = g.masked_fill(z64.abs() <= band, 0)
     with pydlx.use_backend("reference"):
         got = fwd_bwd(lambda *a: run_op(*a, kw), x, conv, bn, g)
     want = fwd_bwd(lambda *a: run_chain(*a, kw), x.detach().double().requires_grad_(), c64, b64, g.double())
     eager = fwd_bwd(lambda *a: run_chain(*a, kw), x, ce, be, g)
     for a_, e_, base, name in zip(got, want, eager, ["y", "dx", "dw", "db", "dgamma", "dbeta"]):
         err, base_err = (a_.double() - e_).abs().max().item(), (base.double() - e_).abs().max().item()
-        assert err <= 4 * base_err + 1e-6 * e_.abs().max().item(), (name, err, base_err)
+        slack = band.max().item() if name == "y" else 0.0
+        assert err <= 4 * base_err + 1e-6 * e_.abs().max().item() + slack, (name, err, base_err)
