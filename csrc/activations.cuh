@@ -64,7 +64,7 @@ __device__ __forceinline__ float act_fwd(float z, float alpha) {
 // At the kinks and for NaN, torch's conventions (pydlx/reference/linear.py's activation_backward).
 template <int ACT>
 __device__ __forceinline__ float act_bwd(float g, float s, float alpha) {
-  if constexpr (ACT == kRelu) return s > 0.f ? g : 0.f;
+  if constexpr (ACT == kRelu) return s <= 0.f ? 0.f : g;  // torch's threshold_backward: NaN passes g
   else if constexpr (ACT == kGelu) {
     const float pdf = expf(-0.5f * s * s) * 0.39894228040143268f;
     return g * (normal_cdf_(s) + s * pdf);

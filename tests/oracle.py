@@ -5,7 +5,7 @@ in float64), for tests/test_activations.py, tests/test_linear.py and tests/test_
 z sigmoid(2u), elu's and selu's e^z - 1 as expm1, mish's softplus as log1p(exp(z))), with torch's conventions under
 autograd
 at the kinks and for NaN (written with ``where`` so that the derivative at a kink is torch's: 0 at relu6's 0 and 6,
-hardswish's -3, hardsigmoid's -3 and 3, 1 at hardswish's 3; at NaN the gradient passes for elu, hardswish, relu6,
+hardswish's -3, hardsigmoid's -3 and 3, 1 at hardswish's 3; at NaN the gradient passes for relu, elu, hardswish, relu6,
 is scaled by the slope for leaky_relu, and is 0 for hardsigmoid).
 
 ``activation(z64, spec, dtype)``: the oracle of a kernel computing in ``dtype``. For the activations whose

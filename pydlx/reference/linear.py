@@ -33,8 +33,8 @@ def activation_backward(grad: torch.Tensor, saved: torch.Tensor, activation: Opt
     if name is None:
         return grad
     if name == "relu":
-        # NaN in y propagates like torch's threshold_backward (grad * (y > 0) would also zero NaN: keep torch's)
-        return torch.where(saved > 0, grad, 0.0)
+        # torch's own relu backward, one op: 0 where y <= 0, else the gradient (at y = NaN too, as torch)
+        return torch.ops.aten.threshold_backward(grad, saved, 0)
     dtype = torch.promote_types(grad.dtype, saved.dtype)
     math_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     g, s = grad.to(math_dtype), saved.to(math_dtype)

@@ -144,7 +144,7 @@ def _act_bwd(g, s, ACT: tl.constexpr, ALPHA: tl.constexpr):
     others. 1 - sigmoid(v) is taken as sigmoid(-v) and 1 - y^2 as (1 - y)(1 + y), which do not cancel. At the kinks
     and for NaN, torch's conventions (pydlx/reference/linear.py's activation_backward)."""
     if ACT == RELU:
-        return tl.where(s > 0.0, g, 0.0)
+        return tl.where(s <= 0.0, 0.0, g)  # torch's threshold_backward: a NaN y passes the gradient
     elif ACT == GELU:
         pdf = tl.exp(-0.5 * s * s) * 0.3989422804014327
         return g * (_normal_cdf(s) + s * pdf)
