@@ -70,20 +70,18 @@ def _fwd_fake(input, weights, biases, has_bias, activation, last_activation, sav
 
 
 def _bwd(grad, input, weights, has_bias, y, H, Z, activation, last_activation, need_dx, backend):
-    sizes = _sizes(input, weights)
-    L = len(weights)
     x2d = rows(input)
-    hcols = [sum(sizes[1:1 + i]) for i in range(L)]  # column of layer i's output in H and in Z / DZ
-    dx, DZ = _impl(backend).mlp_bwd(rows(grad), x2d, weights, rows(y), H, Z, act_name(activation),
-                                    act_name(last_activation), need_dx)
-    # weight gradients: GEMMs over all rows; bias gradients: one reduction for every layer
-    dws = []
-    for i in range(L):
-        layer_in = x2d if i == 0 else H[:, hcols[i - 1]:hcols[i - 1] + sizes[i]]
-        dws.append(DZ[:, hcols[i]:hcols[i] + sizes[i + 1]].t() @ layer_in)
-    db_all = DZ.sum(0) if any(has_bias) else None
-    dbs = [db_all[hcols[i]:hcols[i] + sizes[i + 1]].clone() if has_bias[i] else input.new_empty(0)
-           for i in range(L)]
+    dx, dzs = _impl(backend).mlp_bwd(rows(grad), x2d, weights, rows(y), H, Z, act_name(activation),
+                                     act_name(last_activation), need_dx)
+    # weight gradients: a GEMM over all rows per layer, its input x or a column block of H; bias gradients: a
+    # reduction per layer (no concatenated DZ to slice and copy out of)
+    dws, dbs, layer_in, col = [], [], x2d, 0
+    for i, dz in enumerate(dzs):
+        dws.append(torch.mm(dz.t(), layer_in))
+        dbs.append(dz.sum(0) if has_bias[i] else input.new_empty(0))
+        if i + 1 < len(dzs):
+            n = dz.shape[1]
+            layer_in, col = H[:, col:col + n], col + n
     dx = dx.reshape(input.shape) if need_dx else input.new_empty(0)
     return dx, dws, dbs
 

@@ -68,19 +68,21 @@ def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[O
 
 def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], y: torch.Tensor, h: torch.Tensor,
             z: torch.Tensor, activation: Optional[str], last_activation: Optional[str], need_dx: bool
-            ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-    """(dx or None, DZ): the backward walk through the layers; the weight gradients are the caller's GEMMs."""
-    sizes = [x.shape[1]] + [w.shape[0] for w in weights]
-    cols, L = _cols(sizes), len(weights)
+            ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
+    """(dx or None, [dz of each layer]): the backward walk through the layers; the weight gradients are the
+    caller's GEMMs."""
+    L = len(weights)
+    cols = _cols([x.shape[1]] + [w.shape[0] for w in weights])
     dzs, g = [None] * L, dy
-    for i in reversed(range(L)):
+    for i in range(L - 1, -1, -1):
         a = last_activation if i == L - 1 else activation
-        if a is None:
-            dz = g
-        elif saves_preact(a):
-            dz = activation_backward(g, z[:, cols[i]:cols[i] + sizes[i + 1]], a)
-        else:
-            dz = activation_backward(g, y if i == L - 1 else h[:, cols[i]:cols[i] + sizes[i + 1]], a)
-        dzs[i] = dz
-        g = dz @ weights[i]
-    return (g if need_dx else None), torch.cat(dzs, 1)
+        if a is not None:
+            if saves_preact(a):
+                s = z[:, cols[i]:cols[i] + weights[i].shape[0]]
+            else:
+                s = y if i == L - 1 else h[:, cols[i]:cols[i] + weights[i].shape[0]]
+            g = activation_backward(g, s, a)
+        dzs[i] = g
+        if i or need_dx:  # (the input's gradient only where it is needed)
+            g = torch.mm(g, weights[i])
+    return (g if need_dx else None), dzs

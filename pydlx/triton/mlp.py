@@ -305,16 +305,18 @@ def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[O
 
 def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], y: torch.Tensor, h: torch.Tensor,
             z: torch.Tensor, activation: Optional[str], last_activation: Optional[str], need_dx: bool
-            ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-    """(dx or None, DZ[M, sum of layer sizes]): the fused backward walk; weight gradients are the caller's GEMMs."""
+            ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
+    """(dx or None, [dz of each layer]: column views of one DZ[M, sum of layer sizes]): the fused backward walk;
+    weight gradients are the caller's GEMMs."""
     M = x.shape[0]
     plan = Plan([x.shape[1]] + [w.shape[0] for w in weights])
     ws = tuple(w.contiguous() for w in weights)
     dy = dy.contiguous()
     dz = x.new_empty((M, plan.zw))
     dx = x.new_empty((M, plan.sizes[0])) if need_dx else None
+    dzs = [dz[:, c:c + n] for c, n in zip(plan.zcols, plan.sizes[1:])]
     if M == 0:
-        return dx, dz
+        return dx, dzs
     from_z = z.numel() > 0
     args = (dy, y, ws, h if h.numel() else y, z if from_z else y, dz, dx if need_dx else dz, M, dy.stride(0))
     (act, alpha), (last, last_alpha) = act_args(activation), act_args(last_activation)
@@ -323,4 +325,4 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], 
                   NEED_DX=need_dx, PRECISION=precision(x.dtype))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _mlp_bwd(grid, args, kwargs)
-    return dx, dz
+    return dx, dzs
