@@ -106,7 +106,8 @@ def linear_bwd(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, sa
                ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dx, dw, db) for a 2-D input (None where not needed), with ``saved`` as in ``activation_backward``."""
     dz = activation_backward(grad_y, saved, activation)
-    return (dz @ weight if need_dx else None, dz.t() @ x2d if need_dw else None, dz.sum(0) if has_bias else None)
+    return (torch.mm(dz, weight) if need_dx else None, torch.mm(dz.t(), x2d) if need_dw else None,
+            dz.sum(0) if has_bias else None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
