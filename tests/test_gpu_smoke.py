@@ -3,10 +3,13 @@ float64 reference. The GPU check's tier 0 (scripts/gpu_check.py) runs this modul
 triton and cuda backends run compiled); on a CPU the triton backend runs under the interpreter (the dry run and CI).
 The thorough per-family suites (tests/test_<family>.py) go further; this is the few-minute answer to "does every
 kernel run and agree on this machine?"."""
+import copy
+import math
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import pydlx
@@ -117,34 +120,79 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _run(model, x, training):
+def _run(model, x, training, g=None):
+    """[output] or, training, [output, d_input, d_parameters...] for the upstream gradient ``g`` (float64; by
+    default linspace(-1, 1) over the output), cast to the run's dtype."""
     x = x.detach().requires_grad_(training)
     y = _first(model(x))
     if not training:
         return [y.detach()]
-    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view(y.shape).to(y.device, y.dtype)
-    grads = torch.autograd.grad((y * g).sum(), [x, *model.parameters()])
+    if g is None:
+        g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view(y.shape)
+    grads = torch.autograd.grad((y * g.to(y.device, y.dtype)).sum(), [x, *model.parameters()])
     return [y.detach(), *grads]
+
+
+def _bn_train_upstream(family, torch_model, x, dtype):
+    """(g, {parameter name: abs_sum}) for the BatchNorm-in-training families, from float64: the upstream gradient
+    linspace(-1, 1), zero where the output's gradient path is a coin flip in ``dtype``, and the cancellation
+    allowance of the layer's bias gradient.
+
+    The layer's output z is rounded to ``dtype`` (by eager and the fused ops alike: 2^-8 |z| in bf16), which moves
+    the normalised value gamma (z - mean) / std by up to that times |gamma| / std. Where the normalised value is
+    within twice that of zero, ReLU's gate -- and after a max pool, also which of two values within it of each other
+    is the window's maximum -- falls either way in any computation in ``dtype`` (eager's included, by its own luck),
+    sending a whole gradient element to a different place. The Linear's bias gradient is exactly zero (the batch
+    mean removes the bias): its computed value is all cancellation, allowed a few ulp of the sum of |dz|."""
+    m = copy.deepcopy(torch_model).double().train()
+    x = x.double()
+    z = m[0](x).detach().requires_grad_(True)
+    bn = m[1]
+    dims = (0,) if z.dim() == 2 else (0, 2, 3)
+    view = (1, -1) + (1,) * (z.dim() - 2)
+    var, mean = torch.var_mean(z.detach(), dims, correction=0)
+    scale = ((var + bn.eps).rsqrt() * bn.weight.detach()).view(view)
+    pre = (z.detach() - mean.view(view)) * scale + bn.bias.detach().view(view)
+    band = 2 * torch.finfo(dtype).eps * z.detach().abs() * scale.abs()
+    y = m[2:](m[1](z))
+    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view(y.shape)
+    if family == "linear_bn_train":
+        g = g * (pre.abs() > band)
+    else:  # relu then a 3/2 max pool with padding 1: the window's largest pre-activation and the runner-up
+        pool = m[3]
+        win = F.unfold(F.pad(pre, (pool.padding,) * 4, value=-math.inf), pool.kernel_size, stride=pool.stride)
+        wband = F.unfold(F.pad(band, (pool.padding,) * 4), pool.kernel_size, stride=pool.stride)
+        N, C = pre.shape[:2]
+        win, wband = win.view(N, C, -1, win.shape[-1]), wband.view(N, C, -1, wband.shape[-1]).amax(2)
+        top = win.topk(2, dim=2).values
+        p1, p2 = top[:, :, 0], top[:, :, 1]
+        clear = (p1 < -wband) | ((p1 > wband) & (p1 - p2 > wband))
+        g = g * clear.view(g.shape)
+    (dz,) = torch.autograd.grad((y * g).sum(), [z])
+    sums = {"0.bias": dz.abs().sum(0)} if family == "linear_bn_train" else {}
+    return g, sums
 
 
 @pytest.mark.parametrize("family, backend, dname, training", _params())
 def test_every_kernel_once_against_float64(family, backend, dname, training):
-    import copy
-
     dtype = DTYPES[dname]
     torch_model, fused, shape = _model(family)
     torch_model.to(dtype)  # (fused shares its parameters): the oracle starts from the same rounded values
     x = torch.randn(shape).to(dtype)
-    want = _run(copy.deepcopy(torch_model).double(), x.double(), training)  # float64, eager, on the CPU
+    key = "tf32" if dtype == torch.float32 and DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32 else dtype
+    g, sums = None, {}
+    if family in ("linear_bn_train", "conv_bn_train"):
+        g, sums = _bn_train_upstream(family, torch_model, x, torch.float16 if key == "tf32" else dtype)
+    want = _run(copy.deepcopy(torch_model).double(), x.double(), training, g)  # float64, eager, on the CPU
     model = copy.deepcopy(fused).to(DEVICE)
     with pydlx.use_backend(backend):
         with torch.no_grad() if not training else torch.enable_grad():
-            got = _run(model, x.to(DEVICE), training)
+            got = _run(model, x.to(DEVICE), training, g)
     # eager PyTorch in the same dtype on the same device: the error the fused op is allowed twice of
-    base = _run(copy.deepcopy(torch_model).to(DEVICE), x.to(DEVICE), training)
-    names = ["output", "d_input"] + [f"d_{n}" for n, _ in torch_model.named_parameters()]
-    key = "tf32" if dtype == torch.float32 and DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32 else dtype
-    for a, e, b, n in zip(got, want, base, names):
+    base = _run(copy.deepcopy(torch_model).to(DEVICE), x.to(DEVICE), training, g)
+    params = [n for n, _ in torch_model.named_parameters()]
+    names = ["output", "d_input"] + [f"d_{n}" for n in params]
+    for a, e, b, n, p in zip(got, want, base, names, [None, None] + params):
         assert a.dtype == dtype, n
         assert_close(a, e, dtype=key, name=f"{family}/{backend}/{dname} {n}",
-                     baseline=b if dtype != torch.float32 else None)
+                     baseline=b if dtype != torch.float32 else None, abs_sum=sums.get(p))
