@@ -33,7 +33,6 @@ code in csrc/dispatch.h); docs/DEVELOPING.md walks through it.
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -143,7 +142,6 @@ def _accepted(what: str, spec) -> str:
             f"'leaky_relu(0.2)', 'elu(0.5)'), got {spec!r}")
 
 
-@functools.lru_cache(maxsize=512)
 def _parse(spec: str, what: str) -> Tuple[str, float]:
     if spec in BY_NAME:
         return spec, BY_NAME[spec].default
@@ -166,14 +164,27 @@ def parse_activation(spec: Optional[str], what: str = "activation") -> Tuple[Opt
     """(name, parameter) of an activation spec: ``"leaky_relu(0.2)"`` -> ("leaky_relu", 0.2), ``"elu"`` ->
     ("elu", 1.0), ``"gelu"`` -> ("gelu", 0.0), None -> (None, 0.0). The parameter is 0.0 for activations without
     one. Raises ValueError for an unknown name, a parameter given to an activation that has none, or a parameter
-    that is not a finite number. ``what`` names the argument in the message. (Parsed once per spec: cached.)"""
+    that is not a finite number. ``what`` names the argument in the message. (Parsed once per spec: kept.)"""
     if spec is None:
         return None, 0.0
     if not isinstance(spec, str):
         raise ValueError(_accepted(what, spec))
-    if torch.compiler.is_compiling():  # (traced: Dynamo would trace through the cache wrapper and warn)
-        return _parse.__wrapped__(spec, what)
-    return _parse(spec, what)
+    if torch.compiler.is_compiling():  # (traced: parsed afresh; a guard on the kept table would recompile)
+        return _parse(spec, what)
+    hit = _PARSED.get(spec)
+    if hit is not None:  # (every call after a spec's first: one lookup, no parsing)
+        return hit
+    parsed = _parse(spec, what)
+    if len(_PARSED) >= _PARSED_MAX:  # (specs made from arbitrary parameters must not grow it without bound)
+        _ACCEPTED.clear()
+        _PARSED.clear()
+    _PARSED[spec] = parsed
+    return parsed
+
+
+_PARSED: Dict[str, Tuple[str, float]] = {}  # spec -> (name, parameter), for the well-formed specs seen
+_PARSED_MAX = 512
+_ACCEPTED: set = set()  # the kept specs that check_activation took (a subset of _PARSED's)
 
 
 def activation_spec(name: Optional[str], alpha: float = 0.0) -> Optional[str]:
@@ -204,10 +215,17 @@ def activation_refused(spec: Optional[str]) -> Optional[str]:
 def check_activation(spec: Optional[str], what: str = "activation") -> Tuple[Optional[str], float]:
     """Raise ValueError with a clear message unless the fused ops take ``spec`` (a known activation, a finite
     parameter where it has one, slope >= 0 / alpha > 0); returns (name, parameter) as ``parse_activation``."""
+    compiling = torch.compiler.is_compiling()  # (traced: checked afresh, as in parse_activation)
+    if not compiling and type(spec) is str and spec in _ACCEPTED:  # (a spec taken before: no second look)
+        hit = _PARSED.get(spec)  # (None only if another thread just emptied the tables)
+        if hit is not None:
+            return hit
     name, alpha = parse_activation(spec, what)
     why = activation_refused(spec)
     if why is not None:
         raise ValueError(f"{what} {spec!r}: {why}")
+    if not compiling and spec in _PARSED:
+        _ACCEPTED.add(spec)
     return name, alpha
 
 

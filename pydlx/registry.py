@@ -237,6 +237,7 @@ class Backend:
     candidate: bool = True
     doc: str = ""
     _loaders: Dict[str, Callable[[], object]] = field(default_factory=dict, repr=False)
+    _loaded: Dict[str, object] = field(default_factory=dict, repr=False)  # the loaders' modules, once imported
 
     def implements(self, family: str) -> bool:
         return family in self.implementations or family in self._loaders
@@ -266,7 +267,7 @@ def register_backend(backend: Backend) -> Backend:
     if unknown:
         raise ValueError(f"pydlx.registry.register_backend: unknown families {sorted(unknown)} (known: "
                          f"{', '.join(FAMILIES)})")
-    backend._loaders = {}
+    backend._loaders, backend._loaded = {}, {}
     if backend.package is not None:
         for family in FAMILIES:
             name = f"{backend.package}.{family}"
@@ -301,8 +302,18 @@ def implementation(family: str, backend: str):
     impl = b.implementations.get(family)
     if impl is not None:
         return impl
+    compiling = torch.compiler.is_compiling()  # (a trace imports through ``load``: no guard on the kept modules)
+    if not compiling:
+        impl = b._loaded.get(family)
+        if impl is not None:
+            return impl
     load = b._loaders.get(family)
-    return load() if load is not None else None
+    if load is None:
+        return None
+    impl = load()
+    if not compiling:
+        b._loaded[family] = impl
+    return impl
 
 
 def why_not(backend: str, family: str, device: torch.device, call) -> Optional[str]:

@@ -125,6 +125,19 @@ def test_activation_specs():
     with pytest.raises(ValueError, match="alpha <= 0"):
         pydlx.activations.check_activation("elu(0.0)")
     assert pydlx.activations.check_activation("leaky_relu(0.0)") == ("leaky_relu", 0.0)
+    # specs are kept once parsed: a second look gives the same answers and the same refusals, a spec of another
+    # type (unhashable too) still raises ValueError, and the kept table stays bounded
+    for _ in range(2):
+        assert parse_activation("leaky_relu(0.2)") == ("leaky_relu", 0.2)
+        assert pydlx.activations.check_activation("relu") == ("relu", 0.0)
+        with pytest.raises(ValueError, match="negative slope"):
+            pydlx.activations.check_activation("leaky_relu(-0.1)")
+        for bad in ("swish", ["relu"], {"relu": 1}):
+            with pytest.raises(ValueError, match="must be one of"):
+                pydlx.activations.check_activation(bad)
+    for i in range(2 * pydlx.activations._PARSED_MAX):
+        assert parse_activation(f"elu({i + 1})") == ("elu", float(i + 1))
+    assert len(pydlx.activations._PARSED) <= pydlx.activations._PARSED_MAX
     assert {a for a in ACTIVATIONS if a and saves_preact(a)} == {"gelu", "gelu_tanh", "silu", "hardswish", "mish"}
 
 

@@ -344,13 +344,16 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
     names = the_op.names
     Args, Needs, mask = _records(name, the_op)
 
+    non_differentiable = tuple(non_differentiable)
+
     def setup_context(ctx, inputs, output):
         outputs = output if isinstance(output, tuple) else (output,)
-        ctx.mark_non_differentiable(*(outputs[i] for i in non_differentiable))
-        if materialize_grads is False:
+        if non_differentiable:
+            ctx.mark_non_differentiable(*[outputs[i] for i in non_differentiable])
+        if not materialize_grads:
             ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*save(Args(*inputs), outputs))
-        ctx.args = Args(*mask(inputs))
+        ctx.save_for_backward(*save(Args._make(inputs), outputs))
+        ctx.args = Args._make(mask(inputs))
 
     def backward_fn(ctx, *grads):
         needs = ctx.needs_input_grad
@@ -359,7 +362,7 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
 
     torch.library.register_autograd(f"pydlx::{name}", backward_fn, setup_context=setup_context, lib=LIB)
 
-    lists = the_op.lists
+    lists, none = the_op.lists, (None,) * (len(names) + 1)
 
     # eager: forward(ctx, lengths of the Tensor[] inputs or None, *inputs with those lists spread)
     def forward(ctx, lengths, *flat):
@@ -374,6 +377,19 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
         needs = _unflatten(ctx.needs_input_grad[1:], lists, lengths)
         got = {} if grads[0] is None else backward(ctx.args, ctx.saved_tensors, grads, Needs(*needs))
         return (None, *_flatten(_gradients(names, needs, got), lists))
+
+    if not lists:  # (most ops: the same two without spreading and gathering lists, on the hot path of every call)
+        def forward(ctx, lengths, *inputs):  # noqa: F811
+            outputs = the_op.impl(*inputs)
+            setup_context(ctx, inputs, outputs)
+            return outputs
+
+        def backward_eager(ctx, *grads):  # noqa: F811
+            if grads[0] is None:
+                return none
+            needs = ctx.needs_input_grad
+            got = backward(ctx.args, ctx.saved_tensors, grads, Needs._make(needs[1:]))
+            return (None, *[got.get(n) if need else None for n, need in zip(names, needs[1:])])
 
     # (built with type() so that autograd names the node after the op: pydlx_<name>Backward)
     Function = type(f"pydlx_{name}", (torch.autograd.Function,),
