@@ -364,27 +364,27 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
 
     lists, none = the_op.lists, (None,) * (len(names) + 1)
 
-    # eager: forward(ctx, lengths of the Tensor[] inputs or None, *inputs with those lists spread)
-    def forward(ctx, lengths, *flat):
-        inputs = _unflatten(flat, lists, lengths)
-        outputs = the_op.impl(*inputs)
-        setup_context(ctx, inputs, outputs)
-        ctx.lengths = lengths
-        return outputs
+    if lists:
+        # eager: forward(ctx, lengths of the Tensor[] inputs, *inputs with those lists spread)
+        def forward(ctx, lengths, *flat):
+            inputs = _unflatten(flat, lists, lengths)
+            outputs = the_op.impl(*inputs)
+            setup_context(ctx, inputs, outputs)
+            ctx.lengths = lengths
+            return outputs
 
-    def backward_eager(ctx, *grads):
-        lengths = ctx.lengths
-        needs = _unflatten(ctx.needs_input_grad[1:], lists, lengths)
-        got = {} if grads[0] is None else backward(ctx.args, ctx.saved_tensors, grads, Needs(*needs))
-        return (None, *_flatten(_gradients(names, needs, got), lists))
-
-    if not lists:  # (most ops: the same two without spreading and gathering lists, on the hot path of every call)
-        def forward(ctx, lengths, *inputs):  # noqa: F811
+        def backward_eager(ctx, *grads):
+            lengths = ctx.lengths
+            needs = _unflatten(ctx.needs_input_grad[1:], lists, lengths)
+            got = {} if grads[0] is None else backward(ctx.args, ctx.saved_tensors, grads, Needs(*needs))
+            return (None, *_flatten(_gradients(names, needs, got), lists))
+    else:  # (most ops: the same, with no lists to spread and gather, on the hot path of every call; lengths None)
+        def forward(ctx, lengths, *inputs):
             outputs = the_op.impl(*inputs)
             setup_context(ctx, inputs, outputs)
             return outputs
 
-        def backward_eager(ctx, *grads):  # noqa: F811
+        def backward_eager(ctx, *grads):
             if grads[0] is None:
                 return none
             needs = ctx.needs_input_grad
