@@ -1,5 +1,6 @@
 """The benchmark families build their cases (GPU lists too, without allocating) and each family's first CPU case
 runs for pydlx and eager, forward and forward+backward, through the runner the main job uses."""
+import os
 import time
 
 import pytest
@@ -106,3 +107,19 @@ def test_host_cost_benchmark_runs_every_chain_through_the_op_path(tmp_path, caps
                            lambda device: (torch.relu, torch.relu, torch.randn(3), torch.nn.Linear(1, 1)))
     with pytest.raises(RuntimeError, match="ran no pydlx op"):
         host.run("cpu", calls=1, rounds=1, cases=[broken], progress=False)
+
+
+def test_the_launch_host_benchmark_runs_on_a_cpu():
+    """bench/launch_host.py (the Triton launcher's Python per launch, the JIT run replaced by a no-op) runs without
+    a GPU and reports each provider of both launches; in a process of its own: it replaces the kernels' launch."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "launch_host.py")], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": root}, check=True).stdout
+    rows = [line for line in out.splitlines() if " us (" in line]
+    assert len(rows) == 8, out
+    for launch in ("linear fwd", "linear bwd dx"):
+        for provider in ("pydlx (config kept)", "triton autotuner (cached)", "prune + autotuner (before)",
+                         "the launch call alone"):
+            assert any(r.startswith(launch) and provider in r for r in rows), (launch, provider, out)

@@ -378,3 +378,77 @@ def test_auto_choosing_the_reference_runs_plain_eager(monkeypatch, family):
         y_op = call()
     assert ran and type(y_op.grad_fn).__name__.startswith("pydlx"), (ran, type(y_op.grad_fn).__name__)
     torch.testing.assert_close(y_op, y, rtol=1e-5, atol=1e-6)
+
+
+def test_a_repeated_triton_launch_keeps_its_config(monkeypatch):
+    """A Triton kernel's launcher (pydlx.triton.common.Tuned) chooses a call's config once per call key -- pruning
+    the shipped configs, then the autotuner's timing where more than one is left -- and launches a repeated call
+    with that config directly: no pruning and no pass through the autotuner's per-call Python again. A new key
+    (another size, dtype or constexpr), a forced config and PYDLX_TRITON_AUTOTUNE=0 are each honoured. The GPU is
+    stood in for: the kernel and the autotuner record what they are asked to run."""
+    triton = pytest.importorskip("triton")
+    common = pytest.importorskip("pydlx.triton.common")
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, M, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        pass
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=2) for b, w in ((16, 2), (32, 4), (64, 8))]
+    pruned = []
+
+    def prune(cfgs, named_args, **kwargs):
+        pruned.append((named_args["M"], kwargs["ACT"]))
+        return cfgs[:1] if kwargs["ACT"] == 1 else cfgs[1:]  # one config left for ACT 1, two for the others
+
+    tuned = common.Tuned(kernel, configs, ["M", "ACT"], prune, configs[0])
+    launched, timed = [], []
+
+    class Recorder:  # the kernel: kernel[grid](*args, **kwargs) records the launch
+        arg_names = kernel.arg_names
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((grid, args[1], kwargs))
+
+    class Autotuner:  # the autotuner: times the configs, picks the last one, launches it
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                timed.append(args[1])
+                Autotuner.best_config = configs[2]
+            return run
+
+    monkeypatch.setattr(tuned, "kernel", Recorder())
+    monkeypatch.setattr(tuned, "tuned", Autotuner())
+    monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    monkeypatch.delenv("PYDLX_TRITON_AUTOTUNE", raising=False)
+    x = torch.empty(4)
+    grid = lambda meta: (meta["BLOCK"],)  # noqa: E731
+
+    tuned(grid, (x, 100, 7), dict(ACT=0))  # first call of the key: pruned, timed (the autotuner launches)
+    assert (pruned, timed, launched) == ([(100, 0)], [100], [])
+    for _ in range(3):  # the same key: the kept config, launched directly
+        tuned(grid, (x, 100, 9), dict(ACT=0))  # (N is not in the key: the autotuner's choice holds for it)
+    assert (pruned, timed) == ([(100, 0)], [100])
+    assert launched == [((64,), 100, dict(ACT=0, BLOCK=64, num_warps=8, num_stages=2))] * 3
+
+    launched.clear()
+    tuned(grid, (x, 200, 7), dict(ACT=0))  # another size: chosen afresh
+    tuned(grid, (x.double(), 100, 7), dict(ACT=0))  # another dtype: chosen afresh
+    assert pruned[1:] == [(200, 0), (100, 0)] and timed[1:] == [200, 100] and launched == []
+
+    tuned(grid, (x, 100, 7), dict(ACT=1))  # one config left: launched as is, never timed
+    tuned(grid, (x, 100, 7), dict(ACT=1))
+    assert len(pruned) == 4 and len(timed) == 3
+    assert launched == [((16,), 100, dict(ACT=1, BLOCK=16, num_warps=2, num_stages=2))] * 2
+
+    launched.clear()
+    monkeypatch.setenv("PYDLX_TRITON_AUTOTUNE", "0")  # tuning off: the first config kept, not the autotuner's
+    tuned(grid, (x, 100, 7), dict(ACT=0))
+    assert len(timed) == 3 and launched == [((32,), 100, dict(ACT=0, BLOCK=32, num_warps=4, num_stages=2))]
+
+    launched.clear()
+    with common.forced_config(configs[0]):  # a forced config wins over a kept one
+        tuned(grid, (x, 100, 7), dict(ACT=0))
+    assert launched == [((16,), 100, dict(ACT=0, BLOCK=16, num_warps=2, num_stages=2))]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable, Iterator, List, Sequence
 
 import torch
@@ -12,6 +11,7 @@ import triton.language as tl
 
 from . import triton_interpret
 from .. import activations
+from .._env import getenv
 
 # An activation reaches a kernel as a code and its parameter (ACT, ALPHA: a float constexpr, leaky_relu's slope, elu's
 # alpha, 0.0 for the others): ``act_args(spec)``. The codes are pydlx/activations.py's table; the formulas below are
@@ -238,7 +238,14 @@ class Tuned:
     compiles spill-free for the chip and dtype); under the interpreter, its small ``interpret_config``; with
     PYDLX_TRITON_AUTOTUNE=0 (the GPU test suite: correctness, not speed, and a fraction of the compile time) the
     first config kept. A kernel with one config a call (the LSTM's) is launched with it, never timed: nothing to
-    tune, and kernels that update buffers in place must not be re-run by the autotuner's timing."""
+    tune, and kernels that update buffers in place must not be re-run by the autotuner's timing.
+
+    The config a call runs is kept per call key (``key``'s values, every constexpr, the tensors' dtypes and device,
+    the autotune switch): a repeated call launches the kernel with it directly, without pruning again or going
+    through the autotuner's own per-call Python (host time on every launch; the autotuner keeps its choice per key
+    and dtypes too, so the config is the one it would pick). At most MAX_KEPT keys (then emptied)."""
+
+    MAX_KEPT = 4096
 
     def __init__(self, kernel, configs: Sequence[triton.Config], key: Sequence[str],
                  prune: Callable[..., List[triton.Config]], interpret_config: triton.Config):
@@ -246,6 +253,8 @@ class Tuned:
         self.interpret_config = interpret_config
         self.tuned = triton.autotune(self.configs, key=list(key),
                                      prune_configs_by={"early_config_prune": prune})(kernel)
+        self.key_at = tuple(i for i, n in enumerate(kernel.arg_names) if n in key)  # key values passed positionally
+        self.kept: dict = {}  # call key -> (the config's kwargs, everything the launch adds to the call's kwargs)
 
     @property
     def __name__(self) -> str:
@@ -253,18 +262,40 @@ class Tuned:
 
     def __call__(self, grid, args: Sequence, kwargs: dict) -> None:
         if _forced:
-            cfg = _forced[-1]
+            launch = self._launch(_forced[-1])
         elif triton_interpret():
-            cfg = self.interpret_config
+            launch = self._launch(self.interpret_config)
         else:
-            kept = self.prune(self.configs, dict(zip(self.kernel.arg_names, args)), **kwargs)
-            if len(kept) > 1 and os.environ.get("PYDLX_TRITON_AUTOTUNE", "1") != "0":
-                self.tuned[grid](*args, **kwargs)
-                return
-            # one config (or tuning off): launched as is -- Triton's autotuner would time even a single config,
-            # re-running a kernel that updates buffers in place (the LSTM backward's dh / dc)
-            cfg = kept[0]
-        launch_kw = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            key = (tuple([args[i] for i in self.key_at if i < len(args)]), tuple(kwargs.items()),
+                   tuple([a.dtype for a in args if isinstance(a, torch.Tensor)]), args[0].device,
+                   getenv("PYDLX_TRITON_AUTOTUNE"))
+            try:
+                launch = self.kept.get(key)
+            except TypeError:  # (an unhashable constexpr: nothing is kept for the call)
+                key, launch = None, None
+            if launch is None:
+                kept = self.prune(self.configs, dict(zip(self.kernel.arg_names, args)), **kwargs)
+                if len(kept) > 1 and getenv("PYDLX_TRITON_AUTOTUNE") != "0":
+                    self.tuned[grid](*args, **kwargs)  # (times the configs on the first call of a key; launches)
+                    self._keep(key, self._launch(self.tuned.best_config))
+                    return
+                # one config (or tuning off): launched as is -- Triton's autotuner would time even a single config,
+                # re-running a kernel that updates buffers in place (the LSTM backward's dh / dc)
+                launch = self._keep(key, self._launch(kept[0]))
+        cfg_kwargs, extra = launch
+        self.kernel[grid(cfg_kwargs) if callable(grid) else grid](*args, **kwargs, **extra)
+
+    @staticmethod
+    def _launch(cfg: triton.Config) -> tuple:
+        extra = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if getattr(cfg, "maxnreg", None):
-            launch_kw["maxnreg"] = cfg.maxnreg
-        self.kernel[grid(cfg.kwargs) if callable(grid) else grid](*args, **kwargs, **cfg.kwargs, **launch_kw)
+            extra["maxnreg"] = cfg.maxnreg
+        return cfg.kwargs, extra
+
+    def _keep(self, key, launch: tuple) -> tuple:
+        if key is None:
+            return launch
+        if len(self.kept) >= self.MAX_KEPT:
+            self.kept.clear()
+        self.kept[key] = launch
+        return launch

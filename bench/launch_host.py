@@ -1,0 +1,72 @@
+"""The host time a Triton kernel launch spends in Python before Triton's JIT runs it: pydlx's launcher
+(pydlx/triton/common.py ``Tuned``, the config kept per call key) against Triton's autotuner with its choice
+cached, and the rule before it (the shipped configs pruned again on every launch, then the autotuner), and the
+launch call alone (the floor of both). The JIT's own run is
+replaced by a no-op, so this needs no GPU and measures only what the two rules add; on a CUDA machine the
+launch's real cost is in ``python -m pydlx.bench --host``'s GPU rows.
+
+    python bench/launch_host.py        # the Linear forward and backward launches at the autoencoder's first layer
+
+Providers interleaved, 2000 launches a sample, median (p20-p80) per launch."""
+import torch
+import triton
+
+import pydlx.triton.common as common
+import pydlx.triton.linear as linear
+from pydlx._timing import measure
+
+
+class _NoLaunch:
+    """Stands in for the JIT function: takes the launch and does nothing."""
+
+    def __init__(self, arg_names):
+        self.arg_names = arg_names
+
+    def __getitem__(self, grid):
+        return self.run
+
+    def run(self, *args, **kwargs):
+        return None
+
+
+def _calls(M: int = 64, K: int = 784, N: int = 400):
+    """(name, launcher, grid, args, kwargs) of the two Linear launches of one training step's layer, fp32 + ReLU."""
+    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    y, dx = torch.empty(M, N), torch.empty(M, K)
+    fwd = (x, w, b, y, y, M, N, K, *x.stride(), *w.stride(), *y.stride())
+    fwd_kw = dict(ACT=1, ALPHA=0.0, HAS_BIAS=True, SAVE_PREACT=False, PRECISION="tf32")
+    bwd = (y, y, w, dx, dx, M, K, N, N, *y.stride(), *w.stride(), 0, *dx.stride())
+    bwd_kw = dict(ACT=1, ALPHA=0.0, ROWSUM=False, PRECISION="tf32")
+    return [("linear fwd", linear._linear_fwd, lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),),
+             fwd, fwd_kw),
+            ("linear bwd dx", linear._linear_bwd, lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),
+                                                             1), bwd, bwd_kw)]
+
+
+def main(launches: int = 2000, rounds: int = 15) -> None:
+    if not torch.cuda.is_available():  # (no card: the shipped sm_90 configs, the interpreter off)
+        common.triton_interpret = lambda: False
+        common.arch = linear.arch = lambda: 90
+    fns = {}
+    for name, tuned, grid, args, kwargs in _calls():
+        tuned.kernel = tuned.tuned.fn = _NoLaunch(tuned.kernel.arg_names)
+        tuned.tuned._bench = lambda *a, config=None, **k: [float(config.num_warps)]  # (a stand-in for timing)
+        tuned(grid, args, kwargs)  # the first call of the key: pruned, "timed", kept
+
+        def loop(fn, n=launches):
+            return lambda: [fn() for _ in range(n)]
+        fns[(name, "pydlx (config kept)")] = loop(lambda t=tuned, g=grid, a=args, k=kwargs: t(g, a, k))
+        fns[(name, "triton autotuner (cached)")] = loop(lambda t=tuned, g=grid, a=args, k=kwargs: t.tuned[g](*a, **k))
+        fns[(name, "prune + autotuner (before)")] = loop(lambda t=tuned, g=grid, a=args, k=kwargs: (
+            t.prune(t.configs, dict(zip(t.kernel.arg_names, a)), **k), t.tuned[g](*a, **k)))
+        cfg, extra = next(iter(tuned.kept.values()))
+        fns[(name, "the launch call alone")] = loop(lambda t=tuned, g=grid, a=args, k=kwargs, c=cfg, e=extra: (
+            t.kernel[g(c)](*a, **k, **e)))
+    timed = measure(fns, torch.device("cpu"), rep=rounds)
+    for (name, provider), (med, p20, p80) in timed.items():
+        f = 1e3 / launches
+        print(f"{name:14s} {provider:28s} {med * f:6.2f} us ({p20 * f:.2f}-{p80 * f:.2f})")
+
+
+if __name__ == "__main__":
+    main()
