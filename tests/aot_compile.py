@@ -4,12 +4,12 @@ what the chip would get: registers, shared memory, spills and tensor-core instru
     python tests/aot_compile.py            # a table
     python tests/aot_compile.py --json     # what tests/test_kernels_compile.py reads
 
-    python tests/aot_compile.py --acts all # also every shipped config for each of NEW_ACTS (leaky_relu, ...)
+    python tests/aot_compile.py --acts all # also every shipped config for each of VARIANT_ACTS (silu, ...)
 
 Runs with TRITON_INTERPRET=0 (under the interpreter @triton.jit functions cannot be compiled), so the test suite
 calls it in a subprocess. Each kernel is compiled in its heaviest variant: gelu with the pre-activation stored; in
-backward, gelu's derivative from a saved tile (plus the db row sum in the dw GEMM). The activations added after the
-first seven (NEW_ACTS) are compiled as variants "<variant>+<activation>" of the Linear and MLP kernels, with the
+backward, gelu's derivative from a saved tile (plus the db row sum in the dw GEMM). Every other activation
+(VARIANT_ACTS) is compiled as variants "<variant>+<activation>" of the Linear and MLP kernels, with the
 configs that ship for that activation (pydlx.triton.linear.ACT_SPILLS, pydlx.triton.mlp.ACT_SPILLS): by default (the
 test suite) the first one, for each kernel and arch in one dtype (rotating over the three with the activation and
 kernel, so that every dtype is compiled); ``--acts all`` compiles every shipped config in every dtype for each (run
@@ -36,7 +36,7 @@ from pydlx.triton import conv_relu_pool as tri_crp  # noqa: E402
 from pydlx.triton import lstm as tri_lstm  # noqa: E402
 from pydlx.triton import mlp as tri_mlp  # noqa: E402
 from pydlx.triton.common import act_args  # noqa: E402
-from pydlx.activations import saves_preact  # noqa: E402
+from pydlx.activations import NONE_CODE, TABLE, saves_preact  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 ARCHS = (80, 90)
@@ -65,11 +65,10 @@ VARIANTS = {
 }
 
 
-# The activations added after the first seven (leaky_relu, elu, hardswish, hardsigmoid, mish, relu6), with a
-# parameter where they take one (its value does not change the code's size).
-NEW_ACTS = ("leaky_relu(0.2)", "elu(0.5)", "hardswish", "hardsigmoid", "mish", "relu6", "selu")
-# The wide forward tiles ship for these too (pydlx.triton.linear.WIDE_ACTS): cheap epilogues, y saved.
-WIDE_NEW_ACTS = ("leaky_relu(0.2)", "hardsigmoid", "relu6")
+# Every activation but gelu (the kernels' default variant above), from pydlx's activation table. gelu is not the
+# heaviest everywhere (silu's MLP forward spills where gelu's does not), so each is compiled.
+VARIANT_ACTS = tuple(a.name for a in TABLE if a.name != "gelu")
+WIDE_VARIANT_ACTS = ("leaky_relu", "hardsigmoid", "relu6")
 
 
 def act_name(spec):
@@ -98,12 +97,15 @@ def mlp_cfg_id(cfg):
     return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
 
 
-def _compiled_here(acts, spec, kernel, dname):
-    """Whether the new activation ``spec`` is compiled for this kernel in this dtype (see the module docstring)."""
+def _compiled_here(acts, spec, kernel, dname, dnames=tuple(DTYPES)):
+    """Whether the activation ``spec`` is compiled for this kernel in this dtype (see the module docstring);
+    ``dnames``: the dtypes the kernel ships configs for on this arch (the rotation's choices)."""
     if acts == "all":
         return True
-    k = (NEW_ACTS.index(spec) + KERNELS.index(kernel)) % len(DTYPES)
-    return list(DTYPES)[k] == dname
+    if dname not in dnames:
+        return False
+    k = (VARIANT_ACTS.index(spec) + KERNELS.index(kernel)) % len(dnames)
+    return dnames[k] == dname
 
 
 KERNELS = ("fwd", "fwdwide", "dx", "dw", "mlpfwd-w64", "mlpbwd-w64", "mlpfwd-w128", "mlpbwd-w128")
@@ -118,12 +120,13 @@ def cases(acts="ci"):
         for dname, (dt, _) in DTYPES.items():
             for variant, (_, cfgs_name, _, _) in VARIANTS.items():
                 cfgs = getattr(tri, cfgs_name)
-                fits = tri.configs_for(cfgs, dt.itemsize, arch)
+                fits = tri.configs_for(cfgs, dt.itemsize, arch, VARIANTS[variant][3]["ACT"])
                 for i, cfg in enumerate(cfgs):
                     if cfg in fits:
                         out.append((f"{variant}-sm{arch}-{dname}-{cfg_id(cfg)}", variant, arch, dname, i))
-                for spec in (WIDE_NEW_ACTS if variant == "fwdwide" else NEW_ACTS):
-                    if not _compiled_here(acts, spec, variant, dname):
+                shipping = tuple(d for d, (t, _) in DTYPES.items() if tri.configs_for(cfgs, t.itemsize, arch))
+                for spec in (WIDE_VARIANT_ACTS if variant == "fwdwide" else VARIANT_ACTS):
+                    if not _compiled_here(acts, spec, variant, dname, shipping):
                         continue
                     ships = tri.configs_for(cfgs, dt.itemsize, arch, act_args(spec)[0])  # (none: fp32 wide tiles)
                     v = f"{variant}+{act_name(spec)}"
@@ -139,12 +142,13 @@ def cases(acts="ci"):
                     out.append((f"{variant}-sm{arch}-{dname}-{crp_cfg_id(cfg)}", variant, arch, dname, i))
             for net, sizes in MLP_SIZES.items():
                 for kind, cfgs in (("mlpfwd", tri_mlp.FWD_CONFIGS), ("mlpbwd", tri_mlp.BWD_CONFIGS)):
-                    ships = tri_mlp.configs_for(kind[3:], tri_mlp.Plan(sizes).pads, dt.itemsize)
+                    ships = tri_mlp.configs_for(kind[3:], tri_mlp.Plan(sizes).pads, dt.itemsize,
+                                                (act_args("gelu")[0], NONE_CODE))  # (the default variant's)
                     for cfg in ships:
                         i = next(j for j, c in enumerate(cfgs) if c is cfg)
                         out.append((f"{kind}-{net}-sm{arch}-{dname}-{mlp_cfg_id(cfg)}", f"{kind}-{net}", arch,
                                     dname, i))
-                    for spec in NEW_ACTS:
+                    for spec in VARIANT_ACTS:
                         if not _compiled_here(acts, spec, f"{kind}-{net}", dname):
                             continue
                         code = act_args(spec)[0]
@@ -217,7 +221,7 @@ def _crp_source(ptr, idx, variant="crp"):
 def _spec(variant):
     """The activation spec of a "<variant>+<activation>" case (None: the variant's own)."""
     name = variant.partition("+")[2]
-    return next(s for s in NEW_ACTS if act_name(s) == name) if name else None
+    return next(s for s in VARIANT_ACTS if act_name(s) == name) if name else None
 
 
 def _mlp_source(variant, ptr, idx):

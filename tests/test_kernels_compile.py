@@ -36,22 +36,25 @@ def test_every_arch_and_dtype_keeps_configs():
                 assert any(c[1] == kind and c[2] == arch and c[3] == dname for c in CASES), (kind, arch, dname)
 
 
-def test_every_new_activation_is_compiled_on_both_archs_in_every_dtype():
-    """The activations added after the first seven (leaky_relu, elu, hardswish, hardsigmoid, mish, relu6, selu): each
-    Linear and MLP kernel compiled with each of them on sm_80 and sm_90 (the configs that ship for it), every dtype for
-    each across the kernels; the wide forward tiles for those that take them."""
+def test_every_activation_is_compiled_on_both_archs_in_every_dtype():
+    """Every activation of pydlx's table: gelu as each kernel's default variant, every other one as a variant of each
+    Linear and MLP kernel on sm_80 and sm_90 (the configs that ship for it), every dtype for each across the kernels;
+    the wide forward tiles for those that take them, where they ship (sm_90; relu is their default variant)."""
     from pydlx.triton import linear as tri
     from pydlx.triton.common import act_args
 
+    from pydlx.activations import TABLE
+
     kinds = ("fwd", "dx", "dw", "mlpfwd-w64", "mlpbwd-w64", "mlpfwd-w128", "mlpbwd-w128")
-    for spec in aot_compile.NEW_ACTS:
+    for spec in [a.name for a in TABLE if a.name != "gelu"]:
         name = aot_compile.act_name(spec)
         for arch in aot_compile.ARCHS:
-            for kind in kinds + (("fwdwide",) if spec in aot_compile.WIDE_NEW_ACTS else ()):
+            wide = spec in aot_compile.WIDE_VARIANT_ACTS and tri.configs_for(tri.FWD_CONFIGS_WIDE, 2, arch)
+            for kind in kinds + (("fwdwide",) if wide else ()):
                 assert any(c[1] == f"{kind}+{name}" and c[2] == arch for c in CASES), (spec, kind, arch)
         for dname in aot_compile.DTYPES:
             assert any(c[1].endswith(f"+{name}") and c[3] == dname for c in CASES), (spec, dname)
-    assert {act_args(s)[0] for s in aot_compile.WIDE_NEW_ACTS} == set(tri.WIDE_ACTS) - {0, 1}
+    assert {act_args(s)[0] for s in aot_compile.WIDE_VARIANT_ACTS} == set(tri.WIDE_ACTS) - {0, 1}
 
 
 @pytest.mark.slow
@@ -80,8 +83,9 @@ def test_configs_that_spill_with_an_activation_are_not_shipped_for_it():
     for code in [NONE_CODE] + [a.code for a in TABLE]:
         for elt in (2, 4):
             for arch in aot_compile.ARCHS:
-                ships = tri.configs_for(tri.BWD_CONFIGS, elt, arch, code)
-                assert ships and not any(c is o for c in ships for o in tri.ACT_SPILLS.get((code, elt), ()))
+                for cfgs in (tri.FWD_CONFIGS, tri.BWD_CONFIGS):
+                    ships = tri.configs_for(cfgs, elt, arch, code)
+                    assert ships and not any(c is o for c in ships for o in tri.ACT_SPILLS.get((code, elt), ()))
             for sizes in aot_compile.MLP_SIZES.values():
                 pads = tri_mlp.Plan(sizes).pads
                 for kind in ("fwd", "bwd"):
@@ -89,4 +93,9 @@ def test_configs_that_spill_with_an_activation_are_not_shipped_for_it():
                     spills = tri_mlp.ACT_SPILLS.get((kind, max(pads[1:]) > 64, elt), {}).get(code, ())
                     assert ships and not any(c is o for c in ships for o in spills), (code, elt, kind, sizes)
     assert tri_mlp.configs_for("fwd", (32, 128, 3), 4, (8, 8)) == tri_mlp.FWD_WIDE_SMALL
-    assert tri_mlp.configs_for("fwd", (32, 128, 3), 4, (2, 0)) == tri_mlp.FWD_WIDE_FP32  # the others: unchanged
+    codes = {a.name: a.code for a in TABLE}
+    assert tri_mlp.configs_for("fwd", (32, 128, 3), 4, (codes["tanh"],) * 2) == tri_mlp.FWD_WIDE_SMALL
+    assert tri_mlp.configs_for("fwd", (32, 128, 3), 4, (codes["silu"],) * 2) == tri_mlp.FWD_WIDE_K32_W4
+    assert tri_mlp.configs_for("fwd", (32, 128, 3), 4, (codes["gelu"], 0)) == tri_mlp.FWD_WIDE_FP32[1:]
+    assert tri_mlp.configs_for("fwd", (32, 128, 3), 4, (codes["relu"], 0)) == tri_mlp.FWD_WIDE_FP32  # the others'
+    assert tri.configs_for(tri.FWD_CONFIGS_WIDE, 2, 80) == [] and tri.configs_for(tri.FWD_CONFIGS_WIDE, 2, 90)

@@ -157,16 +157,21 @@ FWD_CONFIGS: List[triton.Config] = [
     _cfg(64, 128, 32, 4, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 64, 64, 4, 3), _cfg(64, 64, 32, 4, 4),
 ]
 # Added for the cheap epilogues only (none, relu, leaky_relu, hardsigmoid, relu6: y saved, no z store): 128
-# accumulators a thread spill under gelu/silu/tanh.
+# accumulators a thread spill under gelu/silu/tanh. sm_90 only: on sm_80 they spill in 16 bits with Triton 3.6
+# (23-30 LDL/STL; not with 3.8).
 FWD_CONFIGS_WIDE: List[triton.Config] = [_cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3)]
 WIDE_ACTS = tuple(act_args(spec)[0] for spec in (None, "relu", "leaky_relu", "hardsigmoid", "relu6"))
 # The backward prologue (dy * act'(saved), in fp32) spills at 128x128 with 64-wide K steps, and on sm_80 (fp16,
 # dw) even with 32-wide ones: those are sm_90 only.
-SM90_ONLY: List[triton.Config] = [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 4)]
-BWD_CONFIGS: List[triton.Config] = SM90_ONLY + [_cfg(64, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 4)]
-# Configs that spill with one activation's derivative (tests/aot_compile.py --acts all: the tf32 dx GEMM on sm_80,
-# 2-3 LDL/STL), dropped for it: {(activation code, element bytes): configs}. hardswish and mish keep the other one.
-ACT_SPILLS = {(act_args("hardswish")[0], 4): BWD_CONFIGS[2:3], (act_args("mish")[0], 4): BWD_CONFIGS[3:4]}
+BWD_SM90: List[triton.Config] = [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 4)]
+BWD_CONFIGS: List[triton.Config] = BWD_SM90 + [_cfg(64, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 4)]
+SM90_ONLY: List[triton.Config] = FWD_CONFIGS_WIDE + BWD_SM90
+# Configs that spill with one activation (tests/aot_compile.py --acts all, Triton 3.8 and 3.6: the tf32 dx GEMM on
+# sm_80 with these derivatives, the 16-bit 64x64x32 forward on sm_80 with gelu_tanh's and silu's epilogues; 2-3
+# LDL/STL), dropped for it: {(activation code, element bytes): configs}. Each keeps the other backward config.
+_RELU, _GELU_TANH, _SILU, _HARDSWISH, _MISH = (act_args(n)[0] for n in ("relu", "gelu_tanh", "silu", "hardswish", "mish"))
+ACT_SPILLS = {(_RELU, 4): BWD_CONFIGS[2:3], (_SILU, 4): BWD_CONFIGS[3:4], (_HARDSWISH, 4): BWD_CONFIGS[2:3],
+              (_MISH, 4): BWD_CONFIGS[3:4], (_GELU_TANH, 2): FWD_CONFIGS[7:8], (_SILU, 2): FWD_CONFIGS[7:8]}
 # Small tiles for the interpreter: masks and strides are exercised with a few programs.
 INTERPRET_CONFIG = _cfg(32, 32, 32, 4, 1, group=2)
 

@@ -174,33 +174,39 @@ BWD_WIDE = [_cfg(32, 64, 4), _cfg(16, 64, 4)]
 BWD_WIDE_FP32 = [_cfg(16, 64, 4)]
 # The layers' activations change the register allocation of these kernels, which run at the 255-register limit
 # (the next layer's weight tile is loaded early): tests/aot_compile.py --acts all compiles every shipped config with
-# each of the activations added after the first seven as hidden and last activation, in the benchmark MLPs on sm_80
-# and sm_90, with Triton 3.8 and with 3.6 (the target GPU machines'). The (config, dtype) pairs that spilled there
-# (2-618 LDL/STL) are dropped when that activation is the hidden or the last one (for both 16-bit dtypes where one
-# spilled): {(kind, wide, element bytes): {activation code: configs}}; where that drops every usual config, smaller
-# row blocks take over (ACT_EXTRA): FWD_WIDE_SMALL (16 rows on 8 warps) for elu and selu in the wide forward, which
-# hardswish must not take (58 LDL/STL on sm_90); FWD_WIDE_K32 (16 rows, 32-wide K steps) where even that spills
-# (selu in tf32 on sm_90 with 3.6); FWD_NARROW_SMALL for mish's 64-wide forward in tf32, which spills in every usual
-# config (3.8: three of them, 3.6: the fourth). Left as they are, on sm_80 with 3.6 only: mish's 128-wide tf32
-# forward (16x64 w4, 6 LDL/STL; 16x32 w8 would spill on sm_90) and the wide Linear tiles (pydlx/triton/linear.py).
+# each activation as hidden and last activation, in the benchmark MLPs on sm_80 and sm_90, with Triton 3.8 and with
+# 3.6 (the target GPU machines'). The (config, dtype) pairs that spilled there (2-646 LDL/STL) are dropped when that
+# activation is the hidden or the last one (for both 16-bit dtypes where one spilled): {(kind, wide, element bytes):
+# {activation code: configs}}; where that drops every usual config, smaller row blocks take over (ACT_EXTRA):
+# FWD_WIDE_SMALL (16 rows on 8 warps) for tanh, elu and selu in the wide forward, which hardswish must not take (58
+# LDL/STL on sm_90); FWD_WIDE_K32 (16 rows, 32-wide K steps) where even that spills (selu in tf32 on sm_90 with
+# 3.6); FWD_WIDE_K32_W4 (the same on 4 warps) for silu's wide tf32 forward, which spills in all of those with 3.6;
+# FWD_NARROW_SMALL for mish's 64-wide forward in tf32, which spills in every usual config (3.8: three of them, 3.6:
+# the fourth). Left as it is, on sm_80 with 3.6 only: mish's 128-wide tf32 forward (16x64 w4, 6 LDL/STL; every
+# smaller config tried spills on one chip or the other with 3.6).
 FWD_WIDE_SMALL = [_cfg(16, 64, 8)]
 FWD_WIDE_K32 = [_cfg(16, 32, 8)]
+FWD_WIDE_K32_W4 = [_cfg(16, 32, 4)]
 FWD_NARROW_SMALL = [_cfg(32, 64, 4)]
-_ELU, _HARDSWISH, _HARDSIGMOID, _MISH, _SELU = (act_args(n)[0] for n in ("elu", "hardswish", "hardsigmoid", "mish",
-                                                                           "selu"))
+_GELU, _GELU_TANH, _SILU, _TANH, _ELU, _HARDSWISH, _HARDSIGMOID, _MISH, _SELU = (
+    act_args(n)[0] for n in ("gelu", "gelu_tanh", "silu", "tanh", "elu", "hardswish", "hardsigmoid", "mish", "selu"))
 ACT_SPILLS = {
-    ("fwd", True, 2): {_ELU: FWD_WIDE, _HARDSWISH: FWD_WIDE[1:], _MISH: FWD_WIDE[:1], _SELU: FWD_WIDE},
-    ("fwd", True, 4): {_ELU: FWD_WIDE_FP32, _HARDSWISH: FWD_WIDE_FP32[1:] + FWD_WIDE_SMALL,
-                       _HARDSIGMOID: FWD_WIDE_FP32[:1], _MISH: FWD_WIDE_FP32[:1], _SELU: FWD_WIDE_FP32},
-    ("fwd", False, 4): {_MISH: FWD_NARROW, _HARDSWISH: FWD_NARROW[1:2]},
+    ("fwd", True, 2): {_GELU_TANH: FWD_WIDE[1:], _SILU: FWD_WIDE[:1], _ELU: FWD_WIDE, _HARDSWISH: FWD_WIDE[1:],
+                       _MISH: FWD_WIDE[:1], _SELU: FWD_WIDE},
+    ("fwd", True, 4): {_GELU: FWD_WIDE_FP32[:1], _SILU: FWD_WIDE_FP32, _TANH: FWD_WIDE_FP32, _ELU: FWD_WIDE_FP32,
+                       _HARDSWISH: FWD_WIDE_FP32[1:] + FWD_WIDE_SMALL, _HARDSIGMOID: FWD_WIDE_FP32[:1],
+                       _MISH: FWD_WIDE_FP32[:1], _SELU: FWD_WIDE_FP32},
+    ("fwd", False, 4): {_GELU_TANH: FWD_NARROW[1:2], _MISH: FWD_NARROW, _HARDSWISH: FWD_NARROW[1:2]},
     ("bwd", False, 2): {_MISH: BWD_NARROW[:1] + BWD_NARROW[2:]},
-    ("bwd", False, 4): {_MISH: BWD_NARROW_FP32[:1], _HARDSWISH: BWD_NARROW_FP32[:1]},
+    ("bwd", False, 4): {_GELU_TANH: BWD_NARROW_FP32[:1], _MISH: BWD_NARROW_FP32[:1],
+                        _HARDSWISH: BWD_NARROW_FP32[:1]},
 }
 ACT_EXTRA = {("fwd", True, 2): {_ELU: FWD_WIDE_SMALL, _SELU: FWD_WIDE_SMALL},
-             ("fwd", True, 4): {_ELU: FWD_WIDE_SMALL, _SELU: FWD_WIDE_K32},
+             ("fwd", True, 4): {_TANH: FWD_WIDE_SMALL, _ELU: FWD_WIDE_SMALL, _SELU: FWD_WIDE_K32,
+                                _SILU: FWD_WIDE_K32_W4},
              ("fwd", False, 4): {_MISH: FWD_NARROW_SMALL}}
 FWD_CONFIGS: List[triton.Config] = (FWD_NARROW + FWD_WIDE + FWD_WIDE_FP32 + FWD_WIDE_SMALL + FWD_WIDE_K32
-                                    + FWD_NARROW_SMALL)
+                                    + FWD_NARROW_SMALL + FWD_WIDE_K32_W4)
 BWD_CONFIGS: List[triton.Config] = BWD_NARROW + BWD_NARROW_FP32 + BWD_WIDE + BWD_WIDE_FP32
 INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
 
