@@ -1,18 +1,19 @@
 """The host time a Triton kernel launch spends in Python before Triton's JIT runs it: pydlx's launcher
 (pydlx/triton/common.py ``Tuned``, the config kept per call key) against Triton's autotuner with its choice
 cached, and the rule before it (the shipped configs pruned again on every launch, then the autotuner), and the
-launch call alone (the floor of both). The JIT's own run is
+launch call alone (the floor of both); then the whole Triton backend call of a Linear forward and backward
+(checks, allocations, grids, every launch) with the launches stubbed. The JIT's own run is
 replaced by a no-op, so this needs no GPU and measures only what the two rules add; on a CUDA machine the
 launch's real cost is in ``python -m pydlx.bench --host``'s GPU rows.
 
-    python bench/launch_host.py        # the Linear forward and backward launches at the autoencoder's first layer
+    python bench/launch_host.py        # the Linear launches and calls at the autoencoder's first layer
 
 Providers interleaved, 2000 launches a sample, median (p20-p80) per launch."""
 import torch
-import triton
 
 import pydlx.triton.common as common
 import pydlx.triton.linear as linear
+from pydlx.triton.common import cdiv
 from pydlx._timing import measure
 
 
@@ -37,9 +38,9 @@ def _calls(M: int = 64, K: int = 784, N: int = 400):
     fwd_kw = dict(ACT=1, ALPHA=0.0, HAS_BIAS=True, SAVE_PREACT=False, PRECISION="tf32")
     bwd = (y, y, w, dx, dx, M, K, N, N, *y.stride(), *w.stride(), 0, *dx.stride())
     bwd_kw = dict(ACT=1, ALPHA=0.0, ROWSUM=False, PRECISION="tf32")
-    return [("linear fwd", linear._linear_fwd, lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),),
+    return [("linear fwd", linear._linear_fwd, lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]),),
              fwd, fwd_kw),
-            ("linear bwd dx", linear._linear_bwd, lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),
+            ("linear bwd dx", linear._linear_bwd, lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(K, m["BLOCK_N"]),
                                                              1), bwd, bwd_kw)]
 
 
@@ -48,13 +49,16 @@ def main(launches: int = 2000, rounds: int = 15) -> None:
         common.triton_interpret = lambda: False
         common.arch = linear.arch = lambda: 90
     fns = {}
+
+    def loop(fn, n=launches):
+        def run():
+            for _ in range(n):  # (results dropped at once: a list of them would keep every allocation alive)
+                fn()
+        return run
     for name, tuned, grid, args, kwargs in _calls():
         tuned.kernel = tuned.tuned.fn = _NoLaunch(tuned.kernel.arg_names)
         tuned.tuned._bench = lambda *a, config=None, **k: [float(config.num_warps)]  # (a stand-in for timing)
         tuned(grid, args, kwargs)  # the first call of the key: pruned, "timed", kept
-
-        def loop(fn, n=launches):
-            return lambda: [fn() for _ in range(n)]
         fns[(name, "pydlx (config kept)")] = loop(lambda t=tuned, g=grid, a=args, k=kwargs: t(g, a, k))
         fns[(name, "triton autotuner (cached)")] = loop(lambda t=tuned, g=grid, a=args, k=kwargs: t.tuned[g](*a, **k))
         fns[(name, "prune + autotuner (before)")] = loop(lambda t=tuned, g=grid, a=args, k=kwargs: (
@@ -62,6 +66,15 @@ def main(launches: int = 2000, rounds: int = 15) -> None:
         cfg, extra = next(iter(tuned.kept.values()))
         fns[(name, "the launch call alone")] = loop(lambda t=tuned, g=grid, a=args, k=kwargs, c=cfg, e=extra: (
             t.kernel[g(c)](*a, **k, **e)))
+    # the whole backend call around those launches (argument checks, allocations, grids, dw splits), launches stubbed:
+    # the Triton backend's host cost per Linear forward and backward (CPU tensors: the backward's dw split follows
+    # the CPU rule, two splits, as under the interpreter)
+    M, K, N = 64, 784, 400
+    x, w, b, dy = torch.randn(M, K), torch.randn(N, K), torch.randn(N), torch.randn(M, N)
+    y, _ = linear.linear_fwd(x, w, b, "relu", False)
+    linear.linear_bwd(dy, x, w, y, "relu", True, True, True)
+    fns[("linear_fwd", "whole backend call")] = loop(lambda: linear.linear_fwd(x, w, b, "relu", False))
+    fns[("linear_bwd", "whole backend call")] = loop(lambda: linear.linear_bwd(dy, x, w, y, "relu", True, True, True))
     timed = measure(fns, torch.device("cpu"), rep=rounds)
     for (name, provider), (med, p20, p80) in timed.items():
         f = 1e3 / launches

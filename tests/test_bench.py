@@ -118,8 +118,10 @@ def test_the_launch_host_benchmark_runs_on_a_cpu():
     out = subprocess.run([sys.executable, os.path.join(root, "bench", "launch_host.py")], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": root}, check=True).stdout
     rows = [line for line in out.splitlines() if " us (" in line]
-    assert len(rows) == 8, out
+    assert len(rows) == 10, out
     for launch in ("linear fwd", "linear bwd dx"):
         for provider in ("pydlx (config kept)", "triton autotuner (cached)", "prune + autotuner (before)",
                          "the launch call alone"):
             assert any(r.startswith(launch) and provider in r for r in rows), (launch, provider, out)
+    for call in ("linear_fwd", "linear_bwd"):
+        assert any(r.startswith(call) and "whole backend call" in r for r in rows), (call, out)

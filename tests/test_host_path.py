@@ -452,3 +452,31 @@ def test_a_repeated_triton_launch_keeps_its_config(monkeypatch):
     with common.forced_config(configs[0]):  # a forced config wins over a kept one
         tuned(grid, (x, 100, 7), dict(ACT=0))
     assert launched == [((16,), 100, dict(ACT=0, BLOCK=16, num_warps=2, num_stages=2))]
+
+
+def test_triton_launchers_call_no_constexpr_function_on_the_host(monkeypatch):
+    """The Triton backends' host code (grids, dw splits) computes its ceilings with pydlx.triton.common.cdiv, not
+    ``triton.cdiv``: that is a constexpr function, whose wrapper costs the host ~1.7 µs a call outside a kernel, and
+    a Linear backward took nine. Counted per launch of the Linear, MLP and conv kernels with each grid evaluated as a
+    launch evaluates it (the kernels themselves stood in for: no GPU)."""
+    pytest.importorskip("triton")
+    import triton
+    import importlib
+
+    common = importlib.import_module("pydlx.triton.common")
+    tri = {f: importlib.import_module(f"pydlx.triton.{f}") for f in ("linear", "mlp", "conv_relu_pool")}
+    grids = []
+    monkeypatch.setattr(common.Tuned, "__call__", lambda self, grid, args, kwargs: grids.append(
+        grid(self.interpret_config.kwargs) if callable(grid) else grid))
+    called = []
+    real = triton.cdiv
+    monkeypatch.setattr(triton, "cdiv", lambda *a, **k: called.append(a) or real(*a, **k))
+    x, w, b = torch.randn(40, 24), torch.randn(20, 24), torch.randn(20)
+    y, _ = tri["linear"].linear_fwd(x, w, b, "relu", False)
+    tri["linear"].linear_bwd(torch.randn(40, 20), x, w, y, "relu", True, True, True)
+    ws, bs = [torch.randn(16, 24), torch.randn(8, 16)], [torch.randn(16), torch.randn(8)]
+    y, H, Z = tri["mlp"].mlp_fwd(x, ws, bs, "relu", None, True)
+    tri["mlp"].mlp_bwd(torch.randn(40, 8), x, ws, y, H, Z, "relu", None, True)
+    tri["conv_relu_pool"].conv_relu_pool_fwd(torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), None, 1, 1, 2, 2)
+    assert len(grids) >= 5 and all(isinstance(g, tuple) and all(isinstance(n, int) for n in g) for g in grids)
+    assert called == []

@@ -31,7 +31,7 @@ from .._geometry import out_shape
 # The backward every backend shares (dy through the int8 argmax and the activation's derivative into cuDNN's
 # convolution backward): a fused Triton backward is not written yet.
 from ..reference.conv_relu_pool import conv_relu_pool_bwd  # noqa: F401
-from .common import Tuned, _act_fwd, _cast, _dot, act_args, precision
+from .common import Tuned, _act_fwd, _cast, _dot, act_args, cdiv, precision
 
 
 @triton.jit
@@ -171,6 +171,6 @@ def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b, stride: int, padding
             C, H, W, K, HO, WO, HP, WP, *x.stride())
     kwargs = dict(R=R, STRIDE=stride, PAD=padding, P=P, Q=Q, PPAD=PP, ACT=act, ALPHA=alpha,
                   HAS_BIAS=b is not None, SAVE_Z=save_preact, PRECISION=precision(x.dtype))
-    grid = lambda meta: (triton.cdiv(HP * WP, meta["BLOCK_P"]), triton.cdiv(K, meta["BLOCK_K"]), N)  # noqa: E731
+    grid = lambda meta: (cdiv(HP * WP, meta["BLOCK_P"]), cdiv(K, meta["BLOCK_K"]), N)  # noqa: E731
     _conv_relu_pool_fwd(grid, args, kwargs)
     return y, idx, z

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from ..reference.linear import activation_backward
-from .common import MAX_STRIDE, NONE, SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, arch, precision
+from .common import (MAX_STRIDE, NONE, SMEM_LIMIT, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, arch, cdiv,
+                     precision)
 
 @triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -238,7 +239,7 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], acti
     act, alpha = act_args(activation)
     kwargs = dict(ACT=act, ALPHA=alpha, HAS_BIAS=b is not None, SAVE_PREACT=save_preact,
                   PRECISION=precision(x.dtype))
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _linear_fwd(grid, args, kwargs)
     return y, z
 
@@ -258,9 +259,9 @@ def split_rows(out_rows: int, out_cols: int, red: int, device: torch.device) -> 
     if device.type != "cuda":
         want = 2 if red >= 128 else 1  # the interpreter: exercise the split path on small shapes
     else:
-        tiles = triton.cdiv(out_rows, 128) * triton.cdiv(out_cols, 128)
+        tiles = cdiv(out_rows, 128) * cdiv(out_cols, 128)
         want = max(1, min(_sm_count(device.index or 0) // tiles, red // 512, 64))
-    rows = triton.cdiv(triton.cdiv(red, want), 64) * 64  # rows per split, a multiple of every BLOCK_K
+    rows = cdiv(cdiv(red, want), 64) * 64  # rows per split, a multiple of every BLOCK_K
     return min(rows, max_split_rows(out_rows))
 
 
@@ -274,8 +275,8 @@ def _gemm_dact(g, s, b, c, db, M, N, K, g_strides, b_strides, c_strides, k_per_s
     """g and s share strides (the caller makes them contiguous); ``act`` is (ACT, ALPHA)."""
     args = (g, s, b, c, db if db is not None else c, M, N, K, k_per_split, *g_strides, *b_strides, *c_strides)
     kwargs = dict(ACT=act[0], ALPHA=act[1], ROWSUM=db is not None, PRECISION=precision(g.dtype))
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
-                         triton.cdiv(K, k_per_split))
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),  # noqa: E731
+                         cdiv(K, k_per_split))
     _linear_bwd(grid, args, kwargs)
 
 
@@ -306,7 +307,7 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, saved: torch.
             db = activation_backward(dy, s, activation).sum(0, dtype=torch.float32).to(w.dtype) if has_bias else None
         else:
             rows = split_rows(N, K, M, x.device)
-            split = triton.cdiv(M, rows)
+            split = cdiv(M, rows)
             ws = torch.empty((split, N, K), device=x.device, dtype=torch.float32) if split > 1 else \
                 w.new_empty((1, N, K))
             dbs = torch.empty((split, N), device=x.device, dtype=torch.float32) if has_bias else None

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Tuned, _cast, _dot, _sigmoid, _tanh, precision
+from .common import Tuned, _cast, _dot, _sigmoid, _tanh, cdiv, precision
 
 
 @triton.jit
@@ -361,12 +361,12 @@ def lstm_fwd(G: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Te
     args = (G, w_hh, w_hr.contiguous() if proj else w_hh, hs, cs, y, acts if save else cs, rs if proj else cs, lens,
             T, B, H, P)
     if not proj and (path or ("step" if step_path(B, H) else "sequence")) == "step":
-        grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
+        grid = (cdiv(B, BB), cdiv(H, BH))
         for s in range(T):
             _lstm_fwd(grid, (*args, s, 1), dict(ALL_HIDDEN=False, RESIDENT=False, **common))
     else:
         resident = not proj and H <= RESIDENT_MAX_H
-        _lstm_fwd((triton.cdiv(B, BB), 1), (*args, 0, T), dict(ALL_HIDDEN=True, RESIDENT=resident, **common))
+        _lstm_fwd((cdiv(B, BB), 1), (*args, 0, T), dict(ALL_HIDDEN=True, RESIDENT=resident, **common))
     return y, hs, cs, acts, rs
 
 
@@ -387,7 +387,7 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, acts: tor
         return dz.zero_(), dh, dc, dht.zero_()
     BB, BH = BLOCK_B, _block_h(H)
     dt = w_hh.dtype
-    _lstm_bwd((triton.cdiv(B, BB),), (
+    _lstm_bwd((cdiv(B, BB),), (
         dy.contiguous(), acts, cs, w_hh.contiguous(), w_hr.contiguous() if proj else w_hh, dz, dh, dc,
         dht if proj else dh, lengths if lengths is not None else dh, T, B, H, P), dict(
         REVERSE=reverse, HAS_LEN=lengths is not None, HAS_PROJ=proj, PRECISION=precision(dt), BLOCK_B=BB,

@@ -30,7 +30,8 @@ import triton.language as tl
 
 from ..reference.mlp import saves_z
 from ..reference.mlp import FUSED_MAX_LAYERS, FUSED_MAX_WIDTH
-from .common import MAX_STRIDE, NONE, PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, precision
+from .common import (MAX_STRIDE, NONE, PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, cdiv,
+                     precision)
 
 MAX_WIDTH, MAX_LAYERS = FUSED_MAX_WIDTH, FUSED_MAX_LAYERS  # widest layer (output side), most layers
 
@@ -304,7 +305,7 @@ def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[O
     kwargs = dict(plan.constexprs(), HAS_B=tuple(b is not None for b in biases), ACT=act, ALPHA=alpha,
                   LAST_ACT=last, LAST_ALPHA=last_alpha, SAVE_H=save_h, SAVE_Z=save_z,
                   PRECISION=precision(x.dtype))
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _mlp_fwd(grid, args, kwargs)
     return y, h, z
 
@@ -329,6 +330,6 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], 
     kwargs = dict(plan.constexprs(), ACT=act, ALPHA=alpha, LAST_ACT=last, LAST_ALPHA=last_alpha,
                   HID_FROM_Z=from_z and act in PREACT_CODES, LAST_FROM_Z=from_z and last in PREACT_CODES,
                   NEED_DX=need_dx, PRECISION=precision(x.dtype))
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _mlp_bwd(grid, args, kwargs)
     return dx, dzs
