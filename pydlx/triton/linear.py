@@ -170,7 +170,8 @@ SM90_ONLY: List[triton.Config] = FWD_CONFIGS_WIDE + BWD_SM90
 # Configs that spill with one activation (tests/aot_compile.py --acts all, Triton 3.8 and 3.6: the tf32 dx GEMM on
 # sm_80 with these derivatives, the 16-bit 64x64x32 forward on sm_80 with gelu_tanh's and silu's epilogues; 2-3
 # LDL/STL), dropped for it: {(activation code, element bytes): configs}. Each keeps the other backward config.
-_RELU, _GELU_TANH, _SILU, _HARDSWISH, _MISH = (act_args(n)[0] for n in ("relu", "gelu_tanh", "silu", "hardswish", "mish"))
+_RELU, _GELU_TANH, _SILU, _HARDSWISH, _MISH = (act_args(n)[0]
+                                               for n in ("relu", "gelu_tanh", "silu", "hardswish", "mish"))
 ACT_SPILLS = {(_RELU, 4): BWD_CONFIGS[2:3], (_SILU, 4): BWD_CONFIGS[3:4], (_HARDSWISH, 4): BWD_CONFIGS[2:3],
               (_MISH, 4): BWD_CONFIGS[3:4], (_GELU_TANH, 2): FWD_CONFIGS[7:8], (_SILU, 2): FWD_CONFIGS[7:8]}
 # Small tiles for the interpreter: masks and strides are exercised with a few programs.
