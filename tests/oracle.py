@@ -13,7 +13,10 @@ derivative pydlx takes from the stored output y (FROM_STORED_Y), the derivative 
 to the float64 y rounded to ``dtype``, as the kernels store it: where the derivative jumps at a kink that is not at
 y = 0 (relu6 at y = 6, hardsigmoid at y = 1), rounding y moves the kink by up to half an ulp of y (bf16: z within
 0.012 of hardsigmoid's 3 gives y = 1 and derivative 0, as torch's in-place relu6 / leaky_relu / elu backward from
-the result do), and elu's y + alpha loses y's rounding. Everywhere else this is the float64 derivative.
+the result do), and elu's y + alpha loses y's rounding. For hardswish, whose derivative pydlx takes from the stored
+pre-activation z and jumps at z = -3 and 3 (FROM_STORED_Z), the derivative is taken at the float64 z rounded to
+``dtype``, as the kernels and eager PyTorch store it (bf16: z within 0.008 below 3 rounds to 3, derivative 1 rather
+than 1.5). Everywhere else this is the float64 derivative.
 """
 import math
 
@@ -103,10 +106,31 @@ class _StoredY(torch.autograd.Function):
         return g * _from_y(*parse_activation(ctx.spec), y), None, None
 
 
+FROM_STORED_Z = ("hardswish",)
+
+
+class _StoredZ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, spec, dtype):
+        ctx.spec = spec
+        ctx.save_for_backward(z.to(dtype).double())
+        return ORACLE[spec](z)
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        with torch.enable_grad():
+            z = z.detach().requires_grad_()
+            (dz,) = torch.autograd.grad(ORACLE[ctx.spec](z), z, g)
+        return dz, None, None
+
+
 def activation(z64: torch.Tensor, spec, dtype) -> torch.Tensor:
     """The float64 oracle of ``spec`` at ``z64`` for a kernel computing in ``dtype`` (see the module docstring)."""
     if spec is None:
         return z64
-    if parse_activation(spec)[0] in FROM_STORED_Y and dtype != torch.float64:
+    if dtype != torch.float64 and parse_activation(spec)[0] in FROM_STORED_Y:
         return _StoredY.apply(z64, spec, dtype)
+    if dtype != torch.float64 and parse_activation(spec)[0] in FROM_STORED_Z:
+        return _StoredZ.apply(z64, spec, dtype)
     return ORACLE[spec](z64)
