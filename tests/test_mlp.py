@@ -87,7 +87,33 @@ def grad_abs_sums(x, ws, bs, g, acts, dtype):
             + [dz.abs().sum(0) for dz, b in zip(dzs, bs) if b is not None])
 
 
+def rows_clear_of_kinks(x, ws, bs, acts, dtype):
+    """(rows, 1) float64: 0 for each row where some layer's float64 pre-activation lies within the rounding of its
+    sum in float32 (16 ulp of the sum of the absolute terms; the kernels accumulate in float32) of a point where
+    its activation's derivative jumps (oracle.kinks), else 1. There the kernel's z and the float64 z can fall on
+    different sides of the jump by their sums' rounding alone (seed 48173: z = 8.5e-9 at elu(0.5)'s 0, derivative
+    1 in float64 and 0.5 in the kernel), which moves a whole upstream gradient element; the tests give such rows no
+    upstream gradient."""
+    h = x.detach().double().reshape(-1, x.shape[-1])
+    clear = torch.ones(h.shape[0], 1, dtype=torch.float64)
+    eps = torch.finfo(torch.float32).eps
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        w64, b64 = w.detach().double(), (b.detach().double() if b is not None else torch.zeros(w.shape[0]).double())
+        z = h @ w64.t() + b64
+        band = 16 * eps * (h.abs() @ w64.abs().t() + b64.abs())
+        act = acts[0] if i + 1 < len(ws) else acts[1]
+        for k in oracle.kinks(act):
+            clear = clear * ((z - k).abs() > band).all(1, keepdim=True)
+        h = oracle.activation(z, act, dtype)
+        if i + 1 < len(ws) and dtype != torch.float64:
+            h = h.to(dtype).double()
+    assert clear.sum() >= 0.9 * clear.numel(), "most rows must keep their gradient: the check would test nothing"
+    return clear
+
+
 def check_against_fp64(fn, x, ws, bs, g, acts, dtype):
+    g = (g.double().reshape(-1, g.shape[-1]) * rows_clear_of_kinks(x, ws, bs, acts, dtype)).reshape(g.shape)
+    g = g.to(x.dtype)
     got = fwd_bwd(fn, x, ws, bs, g)
     up = lambda t: t.detach().double().requires_grad_() if t is not None else None  # noqa: E731
     x64, ws64, bs64 = up(x), [up(w) for w in ws], [up(b) for b in bs]
