@@ -102,8 +102,8 @@ def rows_clear_of_kinks(x, ws, bs, acts, dtype):
         z = h @ w64.t() + b64
         band = 16 * eps * (h.abs() @ w64.abs().t() + b64.abs())
         act = acts[0] if i + 1 < len(ws) else acts[1]
-        for k in oracle.kinks(act):
-            clear = clear * ((z - k).abs() > band).all(1, keepdim=True)
+        for k in oracle.kinks(act):  # (a z of no nonzero term is exact in any sum: not a coin flip)
+            clear = clear * ~(((z - k).abs() <= band) & (band > 0)).any(1, keepdim=True)
         h = oracle.activation(z, act, dtype)
         if i + 1 < len(ws) and dtype != torch.float64:
             h = h.to(dtype).double()
