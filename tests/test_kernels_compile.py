@@ -40,10 +40,9 @@ def test_every_activation_is_compiled_on_both_archs_in_every_dtype():
     """Every activation of pydlx's table: gelu as each kernel's default variant, every other one as a variant of each
     Linear and MLP kernel on sm_80 and sm_90 (the configs that ship for it), every dtype for each across the kernels;
     the wide forward tiles for those that take them, where they ship (sm_90; relu is their default variant)."""
+    from pydlx.activations import TABLE
     from pydlx.triton import linear as tri
     from pydlx.triton.common import act_args
-
-    from pydlx.activations import TABLE
 
     kinds = ("fwd", "dx", "dw", "mlpfwd-w64", "mlpbwd-w64", "mlpfwd-w128", "mlpbwd-w128")
     for spec in [a.name for a in TABLE if a.name != "gelu"]:

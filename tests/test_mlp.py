@@ -69,21 +69,28 @@ def mlp_fp64_rounded(x, ws, bs, acts, dtype):
     return h
 
 
+def fp64_layers(x, ws, bs, acts, dtype):
+    """The float64 oracle's forward (mlp_fp64_rounded's), layer by layer: ([(layer input, pre-activation z that
+    requires grad, activation)], output); hidden outputs rounded to ``dtype`` (straight-through)."""
+    h = x.detach().double().reshape(-1, x.shape[-1])
+    layers = []
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        z = (h @ w.detach().double().t() + (b.detach().double() if b is not None else 0)).requires_grad_()
+        act = acts[0] if i + 1 < len(ws) else acts[1]
+        layers.append((h, z, act))
+        h = oracle.activation(z, act, dtype)
+        if i + 1 < len(ws) and dtype != torch.float64:
+            h = h + (h.to(dtype).double() - h).detach()
+    return layers, h
+
+
 def grad_abs_sums(x, ws, bs, g, acts, dtype):
     """(float64) |dZ_l|^T |H_{l-1}| per layer, then the column sums of |dZ_l| per layer with a bias: the sum of the
     absolute terms of each weight- and bias-gradient element (both reductions over the rows), the scale at which
     rounding the terms to ``dtype`` shows when they cancel."""
-    h = x.detach().double().reshape(-1, x.shape[-1])
-    inputs, zs = [], []
-    for i, (w, b) in enumerate(zip(ws, bs)):
-        inputs.append(h)
-        z = (h @ w.detach().double().t() + (b.detach().double() if b is not None else 0)).requires_grad_()
-        zs.append(z)
-        h = oracle.activation(z, acts[0] if i + 1 < len(ws) else acts[1], dtype)
-        if i + 1 < len(ws) and dtype != torch.float64:
-            h = h + (h.to(dtype).double() - h).detach()
-    dzs = torch.autograd.grad(h, zs, g.detach().double().reshape(h.shape))
-    return ([dz.abs().t() @ hin.abs() for dz, hin in zip(dzs, inputs)]
+    layers, h = fp64_layers(x, ws, bs, acts, dtype)
+    dzs = torch.autograd.grad(h, [z for _, z, _ in layers], g.detach().double().reshape(h.shape))
+    return ([dz.abs().t() @ hin.abs() for dz, (hin, _, _) in zip(dzs, layers)]
             + [dz.abs().sum(0) for dz, b in zip(dzs, bs) if b is not None])
 
 
@@ -94,19 +101,13 @@ def rows_clear_of_kinks(x, ws, bs, acts, dtype):
     different sides of the jump by their sums' rounding alone (seed 48173: z = 8.5e-9 at elu(0.5)'s 0, derivative
     1 in float64 and 0.5 in the kernel), which moves a whole upstream gradient element; the tests give such rows no
     upstream gradient."""
-    h = x.detach().double().reshape(-1, x.shape[-1])
-    clear = torch.ones(h.shape[0], 1, dtype=torch.float64)
-    eps = torch.finfo(torch.float32).eps
-    for i, (w, b) in enumerate(zip(ws, bs)):
-        w64, b64 = w.detach().double(), (b.detach().double() if b is not None else torch.zeros(w.shape[0]).double())
-        z = h @ w64.t() + b64
-        band = 16 * eps * (h.abs() @ w64.abs().t() + b64.abs())
-        act = acts[0] if i + 1 < len(ws) else acts[1]
+    layers, _ = fp64_layers(x, ws, bs, acts, dtype)
+    clear = torch.ones(layers[0][0].shape[0], 1, dtype=torch.float64)
+    for (h, z, act), w, b in zip(layers, ws, bs):
+        terms = h.abs() @ w.detach().double().abs().t() + (b.detach().double().abs() if b is not None else 0)
+        band = 16 * torch.finfo(torch.float32).eps * terms
         for k in oracle.kinks(act):  # (a z of no nonzero term is exact in any sum: not a coin flip)
-            clear = clear * ~(((z - k).abs() <= band) & (band > 0)).any(1, keepdim=True)
-        h = oracle.activation(z, act, dtype)
-        if i + 1 < len(ws) and dtype != torch.float64:
-            h = h.to(dtype).double()
+            clear = clear * ~(((z.detach() - k).abs() <= band) & (band > 0)).any(1, keepdim=True)
     assert clear.sum() >= 0.9 * clear.numel(), "most rows must keep their gradient: the check would test nothing"
     return clear
 
