@@ -140,6 +140,8 @@ def cases(acts="ci"):
                 for cfg in tri_crp.configs_for(dt.itemsize, P):
                     i = next(j for j, c in enumerate(tri_crp.FWD_CONFIGS) if c is cfg)
                     out.append((f"{variant}-sm{arch}-{dname}-{crp_cfg_id(cfg)}", variant, arch, dname, i))
+            for variant in UNPOOL_VARIANTS:  # the conv block's backward with a pool: one config, no GEMM
+                out.append((f"{variant}-sm{arch}-{dname}-{unpool_cfg_id()}", variant, arch, dname, 0))
             for net, sizes in MLP_SIZES.items():
                 for kind, cfgs in (("mlpfwd", tri_mlp.FWD_CONFIGS), ("mlpbwd", tri_mlp.BWD_CONFIGS)):
                     ships = tri_mlp.configs_for(kind[3:], tri_mlp.Plan(sizes).pads, dt.itemsize,
@@ -201,6 +203,28 @@ CRP_VARIANTS = {
     # the plain convolution (no activation, no pool): the training-mode Conv -> BatchNorm's conv, forward and recompute
     "crp-conv-only": dict(R=3, STRIDE=1, PAD=1, P=1, Q=1, PPAD=0, ACT=0, SAVE_Z=False),
 }
+
+
+# The conv block's unpooling backward (pydlx.triton.conv_relu_pool._unpool_bwd_kernel): the seed CNN's 2/2 pool and
+# the most gathers a position takes (a 3/1 pool: nine windows), with a derivative that multiplies (sigmoid).
+UNPOOL_VARIANTS = {
+    "unpool-pool2-relu": dict(P=2, Q=2, PPAD=0, ACT=act_args("relu")[0]),
+    "unpool-pool3s1p1-sigmoid": dict(P=3, Q=1, PPAD=1, ACT=act_args("sigmoid")[0]),
+}
+
+
+def unpool_cfg_id():
+    cfg = tri_crp.UNPOOL_CONFIG
+    return f"{cfg.kwargs['BLOCK']}w{cfg.num_warps}"
+
+
+def _unpool_source(ptr, variant):
+    fn, cfg = tri_crp._unpool_bwd_kernel, tri_crp.UNPOOL_CONFIG
+    sig = {"g_ptr": ptr, "y_ptr": ptr, "idx_ptr": "*i8", "dz_ptr": ptr,
+           **{n: "i32" for n in ("K", "HO", "WO", "HP", "WP", "blocks", "stride_gn", "stride_gk", "stride_gh")}}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("g_ptr", "y_ptr", "idx_ptr", "dz_ptr")}
+    const = dict(stride_gw=1, ALPHA=0.0, **UNPOOL_VARIANTS[variant])
+    return fn, cfg, sig, attrs, const
 
 
 def _crp_source(ptr, idx, variant="crp"):
@@ -265,6 +289,8 @@ def compile_one(case):
         fn, cfg, sig, attrs, const = _mlp_source(variant, ptr, idx)
     elif variant.startswith("crp"):
         fn, cfg, sig, attrs, const = _crp_source(ptr, idx, variant)
+    elif variant.startswith("unpool"):
+        fn, cfg, sig, attrs, const = _unpool_source(ptr, variant)
     elif variant == "lstm":
         fn, cfg, sig, attrs, const = _lstm_source(ptr, idx)
     else:
@@ -278,7 +304,9 @@ def compile_one(case):
                 continue
             sig[name] = {"ptr": ptr, "fp32ptr": "*fp32", "div16": "i32"}[kind]
             attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
-    const.update(PRECISION="tf32", **cfg.kwargs)
+    const.update(cfg.kwargs)
+    if "PRECISION" in fn.arg_names:  # (the GEMM kernels')
+        const["PRECISION"] = "tf32"
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
     try:
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),

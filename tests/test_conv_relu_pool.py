@@ -98,6 +98,27 @@ def test_forced_triton_runs_the_kernel(monkeypatch):
     assert y.shape == (2, 5, 5, 6)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("layout", ["expanded", "transposed"])
+def test_triton_backward_unpools_in_one_kernel_for_any_strides(layout, monkeypatch, poison):
+    """With a pool the Triton backward takes dy to the conv output's gradient in its own kernel (not the shared
+    backward's flat indices, zero fill and scatter), reading dy in its strides: expanded (y.sum()'s) or
+    transposed; overlapping 3/2 windows."""
+    crp = importlib.import_module("pydlx.reference.conv_relu_pool")
+    monkeypatch.setattr(crp, "_flat_index", lambda *a: pytest.fail("the shared backward ran"))
+    x, w, b, args = make(CASES[1].values[0], torch.float32)
+    with pydlx.use_backend("triton"):
+        y = pydlx.ops.conv_relu_pool2d(x, w, b, *args)
+    g = (torch.ones(()).expand(y.shape) if layout == "expanded"
+         else torch.randn(y.shape[:2] + y.shape[:1:-1]).transpose(2, 3))
+    assert not g.is_contiguous()
+    got = torch.autograd.grad(y, (x, w, b), g)
+    up = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    want = torch.autograd.grad(ref.conv_relu_pool.conv_relu_pool2d(*up, *args), up, g.double())
+    for a_, e_, name in zip(got, want, ["dx", "dw", "db"]):
+        assert_close(a_, e_, dtype=torch.float32, name=name)
+
+
 def test_saved_tensors_at_most_half_of_eager():
     """Counted with saved_tensors_hooks: pydlx saves x, w, the pooled y and int8 indices."""
     conv, pool = nn.Conv2d(32, 64, 3, padding=1), nn.MaxPool2d(2, 2)

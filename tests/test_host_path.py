@@ -111,7 +111,7 @@ BUDGETS: Dict[Tuple[str, bool], Tuple[int, int]] = {
     ("mlp", False): (30, 7),
     ("mlp", True): (77, 40),
     ("conv_relu_pool", False): (21, 8),
-    ("conv_relu_pool", True): (50, 26),
+    ("conv_relu_pool", True): (48, 25),
     ("conv_bn_eval", False): (25, 4),
     ("optimized_cnn", False): (74, 22),
     ("resnet18", False): (529, 92),  # (eager: 69 ATen ops; the folds save 20 batch norms, each conv's op adds empties)

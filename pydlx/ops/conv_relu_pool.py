@@ -95,7 +95,7 @@ def _backward(a, saved, grads, needs):
         raise RuntimeError("pydlx.ops.conv_act_pool2d: backward needs the pre-activation, but the forward ran with "
                            "save_preact=False (call the op through pydlx.ops.conv_act_pool2d)")
     has_bias = a.has_bias and needs.bias
-    dx, dw, db = conv_relu_pool2d_bwd(grads[0].contiguous(), input, weight, y, idx, z, has_bias, a.stride,
+    dx, dw, db = conv_relu_pool2d_bwd(grads[0], input, weight, y, idx, z, has_bias, a.stride,
                                       a.padding, a.pool_size, a.pool_stride, a.pool_padding, a.activation,
                                       needs.input, needs.weight, a.backend)
     return {"input": dx, "weight": dw, "bias": db if has_bias else None}

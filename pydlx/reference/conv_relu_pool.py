@@ -103,7 +103,8 @@ def conv_relu_pool_bwd(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, y: 
     (overlapping windows accumulate); without, the derivative from y or the saved pre-activation z. Then the
     convolution backward (cuDNN on GPUs). Unneeded gradients come back as None."""
     N, K = x.shape[0], w.shape[0]
-    HO, WO = (conv_size(n, w.shape[-1], stride, padding) for n in x.shape[-2:])
+    R = w.shape[-1]
+    HO, WO = conv_size(x.shape[-2], R, stride, padding), conv_size(x.shape[-1], R, stride, padding)
     g = activation_backward(grad, z if z.numel() else y, activation)
     if P == 1:
         dz = g
@@ -112,9 +113,17 @@ def conv_relu_pool_bwd(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, y: 
         flat = _flat_index(idx, WO, P, Q, PP)
         dz = grad.new_zeros((N, K, HO * WO)).scatter_add_(2, flat.view(N, K, HP * WP),
                                                            g.reshape(N, K, HP * WP)).view(N, K, HO, WO)
+    return conv_backward(dz, x, w, has_bias, stride, padding, need_input, need_weight)
+
+
+def conv_backward(dz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias: bool, stride: int, padding: int,
+                  need_input: bool, need_weight: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw, db) of the convolution from the gradient at its output ``dz`` (cuDNN's convolution backward on
+    GPUs; groups 1, dilation 1); unneeded ones come back as None."""
     return torch.ops.aten.convolution_backward(
-        dz, x, w, [K] if has_bias else None, [stride, stride], [padding, padding], [1, 1], False,
+        dz, x, w, [w.shape[0]] if has_bias else None, [stride, stride], [padding, padding], [1, 1], False,
         [0, 0], 1, [need_input, need_weight, has_bias])
 
 
-__all__ = ["conv_act_pool2d", "conv_relu_pool2d", "supports", "conv_relu_pool_fwd", "conv_relu_pool_bwd"]
+__all__ = ["conv_act_pool2d", "conv_relu_pool2d", "supports", "conv_relu_pool_fwd", "conv_relu_pool_bwd",
+           "conv_backward"]

@@ -14,10 +14,17 @@ positions outside the conv output (the pool's padding, ceil mode) take no part, 
 It keeps the running max and its window position (the first position inside the conv output starts the max, as
 in max_pool2d). Bias and activation come once, after the max: for a per-channel bias and a non-decreasing
 activation (the only ones fused with a pool) act(max(z) + b) == max(act(z + b)), exactly.
-Written: y; with a pool idx[N, K, HP, WP] (int8, the argmax's position in the window, 0..P*P-1) for backward, which
-routes dy through idx and the activation's derivative at y and calls the convolution backward
-(pydlx/ops/conv_relu_pool.py); without a pool, when the activation's derivative needs it (SAVE_Z), the
-pre-activation z. NaN propagates as in max_pool2d.
+Written: y; with a pool idx[N, K, HP, WP] (int8, the argmax's position in the window, 0..P*P-1) for backward;
+without a pool, when the activation's derivative needs it (SAVE_Z), the pre-activation z. NaN propagates as in
+max_pool2d.
+
+Backward with a pool: one kernel (``_unpool_bwd_kernel``) takes dy, y and idx to the gradient at the conv output,
+dz[N, K, HO, WO] = sum over the windows whose argmax is that position of act'(y) dy, written whole (zeros included):
+each program takes BLOCK conv-output positions of one (image, channel) plane and gathers from the at most
+ceil(P / Q)^2 windows that can hold each one, so overlapping windows need no atomics and the sum is deterministic.
+Then cuDNN's convolution backward. It replaces the shared backward's ~7 ops (the activation's derivative, the int8
+positions back to flat indices, a zero fill and a scatter). Without a pool the shared backward runs (the
+activation's derivative, one elementwise op, then the convolution backward).
 """
 from __future__ import annotations
 
@@ -28,10 +35,9 @@ import triton
 import triton.language as tl
 
 from .._geometry import out_shape
-# The backward every backend shares (dy through the int8 argmax and the activation's derivative into cuDNN's
-# convolution backward): a fused Triton backward is not written yet.
-from ..reference.conv_relu_pool import conv_relu_pool_bwd  # noqa: F401
-from .common import Tuned, _act_fwd, _cast, _dot, act_args, cdiv, precision
+from .._geometry import conv_size
+from ..reference import conv_relu_pool as reference
+from .common import Tuned, _act_bwd, _act_fwd, _cast, _dot, act_args, cdiv, precision
 
 
 @triton.jit
@@ -97,6 +103,45 @@ def _conv_relu_pool_fwd_kernel(
         tl.store(idx_ptr + out, arg.to(tl.int8), mask=mask)
 
 
+@triton.jit
+def _unpool_bwd_kernel(
+    g_ptr, y_ptr, idx_ptr, dz_ptr,
+    K, HO, WO, HP, WP, blocks,
+    stride_gn, stride_gk, stride_gh, stride_gw,
+    P: tl.constexpr, Q: tl.constexpr, PPAD: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """dz = the gradient at the conv output: act'(y) dy routed to each window's argmax (idx), summed over the
+    windows that chose a position. Program: BLOCK positions of one (n, k) plane of dz (``blocks`` per plane)."""
+    pid = tl.program_id(0)
+    plane = (pid // blocks).to(tl.int64)  # n * K + k
+    r = (pid % blocks) * BLOCK + tl.arange(0, BLOCK)  # conv-output position in HO * WO
+    ok = r < HO * WO
+    oh = r // WO
+    ow = r % WO
+    g_plane = g_ptr + (plane // K) * stride_gn + (plane % K) * stride_gk  # dy: any strides (an expanded one too)
+    pooled = plane * HP * WP  # y and idx: contiguous [N, K, HP, WP]
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    # window (ph, pw) covers conv rows ph Q - PPAD .. ph Q - PPAD + P - 1: the last one holding oh starts at
+    # ph = (oh + PPAD) // Q, and at most ceil(P / Q) windows hold it along each dimension
+    ph_last = (oh + PPAD) // Q
+    pw_last = (ow + PPAD) // Q
+    for a in tl.static_range((P + Q - 1) // Q):
+        ph = ph_last - a
+        dh = oh + PPAD - ph * Q  # oh's row in window ph (>= 0 by construction)
+        row_ok = ok & (ph >= 0) & (ph < HP) & (dh < P)
+        for b in tl.static_range((P + Q - 1) // Q):
+            pw = pw_last - b
+            dw = ow + PPAD - pw * Q
+            hold = row_ok & (pw >= 0) & (pw < WP) & (dw < P)
+            at = pooled + ph * WP + pw
+            chose = hold & (tl.load(idx_ptr + at, mask=hold, other=-1).to(tl.int32) == dh * P + dw)
+            g = tl.load(g_plane + ph * stride_gh + pw * stride_gw, mask=chose, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + at, mask=chose, other=0.0).to(tl.float32)
+            acc += tl.where(chose, _act_bwd(g, y, ACT, ALPHA), 0.0)
+    tl.store(dz_ptr + plane * HO * WO + r, _cast(acc, dz_ptr.dtype.element_ty), mask=ok)
+
+
 def _cfg(bp, bk, bc, warps, stages):
     return triton.Config({"BLOCK_P": bp, "BLOCK_K": bk, "BLOCK_C": bc}, num_warps=warps, num_stages=stages)
 
@@ -130,6 +175,11 @@ def configs_for(elt_bytes: int, P: int = 2) -> List[triton.Config]:
 _conv_relu_pool_fwd = Tuned(
     _conv_relu_pool_fwd_kernel, FWD_CONFIGS, ["C", "H", "W", "K", "R", "STRIDE", "PAD", "P", "Q", "PPAD", "ACT", "SAVE_Z", "PRECISION"],
     lambda configs, named, **kw: configs_for(named["x_ptr"].element_size(), kw["P"]), INTERPRET_CONFIG)
+
+
+# The unpooling backward: elementwise work (at most 9 gathers a position), one config; not yet tuned on a GPU.
+UNPOOL_CONFIG = triton.Config({"BLOCK": 512}, num_warps=4, num_stages=1)
+_unpool_bwd = Tuned(_unpool_bwd_kernel, [UNPOOL_CONFIG], [], lambda configs, named, **kw: configs, UNPOOL_CONFIG)
 
 
 def supports(call, device) -> Optional[str]:
@@ -174,3 +224,23 @@ def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b, stride: int, padding
     grid = lambda meta: (cdiv(HP * WP, meta["BLOCK_P"]), cdiv(K, meta["BLOCK_K"]), N)  # noqa: E731
     _conv_relu_pool_fwd(grid, args, kwargs)
     return y, idx, z
+
+
+def conv_relu_pool_bwd(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                       z: torch.Tensor, has_bias: bool, stride: int, padding: int, P: int, Q: int, PP: int,
+                       activation: Optional[str], need_input: bool, need_weight: bool):
+    """(dx, dw, db), unneeded ones None: with a pool, dz from one launch of ``_unpool_bwd_kernel`` (dy in any
+    strides), then the convolution backward; without, the shared backward (pydlx/reference/conv_relu_pool.py)."""
+    if P == 1:
+        return reference.conv_relu_pool_bwd(grad, x, w, y, idx, z, has_bias, stride, padding, P, Q, PP, activation,
+                                            need_input, need_weight)
+    N, K = x.shape[0], w.shape[0]
+    HO, WO = conv_size(x.shape[2], w.shape[-1], stride, padding), conv_size(x.shape[3], w.shape[-1], stride, padding)
+    HP, WP = y.shape[-2:]
+    dz = x.new_empty((N, K, HO, WO))
+    if dz.numel():
+        act, alpha = act_args(activation)
+        blocks = cdiv(HO * WO, UNPOOL_CONFIG.kwargs["BLOCK"])
+        _unpool_bwd((N * K * blocks,), (grad, y, idx, dz, K, HO, WO, HP, WP, blocks, *grad.stride()),
+                    dict(P=P, Q=Q, PPAD=PP, ACT=act, ALPHA=alpha))
+    return reference.conv_backward(dz, x, w, has_bias, stride, padding, need_input, need_weight)
