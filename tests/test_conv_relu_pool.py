@@ -119,6 +119,37 @@ def test_triton_backward_unpools_in_one_kernel_for_any_strides(layout, monkeypat
         assert_close(a_, e_, dtype=torch.float32, name=name)
 
 
+@pytest.mark.interpreter
+def test_triton_keeps_the_weight_layout_until_the_weight_changes(monkeypatch, poison):
+    """The kernel's copy of the weight ([R, R, C, K]) is made once and kept while the weight is unchanged; an
+    in-place update, new data behind the parameter, or the weight's end drops it."""
+    import gc
+
+    tri = importlib.import_module("pydlx.triton.conv_relu_pool")
+    common = importlib.import_module("pydlx.triton.common")
+    made = []
+    monkeypatch.setattr(tri, "_tap_major", lambda w: made.append(1) or w.permute(2, 3, 1, 0).contiguous())
+    x, w, b, args = make(CASES[0].values[0], torch.float32)
+    w = nn.Parameter(w.detach())
+
+    def run():
+        with pydlx.use_backend("triton"), torch.no_grad():
+            y = pydlx.ops.conv_relu_pool2d(x, w, b, *args)
+        assert_close(y, ref.conv_relu_pool.conv_relu_pool2d(x.detach(), w.detach(), b.detach(), *args),
+                     dtype=torch.float32)
+        return len(made)
+    assert (run(), run()) == (1, 1)
+    with torch.no_grad():
+        w.mul_(0.5)  # (an optimizer step)
+    assert (run(), run()) == (2, 2)
+    w.data = w.data.clone() + 1
+    assert run() == 3
+    n = len(common._LAYOUTS)
+    del w
+    gc.collect()
+    assert len(common._LAYOUTS) == n - 1
+
+
 def test_saved_tensors_at_most_half_of_eager():
     """Counted with saved_tensors_hooks: pydlx saves x, w, the pooled y and int8 indices."""
     conv, pool = nn.Conv2d(32, 64, 3, padding=1), nn.MaxPool2d(2, 2)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, List, Sequence
+import weakref
+from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
 import triton
@@ -305,3 +306,33 @@ class Tuned:
             self.kept.clear()
         self.kept[key] = launch
         return launch
+
+
+_LAYOUTS: Dict[tuple, tuple] = {}  # (id of a tensor, make) -> (weakref to it, its version, data_ptr, layout)
+
+
+def kept_layout(t: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``make(t)`` (a copy of a weight in a kernel's layout), kept for ``t`` until it changes: an in-place update
+    (its version counter), new data behind it (``.data =``, its data pointer) or its end (a weak reference; the
+    copy is freed with it). A repeated inference call then launches no copy; a training step, whose optimizer
+    updates the weight, makes one copy per step as before, and its backward's recompute reuses it. While a CUDA
+    graph is being captured the copy is made afresh and not kept, so that the graph copies the weight on every
+    replay (its optimizer steps update the weight in place). An inference tensor (no version counter): afresh."""
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return make(t)
+    try:
+        version = t._version
+    except RuntimeError:  # (an inference-mode tensor tracks no version)
+        return make(t)
+    key = (id(t), make)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == version and hit[2] == t.data_ptr():
+        return hit[3]
+    with torch.no_grad():
+        out = make(t.detach())
+
+    def forget(ref, key=key):
+        if _LAYOUTS.get(key, (None,))[0] is ref:
+            _LAYOUTS.pop(key, None)
+    _LAYOUTS[key] = (weakref.ref(t, forget), version, t.data_ptr(), out)
+    return out

@@ -37,7 +37,7 @@ import triton.language as tl
 from .._geometry import out_shape
 from .._geometry import conv_size
 from ..reference import conv_relu_pool as reference
-from .common import Tuned, _act_bwd, _act_fwd, _cast, _dot, act_args, cdiv, precision
+from .common import Tuned, _act_bwd, _act_fwd, _cast, _dot, act_args, cdiv, kept_layout, precision
 
 
 @triton.jit
@@ -203,6 +203,11 @@ def why_too_large(x_shape, x_strides, K: int, R: int, HP: int, WP: int) -> Optio
     return None
 
 
+def _tap_major(w: torch.Tensor) -> torch.Tensor:
+    """The weight as the kernel reads it: [R, R, C, K], each tap's channels x output channels, K contiguous."""
+    return w.permute(2, 3, 1, 0).contiguous()
+
+
 def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b, stride: int, padding: int, P: int, Q: int, PP: int = 0,
                        ceil_mode: bool = False, activation: Optional[str] = "relu", save_preact: bool = False):
     """(y, idx, z) for 4-D x: y the (pooled) output contiguous NCHW; idx the argmax's window position (int8) with a
@@ -210,7 +215,7 @@ def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b, stride: int, padding
     N, C, H, W = x.shape
     K, _, R, _ = w.shape
     HO, WO, HP, WP = out_shape(H, W, R, stride, padding, P, Q, PP, ceil_mode)  # P = 1: HP, WP = HO, WO
-    w = w.permute(2, 3, 1, 0).contiguous()  # [R, R, C, K]: each tap's channels x output channels, K contiguous
+    w = kept_layout(w, _tap_major)
     y = x.new_empty((N, K, HP, WP))
     idx = torch.empty((N, K, HP, WP) if P > 1 else (0,), dtype=torch.int8, device=x.device)
     z = x.new_empty((N, K, HP, WP) if save_preact else (0,))
