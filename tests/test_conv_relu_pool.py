@@ -144,6 +144,9 @@ def test_triton_keeps_the_weight_layout_until_the_weight_changes(monkeypatch, po
     assert (run(), run()) == (2, 2)
     w.data = w.data.clone() + 1
     assert run() == 3
+    w.data.mul_(2)  # (no version counter sees it: the cache is cleared by hand, as documented)
+    pydlx.clear_caches()
+    assert run() == 4
     n = len(common._LAYOUTS)
     del w
     gc.collect()

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import triton_interpret
-from .. import activations
+from .. import _backend, activations
 from .._env import getenv
 
 # An activation reaches a kernel as a code and its parameter (ACT, ALPHA: a float constexpr, leaky_relu's slope, elu's
@@ -309,6 +309,7 @@ class Tuned:
 
 
 _LAYOUTS: Dict[tuple, tuple] = {}  # (id of a tensor, make) -> (weakref to it, its version, data_ptr, layout)
+_backend.CACHES.append(_LAYOUTS.clear)  # (pydlx.clear_caches(): after an in-place change through .data)
 
 
 def kept_layout(t: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -317,7 +318,9 @@ def kept_layout(t: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -
     copy is freed with it). A repeated inference call then launches no copy; a training step, whose optimizer
     updates the weight, makes one copy per step as before, and its backward's recompute reuses it. While a CUDA
     graph is being captured the copy is made afresh and not kept, so that the graph copies the weight on every
-    replay (its optimizer steps update the weight in place). An inference tensor (no version counter): afresh."""
+    replay (its optimizer steps update the weight in place). An inference tensor (no version counter): afresh.
+    A change through ``.data`` (no version counter sees it) needs ``pydlx.clear_caches()``, as the kept
+    BatchNorm folds do."""
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return make(t)
     try:
