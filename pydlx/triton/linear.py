@@ -315,7 +315,8 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, saved: torch.
             _gemm_dact(dy, s, x, ws, dbs, N, K, M, (dy.stride(1), dy.stride(0)),
                        (x.stride(0), x.stride(1)), (ws.stride(0), ws.stride(1), ws.stride(2)), rows, act)
             dw = ws[0] if split == 1 else ws.sum(0).to(w.dtype)
-            db = dbs.sum(0).to(w.dtype) if has_bias else None
+            if has_bias:  # (one split, the seed's sizes: its row sums as they are, no reduction launch)
+                db = (dbs[0] if split == 1 else dbs.sum(0)).to(w.dtype)
         if not need_dw:
             dw = None
     return dx, dw, db
