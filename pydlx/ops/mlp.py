@@ -82,7 +82,7 @@ def _bwd(grad, input, weights, has_bias, y, H, Z, activation, last_activation, n
         if i + 1 < len(dzs):
             n = dz.shape[1]
             layer_in, col = H[:, col:col + n], col + n
-    dx = dx.reshape(input.shape) if need_dx else input.new_empty(0)
+    dx = (dx if input.dim() == 2 else dx.reshape(input.shape)) if need_dx else input.new_empty(0)
     return dx, dws, dbs
 
 
