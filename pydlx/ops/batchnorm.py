@@ -223,7 +223,7 @@ def _save(a, out):
 
 def _backward(a, saved, grads, needs):
     input, weight, bias, bn_weight, bn_bias, mean, var = saved
-    dx, dw, db, dg, dbeta = layer_bn_train_bwd(grads[0].contiguous(), input, weight, bias, bn_weight, bn_bias, mean,
+    dx, dw, db, dg, dbeta = layer_bn_train_bwd(grads[0], input, weight, bias, bn_weight, bn_bias, mean,
                                                var, a.eps, a.layer, a.layer_args, a.activation, a.backend,
                                                needs.input, needs.weight, needs.bias)
     return {"input": dx, "weight": dw, "bias": db if a.has_bias else None,
