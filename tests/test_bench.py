@@ -109,6 +109,25 @@ def test_host_cost_benchmark_runs_every_chain_through_the_op_path(tmp_path, caps
         host.run("cpu", calls=1, rounds=1, cases=[broken], progress=False)
 
 
+@pytest.mark.interpreter
+def test_host_cost_benchmark_times_each_pydlx_provider(capsys):
+    """A GPU's providers (what auto picks, and the Triton backend forced), here on the CPU with the Triton backend
+    under the interpreter: a row for each provider and mode, a ratio line for each; a forced backend that cannot
+    run a case (the C++/CUDA one on a CPU) gives that case no row rather than an error."""
+    from pydlx.bench import host
+
+    assert host.providers_for(torch.device("cuda")) == {"pydlx": None, "pydlx-triton": "triton"}
+    cases = [c for c in host.CASES if c.name in ("linear_relu", "conv_relu_pool")]
+    rows = host.run("cpu", calls=1, rounds=1, cases=cases, progress=False,
+                    providers={"pydlx": "reference", "pydlx-triton": "triton", "pydlx-cuda": "cuda"})
+    want = {(c.name, p, m) for c in cases for m in c.modes for p in ("eager", "pydlx", "pydlx-triton")}
+    assert {(r["op"], r["provider"], r["mode"]) for r in rows} == want
+    assert sorted((op, mode, r["provider"]) for op, _, mode, _, r, _, _ in host.ratios(rows)) == sorted(
+        (c.name, m, p) for c in cases for m in c.modes for p in ("pydlx", "pydlx-triton"))
+    host.print_table(rows)
+    assert "pydlx-triton" in capsys.readouterr().out
+
+
 def test_the_launch_host_benchmark_runs_on_a_cpu():
     """bench/launch_host.py (the Triton launcher's Python per launch, the JIT run replaced by a no-op) runs without
     a GPU and reports each provider of both launches; in a process of its own: it replaces the kernels' launch."""

@@ -10,7 +10,8 @@ does; a fused op replaces several eager ops, so its host cost should be lower th
   costs next to nothing. (Under ``auto`` a CPU call skips the op and runs plain eager PyTorch.) Before timing, each
   case checks that a pydlx op's implementation really runs, on the eager path the loop times (the LSTM's reference is ATen's
   LSTM itself: no op).
-* On a GPU ``auto`` runs: the backends it picks there, their launches included.
+* On a GPU two pydlx providers: ``pydlx``, what ``auto`` picks there, and ``pydlx-triton``, the Triton backend
+  forced (its launch path for every family, whatever ``auto`` picks; a case the backend cannot run has no row).
 
 Every sample times ``calls`` calls in a row (the per-call time is the sample over ``calls``); the providers (``eager``,
 ``pydlx``) and modes (``fwd``: inference, no gradients; ``fwdbwd``: forward and backward) of a case are timed
@@ -133,11 +134,18 @@ def _loop(fn: Callable, x: torch.Tensor, training: bool, calls: int, backend: Op
     return run
 
 
+def providers_for(device: torch.device) -> Dict[str, Optional[str]]:
+    """pydlx's providers on ``device`` and the backend each forces (None: auto): on a CPU the op path forced (the
+    reference backend); on a GPU auto, and the Triton backend forced."""
+    return {"pydlx": "reference"} if device.type == "cpu" else {"pydlx": None, "pydlx-triton": "triton"}
+
+
 def run(device, calls: int = 100, rounds: Optional[int] = None, cases: Sequence[HostCase] = CASES,
-        progress: bool = True) -> List[Dict]:
-    """CSV rows (pydlx.bench.CSV_COLUMNS; family "host", times per call) for every case x provider x mode."""
+        progress: bool = True, providers: Optional[Dict[str, Optional[str]]] = None) -> List[Dict]:
+    """CSV rows (pydlx.bench.CSV_COLUMNS; family "host", times per call) for every case x provider x mode;
+    ``providers``: pydlx's, by name, with the backend each forces (default ``providers_for(device)``)."""
     device = torch.device(device)
-    backend = "reference" if device.type == "cpu" else None  # (a CPU: force the op path; a GPU: auto)
+    providers = providers_for(device) if providers is None else providers
     env = env_info(device)
     rows = []
     for case in cases:
@@ -146,13 +154,18 @@ def run(device, calls: int = 100, rounds: Optional[int] = None, cases: Sequence[
         for mode in case.modes:
             training = mode == "fwdbwd"  # (inference runs under no_grad: the parameters' flags do not matter)
             xm = x.detach().requires_grad_(training)
-            if case.has_op and backend:
-                with _count_op_calls() as count, pydlx.use_backend(backend), torch.set_grad_enabled(training):
-                    fused(xm)
-                if count[0] == 0:
-                    raise RuntimeError(f"host benchmark {case.name}: pydlx's path ran no pydlx op")
             fns[("eager", mode)] = _loop(eager, xm, training, calls, None)
-            fns[("pydlx", mode)] = _loop(fused, xm, training, calls, backend)
+            for provider, backend in providers.items():
+                if backend is not None:
+                    try:
+                        with _count_op_calls() as count, pydlx.use_backend(backend), \
+                                torch.set_grad_enabled(training):
+                            fused(xm)
+                    except pydlx.BackendUnavailableError:  # (this backend cannot run the case: no row)
+                        continue
+                    if case.has_op and count[0] == 0:
+                        raise RuntimeError(f"host benchmark {case.name}: pydlx's path ran no pydlx op ({provider})")
+                fns[(provider, mode)] = _loop(fused, xm, training, calls, backend)
         timed = measure(fns, device, rep=rounds) if device.type == "cpu" else measure(fns, device)
         for (provider, mode), (med, p20, p80) in timed.items():
             rows.append({"family": "host", "op": case.name, "provider": provider, "mode": mode, "dtype": "fp32",
@@ -164,14 +177,14 @@ def run(device, calls: int = 100, rounds: Optional[int] = None, cases: Sequence[
 
 
 def ratios(rows: Sequence[Dict]) -> List[Tuple[str, str, str, Dict, Dict, float, bool]]:
-    """(op, shape, mode, eager row, pydlx row, pydlx / eager, resolved) for each case and mode: ``resolved`` is
-    False when the two p20..p80 ranges do not separate the ratio from 1 (``pydlx.bench.ratio``: then it is within
-    the noise)."""
+    """(op, shape, mode, eager row, a pydlx provider's row, its time / eager's, resolved) for each case, mode and
+    pydlx provider: ``resolved`` is False when the two p20..p80 ranges do not separate the ratio from 1
+    (``pydlx.bench.ratio``: then it is within the noise)."""
     by = {(r["op"], r["mode"], r["provider"]): r for r in rows if r["family"] == "host"}
     out = []
     for (op, mode, provider), r in by.items():
         e = by.get((op, mode, "eager"))
-        if provider != "pydlx" or e is None:
+        if provider == "eager" or e is None:
             continue
         q = ratio(row_times(r), row_times(e))
         out.append((op, r["shape"], mode, e, r, q.median, q.resolved))
@@ -179,12 +192,12 @@ def ratios(rows: Sequence[Dict]) -> List[Tuple[str, str, str, Dict, Dict, float,
 
 
 def print_table(rows: Sequence[Dict]) -> None:
-    """Per case and mode: eager's and pydlx's time per call in microseconds (p20-p80) and pydlx / eager (the goal:
-    at most 1.0; ``?``: the spreads do not resolve it from 1)."""
-    header = ("chain", "shape", "mode", "eager us (p20-p80)", "pydlx us (p20-p80)", "pydlx / eager")
+    """Per case, mode and pydlx provider: eager's and the provider's time per call in microseconds (p20-p80) and
+    their ratio (the goal: at most 1.0; ``?``: the spreads do not resolve it from 1)."""
+    header = ("chain", "shape", "mode", "provider", "eager us (p20-p80)", "pydlx us (p20-p80)", "pydlx / eager")
     us = lambda r: (f"{1e3 * float(r['median_ms']):.1f} ({1e3 * float(r['p20_ms']):.1f}-"  # noqa: E731
                     f"{1e3 * float(r['p80_ms']):.1f})")
-    lines = [(op, shape, MODE_WORDS[mode], us(e), us(r), f"{q:.2f}x" + ("" if ok else "?"))
+    lines = [(op, shape, MODE_WORDS[mode], r["provider"], us(e), us(r), f"{q:.2f}x" + ("" if ok else "?"))
              for op, shape, mode, e, r, q, ok in ratios(rows)]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
     fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
