@@ -202,6 +202,8 @@ CRP_VARIANTS = {
                                ALPHA=0.2, SAVE_Z=False),
     # the plain convolution (no activation, no pool): the training-mode Conv -> BatchNorm's conv, forward and recompute
     "crp-conv-only": dict(R=3, STRIDE=1, PAD=1, P=1, Q=1, PPAD=0, ACT=0, SAVE_Z=False),
+    # the seed CNN's block in inference: no argmax written
+    "crp-infer-noidx": dict(R=3, STRIDE=1, PAD=1, P=2, Q=2, PPAD=0, ACT=1, SAVE_Z=False, SAVE_IDX=False),
 }
 
 
@@ -239,6 +241,7 @@ def _crp_source(ptr, idx, variant="crp"):
                                                                             "stride_xc")}
     const = dict(stride_xw=1, HAS_BIAS=True, ALPHA=0.0)
     const.update(CRP_VARIANTS.get(variant, dict(R=3, STRIDE=1, PAD=1, P=2, Q=2, PPAD=0, ACT=1, SAVE_Z=False)))
+    const.setdefault("SAVE_IDX", const["P"] > 1)  # (training: the argmax written with a pool)
     return fn, cfg, sig, attrs, const
 
 

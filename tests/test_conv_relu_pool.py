@@ -153,6 +153,29 @@ def test_triton_keeps_the_weight_layout_until_the_weight_changes(monkeypatch, po
     assert len(common._LAYOUTS) == n - 1
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_inference_writes_no_argmax(backend, monkeypatch, poison):
+    """A call autograd does not record saves no pool argmax: the op's idx comes back empty (the Triton kernel
+    stores none, the reference pools without indices), y as with it; a backward from such a forward raises
+    torch's RuntimeError rather than route the gradient through nothing."""
+    crp = importlib.import_module("pydlx.reference.conv_relu_pool")
+    x, w, b, args = make(CASES[1].values[0], torch.float32)
+    s, p, P, Q = args
+    op = torch.ops.pydlx.conv_relu_pool2d_fwd.default
+    want = ref.conv_relu_pool.conv_relu_pool2d(x.detach(), w.detach(), b.detach(), *args)
+    with torch.no_grad():
+        y, idx, z = op(x, w, b, s, p, P, Q, 0, False, "relu", False, backend, False)
+        assert idx.numel() == 0 and z.numel() == 0
+        assert_close(y, want, dtype=torch.float32)
+        monkeypatch.setattr(crp, "_window_index", lambda *a: pytest.fail("an argmax was made for inference"))
+        with pydlx.use_backend(backend):
+            assert_close(pydlx.ops.conv_relu_pool2d(x, w, b, *args), want, dtype=torch.float32)
+    y, _, _ = op(x, w, b, s, p, P, Q, 0, False, "relu", False, backend, False)
+    with pytest.raises(RuntimeError, match="save_index=False"):
+        y.sum().backward()
+
+
 def test_saved_tensors_at_most_half_of_eager():
     """Counted with saved_tensors_hooks: pydlx saves x, w, the pooled y and int8 indices."""
     conv, pool = nn.Conv2d(32, 64, 3, padding=1), nn.MaxPool2d(2, 2)
@@ -390,6 +413,8 @@ def test_variant_opcheck_and_compile():
     x3 = torch.randn(2, 3, 15, 17)
     torch.library.opcheck(torch.ops.pydlx.conv_relu_pool2d_fwd.default,
                           (x3, torch.randn(8, 3, 7, 7), None, 2, 3, 3, 2, 1, False, "relu", False, "reference"))
+    torch.library.opcheck(torch.ops.pydlx.conv_relu_pool2d_fwd.default,  # (inference: no argmax saved)
+                          (x3, torch.randn(8, 3, 7, 7), None, 2, 3, 3, 2, 1, False, "relu", False, "reference", False))
     torch._dynamo.reset()
     with pydlx.use_backend("reference"):
         fn = lambda x, w, b: pydlx.ops.conv_act_pool2d(x, w, b, **kw)  # noqa: E731

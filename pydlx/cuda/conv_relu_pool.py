@@ -24,9 +24,11 @@ def supports(call, device) -> Optional[str]:
 
 
 def conv_relu_pool_fwd(x, w, b, stride: int, padding: int, P: int, Q: int, PP: int = 0, ceil_mode: bool = False,
-                       activation: Optional[str] = "relu", save_preact: bool = False):
-    """(y, idx, z) for 4-D x: the (pooled) output (contiguous NCHW), the int8 argmax (pool only), the pre-activation
-    (``save_preact``, no pool only)."""
+                       activation: Optional[str] = "relu", save_preact: bool = False, save_index: bool = True):
+    """(y, idx, z) for 4-D x: the (pooled) output (contiguous NCHW), the int8 argmax (pool and ``save_index``
+    only: the kernel writes it always, an inference call drops it), the pre-activation (``save_preact``, no pool
+    only)."""
     name, alpha = parse_activation(activation)
-    return torch.ops.pydlx.conv_relu_pool2d_fwd_cuda(x, w, b, stride, padding, P, Q, PP, ceil_mode, name or "none",
-                                                     float(alpha), save_preact)
+    y, idx, z = torch.ops.pydlx.conv_relu_pool2d_fwd_cuda(x, w, b, stride, padding, P, Q, PP, ceil_mode,
+                                                          name or "none", float(alpha), save_preact)
+    return y, (idx if save_index else idx.new_empty(0)), z

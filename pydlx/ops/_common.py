@@ -356,12 +356,20 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
         ctx.save_for_backward(*save(Args._make(inputs), outputs))
         ctx.args = Args._make(mask(inputs))
 
-    def backward_fn(ctx, *grads):
-        needs = ctx.needs_input_grad
-        got = {} if grads[0] is None else backward(ctx.args, ctx.saved_tensors, grads, Needs(*needs))
-        return tuple(_gradients(names, needs, got))
+    # torch.library's calls may leave trailing arguments at their schema defaults out of ``inputs`` and of
+    # ``needs_input_grad``: completed here (the eager path below always passes every argument)
+    fill = tuple(a.default_value for a in the_op.overload._schema.arguments)
 
-    torch.library.register_autograd(f"pydlx::{name}", backward_fn, setup_context=setup_context, lib=LIB)
+    def setup_context_op(ctx, inputs, output):
+        setup_context(ctx, (*inputs, *fill[len(inputs):]), output)
+
+    def backward_fn(ctx, *grads):
+        given = ctx.needs_input_grad
+        needs = (*given, *(False,) * (len(names) - len(given)))
+        got = {} if grads[0] is None else backward(ctx.args, ctx.saved_tensors, grads, Needs(*needs))
+        return tuple(_gradients(names, needs, got))[:len(given)]
+
+    torch.library.register_autograd(f"pydlx::{name}", backward_fn, setup_context=setup_context_op, lib=LIB)
 
     lists, none = the_op.lists, (None,) * (len(names) + 1)
 

@@ -46,17 +46,18 @@ def choose(x: Tensor, weight: Tensor, stride: int, padding: int, P: int, Q: int,
 
 # ----------------------------------------------------------------------------------------------- ops
 def _fwd(input, weight, bias, stride, padding, pool_size, pool_stride, pool_padding, ceil_mode, activation,
-         save_preact, backend):
+         save_preact, backend, save_index=True):
     return _impl(backend).conv_relu_pool_fwd(input, weight, bias, stride, padding, pool_size, pool_stride,
-                                             pool_padding, ceil_mode, act_name(activation), save_preact)
+                                             pool_padding, ceil_mode, act_name(activation), save_preact, save_index)
 
 
 def _fwd_fake(input, weight, bias, stride, padding, pool_size, pool_stride, pool_padding, ceil_mode, activation,
-              save_preact, backend):
+              save_preact, backend, save_index=True):
     _, _, HP, WP = out_shape(*input.shape[-2:], weight.shape[-1], stride, padding, pool_size, pool_stride,
                              pool_padding, ceil_mode)
     shape = (input.shape[0], weight.shape[0], HP, WP)
-    return (input.new_empty(shape), input.new_empty(shape if pool_size > 1 else (0,), dtype=torch.int8),
+    return (input.new_empty(shape), input.new_empty(shape if pool_size > 1 and save_index else (0,),
+                                                    dtype=torch.int8),
             input.new_empty(shape if save_preact else (0,)))
 
 
@@ -94,6 +95,9 @@ def _backward(a, saved, grads, needs):
     if act_name(a.activation) is not None and saves_preact(a.activation) and z.numel() == 0 and grads[0].numel():
         raise RuntimeError("pydlx.ops.conv_act_pool2d: backward needs the pre-activation, but the forward ran with "
                            "save_preact=False (call the op through pydlx.ops.conv_act_pool2d)")
+    if a.pool_size > 1 and idx.numel() == 0 and grads[0].numel():
+        raise RuntimeError("pydlx.ops.conv_act_pool2d: backward needs the pool's argmax, but the forward ran with "
+                           "save_index=False (call the op through pydlx.ops.conv_act_pool2d)")
     has_bias = a.has_bias and needs.bias
     dx, dw, db = conv_relu_pool2d_bwd(grads[0], input, weight, y, idx, z, has_bias, a.stride,
                                       a.padding, a.pool_size, a.pool_stride, a.pool_padding, a.activation,
@@ -212,7 +216,7 @@ def _conv_act_pool2d(name: str, input, weight, bias, stride, padding, activation
         unbatched = input.dim() == 3
         x = input.unsqueeze(0) if unbatched else input
         y = conv_relu_pool2d_fwd.eager(plan[3], x, weight, bias, stride, padding, P, Q, PP, ceil_mode,
-                                       activation or "none", plan[2], backend)[0]
+                                       activation or "none", plan[2], backend, plan[3])[0]
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             y = y.contiguous(memory_format=torch.channels_last)
         return y.squeeze(0) if unbatched else y
@@ -230,7 +234,7 @@ def _conv_act_pool2d(name: str, input, weight, bias, stride, padding, activation
     save_preact = training and P == 1 and activation is not None and saves_preact(activation)
     y, _, _ = conv_relu_pool2d_fwd(x, weight, bias, stride, padding, P, Q, PP, ceil_mode, activation or "none",
                                    save_preact, choose(x, weight, stride, padding, P, Q, PP, ceil_mode, activation,
-                                                       training, name))
+                                                       training, name), training)
     if channels_last:
         y = y.contiguous(memory_format=torch.channels_last)
     return y.squeeze(0) if unbatched else y

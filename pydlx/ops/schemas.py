@@ -34,11 +34,11 @@ SCHEMAS = {
                      "-> (Tensor dx, Tensor[] dweights, Tensor[] dbiases)",
 
     # ---- conv_relu_pool: y = MaxPool2d(act(Conv2d(input))) [N, K, HP, WP] (pool_size 1: no pool); idx: int8, each
-    # max's position in its window (empty without a pool); z: the pre-activation (no pool, and an activation whose
-    # derivative needs it; else empty).
+    # max's position in its window (empty without a pool, and unless save_index: inference writes none); z: the
+    # pre-activation (no pool, and an activation whose derivative needs it; else empty).
     "conv_relu_pool2d_fwd": "(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, int pool_size, "
                             "int pool_stride, int pool_padding, bool ceil_mode, str activation, bool save_preact, "
-                            "str backend) -> (Tensor y, Tensor idx, Tensor z)",
+                            "str backend, bool save_index=True) -> (Tensor y, Tensor idx, Tensor z)",
     "conv_relu_pool2d_bwd": "(Tensor grad, Tensor input, Tensor weight, Tensor y, Tensor idx, Tensor z, bool has_bias, "
                             "int stride, int padding, int pool_size, int pool_stride, int pool_padding, "
                             "str activation, bool need_input, bool need_weight, str backend) "

@@ -82,14 +82,19 @@ def _flat_index(idx: torch.Tensor, WO: int, P: int, Q: int, PP: int) -> torch.Te
 
 def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: int, padding: int,
                        P: int, Q: int, PP: int = 0, ceil_mode: bool = False, activation: Optional[str] = "relu",
-                       save_preact: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, idx, z) for 4-D x: the output (contiguous NCHW); with a pool (P > 1) each max's position in its window
-    (int8), else an empty tensor; z the pre-activation when ``save_preact`` (no pool only), else empty."""
+                       save_preact: bool = False, save_index: bool = True
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, idx, z) for 4-D x: the output (contiguous NCHW); with a pool (P > 1) and ``save_index`` each max's
+    position in its window (int8), else an empty tensor; z the pre-activation when ``save_preact`` (no pool only),
+    else empty."""
     z = F.conv2d(x, w, b, stride=stride, padding=padding)
     a = activation_forward(z, activation) if save_preact else activation_forward_fresh(z, activation)
     if P == 1:
         zs = (z.clone() if a is z else z).contiguous() if save_preact else x.new_empty(0)
         return a.contiguous(), x.new_empty(0, dtype=torch.int8), zs
+    if not save_index:  # (inference: the pool alone)
+        return (F.max_pool2d(a, P, Q, PP, ceil_mode=ceil_mode).contiguous(), x.new_empty(0, dtype=torch.int8),
+                x.new_empty(0))
     y, flat = F.max_pool2d(a, P, Q, PP, ceil_mode=ceil_mode, return_indices=True)
     return y.contiguous(), _window_index(flat, a.shape[-1], P, Q, PP), x.new_empty(0)
 

@@ -14,7 +14,8 @@ positions outside the conv output (the pool's padding, ceil mode) take no part, 
 It keeps the running max and its window position (the first position inside the conv output starts the max, as
 in max_pool2d). Bias and activation come once, after the max: for a per-channel bias and a non-decreasing
 activation (the only ones fused with a pool) act(max(z) + b) == max(act(z + b)), exactly.
-Written: y; with a pool idx[N, K, HP, WP] (int8, the argmax's position in the window, 0..P*P-1) for backward;
+Written: y; with a pool idx[N, K, HP, WP] (int8, the argmax's position in the window, 0..P*P-1) for backward, unless
+the call is inference (SAVE_IDX off: a quarter to a half fewer bytes written);
 without a pool, when the activation's derivative needs it (SAVE_Z), the pre-activation z. NaN propagates as in
 max_pool2d.
 
@@ -47,7 +48,8 @@ def _conv_relu_pool_fwd_kernel(
     stride_xn, stride_xc, stride_xh, stride_xw,
     R: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
     PPAD: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    SAVE_IDX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
     rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # output pixel index in HP * WP
@@ -99,7 +101,7 @@ def _conv_relu_pool_fwd_kernel(
     if SAVE_Z:
         tl.store(z_ptr + out, _cast(best, z_ptr.dtype.element_ty), mask=mask)
     tl.store(y_ptr + out, _cast(_act_fwd(best, ACT, ALPHA), y_ptr.dtype.element_ty), mask=mask)
-    if P > 1:
+    if SAVE_IDX:  # (a pool, and a call that autograd records)
         tl.store(idx_ptr + out, arg.to(tl.int8), mask=mask)
 
 
@@ -173,7 +175,8 @@ def configs_for(elt_bytes: int, P: int = 2) -> List[triton.Config]:
 
 
 _conv_relu_pool_fwd = Tuned(
-    _conv_relu_pool_fwd_kernel, FWD_CONFIGS, ["C", "H", "W", "K", "R", "STRIDE", "PAD", "P", "Q", "PPAD", "ACT", "SAVE_Z", "PRECISION"],
+    _conv_relu_pool_fwd_kernel, FWD_CONFIGS,
+    ["C", "H", "W", "K", "R", "STRIDE", "PAD", "P", "Q", "PPAD", "ACT", "SAVE_Z", "SAVE_IDX", "PRECISION"],
     lambda configs, named, **kw: configs_for(named["x_ptr"].element_size(), kw["P"]), INTERPRET_CONFIG)
 
 
@@ -209,23 +212,25 @@ def _tap_major(w: torch.Tensor) -> torch.Tensor:
 
 
 def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b, stride: int, padding: int, P: int, Q: int, PP: int = 0,
-                       ceil_mode: bool = False, activation: Optional[str] = "relu", save_preact: bool = False):
+                       ceil_mode: bool = False, activation: Optional[str] = "relu", save_preact: bool = False,
+                       save_index: bool = True):
     """(y, idx, z) for 4-D x: y the (pooled) output contiguous NCHW; idx the argmax's window position (int8) with a
-    pool, else empty; z the pre-activation when ``save_preact`` (no pool only), else empty."""
+    pool and ``save_index``, else empty; z the pre-activation when ``save_preact`` (no pool only), else empty."""
     N, C, H, W = x.shape
     K, _, R, _ = w.shape
     HO, WO, HP, WP = out_shape(H, W, R, stride, padding, P, Q, PP, ceil_mode)  # P = 1: HP, WP = HO, WO
     w = kept_layout(w, _tap_major)
     y = x.new_empty((N, K, HP, WP))
-    idx = torch.empty((N, K, HP, WP) if P > 1 else (0,), dtype=torch.int8, device=x.device)
+    save_idx = P > 1 and save_index
+    idx = torch.empty((N, K, HP, WP) if save_idx else (0,), dtype=torch.int8, device=x.device)
     z = x.new_empty((N, K, HP, WP) if save_preact else (0,))
     if y.numel() == 0:
         return y, idx, z
     act, alpha = act_args(activation)
-    args = (x, w, b.contiguous() if b is not None else w, y, idx if P > 1 else y, z if save_preact else y,
+    args = (x, w, b.contiguous() if b is not None else w, y, idx if save_idx else y, z if save_preact else y,
             C, H, W, K, HO, WO, HP, WP, *x.stride())
     kwargs = dict(R=R, STRIDE=stride, PAD=padding, P=P, Q=Q, PPAD=PP, ACT=act, ALPHA=alpha,
-                  HAS_BIAS=b is not None, SAVE_Z=save_preact, PRECISION=precision(x.dtype))
+                  HAS_BIAS=b is not None, SAVE_Z=save_preact, SAVE_IDX=save_idx, PRECISION=precision(x.dtype))
     grid = lambda meta: (cdiv(HP * WP, meta["BLOCK_P"]), cdiv(K, meta["BLOCK_K"]), N)  # noqa: E731
     _conv_relu_pool_fwd(grid, args, kwargs)
     return y, idx, z
