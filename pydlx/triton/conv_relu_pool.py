@@ -15,7 +15,7 @@ It keeps the running max and its window position (the first position inside the 
 in max_pool2d). Bias and activation come once, after the max: for a per-channel bias and a non-decreasing
 activation (the only ones fused with a pool) act(max(z) + b) == max(act(z + b)), exactly.
 Written: y; with a pool idx[N, K, HP, WP] (int8, the argmax's position in the window, 0..P*P-1) for backward, unless
-the call is inference (SAVE_IDX off: a quarter to a half fewer bytes written);
+the call is inference (SAVE_IDX off: a fifth to a third fewer bytes written);
 without a pool, when the activation's derivative needs it (SAVE_Z), the pre-activation z. NaN propagates as in
 max_pool2d.
 
