@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import _backend, registry
 from .._geometry import out_shape
 from ..reference.batchnorm import bn_act_backward, bn_act_train, math_dtype, update_running_stats
+from ..reference.conv_relu_pool import conv_backward
 from ._common import act_name, autograd, implement, plain, traced
 
 
@@ -162,10 +163,7 @@ def _conv_pool_backward(args):
 
 
 def _conv_backward(dz, x, w, b, args, need_x, need_w, need_b):
-    stride, padding = args[:2]
-    return torch.ops.aten.convolution_backward(
-        dz, x, w, [w.shape[0]] if b is not None else None, [stride, stride], [padding, padding], [1, 1], False,
-        [0, 0], 1, [need_x, need_w, b is not None and need_b])
+    return conv_backward(dz, x, w, b is not None and need_b, args[0], args[1], need_x, need_w)
 
 
 def _conv_shape(x, w, args):
