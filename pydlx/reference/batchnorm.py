@@ -17,15 +17,11 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _dims(z: torch.Tensor) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """(the dims statistics reduce over, the view of a per-channel vector against z)."""
-    return (0,) + tuple(range(2, z.dim())), (1, -1) + (1,) * (z.dim() - 2)
-
-
 def batch_stats(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance) per channel of z, in the math dtype, as training-mode BatchNorm normalises with
-    them."""
-    var, mean = torch.var_mean(z.to(math_dtype(z.dtype)), dim=_dims(z)[0], correction=0)
+    """(mean, biased variance) per channel of z (channels: dim 1; over every other dim), in the math dtype, as
+    training-mode BatchNorm normalises with them."""
+    dims = (0,) + tuple(range(2, z.dim()))
+    var, mean = torch.var_mean(z.to(math_dtype(z.dtype)), dim=dims, correction=0)
     return mean, var
 
 
@@ -48,24 +44,19 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, 
         running_var.mul_(1 - momentum).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
 
 
-def _per_channel(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
-                 gamma: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """(invstd, gamma invstd, values per channel), per-channel vectors in the math dtype."""
-    invstd = torch.rsqrt(var + eps)
-    scale = invstd * gamma.to(mean.dtype) if gamma is not None else invstd
-    return invstd, scale, z.numel() // z.shape[1]
+def _params(gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], dtype: torch.dtype):
+    """gamma and beta in the statistics' (math) dtype, as ATen's batch norm takes them beside a 16-bit map."""
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in (gamma, beta))
 
 
 def bn_act(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, gamma: Optional[torch.Tensor],
            beta: Optional[torch.Tensor], activation: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(pre, a): gamma (z - mean) / sqrt(var + eps) + beta as one multiply-add over z with per-channel scale and
-    shift (math dtype, rounded to z's dtype once; ATen's CPU batch norm uses the same form), and its activation.
-    Forward and backward both call it, so the recomputed activation (its ReLU mask, the pool's argmax) is the
-    forward's, bit for bit."""
-    view = _dims(z)[1]
-    _, scale, _ = _per_channel(z, mean, var, eps, gamma)
-    shift = -mean * scale + (beta.to(mean.dtype) if beta is not None else 0)
-    pre = torch.addcmul(shift.view(view), z.to(mean.dtype), scale.view(view)).to(z.dtype)
+    """(pre, a): gamma (z - mean) / sqrt(var + eps) + beta and its activation. The normalisation is ATen's own
+    batch norm, one op, given the batch statistics where it would take the running ones (math dtype, rounded to
+    z's dtype once). Forward and backward both call it, so the recomputed activation (its ReLU mask, the pool's
+    argmax) is the forward's, bit for bit."""
+    gamma, beta = _params(gamma, beta, mean.dtype)
+    pre = torch.batch_norm(z, gamma, beta, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
     return pre, activation_forward(pre, activation)
 
 
@@ -75,21 +66,21 @@ def bn_act_backward(grad: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, var
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dz in z's dtype, dgamma, dbeta) of y = after(act(BatchNorm(z))) with batch statistics, from dy = ``grad``
     (``after(a, grad)``: the gradient at the activation's output, e.g. through a pool; None: y is a). The
-    activation is recomputed by ``bn_act``; BatchNorm's backward is written in per-channel coefficients: with
-    xhat = (z - mean) invstd, sg = sum g and sgx = sum g xhat over the n values of a channel,
-    dz = gamma invstd (g - sg / n - xhat sgx / n)."""
+    activation is recomputed by ``bn_act``; BatchNorm's backward is ATen's training-mode one from the batch mean
+    and 1 / sqrt(var + eps): with xhat = (z - mean) invstd, sg = sum g and sgx = sum g xhat over the n values of a
+    channel, dz = gamma invstd (g - sg / n - xhat sgx / n), dgamma = sgx, dbeta = sg (math dtype inside)."""
     pre, a = bn_act(z, mean, var, eps, gamma, beta, activation)
     if after is not None:
         grad = after(a, grad)
-    g = activation_backward(grad, pre if saves_preact(activation) else a, activation).to(mean.dtype)
+    g = activation_backward(grad, pre if saves_preact(activation) else a, activation)
     del pre, a
-    dims, view = _dims(z)
-    invstd, scale, n = _per_channel(z, mean, var, eps, gamma)
-    xhat = (z.to(mean.dtype) - mean.view(view)).mul_(invstd.view(view))  # (subtracting first: no cancellation)
-    sg, sgx = g.sum(dims), (g * xhat).sum(dims)
-    dz = torch.addcmul(torch.addcmul((-scale * sg / n).view(view), xhat, (-scale * sgx / n).view(view)), g,
-                       scale.view(view))
-    return dz.to(z.dtype), (sgx if gamma is not None else None), (sg if beta is not None else None)
+    if g.dtype != z.dtype:
+        g = g.to(z.dtype)
+    invstd = torch.rsqrt(var + eps)
+    dz, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+        g, z, _params(gamma, None, mean.dtype)[0], None, None, mean, invstd, True, eps,
+        [True, gamma is not None, beta is not None])
+    return dz, dgamma, dbeta
 
 
 def bn_act_train(z: torch.Tensor, eps: float, gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
