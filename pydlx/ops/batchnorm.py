@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import _backend, registry
 from .._geometry import out_shape
-from ..reference.batchnorm import bn_act_backward, bn_act_train, math_dtype, update_running_stats
+from ..reference.batchnorm import bn_act_backward, bn_act_train, cast_to, math_dtype, update_running_stats
 from ..reference.conv_relu_pool import conv_backward
 from ._common import act_name, autograd, implement, plain, traced
 
@@ -198,7 +198,7 @@ def _bwd(grad, input, weight, bias, bn_weight, bn_bias, mean, var, eps, layer, l
                                         L.after_backward(layer_args))
     dx, dw, db = L.backward(dz, input, weight, bias, layer_args, need_input, need_weight, need_bias)
     like = (input, weight, bias, bn_weight, bn_bias)
-    return tuple(g.to(t.dtype) if g is not None else input.new_empty(0)
+    return tuple(cast_to(g, t.dtype) if g is not None else input.new_empty(0)
                  for g, t in zip((dx, dw, db, dgamma, dbeta), like))
 
 

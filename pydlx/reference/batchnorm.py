@@ -21,7 +21,7 @@ def batch_stats(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased variance) per channel of z (channels: dim 1; over every other dim), in the math dtype, as
     training-mode BatchNorm normalises with them."""
     dims = (0,) + tuple(range(2, z.dim()))
-    var, mean = torch.var_mean(z.to(math_dtype(z.dtype)), dim=dims, correction=0)
+    var, mean = torch.var_mean(cast_to(z, math_dtype(z.dtype)), dim=dims, correction=0)
     return mean, var
 
 
@@ -38,15 +38,16 @@ def momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[tor
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
                          var: torch.Tensor, count: int, momentum: float) -> None:
     """Move the running statistics as training-mode BatchNorm does: an exponential average (factor ``momentum``)
-    of the batch mean and the unbiased batch variance (``count`` values per channel)."""
+    of the batch mean and the unbiased batch variance (``count`` values per channel), one ``lerp_`` each."""
     with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
+        unbiased = var * (count / (count - 1))
+        running_mean.lerp_(cast_to(mean, running_mean.dtype), momentum)
+        running_var.lerp_(cast_to(unbiased, running_var.dtype), momentum)
 
 
-def _params(gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], dtype: torch.dtype):
-    """gamma and beta in the statistics' (math) dtype, as ATen's batch norm takes them beside a 16-bit map."""
-    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in (gamma, beta))
+def cast_to(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``t`` in ``dtype``; no call at all where it already is (these run on every training call)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def bn_act(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, gamma: Optional[torch.Tensor],
@@ -55,8 +56,8 @@ def bn_act(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, g
     batch norm, one op, given the batch statistics where it would take the running ones (math dtype, rounded to
     z's dtype once). Forward and backward both call it, so the recomputed activation (its ReLU mask, the pool's
     argmax) is the forward's, bit for bit."""
-    gamma, beta = _params(gamma, beta, mean.dtype)
-    pre = torch.batch_norm(z, gamma, beta, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+    pre = torch.batch_norm(z, cast_to(gamma, mean.dtype), cast_to(beta, mean.dtype), mean, var, False, 0.0, eps,
+                           torch.backends.cudnn.enabled)
     return pre, activation_forward(pre, activation)
 
 
@@ -74,11 +75,9 @@ def bn_act_backward(grad: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, var
         grad = after(a, grad)
     g = activation_backward(grad, pre if saves_preact(activation) else a, activation)
     del pre, a
-    if g.dtype != z.dtype:
-        g = g.to(z.dtype)
     invstd = torch.rsqrt(var + eps)
     dz, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
-        g, z, _params(gamma, None, mean.dtype)[0], None, None, mean, invstd, True, eps,
+        cast_to(g, z.dtype), z, cast_to(gamma, mean.dtype), None, None, mean, invstd, True, eps,
         [True, gamma is not None, beta is not None])
     return dz, dgamma, dbeta
 
@@ -95,5 +94,5 @@ def bn_act_train(z: torch.Tensor, eps: float, gamma: Optional[torch.Tensor], bet
     return (a if after is None else after(a)).contiguous(), mean, var
 
 
-__all__ = ["math_dtype", "batch_stats", "momentum_factor", "update_running_stats", "bn_act", "bn_act_backward",
-           "bn_act_train"]
+__all__ = ["math_dtype", "cast_to", "batch_stats", "momentum_factor", "update_running_stats", "bn_act",
+           "bn_act_backward", "bn_act_train"]
