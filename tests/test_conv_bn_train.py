@@ -103,6 +103,23 @@ def test_reference_backend_float64(case):
     check(case, torch.float64, "reference")
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+def test_reference_16bit_without_affine(dtype):
+    """A 16-bit map under a BatchNorm without gamma and beta: checked against float64, and its statistics stay
+    fp32, so the running statistics equal eager BatchNorm2d's (which moves them from fp32 statistics of the same
+    16-bit conv output) to fp32 precision, not to the map's (ATen's CPU batch norm returns 16-bit statistics unless
+    given an fp32 gamma)."""
+    case = CASES[6].values[0]
+    check(case, dtype, "reference")
+    x, conv, bn, kw = make(case, dtype)
+    be = copy.deepcopy(bn)
+    with pydlx.use_backend("reference"):
+        run_op(x, conv, bn, kw).sum().backward()
+    run_chain(x, conv, be, kw)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(bn, name), getattr(be, name), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]])

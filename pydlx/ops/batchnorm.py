@@ -190,11 +190,11 @@ def _fwd_fake(input, weight, bias, bn_weight, bn_bias, eps, layer, layer_args, a
     return input.new_empty(LAYERS[layer].shape(input, weight, layer_args)), stats, torch.empty_like(stats)
 
 
-def _bwd(grad, input, weight, bias, bn_weight, bn_bias, mean, var, eps, layer, layer_args, activation, backend,
+def _bwd(grad, input, weight, bias, bn_weight, bn_bias, mean, invstd, eps, layer, layer_args, activation, backend,
          need_input, need_weight, need_bias):
     L = LAYERS[layer]
     z = L.forward(backend, input, weight, bias, layer_args)  # recomputed: the forward's, bit for bit
-    dz, dgamma, dbeta = bn_act_backward(grad, z, mean, var, eps, bn_weight, bn_bias, act_name(activation),
+    dz, dgamma, dbeta = bn_act_backward(grad, z, mean, invstd, eps, bn_weight, bn_bias, act_name(activation),
                                         L.after_backward(layer_args))
     dx, dw, db = L.backward(dz, input, weight, bias, layer_args, need_input, need_weight, need_bias)
     like = (input, weight, bias, bn_weight, bn_bias)
@@ -202,7 +202,7 @@ def _bwd(grad, input, weight, bias, bn_weight, bn_bias, mean, var, eps, layer, l
                  for g, t in zip((dx, dw, db, dgamma, dbeta), like))
 
 
-def _bwd_fake(grad, input, weight, bias, bn_weight, bn_bias, mean, var, eps, layer, layer_args, activation, backend,
+def _bwd_fake(grad, input, weight, bias, bn_weight, bn_bias, mean, invstd, eps, layer, layer_args, activation, backend,
               need_input, need_weight, need_bias):
     def like(t, needed):
         return torch.empty_like(t) if t is not None and needed else input.new_empty(0)
@@ -215,14 +215,14 @@ layer_bn_train_bwd = implement("layer_bn_train_bwd", _bwd, _bwd_fake)
 
 
 def _save(a, out):
-    _, mean, var = out
-    return a.input, a.weight, a.bias, a.bn_weight, a.bn_bias, mean, var  # no activation-sized tensor but x
+    _, mean, invstd = out
+    return a.input, a.weight, a.bias, a.bn_weight, a.bn_bias, mean, invstd  # no activation-sized tensor but x
 
 
 def _backward(a, saved, grads, needs):
-    input, weight, bias, bn_weight, bn_bias, mean, var = saved
+    input, weight, bias, bn_weight, bn_bias, mean, invstd = saved
     dx, dw, db, dg, dbeta = layer_bn_train_bwd(grads[0], input, weight, bias, bn_weight, bn_bias, mean,
-                                               var, a.eps, a.layer, a.layer_args, a.activation, a.backend,
+                                               invstd, a.eps, a.layer, a.layer_args, a.activation, a.backend,
                                                needs.input, needs.weight, needs.bias)
     return {"input": dx, "weight": dw, "bias": db if a.has_bias else None,
             "bn_weight": dg if a.has_bn_weight else None, "bn_bias": dbeta if a.has_bn_bias else None}
@@ -239,7 +239,7 @@ def train(layer: str, layer_args: Sequence[int], input: Tensor, weight: Tensor, 
     The caller has checked the arguments and cast them under autocast."""
     channels_last = input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and \
         not input.is_contiguous()
-    y, mean, var = layer_bn_train_fwd(input, weight, bias, bn_weight, bn_bias, float(eps), layer,
+    y, mean, invstd = layer_bn_train_fwd(input, weight, bias, bn_weight, bn_bias, float(eps), layer,
                                       [int(v) for v in layer_args], activation, backend)
-    update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    update_running_stats(running_mean, running_var, mean, invstd, float(eps), count, momentum)
     return y.contiguous(memory_format=torch.channels_last) if channels_last else y

@@ -45,14 +45,14 @@ SCHEMAS = {
                             "-> (Tensor dx, Tensor dw, Tensor db)",
 
     # ---- a layer -> BatchNorm in training mode (batch statistics) -> act [-> MaxPool2d]: y, and the per-channel batch
-    # mean and biased variance (fp32 for 16-bit input; the caller moves the running statistics). ``layer`` is
-    # "linear" (no layer_args) or "conv" (layer_args = [stride, padding, pool_size, pool_stride, pool_padding,
-    # ceil_mode]); only the input is saved: backward recomputes the layer's output (pydlx/ops/batchnorm.py).
+    # mean and invstd = 1 / sqrt(biased variance + eps) (fp32 for 16-bit input; the caller moves the running
+    # statistics). ``layer`` is "linear" (no layer_args) or "conv" (layer_args = [stride, padding, pool_size,
+    # pool_stride, pool_padding, ceil_mode]); only the input is saved: backward recomputes the layer's output (pydlx/ops/batchnorm.py).
     "layer_bn_train_fwd": "(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, float eps, "
                           "str layer, int[] layer_args, str activation, str backend) "
-                          "-> (Tensor y, Tensor mean, Tensor var)",
+                          "-> (Tensor y, Tensor mean, Tensor invstd)",
     "layer_bn_train_bwd": "(Tensor grad, Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, "
-                          "Tensor? bn_bias, Tensor mean, Tensor var, float eps, str layer, int[] layer_args, "
+                          "Tensor? bn_bias, Tensor mean, Tensor invstd, float eps, str layer, int[] layer_args, "
                           "str activation, str backend, bool need_input, bool need_weight, bool need_bias) "
                           "-> (Tensor dx, Tensor dw, Tensor db, Tensor dbn_weight, Tensor dbn_bias)",
 
