@@ -75,13 +75,11 @@ def _bwd(grad, input, weights, has_bias, y, H, Z, activation, last_activation, n
                                      act_name(last_activation), need_dx)
     # weight gradients: a GEMM over all rows per layer, its input x or a column block of H; bias gradients: a
     # reduction per layer (no concatenated DZ to slice and copy out of)
-    dws, dbs, layer_in, col = [], [], x2d, 0
+    ins = (x2d, *H.split([dz.shape[1] for dz in dzs[:-1]], 1)) if len(dzs) > 1 else (x2d,)
+    dws, dbs = [], []
     for i, dz in enumerate(dzs):
-        dws.append(torch.mm(dz.t(), layer_in))
+        dws.append(torch.mm(dz.t(), ins[i]))
         dbs.append(dz.sum(0) if has_bias[i] else input.new_empty(0))
-        if i + 1 < len(dzs):
-            n = dz.shape[1]
-            layer_in, col = H[:, col:col + n], col + n
     dx = (dx if input.dim() == 2 else dx.reshape(input.shape)) if need_dx else input.new_empty(0)
     return dx, dws, dbs
 

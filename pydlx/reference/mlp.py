@@ -43,11 +43,6 @@ def supports(call, device) -> Optional[str]:
     return None  # eager PyTorch runs any MLP
 
 
-def _cols(sizes: Sequence[int]) -> List[int]:
-    """The column of layer i's output in H and in Z / DZ."""
-    return [sum(sizes[1:1 + i]) for i in range(len(sizes) - 1)]
-
-
 def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
             activation: Optional[str], last_activation: Optional[str], save: bool
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,15 +67,18 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], 
     """(dx or None, [dz of each layer]): the backward walk through the layers; the weight gradients are the
     caller's GEMMs."""
     L = len(weights)
-    cols = _cols([x.shape[1]] + [w.shape[0] for w in weights])
+    sizes = [w.shape[0] for w in weights]
+    # each layer's block of H / Z as views, split once (one dispatch, not one slice per layer)
+    hs = h.split(sizes[:-1], 1) if h.dim() == 2 else None  # (an unsaved H or Z is an empty 1-D tensor)
+    zs = z.split(sizes, 1) if z.dim() == 2 else None
     dzs, g = [None] * L, dy
     for i in range(L - 1, -1, -1):
         a = last_activation if i == L - 1 else activation
         if a is not None:
             if saves_preact(a):
-                s = z[:, cols[i]:cols[i] + weights[i].shape[0]]
+                s = zs[i]
             else:
-                s = y if i == L - 1 else h[:, cols[i]:cols[i] + weights[i].shape[0]]
+                s = y if i == L - 1 else hs[i]
             g = activation_backward(g, s, a)
         dzs[i] = g
         if i or need_dx:  # (the input's gradient only where it is needed)
