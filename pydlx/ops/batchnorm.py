@@ -202,8 +202,8 @@ def _bwd(grad, input, weight, bias, bn_weight, bn_bias, mean, invstd, eps, layer
                  for g, t in zip((dx, dw, db, dgamma, dbeta), like))
 
 
-def _bwd_fake(grad, input, weight, bias, bn_weight, bn_bias, mean, invstd, eps, layer, layer_args, activation, backend,
-              need_input, need_weight, need_bias):
+def _bwd_fake(grad, input, weight, bias, bn_weight, bn_bias, mean, invstd, eps, layer, layer_args, activation,
+              backend, need_input, need_weight, need_bias):
     def like(t, needed):
         return torch.empty_like(t) if t is not None and needed else input.new_empty(0)
     return (like(input, need_input), like(weight, need_weight), like(bias, need_bias), like(bn_weight, True),
@@ -240,6 +240,6 @@ def train(layer: str, layer_args: Sequence[int], input: Tensor, weight: Tensor, 
     channels_last = input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and \
         not input.is_contiguous()
     y, mean, invstd = layer_bn_train_fwd(input, weight, bias, bn_weight, bn_bias, float(eps), layer,
-                                      [int(v) for v in layer_args], activation, backend)
+                                         [int(v) for v in layer_args], activation, backend)
     update_running_stats(running_mean, running_var, mean, invstd, float(eps), count, momentum)
     return y.contiguous(memory_format=torch.channels_last) if channels_last else y

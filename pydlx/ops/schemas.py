@@ -47,7 +47,8 @@ SCHEMAS = {
     # ---- a layer -> BatchNorm in training mode (batch statistics) -> act [-> MaxPool2d]: y, and the per-channel batch
     # mean and invstd = 1 / sqrt(biased variance + eps) (fp32 for 16-bit input; the caller moves the running
     # statistics). ``layer`` is "linear" (no layer_args) or "conv" (layer_args = [stride, padding, pool_size,
-    # pool_stride, pool_padding, ceil_mode]); only the input is saved: backward recomputes the layer's output (pydlx/ops/batchnorm.py).
+    # pool_stride, pool_padding, ceil_mode]); only the input is saved: backward recomputes the layer's output
+    # (pydlx/ops/batchnorm.py).
     "layer_bn_train_fwd": "(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, float eps, "
                           "str layer, int[] layer_args, str activation, str backend) "
                           "-> (Tensor y, Tensor mean, Tensor invstd)",
