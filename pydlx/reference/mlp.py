@@ -43,6 +43,12 @@ def supports(call, device) -> Optional[str]:
     return None  # eager PyTorch runs any MLP
 
 
+def blocks(t: torch.Tensor, sizes: Sequence[int]) -> Tuple[torch.Tensor, ...]:
+    """Column blocks of ``sizes`` widths from the left of a 2-D ``t`` as views, in one dispatch (not one slice each);
+    ``t`` may be wider (the Triton kernels keep H at least one column wide)."""
+    return t.split([*sizes, t.shape[1] - sum(sizes)], 1)[:-1]
+
+
 def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
             activation: Optional[str], last_activation: Optional[str], save: bool
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,8 +75,8 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], 
     L = len(weights)
     sizes = [w.shape[0] for w in weights]
     # each layer's block of H / Z as views, split once (one dispatch, not one slice per layer)
-    hs = h.split(sizes[:-1], 1) if h.dim() == 2 else None  # (an unsaved H or Z is an empty 1-D tensor)
-    zs = z.split(sizes, 1) if z.dim() == 2 else None
+    hs = blocks(h, sizes[:-1]) if h.dim() == 2 else None  # (an unsaved H or Z is an empty 1-D tensor)
+    zs = blocks(z, sizes) if z.dim() == 2 else None
     dzs, g = [None] * L, dy
     for i in range(L - 1, -1, -1):
         a = last_activation if i == L - 1 else activation
