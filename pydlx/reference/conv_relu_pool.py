@@ -44,7 +44,7 @@ _FIRSTS: Dict[tuple, torch.Tensor] = {}  # _firsts' tensors, kept per geometry a
 def _firsts(HP: int, WP: int, row: int, Q: int, PP: int, device) -> Tuple[torch.Tensor, bool]:
     """([HP, WP] int64: ph0 row + pw0, with (ph0, pw0) = (ph Q - PP, pw Q - PP) the first conv-output position of
     pooled pixel (ph, pw)'s window; whether the math is traced). Made once per geometry and device and kept, so that
-    the index bookkeeping is three elementwise ops each way (each one a kernel launch on a GPU). Traced (under
+    the index bookkeeping is four elementwise ops each way (each one a kernel launch on a GPU). Traced (under
     torch.compile or a dispatch mode: a decomposition or graph being traced) it is made afresh and not kept, and the
     ops using it must not be in place."""
     traced = torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0  # (written out: per call)
@@ -67,20 +67,17 @@ def _window_index(flat: torch.Tensor, WO: int, P: int, Q: int, PP: int) -> torch
     HP, WP = flat.shape[-2:]
     pos = torch.add(flat, torch.div(flat, WO, rounding_mode="floor"), alpha=P - WO)
     firsts, traced = _firsts(HP, WP, P, Q, PP, flat.device)
-    if traced:
-        return (pos - firsts).to(torch.int8)
-    # (the subtraction writes the int8 result itself: no int64 intermediate and cast, one kernel fewer on a GPU)
-    return torch.sub(pos, firsts, out=torch.empty(pos.shape, dtype=torch.int8, device=pos.device))
+    return (pos - firsts if traced else pos.sub_(firsts)).to(torch.int8)
 
 
 def _flat_index(idx: torch.Tensor, WO: int, P: int, Q: int, PP: int) -> torch.Tensor:
     """``_window_index``'s inverse: window position i (int8) -> the flat conv-output index (int64),
     (ph0 + i // P) WO + pw0 + i % P = i + (i // P) (WO - P) + (ph0 WO + pw0)."""
     HP, WP = idx.shape[-2:]
-    firsts, _ = _firsts(HP, WP, WO, Q, PP, idx.device)
-    # i // P in int8 (0 <= i < P^2), then firsts + (i // P) (WO - P) in int64 (type promotion), then + i: three
-    # elementwise ops, no separate int64 copy of idx
-    return torch.add(firsts, torch.div(idx, P, rounding_mode="floor"), alpha=WO - P).add_(idx)
+    i = idx.long()
+    pos = torch.add(i, torch.div(i, P, rounding_mode="floor"), alpha=WO - P)
+    firsts, traced = _firsts(HP, WP, WO, Q, PP, idx.device)
+    return pos + firsts if traced else pos.add_(firsts)
 
 
 def conv_relu_pool_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: int, padding: int,
