@@ -121,7 +121,7 @@ BUDGETS: Dict[Tuple[str, bool], Tuple[int, int]] = {
     ("linear", False): (18, 3),
     ("linear", True): (43, 14),
     ("mlp", False): (30, 7),
-    ("mlp", True): (78, 35),
+    ("mlp", True): (77, 37),
     ("conv_relu_pool", False): (19, 5),
     ("conv_relu_pool", True): (48, 25),
     ("conv_bn_eval", False): (25, 4),

@@ -27,7 +27,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from .. import _backend, registry
 from ..activations import check_activation, saves_preact
-from ..reference.mlp import blocks, fuses_in_one_kernel, mlp as reference_mlp, saves_z
+from ..reference.mlp import fuses_in_one_kernel, mlp as reference_mlp, saves_z
 from ..registry import KERNEL_DTYPES
 from ._common import (ArgumentError, act_name, autocast_cast, autocast_enabled, autograd, check_floating, check_like,
                       implement, meta, plain, rows, traced, unrows)
@@ -75,11 +75,13 @@ def _bwd(grad, input, weights, has_bias, y, H, Z, activation, last_activation, n
                                      act_name(last_activation), need_dx)
     # weight gradients: a GEMM over all rows per layer, its input x or a column block of H; bias gradients: a
     # reduction per layer (no concatenated DZ to slice and copy out of)
-    ins = (x2d, *blocks(H, [dz.shape[1] for dz in dzs[:-1]])) if len(dzs) > 1 else (x2d,)
-    dws, dbs = [], []
+    dws, dbs, layer_in, col = [], [], x2d, 0
     for i, dz in enumerate(dzs):
-        dws.append(torch.mm(dz.t(), ins[i]))
+        dws.append(torch.mm(dz.t(), layer_in))
         dbs.append(dz.sum(0) if has_bias[i] else input.new_empty(0))
+        if i + 1 < len(dzs):
+            n = dz.shape[1]
+            layer_in, col = H[:, col:col + n], col + n
     dx = (dx if input.dim() == 2 else dx.reshape(input.shape)) if need_dx else input.new_empty(0)
     return dx, dws, dbs
 

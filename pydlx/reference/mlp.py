@@ -43,10 +43,9 @@ def supports(call, device) -> Optional[str]:
     return None  # eager PyTorch runs any MLP
 
 
-def blocks(t: torch.Tensor, sizes: Sequence[int]) -> Tuple[torch.Tensor, ...]:
-    """Column blocks of ``sizes`` widths from the left of a 2-D ``t`` as views, in one dispatch (not one slice each);
-    ``t`` may be wider (the Triton kernels keep H at least one column wide)."""
-    return t.split([*sizes, t.shape[1] - sum(sizes)], 1)[:-1]
+def _cols(sizes: Sequence[int]) -> List[int]:
+    """The column of layer i's output in H and in Z / DZ."""
+    return [sum(sizes[1:1 + i]) for i in range(len(sizes) - 1)]
 
 
 def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
@@ -73,18 +72,15 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], 
     """(dx or None, [dz of each layer]): the backward walk through the layers; the weight gradients are the
     caller's GEMMs."""
     L = len(weights)
-    sizes = [w.shape[0] for w in weights]
-    # each layer's block of H / Z as views, split once (one dispatch, not one slice per layer)
-    hs = blocks(h, sizes[:-1]) if h.dim() == 2 else None  # (an unsaved H or Z is an empty 1-D tensor)
-    zs = blocks(z, sizes) if z.dim() == 2 else None
+    cols = _cols([x.shape[1]] + [w.shape[0] for w in weights])
     dzs, g = [None] * L, dy
     for i in range(L - 1, -1, -1):
         a = last_activation if i == L - 1 else activation
         if a is not None:
             if saves_preact(a):
-                s = zs[i]
+                s = z[:, cols[i]:cols[i] + weights[i].shape[0]]
             else:
-                s = y if i == L - 1 else hs[i]
+                s = y if i == L - 1 else h[:, cols[i]:cols[i] + weights[i].shape[0]]
             g = activation_backward(g, s, a)
         dzs[i] = g
         if i or need_dx:  # (the input's gradient only where it is needed)
