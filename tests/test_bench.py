@@ -144,3 +144,19 @@ def test_the_launch_host_benchmark_runs_on_a_cpu():
             assert any(r.startswith(launch) and provider in r for r in rows), (launch, provider, out)
     for call in ("linear_fwd", "linear_bwd"):
         assert any(r.startswith(call) and "whole backend call" in r for r in rows), (call, out)
+
+
+def test_the_host_floor_benchmark_runs_on_a_cpu():
+    """bench/host_floor.py (the op path against the same call with its autograd, or all of it, in C++, and a floor
+    without math) builds its C++ library, checks that every provider computes eager's output and input gradient,
+    and reports each provider of both chains; in a process of its own: it registers a torch library."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "host_floor.py"), "--calls", "2",
+                          "--rounds", "2"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": root}, check=True).stdout
+    rows = [line.split(" us (")[0].strip() for line in out.splitlines() if " us (" in line]
+    names = [r.rsplit(None, 1)[0].strip() for r in rows]
+    assert names == ["eager", "pydlx", "c++ autograd, python impl", "python Function", "c++ all",
+                     "eager", "pydlx", "c++ all", "floor (no math)"], out
