@@ -162,8 +162,9 @@ def test_empty_dimensions_as_torch(make_torch, make_pydlx, shape, backend):
 
 
 def test_double_backward_raises_torchs_error_not_a_wrong_gradient():
-    """The ops' backward passes are not differentiable: create_graph=True then a second backward raises torch's
-    RuntimeError through a forced backend (README, Not supported yet); under auto on a CPU (plain PyTorch) it works."""
+    """A backward that reads a saved pre-activation (gelu) is not differentiable: create_graph=True then a second
+    backward raises torch's RuntimeError through a forced backend (README, Not supported yet; what is supported:
+    tests/test_double_backward.py); under auto on a CPU (plain PyTorch) it works."""
     x = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(6, 8, requires_grad=True)
     with pydlx.use_backend("reference"), pytest.raises(RuntimeError, match="no autograd formula"):

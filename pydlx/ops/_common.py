@@ -108,9 +108,12 @@ class Op:
     autograd wrapper, which cost several times the eager ops a fused call replaces (bench/NOTES.md, host cost).
     Otherwise the call goes through the op ``overload`` (``pydlx::<name>``): torch.compile, torch.export and the
     modes see one opaque op. A backward op (no ``function``) called with gradients enabled on inputs that need one
-    (a double backward) goes through the op too, which refuses it."""
+    (a backward that builds a graph, ``create_graph=True``, for a double backward) runs the reference's
+    implementation directly where ``second_order`` says its PyTorch ops differentiate exactly (autograd records
+    them); otherwise it goes through the op too, which refuses a second backward with torch's error."""
 
-    __slots__ = ("name", "impl", "overload", "function", "transformable", "tensors", "lists", "names", "backend_at")
+    __slots__ = ("name", "impl", "overload", "function", "transformable", "tensors", "lists", "names", "backend_at",
+                 "second_order")
 
     def __init__(self, name: str, impl: Callable, overload: torch._ops.OpOverload):
         self.name, self.impl, self.overload, self.function = name, impl, overload, None
@@ -121,6 +124,7 @@ class Op:
         self.lists = tuple(i for i, a in enumerate(args) if isinstance(a.type, torch.ListType)
                            and _is_tensor(a.type.getElementType()))
         self.backend_at = self.names.index("backend")  # (every op takes the backend that runs it)
+        self.second_order: Optional[Callable[..., bool]] = None  # (a backward op: see ``implement``)
 
     def __call__(self, *args):
         if traced():
@@ -138,7 +142,10 @@ class Op:
                     return self.overload(*args)
                 grad = grad or t.requires_grad
         if grad and torch.is_grad_enabled():
-            if self.function is None:
+            if self.function is None:  # a backward op inside a backward that records a graph
+                if self.second_order is not None and args[self.backend_at] == "reference" and \
+                        self.second_order(*args):
+                    return self.impl(*args)
                 return self.overload(*args)
             return self.eager(True, *args)
         return self.impl(*args)
@@ -243,21 +250,29 @@ def _unflatten(flat: Sequence, lists: Sequence[int], lengths: Optional[Sequence[
 
 
 def implement(name: str, impl: Callable, fake: Callable, differentiable: bool = False,
-              decomposition: Optional[Callable] = None) -> Op:
+              decomposition: Optional[Callable] = None, second_order: Optional[Callable[..., bool]] = None) -> Op:
     """Register ``impl`` (every device: it calls the backend named by its ``backend`` argument) and ``fake`` (shapes
     only, for torch.compile / torch.export) for the op ``pydlx::<name>`` of pydlx/ops/schemas.py; returns the ``Op``
     the entry points call. ``differentiable``: its autograd formula follows (``autograd``); otherwise (the backward
-    ops) a backward through it raises torch's RuntimeError -- double backward is not supported -- rather than pass
-    a wrong gradient. ``decomposition``: what the op lowers to (``_decomposes``), if not ``impl`` on the reference
-    backend."""
+    ops) a backward through it raises torch's RuntimeError rather than pass a wrong gradient, except where
+    ``second_order(*args)`` holds for a reference call: a backward op's implementation on the reference backend is
+    PyTorch ops, and it differentiates exactly when every tensor it reads carries its autograd history (the forward
+    op's inputs and differentiable outputs; not a saved non-differentiable output such as a pre-activation, whose
+    dependence on the inputs autograd does not see). Such a call inside a ``create_graph=True`` backward runs the
+    implementation directly (``Op``), so a second backward goes through its ops; a kernel backend's backward
+    (Triton, C++/CUDA) never does. ``decomposition``: what the op lowers to (``_decomposes``), if not ``impl`` on
+    the reference backend."""
     LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"pydlx::{name}", fake, lib=LIB)
     if not differentiable:
         def refuse(ctx, *grads):
             raise RuntimeError(f"Trying to backward through pydlx::{name} but no autograd formula was registered: "
-                               "pydlx's backward ops are not differentiable (double backward is not supported)")
+                               "pydlx's backward ops are not differentiable on a kernel backend, nor where the "
+                               "reference's backward reads a saved pre-activation or hidden layers (double backward "
+                               "is supported on the reference backend otherwise)")
         torch.library.register_autograd(f"pydlx::{name}", refuse, lib=LIB)
     _OPS[name] = Op(name, impl, op(name))
+    _OPS[name].second_order = second_order
     _decomposes(_OPS[name], fake, decomposition or impl)
     return _OPS[name]
 

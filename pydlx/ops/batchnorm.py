@@ -211,7 +211,10 @@ def _bwd_fake(grad, input, weight, bias, bn_weight, bn_bias, mean, invstd, eps, 
 
 
 layer_bn_train_fwd = implement("layer_bn_train_fwd", _fwd, _fwd_fake, differentiable=True)
-layer_bn_train_bwd = implement("layer_bn_train_bwd", _bwd, _bwd_fake)
+layer_bn_train_bwd = implement("layer_bn_train_bwd", _bwd, _bwd_fake,
+                               # (it recomputes from x; ATen's batch norm backward differentiates through its
+                               # saved mean and invstd in training mode, as eager BatchNorm's double backward does)
+                               second_order=lambda *_: True)
 
 
 def _save(a, out):

@@ -78,7 +78,9 @@ def _bwd_fake(grad, input, weight, y, idx, z, has_bias, stride, padding, pool_si
 
 
 conv_relu_pool2d_fwd = implement("conv_relu_pool2d_fwd", _fwd, _fwd_fake, differentiable=True)
-conv_relu_pool2d_bwd = implement("conv_relu_pool2d_bwd", _bwd, _bwd_fake)
+conv_relu_pool2d_bwd = implement("conv_relu_pool2d_bwd", _bwd, _bwd_fake,
+                                 # (x, w and y; the pool's argmax is an index; not the non-differentiable z)
+                                 second_order=lambda grad, input, weight, y, idx, z, *_: z.numel() == 0)
 
 
 def _save(a, out):

@@ -78,7 +78,10 @@ def _bwd_fake(grad, input, weight, saved, activation, has_bias, need_dx, need_dw
 
 
 linear_fwd = implement("linear_fwd", _fwd, _fwd_fake, differentiable=True)
-linear_bwd = implement("linear_bwd", _bwd, _bwd_fake)
+linear_bwd = implement("linear_bwd", _bwd, _bwd_fake,
+                       # (the reference's backward reads y or nothing, never the non-differentiable z)
+                       second_order=lambda grad, input, weight, saved, activation, *_: not saves_preact(
+                           act_name(activation)))
 
 
 def _save(a, out):

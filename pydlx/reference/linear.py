@@ -35,6 +35,12 @@ def activation_backward(grad: torch.Tensor, saved: torch.Tensor, activation: Opt
     if name == "relu":
         # torch's own relu backward, one op: 0 where y <= 0, else the gradient (at y = NaN too, as torch)
         return torch.ops.aten.threshold_backward(grad, saved, 0)
+    if grad.dtype == saved.dtype and name in ("leaky_relu", "relu6"):
+        # torch's own backward ops, from y (their formulas below), one op each; their own derivative is zero but
+        # connects y in a graph a double backward builds, as eager's backward connects its z
+        if name == "leaky_relu":
+            return torch.ops.aten.leaky_relu_backward(grad, saved, alpha, True)
+        return torch.ops.aten.hardtanh_backward(grad, saved, 0.0, 6.0)
     dtype = torch.promote_types(grad.dtype, saved.dtype)
     math_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     g, s = grad.to(math_dtype), saved.to(math_dtype)

@@ -1,0 +1,165 @@
+"""Double backward (``create_graph=True``, then a backward through the gradient: gradient penalties, second-order
+meta-learning, Hessian-vector products) through pydlx's ops.
+
+On the reference backend a backward op is PyTorch ops, and pydlx lets autograd record them where every tensor they
+read carries its history (pydlx.ops._common ``implement``'s ``second_order``): the second-order gradients are then
+checked against finite differences in float64 (``gradgradcheck``). Where the backward would read a saved
+non-differentiable tensor (a pre-activation, an MLP's hidden layers, an LSTM's gates) or run a kernel (Triton,
+C++/CUDA), the second backward raises torch's RuntimeError: never a silent wrong gradient. A forced backend never
+falls back."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import gradgradcheck
+
+import pydlx
+from pydlx import _backend
+
+D = dict(dtype=torch.float64, requires_grad=True)
+
+
+def _through_op(y):
+    assert type(y.grad_fn).__name__.startswith("pydlx"), type(y.grad_fn).__name__  # (the op ran, not eager)
+    return y
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "tanh", "sigmoid", "leaky_relu(0.2)", "elu(0.7)", "selu"])
+def test_linear_second_order_on_the_reference(activation):
+    x, w, b = torch.randn(5, 7, **D), torch.randn(3, 7, **D), torch.randn(3, **D)
+    with pydlx.use_backend("reference"):
+        assert gradgradcheck(lambda x, w, b: _through_op(pydlx.ops.linear(x, w, b, activation)), (x, w, b))
+        assert gradgradcheck(lambda x, w: _through_op(pydlx.ops.linear(x, w, None, activation)),
+                             (torch.randn(2, 3, 7, **D), w))  # (3-D input, no bias)
+
+
+@pytest.mark.parametrize("activation,pool,stride,padding", [
+    ("relu", 2, 1, 1), ("leaky_relu(0.2)", 1, 2, 1), ("tanh", 3, 1, 0), (None, 2, 1, 1), ("elu", 1, 1, 2),
+    ("sigmoid", 2, 2, 0)])
+def test_conv_block_second_order_on_the_reference(activation, pool, stride, padding):
+    x, w, b = torch.randn(2, 3, 9, 11, **D), torch.randn(4, 3, 3, 3, **D), torch.randn(4, **D)
+    with pydlx.use_backend("reference"):
+        assert gradgradcheck(lambda x, w, b: _through_op(
+            pydlx.ops.conv_act_pool2d(x, w, b, stride, padding, activation, pool)), (x, w, b))
+
+
+@pytest.mark.parametrize("activation,pool", [("relu", 2), ("tanh", 1), ("gelu", 1), (None, 1)])
+def test_conv_bn_training_form_second_order_on_the_reference(activation, pool):
+    """The training form recomputes from x in backward, so even a pre-activation's derivative (gelu) is exact."""
+    x, w, b = torch.randn(3, 2, 7, 7, **D), torch.randn(4, 2, 3, 3, **D), torch.randn(4, **D)
+    gamma, beta = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(), torch.randn(4, **D)
+    stats = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    with pydlx.use_backend("reference"):
+        assert gradgradcheck(lambda x, w, b, g, be: _through_op(pydlx.ops.conv_bn_act_pool2d(
+            x, w, b, *stats, g, be, 1e-5, 1, 1, activation, pool, training=True)), (x, w, b, gamma, beta))
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_linear_bn_training_form_second_order_on_the_reference(activation):
+    x, w, b = torch.randn(6, 5, **D), torch.randn(4, 5, **D), torch.randn(4, **D)
+    gamma, beta = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(), torch.randn(4, **D)
+    stats = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    with pydlx.use_backend("reference"):
+        assert gradgradcheck(lambda x, w, b, g, be: _through_op(pydlx.ops.linear_batchnorm(
+            x, w, b, *stats, g, be, 1e-5, activation, training=True)), (x, w, b, gamma, beta))
+
+
+def _refused(call, inputs, backend):
+    """The first backward with create_graph=True works and is right; the second raises torch's RuntimeError."""
+    with pydlx.use_backend(backend):
+        y = _through_op(call(*inputs))
+        g = torch.autograd.grad(y.square().sum(), inputs[0], create_graph=True)[0]
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            g.sum().backward()
+
+
+def test_refused_where_the_backward_reads_a_saved_non_differentiable_tensor():
+    """A pre-activation (gelu, silu: the derivative needs z, saved as a non-differentiable output) and an MLP's
+    hidden layers: autograd cannot see how they depend on the inputs, so a second backward through them would be
+    wrong (gradgradcheck fails on gelu and silu when their backward is let through) -- it raises instead."""
+    x, w = torch.randn(4, 6, **D), torch.randn(5, 6, **D)
+    _refused(lambda x, w: pydlx.ops.linear(x, w, None, "gelu"), (x, w), "reference")
+    xc, wc = torch.randn(1, 2, 6, 6, **D), torch.randn(3, 2, 3, 3, **D)
+    _refused(lambda x, w: pydlx.ops.conv_act_pool2d(x, w, None, 1, 1, "silu", 1), (xc, wc), "reference")
+    # (the fused MLP op takes the kernels' dtypes; a float64 MLP runs as a chain of Linear ops, which is exact)
+    x, w, w2 = (torch.randn(4, 6, requires_grad=True), torch.randn(5, 6, requires_grad=True),
+                torch.randn(3, 5, requires_grad=True))
+    _refused(lambda x, w, w2: pydlx.ops.mlp(x, [w, w2], [None, None], "relu"), (x, w, w2), "reference")
+
+
+def test_refused_on_a_kernel_backend():
+    """A Triton kernel's backward is not differentiable, and a forced backend never falls back: the second
+    backward raises, as before."""
+    x, w = torch.randn(4, 6, requires_grad=True), torch.randn(5, 6, requires_grad=True)
+    _refused(lambda x, w: pydlx.ops.linear(x, w, None, "relu"), (x, w), "triton")
+
+
+class _Critic(nn.Module):
+    """A DCGAN-style critic as a WGAN-GP trains it (strided convolutions, LeakyReLU, no BatchNorm, a Linear head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 16, 4, 2, 1),
+                                  nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(16 * 4 * 4, 1))
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def _gradient_penalty_grads(model, real, fake, eps):
+    """WGAN-GP's penalty (its gradients with respect to the critic's parameters): the critic's input gradient at
+    points between real and fake, through create_graph=True, then a backward through its norm."""
+    mixed = (eps * real + (1 - eps) * fake).requires_grad_()
+    (g,) = torch.autograd.grad(model(mixed).sum(), mixed, create_graph=True)
+    penalty = ((g.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    return torch.autograd.grad(penalty, list(model.parameters()), allow_unused=True)  # (the head's bias: unused)
+
+
+def test_an_optimized_wgan_gp_critic_under_auto_as_on_an_unmeasured_gpu(monkeypatch):
+    """On a GPU without a measured faster kernel, ``auto`` runs the conv block's op with the reference inside (its
+    memory saving: the output and int8 indices saved, not the conv map). A WGAN-GP critic swapped by
+    ``pydlx.optimize`` then takes its gradient penalty through the op's double backward: the same gradients as the
+    critic as written. The device is made to look like an unmeasured GPU as in tests/test_host_path.py."""
+    monkeypatch.setattr(_backend, "cpu_auto", lambda t: False)
+    monkeypatch.setattr(_backend, "decide", lambda family, device, call, op=None: (
+        "reference", "eager: not measured on this GPU"))
+    torch.manual_seed(0)
+    critic = _Critic().double()
+    fast = pydlx.optimize(_Critic().double())
+    fast.load_state_dict(critic.state_dict())
+    real, fake = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    eps = torch.rand(4, 1, 1, 1, dtype=torch.float64)
+    mixed = (eps * real + (1 - eps) * fake).requires_grad_()
+    assert any(type(n).__name__.startswith("pydlx") for n in _nodes(fast(mixed).grad_fn))  # (the op runs)
+    want = _gradient_penalty_grads(critic, real, fake, eps)
+    got = _gradient_penalty_grads(fast, real, fake, eps)
+    assert [g is None for g in got] == [g is None for g in want] == [False] * 5 + [True]
+    for a, b in zip(got[:5], want[:5]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _nodes(fn, seen=None):
+    """Every autograd node reachable from ``fn``."""
+    seen = set() if seen is None else seen
+    if fn is not None and fn not in seen:
+        seen.add(fn)
+        for nxt, _ in fn.next_functions:
+            _nodes(nxt, seen)
+    return seen
+
+
+def test_torch_func_hessian_vector_product_through_the_reference():
+    """torch.func's grad of grad (a Hessian-vector product) through a Linear on the reference backend, against the
+    chain as torch computes it."""
+    x, w, b, v = (torch.randn(4, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64),
+                  torch.randn(5, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64))
+
+    def loss(w, f):
+        return f(x, w, b).square().sum()
+
+    def hvp(f):  # (reverse over reverse: the op's Function has no forward-mode rule)
+        return torch.func.vjp(torch.func.grad(lambda w: loss(w, f)), w)[1](v)[0]
+    with pydlx.use_backend("reference"):
+        got = hvp(lambda x, w, b: pydlx.ops.linear(x, w, b, "tanh"))
+    want = hvp(lambda x, w, b: torch.tanh(F.linear(x, w, b)))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
