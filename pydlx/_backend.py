@@ -161,6 +161,8 @@ def decide(family: str, device: torch.device, call, op: Optional[str] = None) ->
     name = current_backend()
     if torch.compiler.is_compiling():
         return _decide(name, family, device, call, op)[:2]
+    if name == "auto" and torch._C._functorch.peek_interpreter_stack() is not None:
+        return "reference", _UNDER_TORCH_FUNC
     key = (family, call, device, name, _policy.in_force())
     try:
         hit = _decisions.get(key)
@@ -176,6 +178,12 @@ def decide(family: str, device: torch.device, call, op: Optional[str] = None) ->
                 _decisions.clear()
             _decisions[key] = hit
     return hit
+
+
+# ``auto`` under a torch.func transform: a kernel's Function has no vmap or jvp rule and its backward runs under one
+# level of grad / vjp only (jacrev vmaps over a backward), while the reference's PyTorch ops go through every
+# transform as the chain as written does; a forced backend runs its kernels (grad, vjp) or raises torch's error
+_UNDER_TORCH_FUNC = "reference: under a torch.func transform (the reference's PyTorch ops go through every transform)"
 
 
 def choose(family: str, device: torch.device, call, op: Optional[str] = None) -> str:

@@ -117,9 +117,9 @@ def _as_close_as_eager(got, eager, truth, what: str, tol: float = 1e-4) -> None:
 
 @pytest.mark.parametrize("name,backend", FUNC_CASES)
 def test_torch_func_grad_and_vjp(name, backend):
-    """torch.func.grad over functional_call, and vjp, through an optimized model give the original's gradients
-    (pydlx's ops differentiate with their own formulas under the transforms), checked against the original in
-    float64."""
+    """torch.func.grad over functional_call, and vjp, through an optimized model give the original's gradients (a
+    kernel backend's ops differentiate with their own formulas under the transforms, the reference's ops with
+    torch's), checked against the original in float64."""
     from torch.func import functional_call, grad, vjp
 
     model, fast, x = _pair(name)
@@ -147,13 +147,86 @@ def test_torch_func_grad_and_vjp(name, backend):
     _as_close_as_eager(got_vjp, pull_want(cot)[0], pull64(cot.double())[0], "vjp")
 
 
-def test_vmap_raises_naming_the_op():
-    """vmap over a pydlx op is not supported: torch's error names the op."""
-    from torch.func import vmap
+def test_vmap_and_jvp_through_the_reference():
+    """On the reference backend a pydlx op is PyTorch ops under torch.func's transforms: vmap, jvp and jacfwd give
+    the original's results."""
+    from torch.func import jacfwd, jvp, vmap
+
+    model, fast, x = _pair("small_mlp")
+    tangent = torch.randn_like(x)
+    with pydlx.use_backend("reference"):
+        got = vmap(lambda row: fast(row.unsqueeze(0)))(x)
+        got_jvp = jvp(fast, (x,), (tangent,))[1]
+        got_jac = jacfwd(lambda row: fast(row.unsqueeze(0)))(x[0])
+    torch.testing.assert_close(got, vmap(lambda row: model(row.unsqueeze(0)))(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_jvp, jvp(model, (x,), (tangent,))[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_jac, jacfwd(lambda row: model(row.unsqueeze(0)))(x[0]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.interpreter
+def test_vmap_and_jvp_through_a_forced_kernel_backend_raise_naming_the_op():
+    """A kernel's Function has no vmap or jvp rule, and a forced backend never falls back: torch's error names the
+    op."""
+    from torch.func import jvp, vmap
 
     _, fast, x = _pair("small_mlp")
-    with pydlx.use_backend("reference"), pytest.raises(RuntimeError, match="pydlx_mlp_fused"):
-        vmap(lambda row: fast(row.unsqueeze(0)))(x)
+    with pydlx.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="pydlx_mlp_fused"):
+            vmap(lambda row: fast(row.unsqueeze(0)))(x)
+        with pytest.raises(NotImplementedError, match="jvp"):
+            jvp(fast, (x,), (torch.randn_like(x),))
+
+
+@pytest.mark.interpreter
+def test_torch_func_under_auto_as_on_a_gpu_with_measured_kernels(monkeypatch):
+    """``auto`` on a GPU whose measurements chose the Triton kernels (made to look so: the CPU shortcut skipped,
+    every decision "triton"): an optimized CNN runs pydlx's kernels, and under torch.func -- the per-sample-gradient
+    recipe (vmap over grad), jvp, jacfwd, jacrev (a vmap over a backward), grad -- ``auto`` takes the reference,
+    whose PyTorch ops every transform handles: the model as written's results."""
+    import pydlx.triton.conv_relu_pool as triton_conv
+    from pydlx import _backend
+    from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
+
+    monkeypatch.setattr(_backend, "cpu_auto", lambda t: False)
+    decide = _backend._decide
+    monkeypatch.setattr(_backend, "_decide", lambda name, family, device, call, op: (
+        ("triton", "triton: measured faster", True) if name == "auto" else decide(name, family, device, call, op)))
+    torch.manual_seed(0)
+
+    def make():
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(4 * 3 * 3, 8), nn.ReLU(), nn.Linear(8, 3))
+    model, fast = make(), pydlx.optimize(make())
+    fast.load_state_dict(model.state_dict())
+    x, t = torch.randn(4, 1, 6, 6), torch.randint(0, 3, (4,))
+    ran = []
+    monkeypatch.setattr(triton_conv, "conv_relu_pool_fwd", (
+        lambda f: lambda *a, **k: ran.append("conv") or f(*a, **k))(triton_conv.conv_relu_pool_fwd))
+    fast(x)
+    assert ran, "the kernel did not run"
+
+    def per_sample(m):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+
+        def loss(p, xi, ti):
+            return nn.functional.cross_entropy(functional_call(m, p, (xi[None],)), ti[None])
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, t)
+    got, want = per_sample(fast), per_sample(model)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    tangent = torch.randn_like(x)
+    torch.testing.assert_close(jvp(fast, (x,), (tangent,))[1], jvp(model, (x,), (tangent,))[1], rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(jacfwd(fast)(x[:1]), jacfwd(model)(x[:1]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(jacrev(fast)(x[:1]), jacrev(model)(x[:1]), rtol=1e-5, atol=1e-6)
+    params = {k: v.detach() for k, v in fast.named_parameters()}
+    g = grad(lambda p: functional_call(fast, p, (x,)).square().sum())(params)
+    want_g = grad(lambda p: functional_call(model, p, (x,)).square().sum())(params)
+    for k in want_g:
+        torch.testing.assert_close(g[k], want_g[k], rtol=1e-5, atol=1e-6)
+    assert ran == ["conv"], ran  # (the first call's only: under the transforms auto ran the reference)
+    fast(x)
+    assert ran == ["conv", "conv"], ran  # (and outside them the kernel again)
 
 
 @pytest.mark.interpreter

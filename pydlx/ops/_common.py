@@ -151,15 +151,17 @@ class Op:
         return self.impl(*args)
 
     def _transformed(self, args):
-        """Under a torch.func transform: a forward op through its Function in torch.func's form (grad, vjp and
-        functional_call differentiate it with the op's own formulas; vmap raises torch's error for a Function
-        without a vmap rule); a backward op (called by those formulas) runs its implementation: the reference's
-        on the transform's tensors, a kernel backend's on the plain tensors under one level of grad / vjp (its
-        result a constant there: the backward ops are not differentiable anyway)."""
+        """Under a torch.func transform. On the reference backend the implementation itself: PyTorch ops, which
+        every transform handles as it handles the chain as written (grad, vjp, vmap, jvp, jacfwd, hessian,
+        per-sample gradients), with torch's own derivatives of the same math. On a kernel backend, a forward op
+        through its Function in torch.func's form (grad, vjp and functional_call differentiate it with the op's own
+        formulas; vmap and jvp raise torch's error for a Function without a vmap or jvp rule), and a backward op
+        (called by those formulas) on the plain tensors under one level of grad / vjp (its result a constant
+        there: a kernel's backward is not differentiable)."""
+        backend = args[self.backend_at]
+        if backend == "reference":
+            return self.impl(*args)
         if self.transformable is None:
-            backend = args[self.backend_at]
-            if backend == "reference":
-                return self.impl(*args)
             plain = list(args)
             for i in self.tensors:
                 plain[i] = self._kernel_tensor(backend, args[i])
