@@ -7,6 +7,8 @@ checked against finite differences in float64 (``gradgradcheck``). Where the bac
 non-differentiable tensor (a pre-activation, an MLP's hidden layers, an LSTM's gates) or run a kernel (Triton,
 C++/CUDA), the second backward raises torch's RuntimeError: never a silent wrong gradient. A forced backend never
 falls back."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,17 +76,48 @@ def _refused(call, inputs, backend):
 
 
 def test_refused_where_the_backward_reads_a_saved_non_differentiable_tensor():
-    """A pre-activation (gelu, silu: the derivative needs z, saved as a non-differentiable output) and an MLP's
-    hidden layers: autograd cannot see how they depend on the inputs, so a second backward through them would be
-    wrong (gradgradcheck fails on gelu and silu when their backward is let through) -- it raises instead."""
+    """A pre-activation (gelu, silu: the derivative needs z, saved as a non-differentiable output): autograd cannot
+    see how it depends on the inputs, so a second backward through it would be wrong (gradgradcheck fails on gelu
+    and silu when their backward is let through) -- it raises instead."""
     x, w = torch.randn(4, 6, **D), torch.randn(5, 6, **D)
     _refused(lambda x, w: pydlx.ops.linear(x, w, None, "gelu"), (x, w), "reference")
     xc, wc = torch.randn(1, 2, 6, 6, **D), torch.randn(3, 2, 3, 3, **D)
     _refused(lambda x, w: pydlx.ops.conv_act_pool2d(x, w, None, 1, 1, "silu", 1), (xc, wc), "reference")
-    # (the fused MLP op takes the kernels' dtypes; a float64 MLP runs as a chain of Linear ops, which is exact)
-    x, w, w2 = (torch.randn(4, 6, requires_grad=True), torch.randn(5, 6, requires_grad=True),
-                torch.randn(3, 5, requires_grad=True))
-    _refused(lambda x, w, w2: pydlx.ops.mlp(x, [w, w2], [None, None], "relu"), (x, w, w2), "reference")
+
+
+@pytest.mark.parametrize("activation,last", [("tanh", None), ("leaky_relu(0.2)", "sigmoid"), ("gelu", "relu")])
+def test_fused_mlp_second_order_on_the_reference(activation, last):
+    """The fused MLP saves its hidden layers as non-differentiable outputs, so in a backward that records a graph
+    the reference recomputes the MLP from its inputs (the biases are saved for it) and differentiates that: the
+    chain's second-order gradients. (The fused op takes the kernels' dtypes: float32 here, against eager's float32
+    and float64.)"""
+    torch.manual_seed(0)
+    sizes = [6, 16, 9, 3]
+    ws = [torch.randn(o, i, dtype=torch.float64) / i ** 0.5 for i, o in zip(sizes, sizes[1:])]
+    bs = [torch.randn(16, dtype=torch.float64), None, torch.randn(3, dtype=torch.float64)]
+    x = torch.randn(5, 6, dtype=torch.float64)
+    act = {"tanh": torch.tanh, "leaky_relu(0.2)": lambda t: F.leaky_relu(t, 0.2), "gelu": F.gelu,
+           "sigmoid": torch.sigmoid, "relu": torch.relu, None: lambda t: t}
+
+    def chain(t, ws, bs):
+        for i, (w, b) in enumerate(zip(ws, bs)):
+            t = act[activation if i + 1 < len(ws) else last](F.linear(t, w, b))
+        return t
+
+    def penalty_grads(fn, dtype):
+        w = [t.to(dtype).requires_grad_() for t in ws]
+        b = [None if t is None else t.to(dtype).requires_grad_() for t in bs]
+        xx = x.to(dtype).requires_grad_()
+        (g,) = torch.autograd.grad(fn(xx, w, b).square().sum(), xx, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), [*w, *[t for t in b if t is not None]])
+    with pydlx.use_backend("reference"):
+        y = pydlx.ops.mlp(x.float().requires_grad_(), [w.float() for w in ws],
+                          [None if b is None else b.float() for b in bs], activation, last)
+        assert type(y.grad_fn).__name__ == "pydlx_mlp_fusedBackward"
+        got = penalty_grads(lambda t, w, b: pydlx.ops.mlp(t, w, b, activation, last), torch.float32)
+    want, truth = penalty_grads(chain, torch.float32), penalty_grads(chain, torch.float64)
+    for g, w, t in zip(got, want, truth):
+        assert (g.double() - t).abs().max() <= 2 * (w.double() - t).abs().max() + 1e-5 * t.abs().max()
 
 
 def test_refused_on_a_kernel_backend():
@@ -136,6 +169,51 @@ def test_an_optimized_wgan_gp_critic_under_auto_as_on_an_unmeasured_gpu(monkeypa
     assert [g is None for g in got] == [g is None for g in want] == [False] * 5 + [True]
     for a, b in zip(got[:5], want[:5]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+class _MlpCritic(nn.Module):
+    """The critic with an MLP head (Linear -> LeakyReLU -> ... , every layer at most 128 wide: one fused op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 16, 4, 2, 1),
+                                      nn.LeakyReLU(0.2), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(16 * 4 * 4, 64), nn.LeakyReLU(0.2), nn.Linear(64, 32), nn.LeakyReLU(0.2),
+                                  nn.Linear(32, 1))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.interpreter
+def test_an_optimized_critic_under_auto_with_measured_kernels(monkeypatch):
+    """``auto`` on a GPU whose measurements chose the Triton kernels (made to look so: the CPU shortcut skipped,
+    every decision "triton"): the critic's conv blocks and MLP head run the kernels, and its gradient penalty's
+    backward (create_graph=True) takes the reference's backward on the same saved tensors -- auto's choice: a
+    kernel's backward is not differentiable -- giving the penalty gradients of the critic as written. A forced
+    ``triton`` refuses instead."""
+    decide = _backend._decide
+    monkeypatch.setattr(_backend, "cpu_auto", lambda t: False)
+    monkeypatch.setattr(_backend, "_decide", lambda name, family, device, call, op: (
+        ("triton", "triton: measured faster", True) if name == "auto" else decide(name, family, device, call, op)))
+    torch.manual_seed(0)
+    critic = _MlpCritic()
+    fast = pydlx.optimize(_MlpCritic())
+    fast.load_state_dict(critic.state_dict())
+    real, fake, eps = torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16), torch.rand(3, 1, 1, 1)
+    mixed = (eps * real + (1 - eps) * fake).requires_grad_()
+    names = {type(n).__name__ for n in _nodes(fast(mixed).grad_fn)}
+    assert {"pydlx_conv_relu_pool2d_fwdBackward", "pydlx_mlp_fusedBackward"} <= names, names
+    got = _gradient_penalty_grads(fast, real, fake, eps)
+    want = _gradient_penalty_grads(critic, real, fake, eps)
+    truth = _gradient_penalty_grads(copy.deepcopy(critic).double(), real.double(), fake.double(), eps.double())
+    for g, w, t in zip(got, want, truth):
+        if t is None:
+            assert g is None and w is None
+            continue
+        assert (g.double() - t).abs().max() <= 2 * (w.double() - t).abs().max() + 1e-5 * t.abs().max()
+    with pydlx.use_backend("triton"), pytest.raises(RuntimeError, match="no autograd formula"):
+        _gradient_penalty_grads(fast, real, fake, eps)
 
 
 def _nodes(fn, seen=None):

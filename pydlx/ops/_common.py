@@ -11,6 +11,7 @@ import torch
 import torch._decomp
 from torch import Tensor
 
+from .. import _backend
 from .schemas import LIB, op
 
 
@@ -269,9 +270,9 @@ def implement(name: str, impl: Callable, fake: Callable, differentiable: bool = 
     if not differentiable:
         def refuse(ctx, *grads):
             raise RuntimeError(f"Trying to backward through pydlx::{name} but no autograd formula was registered: "
-                               "pydlx's backward ops are not differentiable on a kernel backend, nor where the "
-                               "reference's backward reads a saved pre-activation or hidden layers (double backward "
-                               "is supported on the reference backend otherwise)")
+                               "pydlx's backward ops are not differentiable on a forced kernel backend, nor where "
+                               "the reference's backward reads a saved pre-activation or an LSTM's gates (double "
+                               "backward is supported on the reference backend and under auto otherwise)")
         torch.library.register_autograd(f"pydlx::{name}", refuse, lib=LIB)
     _OPS[name] = Op(name, impl, op(name))
     _OPS[name].second_order = second_order
@@ -390,31 +391,42 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
 
     lists, none = the_op.lists, (None,) * (len(names) + 1)
 
+    # ``ctx.auto_kernel``: whether ``auto`` ran the call on a kernel backend. In a backward that records a graph
+    # (create_graph=True) of such a call, the formula gets the reference backend instead: the same saved tensors
+    # (every backend saves the reference's layouts), read by the reference's backward, which is differentiable where
+    # ``implement``'s ``second_order`` says so (a kernel's backward never is). A forced backend keeps its own, and
+    # refuses. (Written out in both Functions: their forward and backward run on every training call.)
+    at = the_op.backend_at
+
     if lists:
         # eager: forward(ctx, lengths of the Tensor[] inputs, *inputs with those lists spread)
         def forward(ctx, lengths, *flat):
             inputs = _unflatten(flat, lists, lengths)
             outputs = the_op.impl(*inputs)
             setup_context(ctx, inputs, outputs)
+            ctx.auto_kernel = inputs[at] != "reference" and _backend.current_backend() == "auto"
             ctx.lengths = lengths
             return outputs
 
         def backward_eager(ctx, *grads):
             lengths = ctx.lengths
             needs = _unflatten(ctx.needs_input_grad[1:], lists, lengths)
-            got = {} if grads[0] is None else backward(ctx.args, ctx.saved_tensors, grads, Needs(*needs))
+            args = ctx.args._replace(backend="reference") if ctx.auto_kernel and torch.is_grad_enabled() else ctx.args
+            got = {} if grads[0] is None else backward(args, ctx.saved_tensors, grads, Needs(*needs))
             return (None, *_flatten(_gradients(names, needs, got), lists))
     else:  # (most ops: the same, with no lists to spread and gather, on the hot path of every call; lengths None)
         def forward(ctx, lengths, *inputs):
             outputs = the_op.impl(*inputs)
             setup_context(ctx, inputs, outputs)
+            ctx.auto_kernel = inputs[at] != "reference" and _backend.current_backend() == "auto"
             return outputs
 
         def backward_eager(ctx, *grads):
             if grads[0] is None:
                 return none
             needs = ctx.needs_input_grad
-            got = backward(ctx.args, ctx.saved_tensors, grads, Needs._make(needs[1:]))
+            args = ctx.args._replace(backend="reference") if ctx.auto_kernel and torch.is_grad_enabled() else ctx.args
+            got = backward(args, ctx.saved_tensors, grads, Needs._make(needs[1:]))
             return (None, *[got.get(n) if need else None for n, need in zip(names, needs[1:])])
 
     # (built with type() so that autograd names the node after the op: pydlx_<name>Backward)
@@ -431,6 +443,7 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
         lengths, flat = inputs[0], inputs[1:]
         setup_context(ctx, _unflatten(flat, lists, lengths), output)
         ctx.lengths = lengths
+        ctx.auto_kernel = False  # (under a transform auto runs the reference: a kernel here was forced)
 
     the_op.transformable = type(f"pydlx_{name}", (torch.autograd.Function,), {
         "forward": staticmethod(forward_transformable), "setup_context": staticmethod(setup_transformable),

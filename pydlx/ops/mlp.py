@@ -99,13 +99,40 @@ mlp_fused_bwd = implement("mlp_fused_bwd", _bwd, _bwd_fake)
 def _save(a, out):
     y, H, Z = out
     # y only where backward reads it (the last activation's derivative from y): without a last activation an
-    # in-place op on the output (a residual ``+=``, ``nn.Hardswish(inplace=True)``) is as legal as in eager
+    # in-place op on the output (a residual ``+=``, ``nn.Hardswish(inplace=True)``) is as legal as in eager. The
+    # biases (parameters: no memory) for a double backward's recompute
     keep_y = act_name(a.last_activation) is not None and not saves_preact(a.last_activation)
-    return (a.input, y if keep_y else y.new_empty(0), H, Z, *a.weights)
+    return (a.input, y if keep_y else y.new_empty(0), H, Z, *a.weights, *a.biases)
+
+
+def _second_order(a, input, weights, biases, grad, needs) -> dict:
+    """The gradients as a backward that records a graph (create_graph=True) needs them: H and Z are saved as
+    non-differentiable outputs, so the reference recomputes the MLP from its inputs and differentiates that with
+    autograd (exact to any order, as the chain as written)."""
+    wrt = {"input": [input] if needs.input else [],
+           "weights": [w for w, n in zip(weights, needs.weights) if n],
+           "biases": [b for b, n in zip(biases, needs.biases) if n]}
+    with torch.enable_grad():
+        y = reference_mlp(input, weights, _expand(biases, a.has_bias), act_name(a.activation),
+                          act_name(a.last_activation))
+        got = iter(torch.autograd.grad(y, [t for ts in wrt.values() for t in ts], grad, create_graph=True,
+                                       allow_unused=True))
+    out = {"input": next(got) if needs.input else None,
+           "weights": [next(got) if n else None for n in needs.weights],
+           "biases": [next(got) if n else None for n in needs.biases]}
+    for k, ts in (("weights", weights), ("biases", biases)):  # (unused: zeros, as eager's nodes would give)
+        out[k] = [g if g is not None or not n else torch.zeros_like(t)
+                  for g, n, t in zip(out[k], getattr(needs, k), ts)]
+    if needs.input and out["input"] is None:
+        out["input"] = torch.zeros_like(input)
+    return out
 
 
 def _backward(a, saved, grads, needs):
-    input, y, H, Z, *weights = saved
+    input, y, H, Z, *params = saved
+    weights, biases = params[:len(a.has_bias)], params[len(a.has_bias):]  # (has_bias: one flag per layer)
+    if a.backend == "reference" and torch.is_grad_enabled():  # a backward that records a graph
+        return _second_order(a, input, weights, biases, grads[0], needs)
     if not a.save and grads[0].numel():
         raise RuntimeError("pydlx.ops.mlp: backward needs the saved activations, but the forward ran with "
                            "save=False; call pydlx.ops.mlp, which sets it when gradients are needed")
