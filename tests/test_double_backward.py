@@ -75,14 +75,18 @@ def _refused(call, inputs, backend):
             g.sum().backward()
 
 
-def test_refused_where_the_backward_reads_a_saved_non_differentiable_tensor():
-    """A pre-activation (gelu, silu: the derivative needs z, saved as a non-differentiable output): autograd cannot
-    see how it depends on the inputs, so a second backward through it would be wrong (gradgradcheck fails on gelu
-    and silu when their backward is let through) -- it raises instead."""
-    x, w = torch.randn(4, 6, **D), torch.randn(5, 6, **D)
-    _refused(lambda x, w: pydlx.ops.linear(x, w, None, "gelu"), (x, w), "reference")
-    xc, wc = torch.randn(1, 2, 6, 6, **D), torch.randn(3, 2, 3, 3, **D)
-    _refused(lambda x, w: pydlx.ops.conv_act_pool2d(x, w, None, 1, 1, "silu", 1), (xc, wc), "reference")
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "hardswish", "mish"])
+def test_a_saved_pre_activation_is_recomputed_with_its_history(activation):
+    """Where the derivative needs the pre-activation z (saved as a non-differentiable output: autograd cannot see
+    how it depends on the inputs), a backward that records a graph recomputes z from the inputs (the bias is saved
+    for it), so the second order is exact. (Let through without the recompute, gradgradcheck fails on these.)"""
+    x, w, b = torch.randn(5, 7, **D), torch.randn(3, 7, **D), torch.randn(3, **D)
+    xc, wc, bc = torch.randn(2, 3, 7, 7, **D), torch.randn(4, 3, 3, 3, **D), torch.randn(4, **D)
+    with pydlx.use_backend("reference"):
+        assert gradgradcheck(lambda x, w, b: _through_op(pydlx.ops.linear(x, w, b, activation)), (x, w, b))
+        assert gradgradcheck(lambda x, w: _through_op(pydlx.ops.linear(x, w, None, activation)), (x, w))
+        assert gradgradcheck(lambda x, w, b: _through_op(
+            pydlx.ops.conv_act_pool2d(x, w, b, 1, 1, activation, 1)), (xc, wc, bc))
 
 
 @pytest.mark.parametrize("activation,last", [("tanh", None), ("leaky_relu(0.2)", "sigmoid"), ("gelu", "relu")])
@@ -243,3 +247,13 @@ def test_torch_func_hessian_vector_product_through_the_reference():
         got = hvp(lambda x, w, b: pydlx.ops.linear(x, w, b, "tanh"))
     want = hvp(lambda x, w, b: torch.tanh(F.linear(x, w, b)))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_lstm_second_order_on_the_reference():
+    """The LSTM on the reference is ATen's LSTM, differentiated twice as nn.LSTM is."""
+    torch.manual_seed(0)
+    lstm = pydlx.nn.LSTM(3, 4, num_layers=2).double()
+    x = torch.randn(5, 2, 3, **D)
+    with pydlx.use_backend("reference"):
+        assert gradgradcheck(lambda x, w: torch.func.functional_call(lstm, {"weight_ih_l0": w}, (x,))[0], (
+            x, lstm.weight_ih_l0.detach().clone().requires_grad_()))

@@ -161,13 +161,14 @@ def test_empty_dimensions_as_torch(make_torch, make_pydlx, shape, backend):
         torch.testing.assert_close(pp.grad, pt.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_double_backward_raises_torchs_error_not_a_wrong_gradient():
-    """A backward that reads a saved pre-activation (gelu) is not differentiable: create_graph=True then a second
-    backward raises torch's RuntimeError through a forced backend (README, Not supported yet; what is supported:
-    tests/test_double_backward.py); under auto on a CPU (plain PyTorch) it works."""
+@pytest.mark.interpreter
+def test_double_backward_through_a_forced_kernel_raises_torchs_error_not_a_wrong_gradient():
+    """A kernel's backward is not differentiable, and a forced backend never falls back: create_graph=True then a
+    second backward raises torch's RuntimeError (what is supported: tests/test_double_backward.py); under auto on a
+    CPU (plain PyTorch) it works."""
     x = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(6, 8, requires_grad=True)
-    with pydlx.use_backend("reference"), pytest.raises(RuntimeError, match="no autograd formula"):
+    with pydlx.use_backend("triton"), pytest.raises(RuntimeError, match="no autograd formula"):
         y = pydlx.ops.linear(x, w, None, activation="gelu")
         (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
         g.sum().backward()

@@ -110,8 +110,8 @@ class Op:
     Otherwise the call goes through the op ``overload`` (``pydlx::<name>``): torch.compile, torch.export and the
     modes see one opaque op. A backward op (no ``function``) called with gradients enabled on inputs that need one
     (a backward that builds a graph, ``create_graph=True``, for a double backward) runs the reference's
-    implementation directly where ``second_order`` says its PyTorch ops differentiate exactly (autograd records
-    them); otherwise it goes through the op too, which refuses a second backward with torch's error."""
+    implementation directly where the op is marked ``second_order`` (autograd records its PyTorch ops); otherwise it
+    goes through the op too, which refuses a second backward with torch's error."""
 
     __slots__ = ("name", "impl", "overload", "function", "transformable", "tensors", "lists", "names", "backend_at",
                  "second_order")
@@ -125,7 +125,7 @@ class Op:
         self.lists = tuple(i for i, a in enumerate(args) if isinstance(a.type, torch.ListType)
                            and _is_tensor(a.type.getElementType()))
         self.backend_at = self.names.index("backend")  # (every op takes the backend that runs it)
-        self.second_order: Optional[Callable[..., bool]] = None  # (a backward op: see ``implement``)
+        self.second_order = False  # (a backward op: see ``implement``)
 
     def __call__(self, *args):
         if traced():
@@ -144,8 +144,7 @@ class Op:
                 grad = grad or t.requires_grad
         if grad and torch.is_grad_enabled():
             if self.function is None:  # a backward op inside a backward that records a graph
-                if self.second_order is not None and args[self.backend_at] == "reference" and \
-                        self.second_order(*args):
+                if self.second_order and args[self.backend_at] == "reference":
                     return self.impl(*args)
                 return self.overload(*args)
             return self.eager(True, *args)
@@ -253,26 +252,26 @@ def _unflatten(flat: Sequence, lists: Sequence[int], lengths: Optional[Sequence[
 
 
 def implement(name: str, impl: Callable, fake: Callable, differentiable: bool = False,
-              decomposition: Optional[Callable] = None, second_order: Optional[Callable[..., bool]] = None) -> Op:
+              decomposition: Optional[Callable] = None, second_order: bool = False) -> Op:
     """Register ``impl`` (every device: it calls the backend named by its ``backend`` argument) and ``fake`` (shapes
     only, for torch.compile / torch.export) for the op ``pydlx::<name>`` of pydlx/ops/schemas.py; returns the ``Op``
     the entry points call. ``differentiable``: its autograd formula follows (``autograd``); otherwise (the backward
     ops) a backward through it raises torch's RuntimeError rather than pass a wrong gradient, except where
-    ``second_order(*args)`` holds for a reference call: a backward op's implementation on the reference backend is
-    PyTorch ops, and it differentiates exactly when every tensor it reads carries its autograd history (the forward
-    op's inputs and differentiable outputs; not a saved non-differentiable output such as a pre-activation, whose
-    dependence on the inputs autograd does not see). Such a call inside a ``create_graph=True`` backward runs the
-    implementation directly (``Op``), so a second backward goes through its ops; a kernel backend's backward
-    (Triton, C++/CUDA) never does. ``decomposition``: what the op lowers to (``_decomposes``), if not ``impl`` on
+    ``second_order``: on the reference backend a backward op's implementation is PyTorch ops, exact to differentiate
+    when every tensor it reads carries its autograd history -- the forward op's inputs and differentiable outputs,
+    not a saved non-differentiable output such as a pre-activation, whose dependence on the inputs autograd does not
+    see. The op's backward formula guarantees that in a backward that records a graph (it recomputes such a tensor
+    from the inputs there); such a call (``Op``) then runs the implementation directly, so a second backward goes
+    through its ops. A kernel backend's backward (Triton, C++/CUDA) never does. ``decomposition``: what the op lowers to (``_decomposes``), if not ``impl`` on
     the reference backend."""
     LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"pydlx::{name}", fake, lib=LIB)
     if not differentiable:
         def refuse(ctx, *grads):
             raise RuntimeError(f"Trying to backward through pydlx::{name} but no autograd formula was registered: "
-                               "pydlx's backward ops are not differentiable on a forced kernel backend, nor where "
-                               "the reference's backward reads a saved pre-activation or an LSTM's gates (double "
-                               "backward is supported on the reference backend and under auto otherwise)")
+                               "pydlx's backward ops are not differentiable on a forced kernel backend, nor the "
+                               "LSTM's (double backward is supported on the reference backend and under auto "
+                               "otherwise)")
         torch.library.register_autograd(f"pydlx::{name}", refuse, lib=LIB)
     _OPS[name] = Op(name, impl, op(name))
     _OPS[name].second_order = second_order
@@ -393,9 +392,9 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
 
     # ``ctx.auto_kernel``: whether ``auto`` ran the call on a kernel backend. In a backward that records a graph
     # (create_graph=True) of such a call, the formula gets the reference backend instead: the same saved tensors
-    # (every backend saves the reference's layouts), read by the reference's backward, which is differentiable where
-    # ``implement``'s ``second_order`` says so (a kernel's backward never is). A forced backend keeps its own, and
-    # refuses. (Written out in both Functions: their forward and backward run on every training call.)
+    # (every backend saves the reference's layouts), read by the reference's backward, which is differentiable
+    # (``implement``'s ``second_order``; a kernel's backward never is). A forced backend keeps its own, and refuses.
+    # (Written out in both Functions: their forward and backward run on every training call.)
     at = the_op.backend_at
 
     if lists:

@@ -214,7 +214,7 @@ layer_bn_train_fwd = implement("layer_bn_train_fwd", _fwd, _fwd_fake, differenti
 layer_bn_train_bwd = implement("layer_bn_train_bwd", _bwd, _bwd_fake,
                                # (it recomputes from x; ATen's batch norm backward differentiates through its
                                # saved mean and invstd in training mode, as eager BatchNorm's double backward does)
-                               second_order=lambda *_: True)
+                               second_order=True)
 
 
 def _save(a, out):

@@ -78,9 +78,7 @@ def _bwd_fake(grad, input, weight, y, idx, z, has_bias, stride, padding, pool_si
 
 
 conv_relu_pool2d_fwd = implement("conv_relu_pool2d_fwd", _fwd, _fwd_fake, differentiable=True)
-conv_relu_pool2d_bwd = implement("conv_relu_pool2d_bwd", _bwd, _bwd_fake,
-                                 # (x, w and y; the pool's argmax is an index; not the non-differentiable z)
-                                 second_order=lambda grad, input, weight, y, idx, z, *_: z.numel() == 0)
+conv_relu_pool2d_bwd = implement("conv_relu_pool2d_bwd", _bwd, _bwd_fake, second_order=True)
 
 
 def _save(a, out):
@@ -89,11 +87,16 @@ def _save(a, out):
     # activation nothing but x and w, so a later in-place op on y (ResNet's ``out += identity`` after a folded
     # Conv -> BatchNorm) is as legal as in eager
     needs_y = a.pool_size > 1 or (act_name(a.activation) is not None and z.numel() == 0)
-    return a.input, a.weight, y if needs_y else y.new_empty(0), idx, z
+    # (the bias, a parameter, costs no memory: a double backward recomputes z from it)
+    return (a.input, a.weight, y if needs_y else y.new_empty(0), idx, z, *((a.bias,) if a.bias is not None else ()))
 
 
 def _backward(a, saved, grads, needs):
-    input, weight, y, idx, z = saved
+    input, weight, y, idx, z, *bias = saved
+    if a.backend == "reference" and torch.is_grad_enabled() and z.numel():
+        # a backward that records a graph (create_graph=True): the saved z carries no history, the recomputed one
+        # does (the pre-activation is saved only without a pool)
+        z = torch.nn.functional.conv2d(input, weight, bias[0] if bias else None, a.stride, a.padding)
     if act_name(a.activation) is not None and saves_preact(a.activation) and z.numel() == 0 and grads[0].numel():
         raise RuntimeError("pydlx.ops.conv_act_pool2d: backward needs the pre-activation, but the forward ran with "
                            "save_preact=False (call the op through pydlx.ops.conv_act_pool2d)")

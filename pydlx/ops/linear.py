@@ -78,20 +78,23 @@ def _bwd_fake(grad, input, weight, saved, activation, has_bias, need_dx, need_dw
 
 
 linear_fwd = implement("linear_fwd", _fwd, _fwd_fake, differentiable=True)
-linear_bwd = implement("linear_bwd", _bwd, _bwd_fake,
-                       # (the reference's backward reads y or nothing, never the non-differentiable z)
-                       second_order=lambda grad, input, weight, saved, activation, *_: not saves_preact(
-                           act_name(activation)))
+linear_bwd = implement("linear_bwd", _bwd, _bwd_fake, second_order=True)
 
 
 def _save(a, out):
     y, z = out
     act = act_name(a.activation)
-    return a.input, a.weight, (z if saves_preact(act) else y) if act is not None else a.input.new_empty(0)
+    # (the bias, a parameter, costs no memory: a double backward recomputes z from it)
+    return (a.input, a.weight, (z if saves_preact(act) else y) if act is not None else a.input.new_empty(0),
+            *((a.bias,) if a.bias is not None else ()))
 
 
 def _backward(a, saved, grads, needs):
-    input, weight, kept = saved
+    input, weight, kept, *bias = saved
+    if a.backend == "reference" and torch.is_grad_enabled() and saves_preact(act_name(a.activation)):
+        # a backward that records a graph (create_graph=True): the saved z carries no history, the recomputed one
+        # does, so the second backward sees how the activation's derivative depends on the inputs
+        kept = torch.nn.functional.linear(input, weight, bias[0] if bias else None)
     if saves_preact(act_name(a.activation)) and kept.numel() == 0 and grads[0].numel() != 0:
         raise RuntimeError("pydlx.ops.linear: backward needs the pre-activation, but the forward ran with "
                            "save_preact=False; call pydlx.ops.linear, which sets it when gradients are needed")
