@@ -123,7 +123,7 @@ class Plans:
     backend and the op's derived arguments), so that a repeated call skips the checks, the argument derivation and
     the dispatcher. The key holds everything the plan was derived from -- each tensor's shape, dtype, device and
     requires_grad, the options, grad mode, and ``state()`` -- so any change makes a new plan. Never used while
-    torch.compile / torch.export trace (pydlx.ops._common.traced): symbolic sizes are not kept. At most
+    torch.compile / torch.export trace (pydlx._tracing.traced): symbolic sizes are not kept. At most
     MAX_DECISIONS plans; ``clear_caches()`` forgets them."""
 
     every: list = []

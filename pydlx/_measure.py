@@ -427,7 +427,7 @@ def _capturing(device) -> bool:
 
 def why_not_now(device) -> Tuple[Optional[str], bool]:
     """(why a call cannot be measured now, whether that passes), or (None, False) if it can."""
-    from .ops._common import traced
+    from ._tracing import traced
     if torch.compiler.is_compiling():
         return "torch.compile is tracing: it follows recorded decisions only", True
     if traced():

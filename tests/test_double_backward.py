@@ -1,12 +1,12 @@
 """Double backward (``create_graph=True``, then a backward through the gradient: gradient penalties, second-order
 meta-learning, Hessian-vector products) through pydlx's ops.
 
-On the reference backend a backward op is PyTorch ops, and pydlx lets autograd record them where every tensor they
-read carries its history (pydlx.ops._common ``implement``'s ``second_order``): the second-order gradients are then
-checked against finite differences in float64 (``gradgradcheck``). Where the backward would read a saved
-non-differentiable tensor (a pre-activation, an MLP's hidden layers, an LSTM's gates) or run a kernel (Triton,
-C++/CUDA), the second backward raises torch's RuntimeError: never a silent wrong gradient. A forced backend never
-falls back."""
+On the reference backend a backward op is PyTorch ops, and pydlx lets autograd record them in a backward that
+records a graph, handing them only tensors that carry their history (a saved pre-activation or an MLP's hidden
+layers are recomputed from the inputs there): the second-order gradients are checked against finite differences in
+float64 (``gradgradcheck``). Under ``auto`` a call that ran on a kernel takes the reference's backward there; a
+forced kernel backend (Triton, C++/CUDA) raises torch's RuntimeError instead -- never a silent wrong gradient, and
+a forced backend never falls back."""
 import copy
 
 import pytest
@@ -26,7 +26,8 @@ def _through_op(y):
     return y
 
 
-@pytest.mark.parametrize("activation", [None, "relu", "tanh", "sigmoid", "leaky_relu(0.2)", "elu(0.7)", "selu"])
+@pytest.mark.parametrize("activation", [None, "relu", "tanh", "sigmoid", "leaky_relu(0.2)", "elu(0.7)", "selu", "relu6",
+                                        "hardsigmoid"])
 def test_linear_second_order_on_the_reference(activation):
     x, w, b = torch.randn(5, 7, **D), torch.randn(3, 7, **D), torch.randn(3, **D)
     with pydlx.use_backend("reference"):

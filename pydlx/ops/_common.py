@@ -12,6 +12,7 @@ import torch._decomp
 from torch import Tensor
 
 from .. import _backend
+from .._tracing import traced, watched  # noqa: F401  (re-exported: the entry points' test)
 from .schemas import LIB, op
 
 
@@ -78,25 +79,6 @@ def act_name(activation: str) -> Optional[str]:
 
 # ----------------------------------------------------------------------------------------------- the op scaffold
 _PLAIN = (Tensor, torch.nn.Parameter)  # tensor types the eager path takes; any other (FakeTensor, DTensor, ...) -> op
-
-
-def watched() -> bool:
-    """Whether a call must go through the torch.library op: torch.compile / torch.export trace it, a dispatch or
-    torch-function mode (FakeTensorMode, FlopCounterMode, ...) watches it, or torch.jit.trace records it.
-    ``is_compiling`` comes first: Dynamo folds it to True and stops."""
-    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled()
-            or torch._C._get_tracing_state() is not None)
-
-
-def traced() -> bool:
-    """Whether a call is off the plain eager path: ``watched``, or a torch.func transform (grad, vjp, vmap, ...) is
-    active (written out: this runs on every entry point's call). The entry points then keep no plan and call their
-    ``Op`` with everything checked afresh."""
-    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled()
-            or torch._C._get_tracing_state() is not None
-            or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 class Op:
