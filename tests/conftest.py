@@ -21,6 +21,11 @@ def pytest_addoption(parser):
                      help="the fast tier (bash scripts/test.sh --fast): every test function once, with its first "
                           "parameter set, and none marked slow (the extension build, the AOT compile of every "
                           "config, the GPU check's dry run, the zoo)")
+    parser.addoption("--auto-as-gpu", choices=AUTO_AS_GPU, default=None,
+                     help="run every test with `auto` deciding as on a GPU, on the CPU tensors: 'unmeasured' (each "
+                          "family's unmeasured default: the Triton kernels for Linear and the MLP through the "
+                          "interpreter, the reference inside the op for the conv block) or 'kernels' (a GPU whose "
+                          "measurements chose the Triton kernel wherever it runs)")
 
 
 def pytest_configure(config):
@@ -103,6 +108,41 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.when == "call":
         item.rep_call = rep
+
+
+AUTO_AS_GPU = ("unmeasured", "kernels")
+
+
+@pytest.fixture
+def auto_as_gpu(monkeypatch):
+    """``auto_as_gpu(mode)``: from then on in the test, ``auto`` decides for CPU tensors as it does on a GPU (see
+    --auto-as-gpu for the modes): the CPU shortcut (plain eager) is skipped and each decision is the family's
+    unmeasured default, or Triton wherever it runs. What is not ``auto`` (a forced backend, a torch.func transform)
+    decides as before."""
+    from pydlx import _backend, _policy, registry
+
+    def simulate(mode: str) -> None:
+        assert mode in AUTO_AS_GPU, mode
+        decide = _backend._decide
+
+        def as_on_a_gpu(name, family, device, call, op):
+            if name != "auto":
+                return decide(name, family, device, call, op)
+            if mode == "kernels" and registry.why_not("triton", family, device, call) is None:
+                return "triton", "triton: measured faster", True
+            return _backend._defaults(family, device, call, _policy.setting(), None)
+        monkeypatch.setattr(_backend, "cpu_auto", lambda t: False)
+        monkeypatch.setattr(_backend, "_decide", as_on_a_gpu)
+        _backend.clear_caches()
+    return simulate
+
+
+@pytest.fixture(autouse=True)
+def _auto_as_gpu_everywhere(request):
+    mode = request.config.getoption("--auto-as-gpu")
+    if mode is not None:
+        request.getfixturevalue("auto_as_gpu")(mode)
+    yield
 
 
 @pytest.fixture(autouse=True)

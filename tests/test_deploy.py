@@ -178,19 +178,15 @@ def test_vmap_and_jvp_through_a_forced_kernel_backend_raise_naming_the_op():
 
 
 @pytest.mark.interpreter
-def test_torch_func_under_auto_as_on_a_gpu_with_measured_kernels(monkeypatch):
+def test_torch_func_under_auto_as_on_a_gpu_with_measured_kernels(monkeypatch, auto_as_gpu):
     """``auto`` on a GPU whose measurements chose the Triton kernels (made to look so: the CPU shortcut skipped,
     every decision "triton"): an optimized CNN runs pydlx's kernels, and under torch.func -- the per-sample-gradient
     recipe (vmap over grad), jvp, jacfwd, jacrev (a vmap over a backward), grad -- ``auto`` takes the reference,
     whose PyTorch ops every transform handles: the model as written's results."""
     import pydlx.triton.conv_relu_pool as triton_conv
-    from pydlx import _backend
     from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 
-    monkeypatch.setattr(_backend, "cpu_auto", lambda t: False)
-    decide = _backend._decide
-    monkeypatch.setattr(_backend, "_decide", lambda name, family, device, call, op: (
-        ("triton", "triton: measured faster", True) if name == "auto" else decide(name, family, device, call, op)))
+    auto_as_gpu("kernels")
     torch.manual_seed(0)
 
     def make():

@@ -16,7 +16,6 @@ from torch import nn
 from torch.autograd import gradgradcheck
 
 import pydlx
-from pydlx import _backend
 
 D = dict(dtype=torch.float64, requires_grad=True)
 
@@ -153,14 +152,12 @@ def _gradient_penalty_grads(model, real, fake, eps):
     return torch.autograd.grad(penalty, list(model.parameters()), allow_unused=True)  # (the head's bias: unused)
 
 
-def test_an_optimized_wgan_gp_critic_under_auto_as_on_an_unmeasured_gpu(monkeypatch):
+def test_an_optimized_wgan_gp_critic_under_auto_as_on_an_unmeasured_gpu(auto_as_gpu):
     """On a GPU without a measured faster kernel, ``auto`` runs the conv block's op with the reference inside (its
     memory saving: the output and int8 indices saved, not the conv map). A WGAN-GP critic swapped by
     ``pydlx.optimize`` then takes its gradient penalty through the op's double backward: the same gradients as the
-    critic as written. The device is made to look like an unmeasured GPU as in tests/test_host_path.py."""
-    monkeypatch.setattr(_backend, "cpu_auto", lambda t: False)
-    monkeypatch.setattr(_backend, "decide", lambda family, device, call, op=None: (
-        "reference", "eager: not measured on this GPU"))
+    critic as written. The device is made to look like an unmeasured GPU (conftest.py auto_as_gpu)."""
+    auto_as_gpu("unmeasured")
     torch.manual_seed(0)
     critic = _Critic().double()
     fast = pydlx.optimize(_Critic().double())
@@ -192,16 +189,13 @@ class _MlpCritic(nn.Module):
 
 
 @pytest.mark.interpreter
-def test_an_optimized_critic_under_auto_with_measured_kernels(monkeypatch):
+def test_an_optimized_critic_under_auto_with_measured_kernels(auto_as_gpu):
     """``auto`` on a GPU whose measurements chose the Triton kernels (made to look so: the CPU shortcut skipped,
     every decision "triton"): the critic's conv blocks and MLP head run the kernels, and its gradient penalty's
     backward (create_graph=True) takes the reference's backward on the same saved tensors -- auto's choice: a
     kernel's backward is not differentiable -- giving the penalty gradients of the critic as written. A forced
     ``triton`` refuses instead."""
-    decide = _backend._decide
-    monkeypatch.setattr(_backend, "cpu_auto", lambda t: False)
-    monkeypatch.setattr(_backend, "_decide", lambda name, family, device, call, op: (
-        ("triton", "triton: measured faster", True) if name == "auto" else decide(name, family, device, call, op)))
+    auto_as_gpu("kernels")
     torch.manual_seed(0)
     critic = _MlpCritic()
     fast = pydlx.optimize(_MlpCritic())
