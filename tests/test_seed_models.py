@@ -215,6 +215,36 @@ def test_training_curves_agree_on_the_triton_kernels(kind):
         assert abs(la - lb) <= 2e-3 * max(1.0, abs(la)), (a["losses"], b["losses"])
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_curves_agree_under_auto_as_on_an_unmeasured_gpu(kind, auto_as_gpu):
+    """The same under ``auto`` deciding as on a GPU with nothing measured (conftest.py auto_as_gpu): the CNN's conv
+    blocks run their op (the reference inside) and its two-layer head the Triton fused MLP; the autoencoder's
+    layers (wider than the fused MLP's 128) the Triton Linear; the LSTM classifier runs as written (cuDNN's place
+    until measured; its head is one Linear without an activation). 2 steps at batch 4."""
+    torch.manual_seed(0)
+    model = S.make_model(kind, small=True)
+    fast = pydlx.optimize(model)
+    data = S.make_data(kind)
+    a = S.train(kind, model, data, epochs=1, batch=4, max_steps=2, metrics=False)
+    auto_as_gpu("unmeasured")
+    b = S.train(kind, fast, data, epochs=1, batch=4, max_steps=2, metrics=False)
+    assert len(b["losses"]) == 2
+    out, seen, todo = fast(data["x_train"][:4]), set(), []  # (out kept: a custom Function's node lives with it)
+    todo.append(out.grad_fn)
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+    ops = {type(n).__name__ for n in seen if type(n).__name__.startswith("pydlx")}
+    assert ops == {"cnn": {"pydlx_conv_relu_pool2d_fwdBackward", "pydlx_mlp_fusedBackward"}, "rnn": set(),
+                   "autoencoder": {"pydlx_linear_fwdBackward"}}[kind], ops
+    for la, lb in zip(a["losses"], b["losses"]):
+        assert abs(la - lb) <= 2e-3 * max(1.0, abs(la)), (a["losses"], b["losses"])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_compile_fullgraph_of_optimized_model(kind):
     torch.manual_seed(0)
