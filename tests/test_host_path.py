@@ -164,14 +164,35 @@ def test_host_path_within_budget(case, training):
         assert sum(ops.values()) <= sum(eager_ops.values()) + EAGER_OPS_MARGIN[case], (ops, eager_ops)
 
 
+# what a call whose signature was seen before never runs: the argument checks, the dispatcher, the spec parsing
+FIRST_CALL_ONLY = ("check_linear_args", "check_floating", "check_like", "choose", "decide", "_decide", "why_not",
+                   "_parse", "activation_refused")
+
+
 def test_a_repeated_call_runs_no_check_and_no_dispatcher():
     """After the first call of a signature, a call neither checks its arguments nor asks the dispatcher, nor
     parses or checks an activation spec again, forward or backward."""
     for training in (False, True):
         py, _, _ = counts("linear", training)
-        for name in ("check_linear_args", "check_floating", "check_like", "choose", "decide", "_decide", "why_not",
-                     "_parse", "activation_refused"):
+        for name in FIRST_CALL_ONLY:
             assert py[name] == 0, (name, training, sorted(py.items()))
+
+
+@pytest.mark.parametrize("case,training", [("conv_relu_pool", False), ("conv_relu_pool", True),
+                                           ("conv_bn_eval", False)])
+def test_auto_on_a_gpu_repeats_a_call_at_the_forced_backends_cost(case, training, auto_as_gpu):
+    """On a GPU ``auto`` decides a call signature once; a repeated call then costs the host what the forced
+    backend's does, plus one Python call (the check that ``auto`` runs no CPU shortcut), and never asks the
+    dispatcher again. ``auto`` decides here as on an unmeasured GPU: the conv block's op with the reference inside,
+    which the forced ``reference`` runs too (conftest.py auto_as_gpu)."""
+    forced, _, _ = counts(case, training)
+    auto_as_gpu("unmeasured")
+    run = _one_call(CASES[case](training)[0], training)
+    run()  # (the first call of the signature decides)
+    auto = python_calls(run)
+    assert auto["pydlx"] <= forced["pydlx"] + 1, (sorted(auto.items()), sorted(forced.items()))
+    for name in FIRST_CALL_ONLY:
+        assert auto[name] == 0, (name, sorted(auto.items()))
 
 
 def test_the_guard_fails_on_a_slowed_path(monkeypatch):
