@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pydlx
+from graph import pydlx_nodes
 from pydlx import _fx_fuse
 from tolerance import assert_close
 
@@ -231,14 +232,8 @@ def test_training_curves_agree_under_auto_as_on_an_unmeasured_gpu(kind, auto_as_
     auto_as_gpu("unmeasured")
     b = S.train(kind, fast, data, epochs=1, batch=4, max_steps=2, metrics=False)
     assert len(b["losses"]) == 2
-    out, seen, todo = fast(data["x_train"][:4]), set(), []  # (out kept: a custom Function's node lives with it)
-    todo.append(out.grad_fn)
-    while todo:
-        node = todo.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            todo.extend(n for n, _ in node.next_functions)
-    ops = {type(n).__name__ for n in seen if type(n).__name__.startswith("pydlx")}
+    out = fast(data["x_train"][:4])
+    ops = pydlx_nodes(out)
     assert ops == {"cnn": {"pydlx_conv_relu_pool2d_fwdBackward", "pydlx_mlp_fusedBackward"}, "rnn": set(),
                    "autoencoder": {"pydlx_linear_fwdBackward"}}[kind], ops
     for la, lb in zip(a["losses"], b["losses"]):

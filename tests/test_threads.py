@@ -15,13 +15,13 @@ def _linear_backend(y: torch.Tensor) -> str:
     return "op" if "pydlx" in y.grad_fn.name() else "eager"
 
 
-def _auto_path(x: torch.Tensor) -> str:
-    """The path ``auto`` takes for ``x`` here: plain eager on a CPU, the op where it decides as on a GPU
+def _auto_path(request) -> str:
+    """The path ``auto`` takes for a CPU tensor: plain eager, or the op where the run makes it decide as on a GPU
     (pytest --auto-as-gpu)."""
-    return "eager" if _backend.cpu_auto(x) else "op"
+    return "eager" if request.config.getoption("--auto-as-gpu") is None else "op"
 
 
-def test_two_threads_two_backends():
+def test_two_threads_two_backends(request):
     """While one thread is inside ``use_backend("reference")`` another one's calls stay on ``auto``, and each sees
     its own backend and policy."""
     x, w = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
@@ -46,7 +46,7 @@ def test_two_threads_two_backends():
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert seen == {"forced": ("reference", "off", "op"), "plain": ("auto", None, _auto_path(x))}, seen
+    assert seen == {"forced": ("reference", "off", "op"), "plain": ("auto", None, _auto_path(request))}, seen
     assert pydlx.current_backend() == "auto"
 
 
@@ -72,7 +72,7 @@ def test_backward_on_another_thread_runs_on_the_forward_backend(monkeypatch):
 
 
 
-def test_two_asyncio_tasks_two_backends():
+def test_two_asyncio_tasks_two_backends(request):
     """Two tasks of one event loop, interleaving inside their blocks: each sees its own backend and policy (the
     other task's block is still open at each of its calls), and the loop's own code outside both sees neither."""
     import asyncio
@@ -94,7 +94,7 @@ def test_two_asyncio_tasks_two_backends():
     outside = asyncio.run(main())
     for step in range(3):
         assert seen[("forced", step)] == ("reference", "off", "op")
-        assert seen[("auto", step)] == ("auto", "off", _auto_path(x))  # (use_policy(None): "off" as well)
+        assert seen[("auto", step)] == ("auto", "off", _auto_path(request))  # (use_policy(None): "off" as well)
     assert outside == (pydlx.current_backend(), None) and outside[0] == "auto"
     # the per-thread mirror (what torch.compile reads where Dynamo cannot read a context variable) is left clean
     assert getattr(_backend._BACKENDS.mirror, "stack", ()) == () == getattr(_policy._POLICIES.mirror, "stack", ())
