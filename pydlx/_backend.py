@@ -25,8 +25,8 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from . import _measure, _policy, registry
-from ._env import DYNAMO_READS_CONTEXTVARS, Scope, getenv
+from . import _env, _measure, _policy, registry
+from ._env import DATA as _ENV, Scope, getenv
 
 _BACKENDS = Scope("backends")  # use_backend's stack in this thread and task
 
@@ -112,10 +112,18 @@ def clear_caches() -> None:
 def state() -> tuple:
     """What a kept plan depends on beyond the call itself: what decides the backend and the policy in force (the
     innermost ``use_backend`` / ``use_policy``, and PYDLX_BACKEND / PYDLX_POLICY as set now: read on every call,
-    unparsed, so that a change is seen by the next call at the cost of two lookups)."""
-    stack = _BACKENDS.var.get() if DYNAMO_READS_CONTEXTVARS or not torch.compiler.is_compiling() else \
-        getattr(_BACKENDS.mirror, "stack", ())  # (_BACKENDS.get, written out: this runs on every op call)
-    return (stack[-1] if stack else getenv("PYDLX_BACKEND"), _policy.in_force())
+    unparsed, so that a change is seen by the next call at the cost of two lookups). Eager calls only: plans are
+    not kept while torch.compile / torch.export trace."""
+    # (written out with no Python call, the variables' values as the environment's bytes: this runs on every op call)
+    stack, override = _BACKEND_STACK.get(), _POLICY_STACK.get()
+    if _ENV is None:
+        return stack[-1] if stack else getenv("PYDLX_BACKEND"), override[-1] if override else None, \
+            getenv("PYDLX_POLICY")
+    return stack[-1] if stack else _ENV.get(_BACKEND_KEY), override[-1] if override else None, _ENV.get(_POLICY_KEY)
+
+
+_BACKEND_STACK, _POLICY_STACK = _BACKENDS.var, _policy._POLICIES.var
+_BACKEND_KEY, _POLICY_KEY = _env.key("PYDLX_BACKEND"), _env.key("PYDLX_POLICY")
 
 
 class Plans:

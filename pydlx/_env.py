@@ -17,20 +17,22 @@ import torch
 
 try:
     import posix
-    _DATA = posix.environ if getattr(os.environ, "_data", None) is posix.environ else None
+    # the environment as os.environ keeps it (bytes keys and values; None off POSIX): ``DATA.get(key(name))``
+    DATA = posix.environ if getattr(os.environ, "_data", None) is posix.environ else None
 except ImportError:  # (not POSIX)
-    _DATA = None
+    DATA = None
 
 
 def getenv(name: str) -> Optional[str]:
     """``os.environ.get(name)``."""
-    if _DATA is None:
+    if DATA is None:
         return os.environ.get(name)
-    value = _DATA.get(_KEYS.get(name) or _key(name))
+    value = DATA.get(_KEYS.get(name) or key(name))
     return None if value is None else os.fsdecode(value)
 
 
-def _key(name: str) -> bytes:
+def key(name: str) -> bytes:
+    """The variable's name as ``DATA``'s key."""
     _KEYS[name] = os.fsencode(name)
     return _KEYS[name]
 

@@ -245,6 +245,22 @@ class Backend:
 
 BACKENDS: Dict[str, Backend] = {}
 _listeners = []  # called after every registration (the dispatcher drops its kept decisions)
+_FOUND: Dict[str, Dict[str, object]] = {}  # family -> {backend: implementation}, as ``implementation`` found them
+
+
+def found(family: str) -> Dict[str, object]:
+    """{backend: implementation} of ``family`` as ``implementation`` returned them to eager calls: one dictionary per
+    family for the life of the process, emptied on every registration, so that an op's implementation can read
+    ``found(family).get(backend)`` (a lookup, no call) and call ``implementation`` only when that misses."""
+    return _FOUND.setdefault(family, {})
+
+
+def _forget_found() -> None:
+    for kept in _FOUND.values():
+        kept.clear()
+
+
+_listeners.append(_forget_found)
 
 
 def _loader(module: str) -> Callable[[], object]:
@@ -300,19 +316,18 @@ def implementation(family: str, backend: str):
     module is imported on first use: the Triton kernels' modules import Triton, which ``import pydlx`` does not."""
     b = BACKENDS[backend]
     impl = b.implementations.get(family)
-    if impl is not None:
-        return impl
     compiling = torch.compiler.is_compiling()  # (a trace imports through ``load``: no guard on the kept modules)
-    if not compiling:
+    if impl is None and not compiling:
         impl = b._loaded.get(family)
-        if impl is not None:
-            return impl
-    load = b._loaders.get(family)
-    if load is None:
-        return None
-    impl = load()
+    if impl is None:
+        load = b._loaders.get(family)
+        if load is None:
+            return None
+        impl = load()
+        if not compiling:
+            b._loaded[family] = impl
     if not compiling:
-        b._loaded[family] = impl
+        _FOUND.setdefault(family, {})[backend] = impl  # (``found``, written out)
     return impl
 
 

@@ -118,16 +118,16 @@ CASES = {"resnet18": _resnet18, "linear": _linear, "mlp": _mlp, "conv_relu_pool"
 # (case, training) -> (pydlx Python calls, top-level ATen ops) per call (training: forward and backward) after the
 # first call, the backend forced to the reference. Today's counts: lower them when the path gets cheaper.
 BUDGETS: Dict[Tuple[str, bool], Tuple[int, int]] = {
-    ("linear", False): (18, 3),
-    ("linear", True): (43, 14),
-    ("mlp", False): (30, 7),
-    ("mlp", True): (77, 37),
-    ("conv_relu_pool", False): (19, 5),
-    ("conv_relu_pool", True): (48, 25),
-    ("conv_bn_eval", False): (25, 4),
-    ("conv_bn_train", True): (129, 28),  # (before its batch norm was ATen's own: 84 ATen ops)
-    ("optimized_cnn", False): (70, 16),
-    ("resnet18", False): (527, 89),  # (eager: 69 ATen ops; the folds save 20 batch norms, each conv's op adds empties)
+    ("linear", False): (12, 3),
+    ("linear", True): (33, 14),
+    ("mlp", False): (20, 7),
+    ("mlp", True): (64, 37),
+    ("conv_relu_pool", False): (13, 5),
+    ("conv_relu_pool", True): (38, 25),
+    ("conv_bn_eval", False): (19, 4),
+    ("conv_bn_train", True): (124, 28),  # (before its batch norm was ATen's own: 84 ATen ops)
+    ("optimized_cnn", False): (50, 16),
+    ("resnet18", False): (407, 89),  # (eager: 69 ATen ops; the folds save 20 batch norms, each conv's op adds empties)
 }
 # inference: the fused call's ATen ops may exceed the eager chain's by this (the op's empty outputs for what only
 # backward keeps). Training is not compared: the backward's glue around a fused kernel's layout (slices of the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -189,17 +190,20 @@ def plain(*tensors) -> bool:
     return True
 
 
-def meta(t: Optional[Tensor]) -> Optional[tuple]:
-    """What a kept plan depends on of one tensor (pydlx/_backend.py ``Plans``)."""
-    return None if t is None else (t.shape, t.dtype, t.device, t.requires_grad)
+def metas(tensors: Sequence[Optional[Tensor]]) -> tuple:
+    """What a kept plan depends on of each of ``tensors`` (pydlx/_backend.py ``Plans``): shape, dtype, device and
+    requires_grad, or None for None; in one call (a plan's key is built on every call)."""
+    out = []
+    for t in tensors:
+        out.append(None if t is None else (t.shape, t.dtype, t.device, t.requires_grad))
+    return tuple(out)
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
-def autocast_enabled() -> bool:
-    """Whether any autocast is on (then the entry points cast before they check; a cheap test on every call)."""
-    return _any_autocast()
+# Whether any autocast is on (then the entry points cast before they check): torch's own test, called directly
+autocast_enabled = _any_autocast
 
 
 def _is_tensor(t) -> bool:
@@ -296,19 +300,25 @@ def _decomposes(the_op: Op, fake: Callable, impl: Callable) -> None:
 
 
 def _records(name: str, op: Op):
-    """(Args, Needs, mask) for the op's formulas: ``Args(*inputs)``, the op's inputs by schema name, with ``has_<t>``
-    for each tensor (or Tensor[]) input ``t``: whether it was given; ``Args(*mask(inputs))`` the same with each given
-    tensor replaced by True (what a backward keeps: no reference to an input it did not save); ``Needs(*flags)``
-    which inputs need a gradient, by name. Named tuples: built once per op, cheap per call."""
-    tensor_at = [i in op.tensors or i in op.lists for i in range(len(op.names))]
-    props = {f"has_{n}": property(lambda self, i=i: self[i] is not None)
-             for i, n in enumerate(op.names) if tensor_at[i]}
+    """(Args, Needs, mask) for the op's formulas: ``Args(*inputs)``, the op's inputs by schema name;
+    ``mask(inputs)`` the same record with each tensor (or Tensor[]) input replaced by whether it was given (what a
+    backward keeps: no reference to an input it did not save), read as ``has_<t>``; ``Needs(*flags)`` which inputs
+    need a gradient, by name. Named tuples: built once per op, cheap per call (made with ``tuple.__new__``: a
+    namedtuple's own constructors are Python functions, and these run on every training call)."""
+    tensor_at = tuple(i for i in range(len(op.names)) if i in op.tensors or i in op.lists)
+    props = {f"has_{op.names[i]}": property(operator.itemgetter(i)) for i in tensor_at}
     Args = type(f"{name}_args", (collections.namedtuple(f"{name}_args", op.names),), {"__slots__": (), **props})
     Needs = collections.namedtuple(f"{name}_needs", op.names)
 
     def mask(inputs):
-        return [(None if v is None else True) if t else v for v, t in zip(inputs, tensor_at)]
+        masked = list(inputs)
+        for i in tensor_at:
+            masked[i] = masked[i] is not None
+        return _new(Args, masked)
     return Args, Needs, mask
+
+
+_new = tuple.__new__  # (a named tuple from an iterable, in C)
 
 
 def _gradients(names: Sequence[str], needs: Sequence, got: Dict[str, object]) -> list:
@@ -344,16 +354,20 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
     names = the_op.names
     Args, Needs, mask = _records(name, the_op)
 
-    non_differentiable = tuple(non_differentiable)
+    # the non-differentiable outputs, picked without a Python call: one by its index, several by an itemgetter
+    one_nd = non_differentiable[0] if len(non_differentiable) == 1 else None
+    many_nd = operator.itemgetter(*non_differentiable) if len(non_differentiable) > 1 else None
 
     def setup_context(ctx, inputs, output):
         outputs = output if isinstance(output, tuple) else (output,)
-        if non_differentiable:
-            ctx.mark_non_differentiable(*[outputs[i] for i in non_differentiable])
+        if one_nd is not None:
+            ctx.mark_non_differentiable(outputs[one_nd])
+        elif many_nd is not None:
+            ctx.mark_non_differentiable(*many_nd(outputs))
         if not materialize_grads:
             ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*save(Args._make(inputs), outputs))
-        ctx.args = Args._make(mask(inputs))
+        ctx.save_for_backward(*save(_new(Args, inputs), outputs))
+        ctx.args = mask(inputs)
 
     # torch.library's calls may leave trailing arguments at their schema defaults out of ``inputs`` and of
     # ``needs_input_grad``: completed here (the eager path below always passes every argument)
@@ -365,7 +379,7 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
     def backward_fn(ctx, *grads):
         given = ctx.needs_input_grad
         needs = (*given, *(False,) * (len(names) - len(given)))
-        got = {} if grads[0] is None else backward(ctx.args, ctx.saved_tensors, grads, Needs(*needs))
+        got = {} if grads[0] is None else backward(ctx.args, ctx.saved_tensors, grads, _new(Needs, needs))
         return tuple(_gradients(names, needs, got))[:len(given)]
 
     torch.library.register_autograd(f"pydlx::{name}", backward_fn, setup_context=setup_context_op, lib=LIB)
@@ -393,7 +407,7 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
             lengths = ctx.lengths
             needs = _unflatten(ctx.needs_input_grad[1:], lists, lengths)
             args = ctx.args._replace(backend="reference") if ctx.auto_kernel and torch.is_grad_enabled() else ctx.args
-            got = {} if grads[0] is None else backward(args, ctx.saved_tensors, grads, Needs(*needs))
+            got = {} if grads[0] is None else backward(args, ctx.saved_tensors, grads, _new(Needs, needs))
             return (None, *_flatten(_gradients(names, needs, got), lists))
     else:  # (most ops: the same, with no lists to spread and gather, on the hot path of every call; lengths None)
         def forward(ctx, lengths, *inputs):
@@ -407,7 +421,7 @@ def autograd(name: str, save: Callable, backward: Callable, non_differentiable: 
                 return none
             needs = ctx.needs_input_grad
             args = ctx.args._replace(backend="reference") if ctx.auto_kernel and torch.is_grad_enabled() else ctx.args
-            got = backward(args, ctx.saved_tensors, grads, Needs._make(needs[1:]))
+            got = backward(args, ctx.saved_tensors, grads, _new(Needs, needs[1:]))
             return (None, *[got.get(n) if need else None for n, need in zip(names, needs[1:])])
 
     # (built with type() so that autograd names the node after the op: pydlx_<name>Backward)

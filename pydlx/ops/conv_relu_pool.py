@@ -25,11 +25,14 @@ from ..reference.batchnorm import momentum_factor
 from ..reference.conv_relu_pool import conv_act_pool2d as reference_conv_act_pool2d
 from . import batchnorm
 from ._common import (ArgumentError, act_name, autocast_cast, autocast_enabled, autograd, check_floating, check_like,
-                      implement, meta, plain, traced)
+                      implement, metas, plain, traced)
+
+
+_FOUND = registry.found("conv_relu_pool")
 
 
 def _impl(backend: str):
-    return registry.implementation("conv_relu_pool", backend)
+    return _FOUND.get(backend) or registry.implementation("conv_relu_pool", backend)
 
 
 def choose(x: Tensor, weight: Tensor, stride: int, padding: int, P: int, Q: int, PP: int, ceil_mode: bool,
@@ -209,7 +212,7 @@ def _conv_act_pool2d(name: str, input, weight, bias, stride, padding, activation
     if not traced() and plain(input, weight, bias):
         if autocast_enabled():
             input, weight, bias = _cast(input, weight, bias)
-        key = (name, meta(input), input.stride(), meta(weight), meta(bias), stride, padding, activation, pool_size,
+        key = (name, metas((input, weight, bias)), input.stride(), stride, padding, activation, pool_size,
                pool_stride, pool_padding, ceil_mode, torch.is_grad_enabled(), _backend.state())
         plan = _PLANS.get(key)
         if plan is None:

@@ -22,13 +22,16 @@ from ..reference.batchnorm import momentum_factor
 from ..reference.linear import linear as reference_linear
 from . import batchnorm
 from ._common import (ArgumentError, act_name, autocast_cast, autocast_enabled, autograd, check_floating, check_like,
-                      implement, meta, plain, rows, traced, unrows)
+                      implement, metas, plain, rows, traced, unrows)
 
 NAME = "pydlx.ops.linear"
 
 
+_FOUND = registry.found("linear")
+
+
 def _impl(backend: str):
-    return registry.implementation("linear", backend)
+    return _FOUND.get(backend) or registry.implementation("linear", backend)
 
 
 def op_activation(activation: Optional[str]) -> str:
@@ -91,11 +94,12 @@ def _save(a, out):
 
 def _backward(a, saved, grads, needs):
     input, weight, kept, *bias = saved
-    if a.backend == "reference" and torch.is_grad_enabled() and saves_preact(act_name(a.activation)):
+    preact = saves_preact(act_name(a.activation))
+    if preact and a.backend == "reference" and torch.is_grad_enabled():
         # a backward that records a graph (create_graph=True): the saved z carries no history, the recomputed one
         # does, so the second backward sees how the activation's derivative depends on the inputs
         kept = torch.nn.functional.linear(input, weight, bias[0] if bias else None)
-    if saves_preact(act_name(a.activation)) and kept.numel() == 0 and grads[0].numel() != 0:
+    if preact and kept.numel() == 0 and grads[0].numel() != 0:
         raise RuntimeError("pydlx.ops.linear: backward needs the pre-activation, but the forward ran with "
                            "save_preact=False; call pydlx.ops.linear, which sets it when gradients are needed")
     has_bias = a.has_bias and needs.bias
@@ -175,7 +179,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     if not traced() and plain(input, weight, bias):
         if autocast_enabled():
             input, weight, bias = _cast(input, weight, bias)
-        key = (meta(input), meta(weight), meta(bias), activation, torch.is_grad_enabled(), _backend.state())
+        key = (metas((input, weight, bias)), activation, torch.is_grad_enabled(), _backend.state())
         plan = _PLANS.get(key)
         if plan is None:
             plan = _PLANS.keep(key, _plan(input, weight, bias, activation))

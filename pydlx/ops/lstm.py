@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import _backend, registry
-from ._common import (ArgumentError, autocast_cast, autograd, check_floating, check_like, implement, meta, plain,
+from ._common import (ArgumentError, autocast_cast, autograd, check_floating, check_like, implement, metas, plain,
                       traced)
 from ..reference import lstm as ref
 
@@ -165,7 +165,7 @@ def lstm(input: Union[Tensor, PackedSequence], weights: Sequence[Tensor],
     packed = isinstance(input, PackedSequence)
     if not packed and not traced() and plain(input, *weights) and (
             hx is None or (type(hx) is tuple and len(hx) == 2 and plain(*hx))):
-        key = (meta(input), *map(meta, weights), None if hx is None else (meta(hx[0]), meta(hx[1])), num_layers,
+        key = (metas((input, *weights)), None if hx is None else metas(hx), num_layers,
                bias, batch_first, dropout, training, bidirectional, proj_size, torch.is_grad_enabled(),
                _backend.state())
         plan = _PLANS.get(key)

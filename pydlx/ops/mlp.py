@@ -30,12 +30,15 @@ from ..activations import check_activation, saves_preact
 from ..reference.mlp import fuses_in_one_kernel, mlp as reference_mlp, saves_z
 from ..registry import KERNEL_DTYPES
 from ._common import (ArgumentError, act_name, autocast_cast, autocast_enabled, autograd, check_floating, check_like,
-                      implement, meta, plain, rows, traced, unrows)
+                      implement, metas, plain, rows, traced, unrows)
 from .linear import linear, op_activation
 
 
+_FOUND = registry.found("mlp")
+
+
 def _impl(backend: str):
-    return registry.implementation("mlp", backend)
+    return _FOUND.get(backend) or registry.implementation("mlp", backend)
 
 
 def choose(x: Tensor, sizes: Sequence[int], training: bool) -> str:
@@ -192,7 +195,7 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         if autocast_enabled() and len(weights) == len(biases):
             input, *params = autocast_cast(input.device.type, (input, *weights, *biases))
             weights, biases = params[:len(weights)], params[len(weights):]
-        key = (meta(input), *map(meta, weights), None, *map(meta, biases), activation, last_activation,
+        key = (metas((input, *weights, None, *biases)), activation, last_activation,
                torch.is_grad_enabled(), _backend.state())
         plan = _PLANS.get(key)
         if plan is None:
