@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pydlx
-from pydlx import _backend
+from pydlx import _backend, registry
 from pydlx.bench.seed_models import CNN
 
 PKG = os.path.dirname(pydlx.__file__) + os.sep
@@ -202,6 +202,90 @@ def test_the_guard_fails_on_a_slowed_path(monkeypatch):
     for case in ("linear", "mlp", "conv_relu_pool"):
         py, _, _ = counts(case, False)
         assert py["pydlx"] > BUDGETS[(case, False)][0], (case, py["pydlx"])
+
+
+# (case, training) -> pydlx Python calls per call on the Triton backend's path as a GPU runs it (the launchers'
+# configs kept per call key), up to Triton's own launch (stood in for: ``triton_run_stood_in``). Today's counts:
+# lower them when the path gets cheaper.
+TRITON_BUDGETS: Dict[Tuple[str, bool], int] = {
+    ("linear", False): 22,
+    ("linear", True): 70,
+    ("mlp", False): 30,
+    ("mlp", True): 78,
+    ("conv_relu_pool", False): 27,
+    ("conv_relu_pool", True): 54,
+}
+TRITON_FAMILIES = ("linear", "mlp", "conv_relu_pool")
+
+
+class _NoRun:
+    """Stands in for a Triton kernel (and for the autotuner's): ``kernel[grid](*args, **kwargs)`` does nothing."""
+
+    def __init__(self, arg_names):
+        self.arg_names = arg_names
+
+    def __getitem__(self, grid):
+        return self.run
+
+    def run(self, *args, **kwargs):
+        return None
+
+
+@pytest.fixture
+def triton_run_stood_in(monkeypatch):
+    """The Triton backend's host path as on a GPU -- the launchers out of interpreter mode (configs pruned for sm_90
+    on a key's first call, timed by a stand-in, kept per key), every kernel's run a no-op -- on CPU tensors, so any
+    machine counts the Python a GPU call runs before Triton's JIT. The outputs are left unwritten: counts only."""
+    pytest.importorskip("triton")
+    import importlib
+
+    common = importlib.import_module("pydlx.triton.common")
+    if registry.why_not("triton", "linear", torch.device("cpu"), registry.LinearCall(torch.float32, False, 4, 8, 16)):
+        pytest.skip("the Triton backend runs CUDA tensors here (TRITON_INTERPRET unset): this host path is counted "
+                    "on CPU tensors, in the CPU suite")
+    modules = [importlib.import_module(f"pydlx.triton.{f}") for f in TRITON_FAMILIES]
+    monkeypatch.setattr(common, "INTERPRETED", False)
+    for m in (common, *modules):
+        if hasattr(m, "arch"):
+            monkeypatch.setattr(m, "arch", lambda: 90)
+    for m in modules:
+        for tuned in vars(m).values():
+            if isinstance(tuned, common.Tuned):
+                monkeypatch.setattr(tuned, "kernel", _NoRun(tuned.kernel.arg_names))
+                monkeypatch.setattr(tuned.tuned, "fn", tuned.kernel)
+                monkeypatch.setattr(tuned.tuned, "_bench", lambda *a, config=None, **k: [float(config.num_warps)])
+                monkeypatch.setattr(tuned, "kept", {})
+    return common
+
+
+def triton_counts(case: str, training: bool) -> Counter:
+    fused, _ = CASES[case](training)
+    run = _one_call(fused, training)
+    with pydlx.use_backend("triton"):
+        run()  # (the first call of a signature makes its plans and keeps its launch configs)
+        return python_calls(run)
+
+
+@pytest.mark.parametrize("case,training", list(TRITON_BUDGETS), ids=[f"{c}-{'train' if t else 'infer'}"
+                                                                      for c, t in TRITON_BUDGETS])
+def test_triton_path_within_budget(case, training, triton_run_stood_in):
+    """The GPU path's host Python, up to Triton's launch: a repeated call of the Linear, the fused MLP and the conv
+    block on the Triton backend stays within its budget and runs none of the first-call-only functions."""
+    py = triton_counts(case, training)
+    assert py["pydlx"] <= TRITON_BUDGETS[(case, training)], (
+        f"{case}: {py['pydlx']} pydlx Python calls per call on the Triton path (budget "
+        f"{TRITON_BUDGETS[(case, training)]}): {sorted(py.items())}")
+    for name in FIRST_CALL_ONLY:
+        assert py[name] == 0, (name, sorted(py.items()))
+
+
+def test_the_triton_guard_fails_on_a_slowed_launch(monkeypatch, triton_run_stood_in):
+    """With the launchers keeping no config (every launch prunes the shipped configs and goes through the
+    autotuner again, as before configs were kept), the Triton path's counts exceed their budgets."""
+    monkeypatch.setattr(triton_run_stood_in.Tuned, "_keep", lambda self, key, launch: launch)
+    for case in TRITON_FAMILIES:
+        py = triton_counts(case, False)
+        assert py["pydlx"] > TRITON_BUDGETS[(case, False)], (case, py["pydlx"])
 
 
 def test_the_guard_sees_an_extra_aten_op(monkeypatch):
@@ -455,7 +539,7 @@ def test_a_repeated_triton_launch_keeps_its_config(monkeypatch):
 
     monkeypatch.setattr(tuned, "kernel", Recorder())
     monkeypatch.setattr(tuned, "tuned", Autotuner())
-    monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    monkeypatch.setattr(common, "INTERPRETED", False)
     monkeypatch.delenv("PYDLX_TRITON_AUTOTUNE", raising=False)
     x = torch.empty(4)
     grid = lambda meta: (meta["BLOCK"],)  # noqa: E731

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from . import triton_interpret
 from .. import _backend, activations
-from .._env import getenv
+from .._env import DATA, getenv, key as env_key
 
 # An activation reaches a kernel as a code and its parameter (ACT, ALPHA: a float constexpr, leaky_relu's slope, elu's
 # alpha, 0.0 for the others): ``act_args(spec)``. The codes are pydlx/activations.py's table; the formulas below are
@@ -179,9 +179,12 @@ def _act_bwd(g, s, ACT: tl.constexpr, ALPHA: tl.constexpr):
         return g
 
 
+# Whether the kernels run under Triton's interpreter: decided as ``triton.jit`` decides it, when the kernels' modules
+# are imported (the launchers read this, not the environment, on every launch).
+INTERPRETED = triton_interpret()
 # The interpreter's workarounds, in this one place (off on GPUs, where the branches compile away): Triton's
 # interpreter computes a bf16 tl.dot wrongly and truncates fp32 -> bf16 instead of rounding to nearest even.
-INTERPRETING = tl.constexpr(triton_interpret())
+INTERPRETING = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
@@ -239,6 +242,9 @@ def forced_config(cfg: triton.Config) -> Iterator[None]:
         _forced.pop()
 
 
+_AUTOTUNE = env_key("PYDLX_TRITON_AUTOTUNE")  # (read on every launch: a change is seen by the next one)
+
+
 class Tuned:
     """A kernel with its shipped configs, launched by one rule through Triton's public autotune API: autotuned over
     the configs ``prune(configs, named_args, **constexprs)`` keeps for the call (the ones tests/aot_compile.py
@@ -270,12 +276,12 @@ class Tuned:
     def __call__(self, grid, args: Sequence, kwargs: dict) -> None:
         if _forced:
             launch = self._launch(_forced[-1])
-        elif triton_interpret():
+        elif INTERPRETED:
             launch = self._launch(self.interpret_config)
         else:
             key = (tuple([args[i] for i in self.key_at if i < len(args)]), tuple(kwargs.items()),
                    tuple([a.dtype for a in args if isinstance(a, torch.Tensor)]), args[0].device,
-                   getenv("PYDLX_TRITON_AUTOTUNE"))
+                   DATA.get(_AUTOTUNE) if DATA is not None else getenv("PYDLX_TRITON_AUTOTUNE"))
             try:
                 launch = self.kept.get(key)
             except TypeError:  # (an unhashable constexpr: nothing is kept for the call)

@@ -22,12 +22,13 @@ Padding is exact: out-of-range weight rows/columns and biases load as 0, so padd
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import _backend
 from ..reference.mlp import saves_z
 from ..reference.mlp import FUSED_MAX_LAYERS, FUSED_MAX_WIDTH
 from .common import (MAX_STRIDE, NONE, PREACT_CODES, _act_bwd, _act_fwd, _cast, _dot, Tuned, act_args, cdiv,
@@ -283,16 +284,34 @@ class Plan:
                     ZW=self.zw)
 
 
+_PLANS: Dict[tuple, Plan] = {}  # layer sizes -> Plan: made once per MLP (every launch needs one)
+_backend.CACHES.append(_PLANS.clear)
+
+
+def plan_of(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> Plan:
+    """The Plan of the MLP that takes ``x`` (2-D) through ``weights``, kept per layer sizes."""
+    sizes = [x.shape[1]]
+    for w in weights:
+        sizes.append(w.shape[0])
+    sizes = tuple(sizes)
+    plan = _PLANS.get(sizes)
+    if plan is None:
+        if len(_PLANS) >= _backend.MAX_DECISIONS:
+            _PLANS.clear()
+        plan = _PLANS[sizes] = Plan(sizes)
+    return plan
+
+
 def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
             activation: Optional[str], last_activation: Optional[str], save: bool
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, H, Z) for 2-D x; H and Z are empty unless ``save`` (Z also unless an activation needs z)."""
     M = x.shape[0]
-    plan = Plan([x.shape[1]] + [w.shape[0] for w in weights])
+    plan = plan_of(x, weights)
     if max(x.stride(), default=0) > MAX_STRIDE:
         x = x.contiguous()
-    ws = tuple(w.contiguous() for w in weights)
-    bs = tuple(b.contiguous() if b is not None else w for b, w in zip(biases, ws))
+    ws = tuple([w.contiguous() for w in weights])
+    bs = tuple([b.contiguous() if b is not None else w for b, w in zip(biases, ws)])
     y = x.new_empty((M, plan.sizes[-1]))
     save_z = save and saves_z(activation, last_activation)
     save_h = save and plan.L > 1
@@ -302,7 +321,7 @@ def mlp_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[O
         return y, h, z
     args = (x, ws, bs, y, h if save_h else y, z if save_z else y, M, x.stride(0), x.stride(1))
     (act, alpha), (last, last_alpha) = act_args(activation), act_args(last_activation)
-    kwargs = dict(plan.constexprs(), HAS_B=tuple(b is not None for b in biases), ACT=act, ALPHA=alpha,
+    kwargs = dict(plan.constexprs(), HAS_B=tuple([b is not None for b in biases]), ACT=act, ALPHA=alpha,
                   LAST_ACT=last, LAST_ALPHA=last_alpha, SAVE_H=save_h, SAVE_Z=save_z,
                   PRECISION=precision(x.dtype))
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
@@ -316,8 +335,8 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], 
     """(dx or None, [dz of each layer]: column views of one DZ[M, sum of layer sizes]): the fused backward walk;
     weight gradients are the caller's GEMMs."""
     M = x.shape[0]
-    plan = Plan([x.shape[1]] + [w.shape[0] for w in weights])
-    ws = tuple(w.contiguous() for w in weights)
+    plan = plan_of(x, weights)
+    ws = tuple([w.contiguous() for w in weights])
     dy = dy.contiguous()
     dz = x.new_empty((M, plan.zw))
     dx = x.new_empty((M, plan.sizes[0])) if need_dx else None
