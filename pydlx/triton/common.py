@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from typing import Callable, Dict, Iterator, List, Sequence
 
@@ -312,6 +313,59 @@ class Tuned:
             self.kept.clear()
         self.kept[key] = launch
         return launch
+
+
+_ABSENT = object()
+
+
+class _NoRun:
+    """Stands in for a Triton kernel, and for the autotuner's: ``kernel[grid](*args, **kwargs)`` does nothing."""
+
+    def __init__(self, arg_names):
+        self.arg_names = arg_names
+
+    def __getitem__(self, grid):
+        return self.run
+
+    def run(self, *args, **kwargs):
+        return None
+
+
+@contextlib.contextmanager
+def kernels_stood_in(modules: Sequence, cc: int = 90) -> Iterator[None]:
+    """Within the block every ``Tuned`` launcher of ``modules`` (pydlx.triton.<family> modules) runs as on a GPU --
+    not interpreted, the shipped configs pruned on a key's first call (for sm_<cc> on a machine without a GPU) and
+    kept per key, the autotuner's timing stood in for (a config's num_warps) -- and each kernel's run does
+    nothing: what a launch costs the host before Triton's JIT runs it, measurable on any machine
+    (bench/launch_host.py, tests/test_host_path.py). Outputs are left unwritten. The launchers' kept configs start
+    empty inside; everything is restored after."""
+    saved = []  # (object, attribute, its own value, or _ABSENT: it had none, its class's showed through)
+
+    def put(obj, name, value):
+        saved.append((obj, name, vars(obj).get(name, _ABSENT)))
+        setattr(obj, name, value)
+    try:
+        here = sys.modules[__name__]
+        if not torch.cuda.is_available():
+            put(here, "INTERPRETED", False)
+            for m in (here, *modules):
+                if hasattr(m, "arch"):
+                    put(m, "arch", lambda: cc)
+        for m in modules:
+            for tuned in list(vars(m).values()):
+                if isinstance(tuned, Tuned):
+                    stand_in = _NoRun(tuned.kernel.arg_names)
+                    put(tuned, "kernel", stand_in)
+                    put(tuned, "kept", {})
+                    put(tuned.tuned, "fn", stand_in)
+                    put(tuned.tuned, "_bench", lambda *a, config=None, **k: [float(config.num_warps)])
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            if value is _ABSENT:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
 
 
 _LAYOUTS: Dict[tuple, tuple] = {}  # (id of a tensor, make) -> (weakref to it, its version, data_ptr, layout)
