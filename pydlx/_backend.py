@@ -51,7 +51,8 @@ def current_backend() -> str:
     stack = _BACKENDS.get()
     if stack:
         return stack[-1]
-    return _check_name((getenv("PYDLX_BACKEND") or "auto").strip().lower() or "auto")
+    value = getenv("PYDLX_BACKEND")
+    return "auto" if value is None else _check_name(value.strip().lower() or "auto")
 
 
 @contextlib.contextmanager

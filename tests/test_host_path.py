@@ -254,6 +254,23 @@ def test_triton_path_within_budget(case, training, triton_run_stood_in):
         assert py[name] == 0, (name, sorted(py.items()))
 
 
+@pytest.mark.parametrize("case,training", list(TRITON_BUDGETS), ids=[f"{c}-{'train' if t else 'infer'}"
+                                                                      for c, t in TRITON_BUDGETS])
+def test_auto_choosing_triton_repeats_a_call_at_the_forced_triton_cost(case, training, triton_run_stood_in,
+                                                                        auto_as_gpu):
+    """Where ``auto`` runs a call on the Triton backend (a GPU whose measurements chose it: simulated), a repeated
+    call costs the host what the forced Triton backend's does, plus one Python call, and never asks the dispatcher
+    again."""
+    forced = triton_counts(case, training)
+    auto_as_gpu("kernels")
+    run = _one_call(CASES[case](training)[0], training)
+    run()  # (the first call of the signature decides)
+    auto = python_calls(run)
+    assert auto["pydlx"] <= forced["pydlx"] + 1, (sorted(auto.items()), sorted(forced.items()))
+    for name in FIRST_CALL_ONLY:
+        assert auto[name] == 0, (name, sorted(auto.items()))
+
+
 def test_the_triton_guard_fails_on_a_slowed_launch(monkeypatch, triton_run_stood_in):
     """With the launchers forgetting their kept configs before every launch (each launch prunes the shipped configs
     again, as before configs were kept), the Triton path's counts exceed their budgets."""
