@@ -240,9 +240,21 @@ def is_monotone(spec: Optional[str]) -> bool:
 
 
 def code(spec: Optional[str]) -> Tuple[int, float]:
-    """(kernel code, parameter) of a spec: what the Triton and C++/CUDA kernels take."""
+    """(kernel code, parameter) of a spec: what the Triton and C++/CUDA kernels take. Kept per spec, as the parsed
+    specs are (every kernel launch asks)."""
+    hit = _CODES.get(spec) if type(spec) is str and not torch.compiler.is_compiling() else None
+    if hit is not None:
+        return hit
     name, alpha = parse_activation(spec)
-    return (NONE_CODE if name is None else BY_NAME[name].code), float(alpha)
+    out = (NONE_CODE if name is None else BY_NAME[name].code), float(alpha)
+    if type(spec) is str and spec in _PARSED and not torch.compiler.is_compiling():
+        if len(_CODES) >= _PARSED_MAX:
+            _CODES.clear()
+        _CODES[spec] = out
+    return out
+
+
+_CODES: Dict[str, Tuple[int, float]] = {}  # spec -> code(spec), for the specs parse_activation keeps
 
 
 def forward(z: torch.Tensor, spec: Optional[str]) -> torch.Tensor:
