@@ -309,14 +309,21 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, saved: torch.
         else:
             rows = split_rows(N, K, M, x.device)
             split = cdiv(M, rows)
-            ws = torch.empty((split, N, K), device=x.device, dtype=torch.float32) if split > 1 else \
-                w.new_empty((1, N, K))
-            dbs = torch.empty((split, N), device=x.device, dtype=torch.float32) if has_bias else None
-            _gemm_dact(dy, s, x, ws, dbs, N, K, M, (dy.stride(1), dy.stride(0)),
-                       (x.stride(0), x.stride(1)), (ws.stride(0), ws.stride(1), ws.stride(2)), rows, act)
-            dw = ws[0] if split == 1 else ws.sum(0).to(w.dtype)
-            if has_bias:  # (one split, the seed's sizes: its row sums as they are, no reduction launch)
-                db = (dbs[0] if split == 1 else dbs.sum(0)).to(w.dtype)
+            if split == 1:  # (the seed's sizes: dw and db written where they are returned, no reduction launch)
+                dw = w.new_empty((N, K))
+                c_strides = (0, dw.stride(0), dw.stride(1))
+                dbs = torch.empty((N,), device=x.device, dtype=torch.float32) if has_bias else None
+            else:
+                ws = torch.empty((split, N, K), device=x.device, dtype=torch.float32)
+                c_strides = (ws.stride(0), ws.stride(1), ws.stride(2))
+                dbs = torch.empty((split, N), device=x.device, dtype=torch.float32) if has_bias else None
+            _gemm_dact(dy, s, x, dw if split == 1 else ws, dbs, N, K, M, (dy.stride(1), dy.stride(0)),
+                       (x.stride(0), x.stride(1)), c_strides, rows, act)
+            if split > 1:
+                dw = ws.sum(0).to(w.dtype)
+            if has_bias:  # (fp32 row sums, rounded once to the weight's dtype)
+                db = dbs if split == 1 else dbs.sum(0)
+                db = db if db.dtype == w.dtype else db.to(w.dtype)
         if not need_dw:
             dw = None
     return dx, dw, db
