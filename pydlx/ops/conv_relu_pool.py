@@ -326,19 +326,41 @@ def _conv_bn_train(input, weight, bias, running_mean, running_var, bn_weight, bn
     conv runs first (the backend's), then the normalisation, activation and pool; backward recomputes the conv
     output from x (pydlx/ops/batchnorm.py). Under ``auto`` (CPU, and GPUs until a measurement says the memory is
     worth the recompute) the chain runs as eager PyTorch."""
-    name = "pydlx.ops.conv_bn_act_pool2d"
     factor = momentum_factor(momentum, num_batches_tracked)  # (BatchNorm2d.forward's bookkeeping)
     eager = (input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride, padding, activation)
     if not (isinstance(input, Tensor) and input.dim() == 4) or _backend.current_backend() == "auto" or \
             running_mean is None or running_var is None:
         return _eager_conv_bn(*eager, pool_size, pool_stride, pool_padding, ceil_mode, True, factor)
     input, weight, bias = _cast(input, weight, bias)
-    stride, padding, P, Q, PP = check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size,
-                                                          pool_stride, pool_padding, ceil_mode, activation, name)
+    tensors = (input, weight, bias, running_mean, running_var, bn_weight, bn_bias)
+    options = (stride, padding, activation, pool_size, pool_stride, pool_padding, ceil_mode)
+    if traced() or not plain(*tensors):
+        plan = _train_plan(input, weight, bias, *options)
+    else:  # (kept per call signature, as the other entry points keep theirs)
+        key = (metas(tensors), options, torch.is_grad_enabled(), _backend.state())
+        plan = _TRAIN_PLANS.get(key)
+        if plan is None:
+            plan = _TRAIN_PLANS.keep(key, _train_plan(input, weight, bias, *options))
+    backend, geometry, count = plan
+    if backend is _EAGER:  # torch: "Expected more than 1 value per channel when training" (ValueError)
+        return _eager_conv_bn(*eager, *geometry[2:], ceil_mode, True, factor)
+    return batchnorm.train("conv", (*geometry, ceil_mode), input, weight, bias, running_mean, running_var, bn_weight,
+                           bn_bias, eps, activation or "none", backend, factor, count)
+
+
+_TRAIN_PLANS = _backend.Plans()
+
+
+def _train_plan(input, weight, bias, stride, padding, activation, pool_size, pool_stride, pool_padding, ceil_mode):
+    """What a training-form call runs, derived once per signature: (backend, the checked geometry (stride, padding,
+    P, Q, PP), values per channel), or _EAGER for a call BatchNorm2d refuses (one value per channel)."""
+    name = "pydlx.ops.conv_bn_act_pool2d"
+    geometry = check_conv_relu_pool_args(input, weight, bias, stride, padding, pool_size, pool_stride, pool_padding,
+                                         ceil_mode, activation, name)
+    stride, padding, P, Q, PP = geometry
     HO, WO, _, _ = out_shape(*input.shape[-2:], weight.shape[-1], stride, padding, P, Q, PP, ceil_mode)
-    if input.shape[0] * HO * WO == 1:  # torch: "Expected more than 1 value per channel when training" (ValueError)
-        return _eager_conv_bn(*eager, P, Q, PP, ceil_mode, True, factor)
-    backend = choose(input, weight, stride, padding, 1, 1, 0, False, None, _needs_grad(input, weight, bias), name)
-    return batchnorm.train("conv", (stride, padding, P, Q, PP, ceil_mode), input, weight, bias, running_mean,
-                           running_var, bn_weight, bn_bias, eps, activation or "none", backend, factor,
-                           input.shape[0] * HO * WO)
+    count = input.shape[0] * HO * WO
+    if count == 1:
+        return _EAGER, geometry, count
+    return choose(input, weight, stride, padding, 1, 1, 0, False, None, _needs_grad(input, weight, bias), name), \
+        geometry, count

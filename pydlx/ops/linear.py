@@ -244,7 +244,24 @@ def _linear_bn_train(input, weight, bias, running_mean, running_var, bn_weight, 
         return _eager_linear_bn(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, activation,
                                 True, factor)
     input, weight, bias = _cast(input, weight, bias)
+    tensors = (input, weight, bias, running_mean, running_var, bn_weight, bn_bias)
+    if traced() or not plain(*tensors):
+        backend, act = _train_plan(input, weight, bias, activation)
+    else:  # (kept per call signature, as the other entry points keep theirs)
+        key = (metas(tensors), activation, torch.is_grad_enabled(), _backend.state())
+        plan = _TRAIN_PLANS.get(key)
+        if plan is None:
+            plan = _TRAIN_PLANS.keep(key, _train_plan(input, weight, bias, activation))
+        backend, act = plan
+    return batchnorm.train("linear", [], input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, act,
+                           backend, factor, input.shape[0])
+
+
+_TRAIN_PLANS = _backend.Plans()
+
+
+def _train_plan(input, weight, bias, activation):
+    """What a training-form call runs, derived once per signature: (backend, the op's activation spec)."""
     check_linear_args(input, weight, bias, activation, "pydlx.ops.linear_batchnorm")
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    return batchnorm.train("linear", [], input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps,
-                           op_activation(activation), choose(input, weight, needs_grad), factor, input.shape[0])
+    return choose(input, weight, needs_grad), op_activation(activation)
