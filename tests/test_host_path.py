@@ -186,8 +186,14 @@ def test_auto_on_a_gpu_repeats_a_call_at_the_forced_backends_cost(case, training
     backend's does, plus one Python call (the check that ``auto`` runs no CPU shortcut), and never asks the
     dispatcher again. ``auto`` decides here as on an unmeasured GPU: the conv block's op with the reference inside,
     which the forced ``reference`` runs too (conftest.py auto_as_gpu)."""
-    forced, _, _ = counts(case, training)
-    auto_as_gpu("unmeasured")
+    assert_auto_costs_the_forced_path(counts(case, training)[0], case, training, auto_as_gpu, "unmeasured")
+
+
+def assert_auto_costs_the_forced_path(forced: Counter, case: str, training: bool, simulate, mode: str) -> None:
+    """Under ``auto`` deciding as on a GPU (``simulate(mode)``: conftest.py auto_as_gpu), a repeated call of ``case``
+    costs at most the forced backend's pydlx Python calls (``forced``) plus one (the check that ``auto`` takes no
+    CPU shortcut), and runs none of the first-call-only functions."""
+    simulate(mode)
     run = _one_call(CASES[case](training)[0], training)
     run()  # (the first call of the signature decides)
     auto = python_calls(run)
@@ -221,16 +227,16 @@ TRITON_FAMILIES = ("linear", "mlp", "conv_relu_pool")
 
 
 @pytest.fixture
-def triton_run_stood_in():
+def triton_run_stood_in(monkeypatch):
     """The Triton backend's host path as on a GPU, every kernel's run a no-op (pydlx.triton.common
     ``kernels_stood_in``), on CPU tensors: any machine counts the Python a GPU call runs before Triton's JIT."""
     pytest.importorskip("triton")
     import importlib
 
     common = importlib.import_module("pydlx.triton.common")
-    if registry.why_not("triton", "linear", torch.device("cpu"), registry.LinearCall(torch.float32, False, 4, 8, 16)):
-        pytest.skip("the Triton backend runs CUDA tensors here (TRITON_INTERPRET unset): this host path is counted "
-                    "on CPU tensors, in the CPU suite")
+    if registry.BACKENDS["triton"].why_not_on(torch.device("cpu")) is not None:
+        # (a GPU machine: the backend takes CPU tensors only under the interpreter; no kernel runs here)
+        monkeypatch.setattr(registry.BACKENDS["triton"], "why_not_on", lambda device: None)
     with common.kernels_stood_in([importlib.import_module(f"pydlx.triton.{f}") for f in TRITON_FAMILIES]):
         yield common
 
@@ -266,14 +272,7 @@ def test_auto_choosing_triton_repeats_a_call_at_the_forced_triton_cost(case, tra
     """Where ``auto`` runs a call on the Triton backend (a GPU whose measurements chose it: simulated), a repeated
     call costs the host what the forced Triton backend's does, plus one Python call, and never asks the dispatcher
     again."""
-    forced = triton_counts(case, training)
-    auto_as_gpu("kernels")
-    run = _one_call(CASES[case](training)[0], training)
-    run()  # (the first call of the signature decides)
-    auto = python_calls(run)
-    assert auto["pydlx"] <= forced["pydlx"] + 1, (sorted(auto.items()), sorted(forced.items()))
-    for name in FIRST_CALL_ONLY:
-        assert auto[name] == 0, (name, sorted(auto.items()))
+    assert_auto_costs_the_forced_path(triton_counts(case, training), case, training, auto_as_gpu, "kernels")
 
 
 def test_the_triton_guard_fails_on_a_slowed_launch(monkeypatch, triton_run_stood_in):
