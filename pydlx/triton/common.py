@@ -2,6 +2,7 @@
 (with the interpreter's bf16 workarounds), and the host-side launch rule (Tuned: autotune / fixed config)."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import sys
 import weakref
@@ -10,6 +11,9 @@ from typing import Callable, Dict, Iterator, List, Sequence
 import torch
 import triton
 import triton.language as tl
+from triton import knobs as _knobs
+from triton.runtime.driver import driver as _driver
+from triton.runtime.jit import JITFunction, compute_cache_key as _cache_key
 
 from . import triton_interpret
 from .. import _backend, activations
@@ -244,6 +248,20 @@ def forced_config(cfg: triton.Config) -> Iterator[None]:
 
 
 _AUTOTUNE = env_key("PYDLX_TRITON_AUTOTUNE")  # (read on every launch: a change is seen by the next one)
+# Whether a kept key's repeated launch may skip JITFunction.run's Python (``Tuned._direct``); tests patch this
+DIRECT = getenv("PYDLX_TRITON_DIRECT") != "0"
+
+
+@contextlib.contextmanager
+def through_tritons_run() -> Iterator[None]:
+    """Within the block every launch goes through Triton's ``JITFunction.run``, as with PYDLX_TRITON_DIRECT=0 (the
+    host benchmark's ``pydlx-triton-run`` provider). Process-wide: for a benchmark's loop, not for threads."""
+    global DIRECT
+    saved, DIRECT = DIRECT, False
+    try:
+        yield
+    finally:
+        DIRECT = saved
 
 
 class Tuned:
@@ -296,23 +314,89 @@ class Tuned:
                 # one config (or tuning off): launched as is -- Triton's autotuner would time even a single config,
                 # re-running a kernel that updates buffers in place (the LSTM backward's dh / dc)
                 launch = self._keep(key, self._launch(kept[0]))
-        cfg_kwargs, extra = launch
-        self.kernel[grid(cfg_kwargs) if callable(grid) else grid](*args, **kwargs, **extra)
+        cfg_kwargs, extra, bound = launch
+        if bound is not None and DIRECT:
+            self._direct(bound, grid(cfg_kwargs) if callable(grid) else grid, args, kwargs, extra)
+        else:
+            self.kernel[grid(cfg_kwargs) if callable(grid) else grid](*args, **kwargs, **extra)
+
+    def _direct(self, bound: dict, grid: tuple, args: Sequence, kwargs: dict, extra: dict) -> None:
+        """The launch of a kept key, skipping the Python of Triton's ``JITFunction.run`` where it would change
+        nothing: the compiled kernel Triton chose for the same arguments, called as Triton calls it.
+
+        Each repeated launch binds its arguments with Triton's own binder (its specialisation rules: dtypes, 16-byte
+        alignment of pointers, integers equal to 1 or divisible by 16), and launches directly when the result and
+        the options equal those of the launch that went through ``JITFunction.run`` on this device. What else that
+        run does is checked to be a no-op: no pre-run hooks, no launch hooks (empty hook chains: Triton calls them
+        with the launch's metadata, so a profiler that adds one gets the full path), no pass-pipeline hook, and the
+        globals the kernel read the same objects. Otherwise -- and on a key's first launch per device -- the launch
+        goes through ``JITFunction.run``, which compiles, checks and launches, and whose kernel is then kept
+        (``_bind``). PYDLX_TRITON_DIRECT=0 (read at import) launches every call through it."""
+        k, rt = self.kernel, _knobs.runtime
+        enter, exit = rt.launch_enter_hook, rt.launch_exit_hook  # (idle: unset, or a hook chain with no hooks)
+        if k.pre_run_hooks or not (enter is None or getattr(enter, "calls", None) == []) or \
+                not (exit is None or getattr(exit, "calls", None) == []) or \
+                getattr(rt, "add_stages_inspection_hook", None) is not None:
+            k[grid](*args, **kwargs, **extra)
+            return
+        device = _driver.active.get_current_device()
+        # (the options JITFunction.run adds before it binds: a change of either recompiles there)
+        debug, mode = k.debug or rt.debug, _knobs.compilation.instrumentation_mode
+        hit = bound.get(device)
+        if hit is not None:
+            values, spec, options = hit[0](*args, **kwargs, **extra, debug=debug, instrumentation_mode=mode)
+            if spec == hit[1] and options == hit[2] and _same_globals(hit[6]):
+                n = len(grid)
+                hit[3](grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+                       _driver.active.get_current_stream(device), hit[4], hit[5], None, None, None, *values.values())
+                return
+        compiled = k[grid](*args, **kwargs, **extra)
+        self._bind(bound, device, compiled, args, kwargs, dict(extra, debug=debug, instrumentation_mode=mode))
+
+    def _bind(self, bound: dict, device, compiled, args: Sequence, kwargs: dict, options: dict) -> None:
+        """Keep ``compiled`` (what ``JITFunction.run`` just launched on ``device``) for ``_direct``, if binding the
+        same arguments again finds it in Triton's kernel cache under Triton's own cache key. A Triton whose run adds
+        anything else to the key (another option, a hook's field) finds nothing there: nothing is kept, and its
+        launches keep going through ``JITFunction.run``."""
+        if hasattr(compiled, "result"):  # (a compile future)
+            compiled = compiled.result()
+        try:
+            kernel_cache, key_cache, _, _, binder = self.kernel.device_caches[device]
+            _, spec, opts = binder(*args, **kwargs, **options)
+            if kernel_cache.get(_cache_key(key_cache, spec, opts)) is not compiled:
+                return
+            run = compiled.run
+        except Exception:  # (a Triton whose internals differ: launched through its run, as before)
+            return
+        # the globals as they are now (the run just checked them against the compiled values, which it copied)
+        used = tuple((g, name, g.get(name)) for (name, _), (_, g) in self.kernel.used_global_vals.items())
+        bound[device] = (binder, spec, opts, run, compiled.function, compiled.packed_metadata, used)
 
     @staticmethod
     def _launch(cfg: triton.Config) -> tuple:
         extra = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if getattr(cfg, "maxnreg", None):
             extra["maxnreg"] = cfg.maxnreg
-        return cfg.kwargs, extra
+        return cfg.kwargs, extra, None
 
     def _keep(self, key, launch: tuple) -> tuple:
         if key is None:
             return launch
         if len(self.kept) >= self.MAX_KEPT:
             self.kept.clear()
+        # (a kept key's compiled kernels, by device, for ``_direct``: only a JIT function has them)
+        launch = (*launch[:2], {} if isinstance(self.kernel, JITFunction) else None)
         self.kept[key] = launch
         return launch
+
+
+def _same_globals(used: tuple) -> bool:
+    """Whether every global a compiled kernel read is still the object it was when ``JITFunction.run`` last checked
+    it (else the launch goes through that run, which compares the values and raises if one changed)."""
+    for g, name, value in used:
+        if g.get(name) is not value:
+            return False
+    return True
 
 
 _ABSENT = object()
@@ -332,6 +416,38 @@ class _NoRun:
 
 
 @contextlib.contextmanager
+def _restored() -> Iterator[Callable]:
+    """A block whose ``put(obj, name, value)`` settings are undone after it, in reverse order."""
+    saved = []  # (object, attribute, its own value, or _ABSENT: it had none, its class's showed through)
+
+    def put(obj, name, value):
+        saved.append((obj, name, vars(obj).get(name, _ABSENT)))
+        setattr(obj, name, value)
+    try:
+        yield put
+    finally:
+        for obj, name, value in reversed(saved):
+            if value is _ABSENT:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
+
+
+def _as_on_chip(put: Callable, modules: Sequence, cc: int) -> None:
+    """On a machine without a GPU: the launchers not interpreted, and ``arch`` answering ``cc``."""
+    if not torch.cuda.is_available():
+        here = sys.modules[__name__]
+        put(here, "INTERPRETED", False)
+        for m in (here, *modules):
+            if hasattr(m, "arch"):
+                put(m, "arch", lambda: cc)
+
+
+def _tuned(modules: Sequence) -> List[Tuned]:
+    return [t for m in modules for t in list(vars(m).values()) if isinstance(t, Tuned)]
+
+
+@contextlib.contextmanager
 def kernels_stood_in(modules: Sequence, cc: int = 90) -> Iterator[None]:
     """Within the block every ``Tuned`` launcher of ``modules`` (pydlx.triton.<family> modules) runs as on a GPU --
     not interpreted, the shipped configs pruned on a key's first call (for sm_<cc> on a machine without a GPU) and
@@ -339,33 +455,96 @@ def kernels_stood_in(modules: Sequence, cc: int = 90) -> Iterator[None]:
     nothing: what a launch costs the host before Triton's JIT runs it, measurable on any machine
     (bench/launch_host.py, tests/test_host_path.py). Outputs are left unwritten. The launchers' kept configs start
     empty inside; everything is restored after."""
-    saved = []  # (object, attribute, its own value, or _ABSENT: it had none, its class's showed through)
-
-    def put(obj, name, value):
-        saved.append((obj, name, vars(obj).get(name, _ABSENT)))
-        setattr(obj, name, value)
-    try:
-        here = sys.modules[__name__]
-        if not torch.cuda.is_available():
-            put(here, "INTERPRETED", False)
-            for m in (here, *modules):
-                if hasattr(m, "arch"):
-                    put(m, "arch", lambda: cc)
-        for m in modules:
-            for tuned in list(vars(m).values()):
-                if isinstance(tuned, Tuned):
-                    stand_in = _NoRun(tuned.kernel.arg_names)
-                    put(tuned, "kernel", stand_in)
-                    put(tuned, "kept", {})
-                    put(tuned.tuned, "fn", stand_in)
-                    put(tuned.tuned, "_bench", lambda *a, config=None, **k: [float(config.num_warps)])
+    with _restored() as put:
+        _as_on_chip(put, modules, cc)
+        for tuned in _tuned(modules):
+            stand_in = _NoRun(tuned.kernel.arg_names)
+            put(tuned, "kernel", stand_in)
+            put(tuned, "kept", {})
+            put(tuned.tuned, "fn", stand_in)
+            put(tuned.tuned, "_bench", lambda *a, config=None, **k: [float(config.num_warps)])
         yield
-    finally:
-        for obj, name, value in reversed(saved):
-            if value is _ABSENT:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, value)
+
+
+class _Recorder:
+    """Stands in for Triton's active GPU driver (``launches_recorded``): kernels compile for sm_<cc> as they would
+    for the chip, and each launch is recorded instead of run."""
+
+    def __init__(self, cc: int, keep: bool):
+        from triton.backends.compiler import GPUTarget
+        self.target, self.device, self.stream, self.launches = GPUTarget("cuda", cc, 32), 0, 0, []
+        self.count = 0
+        self.utils = _RecorderUtils(cc)
+        recorder = self
+
+        class Launcher:  # (Triton's launcher's call: the launch hooks get the launch's metadata, as there)
+            def __init__(self, src, metadata):
+                self.name = metadata.name
+
+            def __call__(self, gx, gy, gz, stream, function, packed, metadata, enter, exit, *args):
+                if enter is not None:
+                    enter(metadata)
+                recorder.count += 1
+                if keep:
+                    recorder.launches.append((self.name, (gx, gy, gz), stream, function, packed, args))
+                if exit is not None:
+                    exit(metadata)
+        self.launcher_cls = Launcher
+
+    def get_current_device(self):
+        return self.device
+
+    def set_current_device(self, device) -> None:
+        self.device = device
+
+    def get_current_stream(self, device):
+        return self.stream
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise RuntimeError("kernels are not timed while launches are recorded (PYDLX_TRITON_AUTOTUNE=0)")
+
+
+class _RecorderUtils:
+    def __init__(self, cc: int):
+        self.cc = cc
+
+    def get_device_properties(self, device) -> dict:
+        return {"max_shared_mem": SMEM_LIMIT[self.cc], "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32}
+
+    def load_binary(self, name, binary, shared, device):
+        return object(), object(), 0, 0, 1024  # (module, function: a handle of its own per kernel, regs, spills,
+        # the most threads a block)
+
+    def unload_module(self, module) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def launches_recorded(modules: Sequence = (), cc: int = 90, keep: bool = True) -> Iterator[_Recorder]:
+    """Within the block Triton compiles kernels for sm_<cc> and records each launch instead of running it -- (kernel
+    name, grid, stream, function handle, packed metadata, arguments) in the ``launches`` of the driver the block
+    gets (its ``device`` and ``stream``: the current device and stream Triton sees; ``count``: how many), a driver
+    that stands in for the GPU's: Triton's whole launch path runs (``JITFunction.run``: binding, specialisation,
+    the kernel cache, the launch call) and pydlx's (``Tuned``), on any machine; ``modules``' launchers (pydlx.triton.
+    <family> modules) start with no kept configs and empty kernel caches inside, restored after (the recorded
+    kernels never reach a real GPU). Needs Triton's compiler (TRITON_INTERPRET unset) and PYDLX_TRITON_AUTOTUNE=0 (a
+    first launch is not timed). Tensors may stay on the CPU: nothing reads or writes them. ``keep=False``: the
+    launches are counted (``count``), not kept (a benchmark's loop: a kept launch keeps its tensors alive)."""
+    recorder = _Recorder(cc, keep)
+    with _restored() as put:
+        _as_on_chip(put, modules, cc)
+        put(_driver, "_active", recorder)
+        for tuned in _tuned(modules):
+            put(tuned, "kept", {})
+            put(tuned.kernel, "device_caches", collections.defaultdict(tuned.kernel.create_binder))
+        yield recorder
 
 
 _LAYOUTS: Dict[tuple, tuple] = {}  # (id of a tensor, make) -> (weakref to it, its version, data_ptr, layout)
