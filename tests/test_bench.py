@@ -116,28 +116,42 @@ def test_host_cost_benchmark_times_each_pydlx_provider(capsys):
     run a case (the C++/CUDA one on a CPU) gives that case no row rather than an error."""
     from pydlx.bench import host
 
-    assert host.providers_for(torch.device("cuda")) == {"pydlx": None, "pydlx-triton": "triton"}
+    assert host.providers_for(torch.device("cuda")) == {"pydlx": None, "pydlx-triton": "triton",
+                                                         "pydlx-triton-run": "triton"}
     cases = [c for c in host.CASES if c.name in ("linear_relu", "conv_relu_pool")]
     rows = host.run("cpu", calls=1, rounds=1, cases=cases, progress=False,
-                    providers={"pydlx": "reference", "pydlx-triton": "triton", "pydlx-cuda": "cuda"})
-    want = {(c.name, p, m) for c in cases for m in c.modes for p in ("eager", "pydlx", "pydlx-triton")}
+                    providers={"pydlx": "reference", "pydlx-triton": "triton", "pydlx-triton-run": "triton",
+                               "pydlx-cuda": "cuda"})
+    mine = ("pydlx", "pydlx-triton", "pydlx-triton-run")
+    want = {(c.name, p, m) for c in cases for m in c.modes for p in ("eager", *mine)}
     assert {(r["op"], r["provider"], r["mode"]) for r in rows} == want
     assert sorted((op, mode, r["provider"]) for op, _, mode, _, r, _, _ in host.ratios(rows)) == sorted(
-        (c.name, m, p) for c in cases for m in c.modes for p in ("pydlx", "pydlx-triton"))
+        (c.name, m, p) for c in cases for m in c.modes for p in mine)
     host.print_table(rows)
     assert "pydlx-triton" in capsys.readouterr().out
+    # pydlx-triton-run's samples launch through Triton's run: the switch is off inside them, as it was outside
+    from pydlx.triton import common
+    before, seen = common.DIRECT, []
+    for through in (True, False):
+        host._loop(lambda t: seen.append(common.DIRECT) or t, torch.randn(2), False, 1, "triton", through)()
+    assert seen == [False, before] and common.DIRECT == before
 
 
 def test_the_launch_host_benchmark_runs_on_a_cpu():
-    """bench/launch_host.py (the Triton launcher's Python per launch, the JIT run replaced by a no-op) runs without
-    a GPU and reports each provider of both launches; in a process of its own: it replaces the kernels' launch."""
+    """bench/launch_host.py (the Triton launcher's Python per launch, the JIT run replaced by a no-op; then the
+    compiled kernels' launches through Triton's run, recorded) runs without a GPU and reports each provider of
+    both parts; in a process of its own (the kernels compiled, not interpreted): it replaces the kernels' launch."""
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, os.path.join(root, "bench", "launch_host.py")], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": root}, check=True).stdout
+                         text=True, timeout=600, env={**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "0"},
+                         check=True).stdout
     rows = [line for line in out.splitlines() if " us (" in line]
-    assert len(rows) == 10, out
+    assert len(rows) == 14, out
+    for call in ("linear_fwd", "linear_bwd"):
+        for provider in ("compiled, pydlx direct", "compiled, Triton's run"):
+            assert any(r.startswith(call) and provider in r for r in rows), (call, provider, out)
     for launch in ("linear fwd", "linear bwd dx"):
         for provider in ("pydlx (config kept)", "triton autotuner (cached)", "prune + autotuner (before)",
                          "the launch call alone"):

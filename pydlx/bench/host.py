@@ -10,8 +10,10 @@ does; a fused op replaces several eager ops, so its host cost should be lower th
   costs next to nothing. (Under ``auto`` a CPU call skips the op and runs plain eager PyTorch.) Before timing, each
   case checks that a pydlx op's implementation really runs, on the eager path the loop times (the LSTM's reference is ATen's
   LSTM itself: no op).
-* On a GPU two pydlx providers: ``pydlx``, what ``auto`` picks there, and ``pydlx-triton``, the Triton backend
-  forced (its launch path for every family, whatever ``auto`` picks; a case the backend cannot run has no row).
+* On a GPU three pydlx providers: ``pydlx``, what ``auto`` picks there; ``pydlx-triton``, the Triton backend
+  forced (its launch path for every family, whatever ``auto`` picks; a case the backend cannot run has no row); and
+  ``pydlx-triton-run``, the same with every kernel launched through Triton's own ``JITFunction.run`` (what pydlx's
+  repeated launches skip), so that one run measures what skipping it saves.
 
 Every sample times ``calls`` calls in a row (the per-call time is the sample over ``calls``); the providers (``eager``,
 ``pydlx``) and modes (``fwd``: inference, no gradients; ``fwdbwd``: forward and backward) of a case are timed
@@ -124,11 +126,17 @@ def _count_op_calls():
             _OPS[name].impl = impl
 
 
-def _loop(fn: Callable, x: torch.Tensor, training: bool, calls: int, backend: Optional[str]) -> Callable[[], None]:
-    """One sample: ``calls`` calls of ``fn`` (and its backward when ``training``), under ``backend`` if given."""
+def _loop(fn: Callable, x: torch.Tensor, training: bool, calls: int, backend: Optional[str],
+          through_run: bool = False) -> Callable[[], None]:
+    """One sample: ``calls`` calls of ``fn`` (and its backward when ``training``), under ``backend`` if given;
+    ``through_run``: every Triton launch through Triton's own run (pydlx.triton.common ``through_tritons_run``)."""
     def run():
         ctx = pydlx.use_backend(backend) if backend else contextlib.nullcontext()
-        with ctx, torch.set_grad_enabled(training):
+        launches = contextlib.nullcontext()
+        if through_run:
+            from pydlx.triton.common import through_tritons_run
+            launches = through_tritons_run()
+        with ctx, launches, torch.set_grad_enabled(training):
             for _ in range(calls):
                 y = fn(x)
                 if training:
@@ -136,10 +144,18 @@ def _loop(fn: Callable, x: torch.Tensor, training: bool, calls: int, backend: Op
     return run
 
 
+# the providers whose Triton launches all go through Triton's JITFunction.run: the Triton backend as it launched
+# before pydlx skipped that run on a repeated launch (pydlx.triton.common ``Tuned._direct``), timed beside it
+THROUGH_RUN = ("pydlx-triton-run",)
+
+
 def providers_for(device: torch.device) -> Dict[str, Optional[str]]:
     """pydlx's providers on ``device`` and the backend each forces (None: auto): on a CPU the op path forced (the
-    reference backend); on a GPU auto, and the Triton backend forced."""
-    return {"pydlx": "reference"} if device.type == "cpu" else {"pydlx": None, "pydlx-triton": "triton"}
+    reference backend); on a GPU auto, the Triton backend forced, and the same with every launch through Triton's
+    own run (``THROUGH_RUN``)."""
+    if device.type == "cpu":
+        return {"pydlx": "reference"}
+    return {"pydlx": None, "pydlx-triton": "triton", "pydlx-triton-run": "triton"}
 
 
 def run(device, calls: int = 100, rounds: Optional[int] = None, cases: Sequence[HostCase] = CASES,
@@ -167,7 +183,7 @@ def run(device, calls: int = 100, rounds: Optional[int] = None, cases: Sequence[
                         continue
                     if case.has_op and count[0] == 0:
                         raise RuntimeError(f"host benchmark {case.name}: pydlx's path ran no pydlx op ({provider})")
-                fns[(provider, mode)] = _loop(fused, xm, training, calls, backend)
+                fns[(provider, mode)] = _loop(fused, xm, training, calls, backend, provider in THROUGH_RUN)
         timed = measure(fns, device, rep=rounds) if device.type == "cpu" else measure(fns, device)
         for (provider, mode), (med, p20, p80) in timed.items():
             rows.append({"family": "host", "op": case.name, "provider": provider, "mode": mode, "dtype": "fp32",
