@@ -1,8 +1,9 @@
 """Every shipped kernel, once: each family x backend x dtype, forward and backward, at one odd shape, against the
 float64 reference. The GPU check's tier 0 (scripts/gpu_check.py) runs this module first on the GPU (where the
 triton and cuda backends run compiled); on a CPU the triton backend runs under the interpreter (the dry run and CI).
-The thorough per-family suites (tests/test_<family>.py) go further; this is the few-minute answer to "does every
-kernel run and agree on this machine?"."""
+On a GPU each Triton case runs twice: the second call's launches skip Triton's own run (pydlx.triton.common
+``Tuned._direct``), and both are checked. The thorough per-family suites (tests/test_<family>.py) go further; this is
+the few-minute answer to "does every kernel run and agree on this machine?"."""
 import copy
 import math
 import os
@@ -185,14 +186,22 @@ def test_every_kernel_once_against_float64(family, backend, dname, training):
         g, sums = _bn_train_upstream(family, torch_model, x, torch.float16 if key == "tf32" else dtype)
     want = _run(copy.deepcopy(torch_model).double(), x.double(), training, g)  # float64, eager, on the CPU
     model = copy.deepcopy(fused).to(DEVICE)
+    runs = []
     with pydlx.use_backend(backend):
         with torch.no_grad() if not training else torch.enable_grad():
-            got = _run(model, x.to(DEVICE), training, g)
+            runs.append(_run(model, x.to(DEVICE), training, g))
+            if DEVICE == "cuda" and backend == "triton":  # a repeated call: its launches skip Triton's run
+                # (pydlx.triton.common Tuned._direct)
+                runs.append(_run(model, x.to(DEVICE), training, g))
     # eager PyTorch in the same dtype on the same device: the error the fused op is allowed twice of
     base = _run(copy.deepcopy(torch_model).to(DEVICE), x.to(DEVICE), training, g)
     params = [n for n, _ in torch_model.named_parameters()]
     names = ["output", "d_input"] + [f"d_{n}" for n in params]
-    for a, e, b, n, p in zip(got, want, base, names, [None, None] + params):
-        assert a.dtype == dtype, n
-        assert_close(a, e, dtype=key, name=f"{family}/{backend}/{dname} {n}",
-                     baseline=b if dtype != torch.float32 else None, abs_sum=sums.get(p))
+    for i, got in enumerate(runs):
+        which = " (repeated call)" if i else ""
+        for a, e, b, n, p in zip(got, want, base, names, [None, None] + params):
+            assert a.dtype == dtype, n
+            assert_close(a, e, dtype=key, name=f"{family}/{backend}/{dname} {n}{which}",
+                         baseline=b if dtype != torch.float32 else None, abs_sum=sums.get(p))
+    if len(runs) > 1:  # the same kernels on the same input (Triton's: no atomics): the same output, bit for bit
+        assert torch.equal(runs[1][0], runs[0][0]), f"{family}/{backend}/{dname}: a repeated call's output differs"
