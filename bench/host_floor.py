@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pydlx
+from pydlx._ext import clear_stale_lock
 from pydlx._timing import measure
 
 CPP = r"""
@@ -149,8 +150,11 @@ class _LinReluFunction(torch.autograd.Function):
 def _build() -> None:
     from torch.utils.cpp_extension import load_inline
 
-    build_dir = os.path.join(tempfile.gettempdir(), "pydlx_host_floor")
+    # one build per torch (its headers and flags differ); a lock left by a build that died would make torch's build
+    # wait for it forever: removed once older than any build of this library takes
+    build_dir = os.path.join(tempfile.gettempdir(), f"pydlx_host_floor_torch{torch.__version__.split('+')[0]}")
     os.makedirs(build_dir, exist_ok=True)
+    clear_stale_lock(build_dir, 600)
     load_inline("pydlx_host_floor", cpp_sources=[CPP], build_directory=build_dir, is_python_module=False,
                 extra_cflags=["-O2"])
     lib = torch.library.Library("host_floor", "IMPL")  # the Python implementations the C++ autograd calls
