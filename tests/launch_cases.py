@@ -29,7 +29,7 @@ from torch import nn  # noqa: E402
 import pydlx  # noqa: E402
 from pydlx import registry  # noqa: E402
 
-FAMILIES = ("linear", "mlp", "conv_relu_pool", "lstm")
+FAMILIES = tuple(registry.FAMILIES)  # (each a pydlx.triton.<family> module; a family without a step here fails)
 CASES = {}  # name -> function; raises (AssertionError) on a failure
 
 
