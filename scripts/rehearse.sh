@@ -5,6 +5,7 @@
 #   1. pydlx imports under those versions, and backends() reports;
 #   2. the interpreter subset of the test suite passes under them;
 #   3. every shipped Triton config compiles for sm_90 (and sm_80) with triton 3.6, spill-free (tests/aot_compile.py);
+#      and pydlx's launches of the compiled kernels are Triton's own (tests/launch_cases.py, a stand-in driver);
 #   4. the C++/CUDA extension builds against torch 2.11's headers for sm_90 only (what the GPU check builds), timed;
 #   5. the GPU check's driver runs end to end (--dry-run).
 # Then, with REHEARSE_NEWEST=1, the interpreter subset again on the newest triton a plain pip install gives beside a
@@ -62,6 +63,8 @@ errors=$(grep -cE "^[a-z][^ ]* +ERROR" "$LOG")
 say "   configs compiled: $(grep -cE '^[a-z][^ ]*-sm(80|90)-' "$LOG"); with spills: sm_90" \
   "$spills90, sm_80 $spills80; errors: $errors"
 [ "$spills90" -eq 0 ] && [ "$errors" -eq 0 ] || fails=$((fails + 1))
+run "3b. the compiled kernels' launches with this triton: pydlx's direct launch against Triton's own run" \
+  env TRITON_INTERPRET=0 PYDLX_TRITON_AUTOTUNE=0 "$PY" tests/launch_cases.py || fails=$((fails + 1))
 BUILD=$(mktemp -d)
 run "4. the extension against this torch's headers, sm_90 only, MAX_JOBS=$(nproc)" env PYDLX_CUDA_ARCHS=90 \
   MAX_JOBS="$(nproc)" "$PY" -c "

@@ -5,7 +5,7 @@ kernel cache) and the launch call -- and pydlx's ``Tuned``, whose repeated launc
 (``Tuned._direct``). Each case checks that such a launch is the one Triton's own run makes for the same
 arguments, and that every change that makes Triton compile or call anything else takes Triton's run.
 
-    python tests/launch_cases.py           # a line per case
+    python tests/launch_cases.py           # a line per case (exit 1 if one failed)
     python tests/launch_cases.py --json    # what tests/test_triton_launch.py reads
 
 Runs with TRITON_INTERPRET=0 (kernels compiled, not interpreted) and PYDLX_TRITON_AUTOTUNE=0 (a first launch is
@@ -406,6 +406,7 @@ def main():
         print(f"{n:70s} {r if r == 'ok' else 'FAILED'}")
         if r != "ok":
             print(r)
+    sys.exit(0 if all(r == "ok" for r in results.values()) else 1)
 
 
 if __name__ == "__main__":
