@@ -36,9 +36,9 @@ def _where(actual: torch.Tensor, expected: torch.Tensor, bad: torch.Tensor) -> s
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, name: str = "output",
                  baseline: Optional[torch.Tensor] = None, abs_sum: Optional[torch.Tensor] = None) -> None:
-    """``abs_sum`` (optional, with ``baseline``): per element, the sum of the absolute values of the terms that a
-    reduction added up (e.g. |dZ|^T |X| for a weight gradient). Where the terms cancel, a few roundings of each
-    term to a 16-bit type are bounded by a few ulp of that sum, not of the result: 4 ulp of it are allowed on top."""
+    """``abs_sum`` (optional): per element, the sum of the absolute values of the terms that a reduction added up
+    (e.g. |dZ|^T |X| for a weight gradient). Where the terms cancel, a few roundings of each term are bounded by a
+    few ulp of that sum, not of the result: 4 ulp of it (in the dtype the computation ran in) are allowed on top."""
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
     a = actual.detach().to(torch.float64).cpu()
@@ -69,7 +69,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, name:
         return
     # atol scales with the tensor's largest magnitude (when above 1): a sum of O(scale) terms rounds at that scale
     atol = atol * max(1.0, e.abs().max().item() if e.numel() else 1.0)
-    bad = (a - e).abs() > atol + rtol * e.abs()
+    allow = atol + rtol * e.abs()
+    if abs_sum is not None:
+        allow = allow + 4 * torch.finfo(key).eps * abs_sum.double().cpu()
+    bad = (a - e).abs() > allow
     if bad.any():
         raise AssertionError(f"{name} ({key}): rtol={rtol}, atol={atol:.3g}; " + _where(a, e, bad))
 
