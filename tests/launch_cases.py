@@ -188,6 +188,41 @@ def _forward(x, lin):
     pydlx.ops.linear(x, lin.weight, lin.bias, "relu")
 
 
+def _kernel(call):
+    """The compiled kernel (its function handle) a compared call's own launch ran."""
+    return call[2][0][3]
+
+
+def _first_kernel(launches, x, lin):
+    """The kernel a first Linear forward on ``x`` launches (through Triton's run)."""
+    with launches.compared() as calls:
+        _forward(x, lin)
+    return _kernel(calls[0])
+
+
+def assert_new_kernel(launches, x, lin, first, what: str) -> None:
+    """A Linear forward that Triton specialises or compiles differently from the one that launched ``first``: through
+    Triton's run, to a kernel of its own; then launched directly."""
+    with launches.compared() as calls:
+        _forward(x, lin)
+    assert_direct_and_same(calls, what, direct=False)
+    assert _kernel(calls[0]) is not first, f"{what}: launched the first kernel"
+    with launches.compared() as calls:
+        _forward(x, lin)
+    assert_direct_and_same(calls, f"{what}, again")
+
+
+def assert_back_to(launches, x, lin, first, what: str) -> None:
+    """Back to what launched ``first``: a launcher keeps the last kernel per device, so Triton's run finds ``first``
+    again (in its cache) once, and then it is launched directly."""
+    with launches.compared() as calls:
+        _forward(x, lin)
+        _forward(x, lin)
+    assert_direct_and_same(calls[:1], what, direct=False)
+    assert_direct_and_same(calls[1:], f"{what}, again")
+    assert _kernel(calls[0]) is first and _kernel(calls[1]) is first
+
+
 @case
 def a_new_specialisation_goes_through_tritons_run():
     """Arguments Triton specialises differently -- a pointer off 16-byte alignment, a stride not divisible by 16 --
@@ -199,25 +234,10 @@ def a_new_specialisation_goes_through_tritons_run():
         buf = torch.randn(8 * 32 + 1)
         aligned, shifted = buf[:256].view(8, 32), buf[1:].view(8, 32)  # (the second 4 bytes off alignment)
         strided = torch.randn(8, 33)[:, :32]  # (row stride 33)
-        with launches.compared() as calls:
-            _forward(aligned, lin)
-            _forward(aligned, lin)
-        first = calls[0][2][0][3]
-        assert_direct_and_same(calls[1:], "aligned, again")
+        first = _first_kernel(launches, aligned, lin)
         for x, what in ((shifted, "a misaligned input"), (strided, "a row stride of 33")):
-            with launches.compared() as calls:
-                _forward(x, lin)
-            assert_direct_and_same(calls, what, direct=False)
-            assert calls[0][2][0][3] is not first, f"{what}: launched the aligned input's kernel"
-            with launches.compared() as calls:
-                _forward(x, lin)
-            assert_direct_and_same(calls, f"{what}, again")
-        with launches.compared() as calls:
-            _forward(aligned, lin)
-            _forward(aligned, lin)
-        assert_direct_and_same(calls[:1], "aligned after the others", direct=False)
-        assert_direct_and_same(calls[1:], "aligned after the others, again")
-        assert calls[0][2][0][3] is first and calls[1][2][0][3] is first
+            assert_new_kernel(launches, x, lin, first, what)
+        assert_back_to(launches, aligned, lin, first, "aligned after the others")
 
 
 @case
@@ -251,27 +271,14 @@ def triton_debug_mode_recompiles_through_its_run():
     from triton import knobs
     with recorded() as launches:
         x, lin = torch.randn(8, 32), nn.Linear(32, 48)
-        with launches.compared() as calls:
-            _forward(x, lin)
-        first = calls[0][2][0][3]
+        first = _first_kernel(launches, x, lin)
         old = knobs.runtime.debug
         knobs.runtime.debug = True
         try:
-            with launches.compared() as calls:
-                _forward(x, lin)
-            assert_direct_and_same(calls, "debug on", direct=False)
-            assert calls[0][2][0][3] is not first
-            with launches.compared() as calls:
-                _forward(x, lin)
-            assert_direct_and_same(calls, "debug on, again")
+            assert_new_kernel(launches, x, lin, first, "debug on")
         finally:
             knobs.runtime.debug = old
-        with launches.compared() as calls:
-            _forward(x, lin)
-            _forward(x, lin)
-        assert_direct_and_same(calls[:1], "debug off", direct=False)
-        assert_direct_and_same(calls[1:], "debug off, again")
-        assert calls[0][2][0][3] is first and calls[1][2][0][3] is first
+        assert_back_to(launches, x, lin, first, "debug off")
 
 
 @case
