@@ -11,9 +11,13 @@ from typing import Callable, Dict, Iterator, List, Sequence
 import torch
 import triton
 import triton.language as tl
-from triton import knobs as _knobs
-from triton.runtime.driver import driver as _driver
-from triton.runtime.jit import JITFunction, compute_cache_key as _cache_key
+try:  # (Triton's launch internals the direct launch reads, Triton >= 3.4; without them every launch takes its run)
+    from triton import knobs as _knobs
+    from triton.runtime.driver import driver as _driver
+    from triton.runtime.jit import JITFunction, compute_cache_key as _cache_key
+except ImportError:  # pragma: no cover (an older Triton)
+    _knobs = _driver = _cache_key = None
+    JITFunction = ()
 
 from . import triton_interpret
 from .. import _backend, activations
@@ -249,7 +253,7 @@ def forced_config(cfg: triton.Config) -> Iterator[None]:
 
 _AUTOTUNE = env_key("PYDLX_TRITON_AUTOTUNE")  # (read on every launch: a change is seen by the next one)
 # Whether a kept key's repeated launch may skip JITFunction.run's Python (``Tuned._direct``); tests patch this
-DIRECT = getenv("PYDLX_TRITON_DIRECT") != "0"
+DIRECT = getenv("PYDLX_TRITON_DIRECT") != "0" and _knobs is not None
 
 
 @contextlib.contextmanager
