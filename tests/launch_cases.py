@@ -61,11 +61,8 @@ class Launches:
             start, runs = len(self.all), self.jit_runs
             tuned_call(tuned, grid, args, kwargs)
             mine, mine_runs = self.all[start:], self.jit_runs - runs
-            common.DIRECT = False
-            try:
+            with common.through_tritons_run():
                 tuned_call(tuned, grid, args, kwargs)
-            finally:
-                common.DIRECT = True
             self.calls.append((tuned.__name__, mine_runs, mine, self.all[start + len(mine):]))
         common.Tuned.__call__ = both
         try:
@@ -341,14 +338,11 @@ def pydlx_triton_direct_0_launches_through_tritons_run():
     with recorded() as launches:
         x, lin = torch.randn(8, 32), nn.Linear(32, 48)
         _forward(x, lin)
-        launches.common.DIRECT = False
-        try:
-            runs = launches.jit_runs
+        runs = launches.jit_runs
+        with launches.common.through_tritons_run():
             _forward(x, lin)
             _forward(x, lin)
-            assert launches.jit_runs == runs + 2, launches.jit_runs - runs
-        finally:
-            launches.common.DIRECT = True
+        assert launches.jit_runs == runs + 2, launches.jit_runs - runs
 
 
 # Python calls (pydlx's, Triton's and the stand-in driver's) of one repeated Linear forward launch, launched
@@ -376,17 +370,17 @@ def a_repeated_launch_makes_few_python_calls():
         (tuned, grid, args, kwargs), = got
         counts = {}
         for direct in (True, False):
-            common.DIRECT, calls = direct, Counter()
+            calls = Counter()
 
             def count(frame, event, arg):
                 if event == "call":
                     calls[f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_code.co_name}"] += 1
-            sys.setprofile(count)
-            try:
-                tuned(grid, args, kwargs)
-            finally:
-                sys.setprofile(None)
-                common.DIRECT = True
+            with contextlib.nullcontext() if direct else common.through_tritons_run():
+                sys.setprofile(count)
+                try:
+                    tuned(grid, args, kwargs)
+                finally:
+                    sys.setprofile(None)
             counts[direct] = calls
         n, through = sum(counts[True].values()), sum(counts[False].values())
         assert n <= DIRECT_LAUNCH_CALLS, f"{n} Python calls a direct launch (budget {DIRECT_LAUNCH_CALLS}): " \
